@@ -1,0 +1,191 @@
+"""Foundation commands: init, ingest, traces stats/export, plugins, config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from aad_core.cli.app import JsonOption, WorkspaceOption, console, err_console, fail, open_workspace, print_json
+
+traces_app = typer.Typer(help="Inspect and export the recorded traces.", no_args_is_help=True)
+
+
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder of the new workspace.")] = Path("."),
+) -> None:
+    """Create a workspace: aad.toml and .aad/ with an empty SQLite trace store."""
+    from aad_core.workspace import Workspace
+
+    ws = Workspace.init(directory)
+    console.print(f"Workspace ready at [bold]{ws.root}[/]")
+    console.print(f"  config: {ws.config_path}\n  traces: {ws.db_path}")
+    console.print("Next: [bold]aad ingest FILE.jsonl[/] or attach a capture handler (see README).")
+
+
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="JSONL files or folders of *.jsonl files.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="openai-chat | openai-ft | aad")] = "openai-chat",
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Store the valid lines, list the rejected ones, exit non-zero.")
+    ] = False,
+    redact: Annotated[
+        bool | None, typer.Option("--redact/--no-redact", help="Remove PII before storing (default: [capture] redact).")
+    ] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Import recorded LLM calls. All-or-nothing unless --skip-invalid; re-importing adds nothing."""
+    from aad_core.ingest import FORMATS, iter_paths, read_jsonl
+
+    if fmt not in FORMATS:
+        raise fail(f"The '--format' option must be one of {', '.join(FORMATS)}. Got {fmt!r} instead.")
+    ws = open_workspace(workspace)
+    traces, errors, lines = [], [], 0
+    files = list(iter_paths(paths))
+    if not files:
+        raise fail(f"No JSONL files found in {', '.join(map(str, paths))}.")
+    for path in files:
+        result = read_jsonl(path, fmt)
+        traces += result.traces
+        errors += result.errors
+        lines += result.lines
+    if errors and not skip_invalid:
+        more = f" ({len(errors) - 1} more invalid line(s) after it)" if len(errors) > 1 else ""
+        raise fail(f"{errors[0].message}{more}. Nothing was imported.", errors[0].hint)
+    do_redact = ws.config.capture.redact if redact is None else redact
+    if do_redact and traces:
+        from aad_core.redaction import redact_traces
+
+        traces = redact_traces(traces, ws.config)
+    store = ws.store()
+    try:
+        added = store.add(traces)
+    finally:
+        store.close()
+    console.print(
+        f"Read {lines} line(s) from {len(files)} file(s): stored {added} new trace(s), "
+        f"{len(traces) - added} already present, {len(errors)} rejected."
+    )
+    if errors:
+        for e in errors[:20]:
+            err_console.print(f"  rejected {e.message}", highlight=False)
+        if len(errors) > 20:
+            err_console.print(f"  ... and {len(errors) - 20} more")
+        raise typer.Exit(1)
+
+
+@traces_app.command("stats")
+def traces_stats(json_out: JsonOption = False, workspace: WorkspaceOption = None) -> None:
+    """Counts by source, task, model and status; tokens; time span."""
+    ws = open_workspace(workspace)
+    store = ws.store()
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if json_out:
+        print_json(stats)
+        return
+    console.print(f"[bold]{stats['traces']}[/] traces, {stats['redacted']} redacted, from {stats['first']} to {stats['last']}")
+    tok = stats["tokens"]
+    console.print(f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}")
+    if stats["cost"] is not None:
+        console.print(f"recorded cost: ${stats['cost']:.4f}")
+    for key in ("by_source", "by_task", "by_model", "by_status"):
+        table = Table(title=key.replace("_", " "), title_justify="left")
+        table.add_column(key[3:])
+        table.add_column("traces", justify="right")
+        for k, v in stats[key].items():
+            table.add_row(k, str(v))
+        console.print(table)
+
+
+@traces_app.command("export")
+def traces_export(
+    out: Annotated[Path, typer.Argument(help="Output JSONL file ('-' for stdout).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="openai-ft | aad")] = "aad",
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Write the traces as JSONL; the file imports again with 'aad ingest --format FORMAT'."""
+    import sys
+
+    from aad_core.ingest import EXPORTERS
+
+    if fmt not in EXPORTERS:
+        raise fail(f"The '--format' option must be one of {', '.join(EXPORTERS)}. Got {fmt!r} instead.")
+    ws = open_workspace(workspace)
+    convert = EXPORTERS[fmt]
+    store = ws.store()
+    n = 0
+    handle = sys.stdout if str(out) == "-" else out.open("w", encoding="utf-8")
+    try:
+        for trace in store.iter_traces(status="ok" if fmt == "openai-ft" else None):
+            handle.write(json.dumps(convert(trace), ensure_ascii=False) + "\n")
+            n += 1
+    finally:
+        store.close()
+        if handle is not sys.stdout:
+            handle.close()
+    err_console.print(f"Exported {n} trace(s) as {fmt} to {out}")
+
+
+def plugins(json_out: JsonOption = False) -> None:
+    """Every loaded plugin: distribution, version, hooks, components; failed plugins with the reason."""
+    from aad_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    infos = sorted(pm.plugins.values(), key=lambda p: p.name)
+    if json_out:
+        print_json(
+            {
+                "plugins": [p.as_dict() for p in infos],
+                "components": {
+                    kind: [
+                        {"name": c.name, "plugin": c.plugin, "description": c.description}
+                        for c in pm.registry.items(kind)
+                    ]
+                    for kind in sorted({c.kind for c in pm.registry.items()})
+                },
+            }
+        )
+        return
+    table = Table(title="aad plugins")
+    for col in ("plugin", "distribution", "version", "status", "components / error"):
+        table.add_column(col)
+    for p in infos:
+        detail = ", ".join(f"{c['kind']}:{c['name']}" for c in p.components) if p.status == "loaded" else (p.error or "")
+        style = {"failed": "red", "disabled": "dim"}.get(p.status, "")
+        table.add_row(p.name, p.distribution or "-", p.version or "-", f"[{style}]{p.status}[/]" if style else p.status, detail)
+    console.print(table)
+
+
+def config(json_out: JsonOption = False, workspace: WorkspaceOption = None) -> None:
+    """Show the effective configuration (aad.toml + AAD_* environment), every key with its help."""
+    ws = open_workspace(workspace)
+    cfg = ws.config
+    if json_out:
+        print_json(cfg.model_dump(mode="json"))
+        return
+    console.print(f"[bold]seed[/] = {cfg.seed}")
+    for section_name in type(cfg).model_fields:
+        section = getattr(cfg, section_name)
+        if not hasattr(type(section), "model_fields"):
+            continue
+        table = Table(title=f"[{section_name}]", title_justify="left", show_lines=False)
+        table.add_column("key")
+        table.add_column("value")
+        table.add_column("help", overflow="fold")
+        for key, field in type(section).model_fields.items():
+            table.add_row(key, repr(getattr(section, key)), field.description or "")
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command()(ingest)
+    app.add_typer(traces_app, name="traces")
+    app.command()(plugins)
+    app.command()(config)

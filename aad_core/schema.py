@@ -1,0 +1,191 @@
+"""The data model shared by every stage: traces in the OpenAI chat format, clusters, specialists,
+routing decisions.
+
+A :class:`Trace` is one call of the agent to its teacher LLM. Whatever captured it (LangChain,
+LlamaIndex, an OpenAI JSONL file), it is stored in the same shape, so later stages never care
+where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FunctionCall(_Model):
+    name: str
+    #: JSON-encoded arguments, as the OpenAI API sends them.
+    arguments: str = "{}"
+
+    def parsed_arguments(self) -> Any:
+        """The arguments decoded from JSON (``{}`` for an empty string)."""
+        return json.loads(self.arguments) if self.arguments.strip() else {}
+
+
+class ToolCall(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Model):
+    """One chat message in the OpenAI chat-completions format."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    role: Role
+    #: Text, or a list of content parts (``{"type": "text", "text": ...}``), or None for an
+    #: assistant message that only calls tools.
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text content, with content parts joined by newlines."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+
+
+class ChatRequest(_Model):
+    """What the agent sent: messages, bound tools (OpenAI ``tools`` schema) and parameters."""
+
+    messages: list[Message]
+    tools: list[dict[str, Any]] | None = None
+    #: Invocation parameters other than messages/tools: model, temperature, max_tokens, stop, ...
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def tool_names(self) -> list[str]:
+        names = []
+        for tool in self.tools or []:
+            fn = tool.get("function", tool)
+            if isinstance(fn, dict) and fn.get("name"):
+                names.append(str(fn["name"]))
+        return names
+
+    def system_prompt(self) -> str:
+        return "\n".join(m.text() for m in self.messages if m.role in ("system", "developer"))
+
+    def last_user_message(self) -> str:
+        for m in reversed(self.messages):
+            if m.role == "user":
+                return m.text()
+        return ""
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(_Model):
+    """The teacher's log-prob of one answer token, with its top-k alternatives when known."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Trace(_Model):
+    """One recorded LLM call. ``id`` is the idempotency key of the store."""
+
+    id: str = Field(default_factory=_new_id)
+    created_at: datetime = Field(default_factory=_now)
+    #: What captured it: "langchain", "llamaindex", "openai-chat", "openai-ft", "aad", "router", ...
+    source: str = "unknown"
+    #: The agent node / sub-task tag, when the user gave one (``metadata={"aad_task": ...}``).
+    task: str | None = None
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    model: str | None = None
+    request: ChatRequest
+    response: Message | None = None
+    usage: Usage | None = None
+    latency_ms: float | None = None
+    #: Recorded cost of the call in USD, when known.
+    cost: float | None = None
+    teacher_logprobs: list[TokenLogprob] | None = None
+    status: Literal["ok", "error"] = "ok"
+    error: str | None = None
+    redacted: bool = False
+    feedback: dict[str, Any] | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def answer_text(self) -> str:
+        return self.response.text() if self.response else ""
+
+
+class Cluster(_Model):
+    """A task cluster found in the traces (S3)."""
+
+    id: int
+    label: str
+    keywords: list[str] = Field(default_factory=list)
+    size: int
+    #: Mean squared distance of the members' (unit-normalised) embeddings to the centroid: the
+    #: seed paper's sigma^2.
+    variance: float
+    mean_similarity: float
+    routine: bool
+    share_calls: float = 0.0
+    share_tokens: float = 0.0
+    share_cost: float = 0.0
+    centroid: list[float] = Field(default_factory=list)
+    #: Dominant task tag among the members, when traces carry one.
+    task: str | None = None
+
+
+class Specialist(_Model):
+    """A trained adapter for one cluster, as recorded in its manifest."""
+
+    name: str
+    cluster_id: int
+    version: int
+    base_model: str
+    path: str
+    promoted: bool = False
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=_now)
+    aad_version: str = ""
+
+
+class RoutingDecision(_Model):
+    """Why a request went where it went."""
+
+    target: Literal["specialist", "teacher"]
+    cluster_id: int | None = None
+    specialist: str | None = None
+    similarity: float | None = None
+    threshold: float | None = None
+    reason: str
+    #: True when a specialist answered but a check failed and the teacher answered instead.
+    escalated: bool = False
+    latency_ms: float | None = None

@@ -1,0 +1,190 @@
+"""The default trace store: one SQLite file in WAL mode.
+
+Safe for many writer threads (one connection per thread) and processes (WAL + busy timeout,
+``BEGIN IMMEDIATE`` per batch). Inserts are idempotent on the trace id.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from aad_core.schema import Trace
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS traces (
+    id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    task TEXT,
+    model TEXT,
+    status TEXT NOT NULL,
+    run_id TEXT,
+    parent_run_id TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    latency_ms REAL,
+    cost REAL,
+    redacted INTEGER NOT NULL DEFAULT 0,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traces_created ON traces (created_at);
+CREATE INDEX IF NOT EXISTS traces_task ON traces (task);
+"""
+
+_COLUMNS = (
+    "id, created_at, source, task, model, status, run_id, parent_run_id, prompt_tokens, "
+    "completion_tokens, total_tokens, latency_ms, cost, redacted, data"
+)
+
+
+def _row(t: Trace) -> tuple[Any, ...]:
+    u = t.usage
+    return (
+        t.id, t.created_at.isoformat(), t.source, t.task, t.model, t.status, t.run_id, t.parent_run_id,
+        u.prompt_tokens if u else None, u.completion_tokens if u else None, u.total_tokens if u else None,
+        t.latency_ms, t.cost, int(t.redacted), t.model_dump_json(exclude_none=True),
+    )
+
+
+class SQLiteTraceStore:
+    """Traces in ``path`` (created with its schema if missing)."""
+
+    def __init__(self, path: Path | str, *, timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        with self._lock:
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            return conn
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+        self._local.conn, self._local.pid = conn, os.getpid()
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    # -- writing -----------------------------------------------------------------------------
+    def add(self, traces: Sequence[Trace]) -> int:
+        if not traces:
+            return 0
+        conn = self._conn()
+        rows = [_row(t) for t in traces]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = conn.total_changes
+            conn.executemany(f"INSERT OR IGNORE INTO traces ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", rows)
+            added = conn.total_changes - before
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return added
+
+    # -- reading -----------------------------------------------------------------------------
+    def get(self, trace_id: str) -> Trace | None:
+        row = self._conn().execute("SELECT data FROM traces WHERE id = ?", (trace_id,)).fetchone()
+        return Trace.model_validate_json(row[0]) if row else None
+
+    def has(self, trace_id: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM traces WHERE id = ?", (trace_id,)).fetchone() is not None
+
+    def iter_traces(
+        self,
+        *,
+        ids: Iterable[str] | None = None,
+        source: str | None = None,
+        task: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Trace]:
+        """Traces in insertion order (``created_at``, then id), filtered."""
+        if ids is not None:
+            id_list = list(ids)
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start : start + 500]
+                q = f"SELECT id, data FROM traces WHERE id IN ({', '.join('?' * len(chunk))})"
+                found = dict(self._conn().execute(q, chunk).fetchall())
+                for i in chunk:
+                    if i in found:
+                        yield Trace.model_validate_json(found[i])
+            return
+        where, args = [], []
+        for col, val in (("source", source), ("task", task), ("status", status)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        q = "SELECT data FROM traces"
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += " ORDER BY created_at, rowid"
+        if limit is not None:
+            q += f" LIMIT {int(limit)}"
+        for (data,) in self._conn().execute(q, args):
+            yield Trace.model_validate_json(data)
+
+    def ids(self) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT id FROM traces ORDER BY created_at, rowid")]
+
+    def count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM traces").fetchone()[0])
+
+    def stats(self) -> dict[str, Any]:
+        conn = self._conn()
+
+        def by(col: str) -> dict[str, int]:
+            rows = conn.execute(f"SELECT COALESCE({col}, '(none)'), COUNT(*) FROM traces GROUP BY 1 ORDER BY 2 DESC")
+            return {str(k): int(v) for k, v in rows}
+
+        total, p, c, t, cost, first, last, red = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
+            "COALESCE(SUM(total_tokens),0), SUM(cost), MIN(created_at), MAX(created_at), "
+            "COALESCE(SUM(redacted),0) FROM traces"
+        ).fetchone()
+        return {
+            "traces": int(total),
+            "by_source": by("source"),
+            "by_task": by("task"),
+            "by_model": by("model"),
+            "by_status": by("status"),
+            "tokens": {"prompt": int(p), "completion": int(c), "total": int(t)},
+            "cost": cost,
+            "redacted": int(red),
+            "first": first,
+            "last": last,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._connections.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> SQLiteTraceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,138 @@
+"""A workspace: ``aad.toml`` plus the ``.aad/`` folder that holds every artifact.
+
+::
+
+    aad.toml
+    .aad/
+      traces.db            SQLite (WAL) trace store
+      spool/               traces that could not be written yet (capture), loaded back on start
+      cache/               embedding cache and other derived data
+      state/               the current artifact of each pipeline stage (JSON, NPY, PNG)
+      specialists/<name>/<version>/   adapter_model.safetensors, adapter_config.json, manifest.json
+      report.html
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from aad_core.config import CONFIG_FILE, AADSettings, default_config_toml, load_config
+from aad_core.errors import WorkspaceError
+
+DATA_DIR = ".aad"
+WORKSPACE_ENV = "AAD_WORKSPACE"
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+
+    # -- creation and discovery --------------------------------------------------------------
+    @classmethod
+    def init(cls, root: Path | str = ".", *, exist_ok: bool = True) -> Workspace:
+        """Create ``aad.toml`` (if missing) and ``.aad/`` with an empty trace store."""
+        ws = cls(Path(root))
+        ws.root.mkdir(parents=True, exist_ok=True)
+        if ws.config_path.exists() and not exist_ok:
+            raise WorkspaceError(f"{ws.config_path} already exists.", hint="Use the existing workspace or another folder.")
+        if not ws.config_path.exists():
+            ws.config_path.write_text(default_config_toml(), encoding="utf-8")
+        for d in (ws.data_dir, ws.spool_dir, ws.cache_dir, ws.state_dir, ws.specialists_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        ws.store().close()
+        return ws
+
+    @classmethod
+    def find(cls, start: Path | str | None = None) -> Workspace:
+        """The workspace at ``start`` / ``$AAD_WORKSPACE`` / the nearest parent with ``aad.toml``."""
+        if start is None and os.environ.get(WORKSPACE_ENV):
+            start = os.environ[WORKSPACE_ENV]
+        here = Path(start or Path.cwd()).resolve()
+        for folder in (here, *here.parents):
+            if (folder / CONFIG_FILE).exists():
+                return cls(folder)
+        raise WorkspaceError(
+            f"No aad workspace at or above {here} (no {CONFIG_FILE}).",
+            hint=f"Run 'aad init {start or '.'}' first, or pass --workspace / set {WORKSPACE_ENV}.",
+        )
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / DATA_DIR
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "traces.db"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / "state"
+
+    @property
+    def specialists_dir(self) -> Path:
+        return self.data_dir / "specialists"
+
+    @property
+    def report_path(self) -> Path:
+        return self.data_dir / "report.html"
+
+    # -- config and store --------------------------------------------------------------------
+    @cached_property
+    def config(self) -> AADSettings:
+        return load_config(self.config_path if self.config_path.exists() else None)
+
+    def store(self):  # -> SQLiteTraceStore (import kept lazy for the type)
+        from aad_core.store.sqlite import SQLiteTraceStore
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return SQLiteTraceStore(self.db_path)
+
+    # -- stage artifacts ---------------------------------------------------------------------
+    def state_path(self, name: str) -> Path:
+        return self.state_dir / name
+
+    def write_state(self, name: str, data: Any) -> Path:
+        """Write a JSON artifact atomically, stamped with the aad version and time."""
+        from aad_core import __version__
+
+        path = self.state_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, dict):
+            data = {"aad_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(), **data}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def read_state(self, name: str, *, stage_hint: str | None = None) -> Any:
+        path = self.state_path(name)
+        if not path.exists():
+            from aad_core.errors import StageError
+
+            raise StageError(
+                f"{path} does not exist yet.",
+                hint=f"Run '{stage_hint}' first." if stage_hint else None,
+            )
+        return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""aad for LangChain: capture (AADCallbackHandler) and routing (RoutedChatModel)."""

@@ -1,0 +1,1 @@
+"""aad for LlamaIndex: capture (AADEventHandler) and routing (RoutedLLM)."""

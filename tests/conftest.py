@@ -1,0 +1,56 @@
+"""Shared fixtures. Fast tests use tiny in-process models; tests marked ``real_model`` load the
+real defaults (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) from their PyPI wheels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach for a model hub or a public-suffix list from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+
+from aad_core.plugins import reset_plugin_manager  # noqa: E402
+from aad_core.schema import ChatRequest, Message, Trace, Usage  # noqa: E402
+from aad_core.workspace import Workspace  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    """A fresh, initialised workspace in a temporary folder."""
+    return Workspace.init(tmp_path / "ws")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugin_manager():
+    """Each test sees plugins loaded from scratch (tests may change sys.path or the env)."""
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+def make_trace(user: str, answer: str, *, system: str = "You are a helpful assistant.", task: str | None = None,
+               **kwargs) -> Trace:
+    """A minimal ok trace: system + user -> assistant answer."""
+    return Trace(
+        source="test",
+        task=task,
+        model="teacher-model",
+        request=ChatRequest(messages=[Message(role="system", content=system), Message(role="user", content=user)]),
+        response=Message(role="assistant", content=answer),
+        usage=Usage(prompt_tokens=len(user.split()) + 5, completion_tokens=len(answer.split()),
+                    total_tokens=len(user.split()) + 5 + len(answer.split())),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"{SHARED} (the project's shared data) is not present")
+    return SHARED
