@@ -1,1 +1,24 @@
-"""aad for LangChain: capture (AADCallbackHandler) and routing (RoutedChatModel)."""
+"""aad for LangChain: capture (:class:`AADCallbackHandler`) and routing (:class:`RoutedChatModel`).
+
+Requires ``langchain-core`` (``pip install 'aad[langchain]'``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["AADCallbackHandler", "RoutedChatModel"]
+
+_LAZY = {"AADCallbackHandler": "aad_langchain.callback", "RoutedChatModel": "aad_langchain.chat_model"}
+
+if TYPE_CHECKING:
+    from aad_langchain.callback import AADCallbackHandler
+    from aad_langchain.chat_model import RoutedChatModel
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aad_langchain' has no attribute {name!r}")
