@@ -33,6 +33,12 @@ class CaptureConfig(_Section):
     )
     block_timeout_s: float = Field(0.5, ge=0, description="How long 'block' waits for room in the queue.")
     batch_size: int = Field(256, ge=1, description="Traces written per transaction.")
+    write_timeout_s: float = Field(
+        5.0, gt=0, description="How long one batch waits for a locked trace store before it is spooled to .aad/spool/."
+    )
+    retry_interval_s: float = Field(
+        5.0, gt=0, description="How often the writer retries loading spooled traces into the store after a failure."
+    )
 
 
 class EmbedConfig(_Section):
@@ -112,6 +118,20 @@ class EvalConfig(_Section):
     teacher_price_per_mtok: float = Field(10.0, ge=0, description="Teacher price in USD per 1M tokens (blended).")
     hardware_price_per_hour: float = Field(0.10, ge=0, description="Price of the specialist's hardware in USD per hour.")
     sql_database: str | None = Field(None, description="SQLite file for SQL execution accuracy (opened read-only).")
+    sql_timeout_s: float = Field(5.0, gt=0, description="Each SQL query of the 'sql' evaluator is stopped after this many seconds.")
+    evaluator: str = Field(
+        "auto",
+        description="Evaluator for every cluster: 'auto' (chosen from the traces: tool calls -> 'tool-calls', JSON -> "
+        "'json', SQL -> 'sql', short labels -> 'classification', else 'semantic') or a registered evaluator name.",
+    )
+    cluster_evaluators: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-cluster override of 'evaluator': keys are cluster ids or task tags, e.g. {\"3\" = \"json\"}.",
+    )
+    json_schema: str | None = Field(None, description="JSON Schema file; the 'json' evaluator then also reports schema validity.")
+    semantic_threshold: float = Field(
+        0.8, gt=0, le=1, description="Cosine at or above which the 'semantic' evaluator counts two answers as agreeing."
+    )
 
 
 class RouteConfig(_Section):
@@ -123,6 +143,23 @@ class RouteConfig(_Section):
         None, description="Escalate when the specialist's mean token log-prob is below this (None = calibrated)."
     )
     timeout_s: float = Field(30.0, gt=0, description="A specialist slower than this escalates to the teacher.")
+    default_threshold: float = Field(
+        0.6, ge=-1, le=1, description="Similarity threshold of a cluster before 'aad route --calibrate' has run."
+    )
+    max_calibration_samples: int = Field(
+        300, ge=10, description="Training-split traces per cluster embedded to calibrate its threshold."
+    )
+    confidence_quantile: float = Field(
+        0.05, ge=0, lt=1, description="Calibrated confidence cut-off = this quantile of the specialist's mean token "
+        "log-prob over held-out requests.",
+    )
+    confidence_samples: int = Field(
+        24, ge=0, description="Held-out requests per specialist generated to calibrate the confidence cut-off (0 = no gate)."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget of a specialist answer (a request's max_tokens wins).")
+    record_escalations: bool = Field(
+        True, description="Store each escalation (teacher answer + reason) as a trace with source 'router'."
+    )
 
 
 class AADSettings(BaseSettings):
