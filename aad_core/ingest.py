@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from aad_core.errors import IngestError
-from aad_core.schema import ChatRequest, Message, TokenLogprob, Trace, Usage
+from aad_core.schema import TokenLogprob, Trace, Usage
 
 Format = Literal["openai-chat", "openai-ft", "aad"]
 FORMATS: tuple[str, ...] = ("openai-chat", "openai-ft", "aad")
@@ -79,8 +79,8 @@ def parse_openai_chat(obj: dict[str, Any]) -> Trace:
         "id": meta.pop("id", None) or content_id({"request": req, "response": resp}),
         "source": meta.pop("source", "openai-chat"),
         "model": resp.get("model") or req.get("model"),
-        "request": ChatRequest(messages=req["messages"], tools=req.get("tools"), params=params),
-        "response": Message.model_validate(choice["message"]),
+        "request": {"messages": req["messages"], "tools": req.get("tools"), "params": params},
+        "response": choice["message"],
         "usage": Usage.model_validate({k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}) if isinstance(usage, dict) else None,
         "teacher_logprobs": _logprobs(choice),
         **meta,

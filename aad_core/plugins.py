@@ -68,6 +68,9 @@ class _Loader(ExtensionManager):
 
     def __init__(self, disabled: set[str], on_failure: Any) -> None:
         self._aad_disabled = disabled
+        # stevedore memoises entry points per namespace for the process; a new PluginManager
+        # must see plugins installed (or put on sys.path) since the last one.
+        self.ENTRY_POINT_CACHE.pop(ENTRY_POINT_GROUP, None)
         super().__init__(ENTRY_POINT_GROUP, invoke_on_load=False, on_load_failure_callback=on_failure)
 
     def _load_one_plugin(self, ep, invoke_on_load, invoke_args, invoke_kwds):  # type: ignore[no-untyped-def]
