@@ -1,0 +1,274 @@
+"""Router calibration: per-cluster similarity thresholds, output kinds and confidence cut-offs.
+
+Thresholds come from the training split (so the held-out split stays unseen for the evaluation):
+a low quantile (``[route] threshold_quantile``) of the cluster's own requests' similarities,
+raised when needed to the cut that best keeps other clusters' requests out. The held-out split is
+then routed with those thresholds and the result written to ``.aad/state/router_eval.json`` as a
+confusion matrix (routine -> specialist, everything else -> teacher).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from aad_core.errors import StageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from aad_core.schema import ChatRequest, Specialist, Trace
+    from aad_core.workspace import Workspace
+
+ROUTER_STATE = "router.json"
+ROUTER_EVAL = "router_eval.json"
+
+
+def load_router_state(ws: Workspace) -> dict[str, Any] | None:
+    """The calibrated router state, or None before the first calibration."""
+    path = ws.state_path(ROUTER_STATE)
+    return ws.read_state(ROUTER_STATE) if path.exists() else None
+
+
+def promoted_specialists(ws: Workspace) -> dict[int, str]:
+    """{cluster id: name of its newest promoted specialist}."""
+    return {cid: spec.name for cid, spec in promoted_specialist_records(ws).items()}
+
+
+def promoted_specialist_records(ws: Workspace) -> dict[int, Specialist]:
+    from aad_core.specialists import SpecialistRegistry
+
+    out: dict[int, Specialist] = {}
+    for spec in SpecialistRegistry(ws).list():
+        if spec.promoted and (spec.cluster_id not in out or spec.version > out[spec.cluster_id].version):
+            out[spec.cluster_id] = spec
+    return out
+
+
+def request_embedder(ws: Workspace) -> Callable[[Sequence[ChatRequest]], np.ndarray]:
+    """The hot-path request embedder: the workspace's embedder and view, as clustering used them."""
+    from aad_core.embedding import embed_requests
+
+    config = ws.config
+    return lambda requests: embed_requests(list(requests), config)
+
+
+def separation_threshold(own: Sequence[float], intruders: Sequence[float]) -> float | None:
+    """The cut that misroutes fewest of ``own`` (below it) plus ``intruders`` (at or above it).
+
+    Among equally good cuts the one in the middle of the widest gap is taken. None when there
+    are no intruders (nothing to keep out).
+    """
+    if not intruders:
+        return None
+    points = sorted([(float(s), True) for s in own] + [(float(s), False) for s in intruders])
+    values = [v for v, _ in points]
+    n_intr = len(intruders)
+    best: tuple[int, float, float] | None = None  # (cost, -gap, cut)
+    own_below = intr_below = 0
+    for i in range(len(points) + 1):
+        # The cut admits points[i:]: misroutes = own below it + intruders at or above it.
+        if i == 0:
+            lo, hi = values[0] - 0.02, values[0]
+        elif i == len(points):
+            lo, hi = values[-1], values[-1] + 0.02
+        else:
+            lo, hi = values[i - 1], values[i]
+        if hi > lo:
+            cost = own_below + (n_intr - intr_below)
+            key = (cost, -(hi - lo), (lo + hi) / 2)
+            if best is None or key[:2] < best[:2]:
+                best = key
+        if i < len(points):
+            own_below += points[i][1]
+            intr_below += not points[i][1]
+    return None if best is None else float(best[2])
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.quantile(np.asarray(values, dtype=np.float64), q))
+
+
+def _sample(ids: list[str], k: int, seed: int) -> list[str]:
+    if len(ids) <= k:
+        return ids
+    return sorted(random.Random(seed).sample(ids, k))
+
+
+def _load(ws: Workspace, ids: Sequence[str]) -> list[Trace]:
+    store = ws.store()
+    try:
+        return list(store.iter_traces(ids=ids))
+    finally:
+        store.close()
+
+
+def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: bool = True) -> dict[str, Any]:
+    """Calibrate every cluster's threshold (and the specialists' confidence cut-offs), evaluate the
+    router on the held-out split, and save ``router.json`` and ``router_eval.json``. Returns the
+    saved router state."""
+    import numpy as np
+
+    from aad_core.embedding import embed_requests
+    from aad_core.pipeline.cluster import load_clusters
+    from aad_core.routing.validators import infer_output_kind
+
+    cfg = ws.config
+    rc = cfg.route
+    state = load_clusters(ws)
+    if not state.clusters:
+        raise StageError("There are no clusters to route to.", hint="Run 'aad cluster' first.")
+    cids = [c.id for c in state.clusters]
+    cents = np.asarray([c.centroid for c in state.clusters], dtype=np.float32)
+    cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
+    specialists = promoted_specialist_records(ws)
+
+    by_cluster_train: dict[int, list[str]] = {c: [] for c in cids}
+    for tid, cid in state.assignments.items():
+        if state.split.get(tid) == "train" and cid in by_cluster_train:
+            by_cluster_train[cid].append(tid)
+    calib_ids = {c: _sample(sorted(ids), rc.max_calibration_samples, cfg.seed) for c, ids in by_cluster_train.items()}
+    flat = [(c, t) for c, ids in calib_ids.items() for t in ids]
+    traces = {t.id: t for t in _load(ws, [t for _, t in flat])}
+    flat = [(c, t) for c, t in flat if t in traces]
+    emb = embed_requests([traces[t].request for _, t in flat], cfg, cache_dir=ws.cache_dir, show_progress=show_progress)
+    sims = emb @ cents.T if len(flat) else np.zeros((0, len(cids)))
+    nearest = sims.argmax(axis=1) if len(flat) else np.zeros(0, dtype=int)
+
+    clusters_out: dict[str, Any] = {}
+    for j, cid in enumerate(cids):
+        own = [float(sims[i, j]) for i, (c, _) in enumerate(flat) if c == cid and nearest[i] == j]
+        intruders = [float(sims[i, j]) for i, (c, _) in enumerate(flat) if c != cid and nearest[i] == j]
+        t_q = _quantile(own, rc.threshold_quantile) if own else rc.default_threshold
+        t_sep = separation_threshold(own, intruders)
+        threshold = max(t_q, t_sep) if t_sep is not None else t_q
+        answers = [(traces[t].answer_text(), bool(traces[t].response and traces[t].response.tool_calls))
+                   for c, t in flat if c == cid]
+        spec = specialists.get(cid)
+        clusters_out[str(cid)] = {
+            "threshold": round(float(threshold), 5),
+            "quantile_threshold": round(float(t_q), 5),
+            "separation_threshold": None if t_sep is None else round(float(t_sep), 5),
+            "n_own": len(own),
+            "n_intruders": len(intruders),
+            "intruders_admitted": sum(1 for s in intruders if s >= threshold),
+            "own_rejected": sum(1 for s in own if s < threshold),
+            "output_kind": infer_output_kind(answers),
+            "routine": bool(next(c.routine for c in state.clusters if c.id == cid)),
+            "specialist": spec.name if spec else None,
+            "min_logprob": None,
+        }
+
+    if confidence and rc.confidence_samples > 0 and specialists:
+        _calibrate_confidence(ws, state, specialists, clusters_out, show_progress=show_progress)
+
+    saved = {
+        "router": rc.router,
+        "seed": cfg.seed,
+        "embedder": cfg.embed.embedder,
+        "embed_model": cfg.embed.model,
+        "view": [p for p in cfg.embed.view if p != "answer"],
+        "threshold_quantile": rc.threshold_quantile,
+        "confidence_quantile": rc.confidence_quantile,
+        "clusters": clusters_out,
+    }
+    ws.write_state(ROUTER_STATE, saved)
+    evaluation = evaluate_router(ws, state, cents, cids, clusters_out, show_progress=show_progress)
+    ws.write_state(ROUTER_EVAL, evaluation)
+    saved = ws.read_state(ROUTER_STATE)
+    saved["evaluation"] = {k: evaluation[k] for k in ("accuracy", "n") if k in evaluation}
+    return saved
+
+
+def _calibrate_confidence(ws: Workspace, state: Any, specialists: dict[int, Specialist], clusters_out: dict[str, Any],
+                          *, show_progress: bool) -> None:
+    """Generate on held-out requests; the cut-off is a low quantile of the valid answers' mean log-prob."""
+    from aad_core.routing.engine import SpecialistPool
+    from aad_core.routing.tool_calls import ToolCallParseError, parse_tool_calls
+    from aad_core.routing.validators import validate_output
+
+    rc = ws.config.route
+    pool = SpecialistPool(ws, list(specialists.values()))
+    for cid, spec in specialists.items():
+        ids = _sample(sorted(state.heldout_ids(cid)), rc.confidence_samples, ws.config.seed)
+        traces = _load(ws, ids)
+        if not traces:
+            continue
+        requests = [t.request for t in traces]
+        gens = pool.generate(spec.name, requests, max_new_tokens=rc.max_new_tokens)
+        kind = clusters_out[str(cid)]["output_kind"]
+        good = []
+        for req, gen in zip(requests, gens):
+            try:
+                content, calls = parse_tool_calls(gen.text)
+            except ToolCallParseError:
+                continue
+            if validate_output(req, content, calls, output_kind=kind).ok:
+                good.append(float(gen.mean_logprob))
+        entry = clusters_out[str(cid)]
+        entry["confidence_samples"] = len(gens)
+        entry["valid_share"] = round(len(good) / len(gens), 4) if gens else None
+        entry["min_logprob"] = round(_quantile(good, rc.confidence_quantile), 5) if good else None
+
+
+def evaluate_router(ws: Workspace, state: Any, cents: np.ndarray, cids: list[int], clusters_out: dict[str, Any],
+                    *, show_progress: bool = False) -> dict[str, Any]:
+    """Route the held-out split with the calibrated thresholds: routine requests of a served
+    cluster should reach that cluster's specialist, every other request the teacher."""
+    import numpy as np
+
+    from aad_core.embedding import embed_requests
+
+    served = {int(c): v["specialist"] for c, v in clusters_out.items() if v.get("specialist")}
+    routine = {int(c) for c, v in clusters_out.items() if v.get("routine")}
+    heldout = [t for t, s in state.split.items() if s == "heldout" and t in state.assignments]
+    traces = _load(ws, heldout)
+    emb = embed_requests([t.request for t in traces], ws.config, cache_dir=ws.cache_dir, show_progress=show_progress)
+    truth = [state.assignments[t.id] for t in traces]
+    thresholds = {int(c): float(v["threshold"]) for c, v in clusters_out.items()}
+    result = routing_confusion(emb, truth, cents, cids, thresholds, served)
+    # What the router would do if every routine cluster had a promoted specialist.
+    all_routine = routing_confusion(emb, truth, cents, cids, thresholds, {c: f"cluster-{c}" for c in routine})
+    result["if_all_routine_served"] = {k: all_routine[k] for k in ("matrix", "accuracy", "n")}
+    result["served_clusters"] = sorted(served)
+    result["routine_clusters"] = sorted(routine)
+    result["split"] = "heldout"
+    del np
+    return result
+
+
+def routing_confusion(
+    emb: np.ndarray, truth: Sequence[int], cents: np.ndarray, cids: Sequence[int],
+    thresholds: dict[int, float], served: dict[int, str],
+) -> dict[str, Any]:
+    """Confusion matrix of routing decisions: rows = routine (served cluster) / complex, columns =
+    specialist / teacher. A routine request sent to another cluster's specialist counts as wrong."""
+    import numpy as np
+
+    matrix = [[0, 0], [0, 0]]
+    wrong_specialist = 0
+    if len(truth):
+        sims = np.asarray(emb, dtype=np.float32) @ np.asarray(cents, dtype=np.float32).T
+        best = sims.argmax(axis=1)
+        for i, true_cid in enumerate(truth):
+            cid = int(cids[int(best[i])])
+            to_spec = cid in served and float(sims[i, best[i]]) >= thresholds.get(cid, 1.0)
+            row = 0 if true_cid in served else 1
+            matrix[row][0 if to_spec else 1] += 1
+            if row == 0 and to_spec and cid != true_cid:
+                wrong_specialist += 1
+    n = sum(map(sum, matrix))
+    correct = matrix[0][0] - wrong_specialist + matrix[1][1]
+    return {
+        "labels": ["routine", "complex"],
+        "targets": ["specialist", "teacher"],
+        "matrix": matrix,
+        "wrong_specialist": wrong_specialist,
+        "accuracy": round(correct / n, 5) if n else None,
+        "routine_recall": round((matrix[0][0] - wrong_specialist) / sum(matrix[0]), 5) if sum(matrix[0]) else None,
+        "complex_recall": round(matrix[1][1] / sum(matrix[1]), 5) if sum(matrix[1]) else None,
+        "n": n,
+    }
