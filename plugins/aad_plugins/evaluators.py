@@ -38,8 +38,9 @@ def normalize_text(text: str) -> str:
     """Unicode NFKC, lower case, single spaces, no surrounding quotes or final full stop."""
     text = unicodedata.normalize("NFKC", text or "").strip().lower()
     text = re.sub(r"\s+", " ", text)
-    text = text.strip("\"'`").strip()
-    return text.rstrip(".").strip()
+    for _ in range(2):  # '"label".' and '"label."' alike
+        text = text.rstrip(".").strip().strip("\"'`").strip()
+    return text
 
 
 def _strip_fences(text: str) -> str:
