@@ -1,0 +1,109 @@
+"""The qlora trainer on a tiny random student: it learns, saves a plain PEFT adapter, resumes, and
+refuses to call a run that got no gradients a success."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_trace
+from tiny_models import tiny_student  # noqa: F401  (session fixture)
+
+from aad_core.errors import AADError
+from aad_plugins.qlora import QLoRATrainer, assert_adapter_grads
+
+
+def _traces(n: int) -> list:
+    answers = ["card_arrival", "exchange_rate", "transfer_fee"]
+    return [make_trace(f"query number {i} about my card", answers[i % 3]) for i in range(n)]
+
+
+def _trainer(student: Path, **kw) -> QLoRATrainer:
+    params = dict(student=str(student), batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
+                  max_length=48, quantization="none", seed=0, device="cpu")
+    params.update(kw)
+    return QLoRATrainer(**params)
+
+
+def test_adapter_trains_saves_and_reloads_with_plain_peft(tiny_student: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    metrics = _trainer(tiny_student, max_steps=12, early_stopping_patience=0).train(
+        _traces(12), _traces(4), out, show_progress=False)
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert metrics["steps"] == 12 and metrics["first_step_grad_norm"] > 0
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert not (out / ".checkpoint").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_student)
+
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_student), out).eval()
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_student), out).eval()
+    with torch.no_grad():
+        a, b = reloaded(ids).logits, again(ids).logits
+    assert torch.allclose(a, b)
+    assert not torch.allclose(a, base_logits, atol=1e-4)  # the adapter changed the model
+
+
+class _FrozenTrainer(QLoRATrainer):
+    def _prepare_model(self, base):
+        model = super()._prepare_model(base)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # lora_B starts at zero: with it frozen, lora_A gets no gradient either
+                p.requires_grad_(False)
+        return model
+
+
+def test_gradient_assertion_fires_on_a_frozen_adapter(tiny_student: Path, tmp_path: Path) -> None:
+    trainer = _FrozenTrainer(student=str(tiny_student), batch_size=4, gradient_accumulation=1, max_length=48,
+                             quantization="none", max_steps=2, device="cpu")
+    with pytest.raises(AADError, match="no gradient"):
+        trainer.train(_traces(8), [], tmp_path / "frozen", show_progress=False)
+    assert not (tmp_path / "frozen" / "adapter_model.safetensors").exists()
+
+
+def test_assert_adapter_grads_on_model_without_lora() -> None:
+    import torch
+
+    with pytest.raises(AADError):
+        assert_adapter_grads(torch.nn.Linear(2, 2))
+
+
+def test_resume_continues_from_checkpoint(tiny_student: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resume"
+    first = _trainer(tiny_student, max_steps=2, eval_every=1, keep_checkpoint=True,
+                     early_stopping_patience=0).train(_traces(8), _traces(4), out, show_progress=False)
+    assert first["steps"] == 2 and (out / ".checkpoint" / "trainer_state.json").exists()
+    second = _trainer(tiny_student, max_steps=4, eval_every=1, early_stopping_patience=0).train(
+        _traces(8), _traces(4), out, show_progress=False)
+    assert second["resumed_from_step"] == 2
+    assert second["steps"] == 4
+    assert [e["step"] for e in second["eval_history"]] == [1, 2, 3, 4]
+
+
+def test_four_bit_on_cpu_is_refused(tiny_student: Path, tmp_path: Path) -> None:
+    with pytest.raises(AADError, match="CUDA"):
+        _trainer(tiny_student, quantization="4bit", max_steps=1).train(_traces(4), [], tmp_path / "x", show_progress=False)
+
+
+def test_soft_targets_from_recorded_top_k(tiny_student: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from aad_core.schema import TokenLogprob, TopLogprob
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    traces = _traces(6)
+    for t in traces:  # teacher tokens = the student's own tokens of the answer
+        pieces = [tok.decode([i]) for i in tok(t.answer_text(), add_special_tokens=False)["input_ids"]]
+        t.teacher_logprobs = [TokenLogprob(token=p, logprob=-0.1, top_logprobs=[TopLogprob(token=p, logprob=-0.1)])
+                              for p in pieces]
+    metrics = _trainer(tiny_student, max_steps=2, distill_alpha=0.5).train(traces, [], tmp_path / "soft", show_progress=False)
+    assert metrics["soft_target_samples"] == 6
+    assert metrics["steps"] == 2
