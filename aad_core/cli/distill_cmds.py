@@ -1,0 +1,79 @@
+"""``aad distill`` (the whole pipeline, resumable) and ``aad demo`` (the embedded demo workspace)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from aad_core.cli.app import WorkspaceOption, console, open_workspace
+
+
+def distill(
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller profile: 2 specialists, fewer steps and held-out samples.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those up to date with their inputs.")] = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Run curate+cluster -> select -> train -> evaluate -> calibrate router, then write the report.
+
+    Each stage is skipped when its artifact is up to date with its inputs (config and the stage
+    before it); re-running after an interruption resumes where it stopped.
+    """
+    from aad_core.pipeline.distill import PROFILES, StageResult, run_distill
+
+    ws = open_workspace(workspace)
+    profile = PROFILES["quick" if quick else "full"]
+    console.print(f"[bold]aad distill[/] on {ws.root} — profile [bold]{profile.name}[/]: {profile.description}")
+
+    def show(r: StageResult) -> None:
+        if r.status == "skipped":
+            console.print(f"[dim]• {r.stage}: skipped ({r.detail})[/]")
+        else:
+            console.print(f"[green]✓[/] {r.stage} ({r.seconds:.0f} s): {r.detail}")
+
+    start = time.perf_counter()
+    run_distill(ws, profile=profile, force=force, on_stage=show)
+    console.print(summary_table(ws))
+    console.print(f"Done in {time.perf_counter() - start:.0f} s. Report: [bold]{ws.report_path}[/]")
+
+
+def summary_table(ws: Any) -> Table:
+    """Per cluster: size, routine, base / specialist / teacher score, promoted, why."""
+    evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
+    table = Table(title="aad distill summary")
+    for col in ("cluster", "task", "size", "routine", "metric", "base", "specialist", "teacher", "routed to"):
+        table.add_column(col, justify="right" if col in ("size", "base", "specialist", "teacher") else "left")
+
+    def fmt(part: Any) -> str:
+        return f"{part['score']:.2f}" if isinstance(part, dict) and isinstance(part.get("score"), (int, float)) else "-"
+
+    for c in evaluation.get("clusters", []):
+        routed = "[green]specialist[/]" if c.get("promoted") else "teacher"
+        table.add_row(str(c.get("cluster_id")), str(c.get("task") or c.get("label", ""))[:28], str(c.get("size", "")),
+                      "yes" if c.get("routine") else "no", str(c.get("metric", "-")), fmt(c.get("base")),
+                      fmt(c.get("specialist")), fmt(c.get("teacher")), routed)
+    return table
+
+
+def demo(
+    directory: Annotated[Path, typer.Argument(help="Folder of the demo workspace (created if missing).")] = Path("demo-workspace"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling and the generated tickets.")] = 0,
+) -> None:
+    """Create a workspace holding the demo agent's recorded teacher calls (public data; see its README)."""
+    from aad_core.demo import create_demo_workspace
+
+    with console.status("Assembling the demo workload (banking77, bfcl-eval, defog, AgentDojo) and redacting it..."):
+        ws = create_demo_workspace(directory, seed=seed)
+    with ws.store() as store:
+        stats = store.stats()
+    nodes = ", ".join(f"{k} {v}" for k, v in sorted(stats["by_task"].items()))
+    console.print(f"Demo workspace ready at [bold]{ws.root}[/]: {stats['traces']} traces ({nodes}).")
+    console.print(f"Read {ws.root / 'README.md'} for the data sources and licenses. Next: [bold]aad distill -w {directory}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill)
+    app.command("demo")(demo)

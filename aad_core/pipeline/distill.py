@@ -1,0 +1,247 @@
+"""``aad distill``: curate+cluster -> select -> train -> evaluate -> calibrate router -> report.
+
+Every stage is resumable. After a stage finishes, ``.aad/state/distill.json`` records a hash of its
+inputs (the config sections it reads, the seed, and the fingerprint of what the stage before it
+produced) and a fingerprint of its own output. On the next run a stage is skipped when both still
+match: same inputs, and its artifact untouched since. Change ``[train]`` in ``aad.toml`` and
+distill redoes train, evaluate and route but keeps the clusters and the selection. ``force``
+redoes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aad_core.workspace import Workspace
+
+DISTILL_STATE = "distill.json"
+STAGES: tuple[str, ...] = ("cluster", "select", "train", "evaluate", "route")
+#: Config sections each stage reads (besides ``seed``).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "cluster": ("capture", "embed", "cluster"),
+    "select": ("select", "train"),  # scoring uses the student named in [train]
+    "train": ("train",),
+    "evaluate": ("eval",),
+    "route": ("route", "eval"),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of in-memory config overrides for one distill run."""
+
+    name: str
+    overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
+    #: Train at most this many routine clusters (largest share of calls first); None = all.
+    max_specialists: int | None = None
+    description: str = ""
+
+
+FULL = Profile("full", description="the workspace's aad.toml as written")
+QUICK = Profile(
+    "quick",
+    overrides={("train", "max_steps"): 8, ("eval", "max_heldout"): 8, ("eval", "max_new_tokens"): 32},
+    max_specialists=2,
+    description="train the 2 routine clusters with most calls for at most 8 steps; evaluate on 8 held-out samples "
+    "with 32 new tokens",
+)
+PROFILES = {"full": FULL, "quick": QUICK}
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    detail: str = ""
+
+
+def apply_profile(ws: Workspace, profile: Profile) -> None:
+    """Apply ``profile``'s overrides to ``ws.config`` in memory (aad.toml is not changed).
+
+    A value already below the override stays: --quick never makes a run bigger.
+    """
+    for (section, key), value in profile.overrides.items():
+        current = getattr(getattr(ws.config, section), key)
+        if isinstance(value, (int, float)) and isinstance(current, (int, float)) and current < value:
+            continue
+        setattr(getattr(ws.config, section), key, value)
+
+
+# -- fingerprints ------------------------------------------------------------------------------
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_fp(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):  # the time stamp alone does not make a new result
+        data = {k: v for k, v in data.items() if k not in ("written_at",)}
+    return _sha(data)
+
+
+def store_fingerprint(ws: Workspace) -> str:
+    with ws.store() as store:
+        return _sha(sorted(store.ids()))
+
+
+def specialists_fingerprint(ws: Workspace) -> str | None:
+    """The trained adapters on disk (config + weights' size and mtime). Manifests are left out:
+    the evaluate stage writes promotions into them, which does not change what train produced."""
+    folders = sorted({p.parent for p in ws.specialists_dir.rglob("adapter_config.json")}) if ws.specialists_dir.exists() else []
+    if not folders:
+        return None
+    items = []
+    for folder in folders:
+        weights = sorted(folder.glob("adapter_model.*"))
+        items.append([str(folder.relative_to(ws.specialists_dir)), (folder / "adapter_config.json").read_text(encoding="utf-8"),
+                      [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]])
+    return _sha(items)
+
+
+OUTPUTS: dict[str, Callable[[Workspace], str | None]] = {
+    "cluster": lambda ws: _file_fp(ws.state_path("clusters.json")),
+    "select": lambda ws: _file_fp(ws.state_path("selection.json")),
+    "train": specialists_fingerprint,
+    "evaluate": lambda ws: _file_fp(ws.state_path("eval.json")),
+    "route": lambda ws: _file_fp(ws.state_path("router.json")),
+}
+
+
+def input_hash(ws: Workspace, stage: str, upstream: str | None, profile: Profile) -> str:
+    cfg = ws.config
+    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in STAGE_SECTIONS[stage]}
+    extra = {"max_specialists": profile.max_specialists} if stage == "train" else {}
+    return _sha({"stage": stage, "seed": cfg.seed, "config": sections, "upstream": upstream, **extra})
+
+
+def load_distill_state(ws: Workspace) -> dict[str, Any]:
+    path = ws.state_path(DISTILL_STATE)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"stages": {}}
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+def _routine_cluster_ids(ws: Workspace, limit: int | None) -> list[int]:
+    clusters = ws.read_state("clusters.json", stage_hint="aad cluster").get("clusters", [])
+    routine = [c for c in clusters if c.get("routine")]
+    routine.sort(key=lambda c: (-float(c.get("share_calls") or 0), -int(c.get("size") or 0), int(c["id"])))
+    ids = [int(c["id"]) for c in routine]
+    return ids if limit is None else ids[:limit]
+
+
+def _run_cluster(ws: Workspace, profile: Profile, progress: bool) -> str:
+    from aad_core.pipeline.cluster import run_cluster
+
+    result = run_cluster(ws, show_progress=progress)
+    clusters = getattr(result, "clusters", None) or ws.read_state("clusters.json").get("clusters", [])
+    routine = sum(1 for c in clusters if (c.routine if hasattr(c, "routine") else c.get("routine")))
+    return f"{len(clusters)} clusters, {routine} routine"
+
+
+def _run_select(ws: Workspace, profile: Profile, progress: bool) -> str:
+    from aad_core.pipeline.select import run_select
+
+    run_select(ws, show_progress=progress)
+    return f"kept {ws.config.select.fraction:.0%} of each routine cluster's training split ({ws.config.select.selector})"
+
+
+def _run_train(ws: Workspace, profile: Profile, progress: bool) -> str:
+    from aad_core.pipeline.train import run_train
+
+    ids = _routine_cluster_ids(ws, profile.max_specialists)
+    if not ids:
+        return "no routine cluster: nothing to train, every request stays with the teacher"
+    names = []
+    for cid in ids:
+        for spec in run_train(ws, cluster_id=cid, show_progress=progress) or []:
+            names.append(spec.name)
+    skipped = len(_routine_cluster_ids(ws, None)) - len(ids)
+    more = f"; {skipped} more routine cluster(s) left to the teacher by the '{profile.name}' profile" if skipped else ""
+    return f"trained {len(names)} specialist(s): {', '.join(names)}{more}"
+
+
+def _run_evaluate(ws: Workspace, profile: Profile, progress: bool) -> str:
+    from aad_core.evaluation import run_evaluate
+
+    report = run_evaluate(ws, show_progress=progress)
+    s = report.get("summary", {})
+    return f"{s.get('evaluated', 0)} evaluated, {s.get('promoted', 0)} promoted"
+
+
+def _run_route(ws: Workspace, profile: Profile, progress: bool) -> str:
+    from aad_core.routing import calibrate_router
+
+    calibrate_router(ws, show_progress=progress)
+    return "router calibrated"
+
+
+RUNNERS: dict[str, Callable[[Workspace, Profile, bool], str]] = {
+    "cluster": _run_cluster, "select": _run_select, "train": _run_train, "evaluate": _run_evaluate, "route": _run_route,
+}
+
+
+def run_distill(
+    ws: Workspace,
+    *,
+    profile: Profile | str = FULL,
+    force: bool = False,
+    show_progress: bool = True,
+    report: bool = True,
+    on_stage: Callable[[StageResult], None] | None = None,
+    runners: dict[str, Callable[[Workspace, Profile, bool], str]] | None = None,
+) -> list[StageResult]:
+    """Run every stage that is not up to date, in order; then write the report.
+
+    ``runners`` replaces stage functions (tests use it to observe which stages run).
+    """
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"The 'profile' parameter of run_distill must be one of {sorted(PROFILES)}. Got {profile!r} instead.")
+        profile = PROFILES[profile]
+    apply_profile(ws, profile)
+    runners = {**RUNNERS, **(runners or {})}
+    state = load_distill_state(ws)
+    results: list[StageResult] = []
+    upstream: str | None = store_fingerprint(ws)
+    for stage in STAGES:
+        want = input_hash(ws, stage, upstream, profile)
+        prev = state["stages"].get(stage, {})
+        current_out = OUTPUTS[stage](ws)
+        up_to_date = (not force and prev.get("input_hash") == want and current_out is not None
+                      and prev.get("output") == current_out)
+        start = time.perf_counter()
+        if up_to_date:
+            result = StageResult(stage, "skipped", 0.0, "up to date with its inputs")
+        else:
+            detail = runners[stage](ws, profile, show_progress)
+            current_out = OUTPUTS[stage](ws)
+            result = StageResult(stage, "ran", time.perf_counter() - start, detail)
+            state["stages"][stage] = {
+                "input_hash": want, "output": current_out, "profile": profile.name, "detail": detail,
+                "seconds": round(result.seconds, 1), "finished_at": datetime.now(timezone.utc).isoformat(),
+            }
+            ws.write_state(DISTILL_STATE, {**state, "seed": ws.config.seed})
+        results.append(result)
+        if on_stage:
+            on_stage(result)
+        upstream = current_out
+    if report:
+        from aad_core.report import write_report
+
+        start = time.perf_counter()
+        path = write_report(ws)
+        results.append(StageResult("report", "ran", time.perf_counter() - start, str(path)))
+        if on_stage:
+            on_stage(results[-1])
+    return results
