@@ -1,0 +1,325 @@
+"""``RoutedChatModel``: a drop-in LangChain chat model that answers routine requests with the
+workspace's distilled specialists and everything else with the teacher.
+
+.. code-block:: python
+
+    from langchain_openai import ChatOpenAI
+    from aad_langchain import RoutedChatModel
+
+    llm = RoutedChatModel(teacher=ChatOpenAI(model="gpt-4o"), workspace="./my-agent")
+    msg = llm.invoke("Which intent is 'my card has not arrived'?")
+    msg.response_metadata["aad_route"]   # target, cluster_id, specialist, similarity, threshold, reason
+
+A specialist's answer is only returned when it passes the output validators and the confidence
+gate within ``timeout``; otherwise the teacher answers and the case is recorded for retraining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
+
+from aad_core.schema import ChatRequest, Message, RoutingDecision, Usage
+
+_CALL_ONLY = ("tools", "tool_choice", "model", "ls_structured_output_format")
+
+
+def _estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4) if text else 0
+
+
+class RoutedChatModel(BaseChatModel):
+    """Routes each call to a distilled specialist or to ``teacher`` (any LangChain chat model).
+
+    Every answer carries ``response_metadata["aad_route"]`` (the routing decision) and
+    ``usage_metadata``. ``bind_tools`` binds the tools for the specialists and the teacher.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    teacher: BaseChatModel
+    """The chat model that answers everything a specialist should not (and every escalation)."""
+    workspace: str | Path | None = None
+    """The aad workspace folder (default: ``$AAD_WORKSPACE`` or the nearest folder with ``aad.toml``)."""
+    model_name: str = Field(default="aad-routed", alias="model")
+    """Name reported to tracing (LangSmith) for this routed model."""
+    temperature: float | None = None
+    """Sampling temperature passed to the specialists (0 or None = greedy)."""
+    max_tokens: int | None = None
+    """Most tokens a specialist may generate (default: ``[route] max_new_tokens``)."""
+    timeout: float | None = None
+    """Seconds a specialist may take before the teacher answers instead (default: ``[route] timeout_s``)."""
+    stop: list[str] | None = None
+    """Stop sequences applied to the specialists' answers and passed to the teacher."""
+    max_retries: int = 0
+    """Retries of a failed teacher call."""
+    api_key: SecretStr | None = None
+    """Unused by routing itself (the teacher carries its own credentials); accepted so code written
+    for provider chat models keeps working."""
+    streaming: bool = False
+    """Whether :meth:`invoke` streams internally (callbacks get tokens)."""
+    routing_engine: Any = Field(default=None, exclude=True)
+    """A prebuilt :class:`aad_core.routing.RoutingEngine` (default: built from ``workspace`` on first use)."""
+
+    _engine: Any = PrivateAttr(default=None)
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "aad-routed-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "workspace": str(self.workspace) if self.workspace else None,
+                "teacher": getattr(self.teacher, "_llm_type", type(self.teacher).__name__)}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="aad", ls_model_name=kwargs.get("model", self.model_name),
+                                 ls_model_type="chat")
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        ls_stop = stop or kwargs.get("stop") or self.stop
+        if ls_stop:
+            params["ls_stop"] = list(ls_stop) if not isinstance(ls_stop, str) else [ls_stop]
+        return params
+
+    # -- tools ----------------------------------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | Literal["auto", "any", "none", "required"] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (any format LangChain converts to the OpenAI schema) for specialists and teacher."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if tool_choice is not None and tool_choice is not False:
+            if tool_choice is True or tool_choice == "any":
+                tool_choice = "required"
+            elif isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+                tool_choice = {"type": "function", "function": {"name": tool_choice}}
+            kwargs["tool_choice"] = tool_choice
+        return super().bind(tools=formatted, **kwargs)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def engine(self) -> Any:
+        """The routing engine (built on first use from ``workspace``)."""
+        if self.routing_engine is not None:
+            return self.routing_engine
+        if self._engine is None:
+            from aad_core.routing.engine import RoutingEngine
+            from aad_core.workspace import Workspace
+
+            ws = Workspace.find(self.workspace)
+            self._engine = RoutingEngine(ws, timeout_s=self.timeout, teacher_model=self._teacher_name())
+        return self._engine
+
+    def _teacher_name(self) -> str:
+        for attr in ("model_name", "model", "model_id"):
+            value = getattr(self.teacher, attr, None)
+            if isinstance(value, str) and value:
+                return value
+        return getattr(self.teacher, "_llm_type", type(self.teacher).__name__)
+
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> ChatRequest:
+        params: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _CALL_ONLY}
+        params["model"] = kwargs.get("model", self.model_name)
+        if kwargs.get("tool_choice") is not None:
+            params["tool_choice"] = kwargs["tool_choice"]
+        if self.temperature is not None:
+            params.setdefault("temperature", self.temperature)
+        if self.max_tokens is not None:
+            params.setdefault("max_tokens", self.max_tokens)
+        stops = stop or self.stop
+        if stops:
+            params["stop"] = list(stops)
+        raw = convert_to_openai_messages(messages)
+        msgs = [Message.model_validate({k: v for k, v in m.items() if v is not None}) for m in raw]
+        return ChatRequest(messages=msgs, tools=kwargs.get("tools") or None, params=params)
+
+    def _teacher_runnable(self, kwargs: dict[str, Any]) -> Runnable[LanguageModelInput, BaseMessage]:
+        teacher: Runnable[LanguageModelInput, BaseMessage] = self.teacher
+        tools = kwargs.get("tools")
+        if tools:
+            choice = kwargs.get("tool_choice")
+            try:
+                teacher = self.teacher.bind_tools(tools, **({"tool_choice": choice} if choice is not None else {}))
+            except NotImplementedError:
+                teacher = self.teacher
+        extra = {k: v for k, v in kwargs.items() if k not in _CALL_ONLY}
+        if extra:
+            teacher = teacher.bind(**extra)
+        if self.max_retries > 0:
+            teacher = teacher.with_retry(stop_after_attempt=self.max_retries + 1)
+        return teacher
+
+    def _route(self, request: ChatRequest) -> tuple[RoutingDecision, Any]:
+        """(decision, outcome): outcome is the successful or failed specialist attempt, or None."""
+        engine = self.engine()
+        decision = engine.decide([request])[0]
+        if decision.target != "specialist":
+            return decision, None
+        outcome = engine.try_specialist(request, decision)
+        if outcome.ok:
+            return decision, outcome
+        return engine.escalated_decision(decision, outcome), outcome
+
+    def _specialist_message(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> AIMessage:
+        msg: Message = outcome.message
+        prompt_tokens = _estimate_tokens("\n".join(m.text() for m in request.messages))
+        out_tokens = outcome.usage.completion_tokens if outcome.usage else _estimate_tokens(msg.text())
+        tool_calls = [{"name": c.function.name, "args": c.function.parsed_arguments(), "id": c.id, "type": "tool_call"}
+                      for c in msg.tool_calls or []]
+        return AIMessage(
+            content=msg.text(),
+            tool_calls=tool_calls,
+            usage_metadata=UsageMetadata(input_tokens=prompt_tokens, output_tokens=out_tokens,
+                                         total_tokens=prompt_tokens + out_tokens),
+            response_metadata={"aad_route": decision.model_dump(), "model_name": decision.specialist,
+                               "model_provider": "aad", "aad_mean_logprob": outcome.mean_logprob},
+        )
+
+    def _finish_teacher(self, request: ChatRequest, answer: BaseMessage, decision: RoutingDecision, outcome: Any,
+                        latency_ms: float | None = None) -> AIMessage:
+        if not isinstance(answer, AIMessage):
+            answer = AIMessage(content=answer.content)
+        update: dict[str, Any] = {"response_metadata": {**answer.response_metadata, "aad_route": decision.model_dump()}}
+        if answer.usage_metadata is None:
+            prompt_tokens = _estimate_tokens("\n".join(m.text() for m in request.messages))
+            out = _estimate_tokens(answer.text if isinstance(answer.text, str) else str(answer.content))
+            update["usage_metadata"] = UsageMetadata(input_tokens=prompt_tokens, output_tokens=out,
+                                                     total_tokens=prompt_tokens + out)
+            update["response_metadata"]["aad_usage_estimated"] = True
+        answer = answer.model_copy(update=update)
+        if outcome is not None:
+            self._record(request, answer, decision, outcome, latency_ms)
+        return answer
+
+    def _record(self, request: ChatRequest, answer: AIMessage, decision: RoutingDecision, outcome: Any,
+                latency_ms: float | None) -> None:
+        raw = convert_to_openai_messages([answer])[0]
+        teacher_msg = Message.model_validate({k: v for k, v in raw.items() if v is not None})
+        um = answer.usage_metadata
+        usage = Usage(prompt_tokens=um["input_tokens"], completion_tokens=um["output_tokens"],
+                      total_tokens=um["total_tokens"]) if um else None
+        self.engine().record_escalation(request, teacher_msg, decision, outcome, usage=usage,
+                                        model=self._teacher_name(), latency_ms=latency_ms)
+
+    # -- generation -------------------------------------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        decision, outcome = self._route(request)
+        if outcome is not None and outcome.ok:
+            message = self._specialist_message(request, decision, outcome)
+        else:
+            config = {"callbacks": run_manager.get_child()} if run_manager else {}
+            answer = self._teacher_runnable(kwargs).invoke(messages, config=config, stop=stop or self.stop)
+            message = self._finish_teacher(request, answer, decision, outcome)
+        return ChatResult(generations=[ChatGeneration(message=message)],
+                          llm_output={"aad_route": decision.model_dump(), "model_name": self.model_name})
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        decision, outcome = await asyncio.to_thread(self._route, request)
+        if outcome is not None and outcome.ok:
+            message = self._specialist_message(request, decision, outcome)
+        else:
+            config = {"callbacks": run_manager.get_child()} if run_manager else {}
+            answer = await self._teacher_runnable(kwargs).ainvoke(messages, config=config, stop=stop or self.stop)
+            message = await asyncio.to_thread(self._finish_teacher, request, answer, decision, outcome)
+        return ChatResult(generations=[ChatGeneration(message=message)],
+                          llm_output={"aad_route": decision.model_dump(), "model_name": self.model_name})
+
+    def _specialist_chunk(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> ChatGenerationChunk:
+        full = self._specialist_message(request, decision, outcome)
+        chunk = AIMessageChunk(
+            content=full.content,
+            tool_call_chunks=[{"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc["id"], "index": i,
+                               "type": "tool_call_chunk"} for i, tc in enumerate(full.tool_calls)],
+            usage_metadata=full.usage_metadata, response_metadata=full.response_metadata, chunk_position="last",
+        )
+        return ChatGenerationChunk(message=chunk)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        decision, outcome = self._route(request)
+        if outcome is not None and outcome.ok:
+            chunk = self._specialist_chunk(request, decision, outcome)
+            if run_manager:
+                run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+            yield chunk
+            return
+        config = {"callbacks": run_manager.get_child()} if run_manager else {}
+        collected: AIMessageChunk | None = None
+        first = True
+        for part in self._teacher_runnable(kwargs).stream(messages, config=config, stop=stop or self.stop):
+            if not isinstance(part, AIMessageChunk):
+                part = AIMessageChunk(content=part.content)
+            collected = part if collected is None else collected + part
+            if first:
+                part = part.model_copy(update={"response_metadata": {**part.response_metadata,
+                                                                     "aad_route": decision.model_dump()}})
+                first = False
+            gen = ChatGenerationChunk(message=part)
+            if run_manager:
+                run_manager.on_llm_new_token(str(part.content) if isinstance(part.content, str) else "", chunk=gen)
+            yield gen
+        final = self._finish_teacher(request, AIMessage(**(collected.model_dump(exclude={"type", "tool_call_chunks",
+                                                           "chunk_position"}) if collected else {"content": ""})),
+                                     decision, outcome)
+        if collected is None or collected.usage_metadata is None:
+            yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=final.usage_metadata,
+                                                             chunk_position="last"))
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        decision, outcome = await asyncio.to_thread(self._route, request)
+        if outcome is not None and outcome.ok:
+            chunk = self._specialist_chunk(request, decision, outcome)
+            if run_manager:
+                await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+            yield chunk
+            return
+        config = {"callbacks": run_manager.get_child()} if run_manager else {}
+        collected: AIMessageChunk | None = None
+        first = True
+        async for part in self._teacher_runnable(kwargs).astream(messages, config=config, stop=stop or self.stop):
+            if not isinstance(part, AIMessageChunk):
+                part = AIMessageChunk(content=part.content)
+            collected = part if collected is None else collected + part
+            if first:
+                part = part.model_copy(update={"response_metadata": {**part.response_metadata,
+                                                                     "aad_route": decision.model_dump()}})
+                first = False
+            gen = ChatGenerationChunk(message=part)
+            if run_manager:
+                await run_manager.on_llm_new_token(str(part.content) if isinstance(part.content, str) else "", chunk=gen)
+            yield gen
+        final_in = AIMessage(**(collected.model_dump(exclude={"type", "tool_call_chunks", "chunk_position"})
+                                if collected else {"content": ""}))
+        final = await asyncio.to_thread(self._finish_teacher, request, final_in, decision, outcome)
+        if collected is None or collected.usage_metadata is None:
+            yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=final.usage_metadata,
+                                                             chunk_position="last"))
