@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -91,6 +92,12 @@ def triage_records(n: int, seed: int) -> list[DemoRecord]:
             for t in generate_tickets(n, seed)]
 
 
+def openai_name(name: str) -> str:
+    """OpenAI function names allow ``[a-zA-Z0-9_-]`` only; BFCL names like ``uber.ride`` become ``uber_ride``
+    (what BFCL itself does for OpenAI models)."""
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", name)
+
+
 def _openai_tool(fn: dict[str, Any]) -> dict[str, Any]:
     def fix(schema: Any) -> Any:
         if isinstance(schema, dict):
@@ -103,7 +110,7 @@ def _openai_tool(fn: dict[str, Any]) -> dict[str, Any]:
             return [fix(x) for x in schema]
         return schema
 
-    return {"type": "function", "function": {"name": fn["name"], "description": fn.get("description", ""),
+    return {"type": "function", "function": {"name": openai_name(fn["name"]), "description": fn.get("description", ""),
                                              "parameters": fix(fn.get("parameters", {"type": "object", "properties": {}}))}}
 
 
@@ -112,6 +119,7 @@ def _gold_call(ground_truth: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
     if not ground_truth or len(ground_truth) != 1:
         return None
     (name, options), = ground_truth[0].items()
+    name = openai_name(name)
     args = {k: v[0] for k, v in options.items() if isinstance(v, list) and v and v[0] != ""}
     return name, args
 

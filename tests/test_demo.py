@@ -1,0 +1,100 @@
+"""The demo workload builder: nodes, OpenAI format, valid tool calls, determinism, attribution."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from aad_core.config import load_config
+from aad_core.demo import ATTRIBUTION, build_traces, create_demo_workspace, demo_config_toml
+from aad_core.demo.agentdojo_tasks import load_tasks, load_tool_schemas
+from aad_core.demo.generated import generate_tickets
+from aad_core.ingest import parse_openai_chat
+
+SMALL = {"intent": 12, "triage": 10, "tool_call": 8, "no_tool": 6, "sql": 7, "plan": 9}
+
+
+@pytest.fixture(autouse=True)
+def _shared_data(shared_dir, monkeypatch):
+    monkeypatch.setenv("AAD_DEMO_DATA", str(shared_dir / "data"))
+
+
+def test_every_node_has_its_requested_size_and_parses_as_openai_chat():
+    records = build_traces(seed=0, sizes=SMALL)
+    assert Counter(r["task"] for r in records) == Counter(SMALL)
+    for rec in records:
+        trace = parse_openai_chat(rec)
+        assert trace.source == "demo" and trace.task in SMALL
+        assert trace.request.messages[0].role == "system" and trace.request.messages[1].role == "user"
+        assert trace.usage is not None and trace.usage.total_tokens == trace.usage.prompt_tokens + trace.usage.completion_tokens
+        assert trace.latency_ms > 0 and trace.cost > 0
+        assert rec["metadata"]["attribution"] == ATTRIBUTION[trace.task]
+
+
+def test_tool_calls_are_valid_json_and_name_a_bound_tool():
+    records = build_traces(seed=1, sizes=SMALL)
+    with_calls = [r for r in records if r["task"] in ("tool_call", "plan")]
+    assert with_calls
+    for rec in with_calls:
+        message = rec["response"]["choices"][0]["message"]
+        bound = {t["function"]["name"] for t in rec["request"]["tools"]}
+        assert message["tool_calls"], rec["task"]
+        for call in message["tool_calls"]:
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+            assert call["function"]["name"] in bound
+            assert re.fullmatch(r"[a-zA-Z0-9_-]+", call["function"]["name"])
+        for tool in rec["request"]["tools"]:
+            assert tool["type"] == "function" and tool["function"]["parameters"]["type"] == "object"
+    # irrelevance items: tools are bound but the teacher calls none of them
+    for rec in (r for r in records if r["task"] == "no_tool"):
+        assert rec["request"]["tools"] and "tool_calls" not in rec["response"]["choices"][0]["message"]
+
+
+def test_plan_tasks_are_multi_step_agentdojo_solutions():
+    tasks = load_tasks()
+    assert len(tasks) >= 80 and {t.suite for t in tasks} == {"banking", "slack", "travel", "workspace"}
+    assert sum(len(t.calls) >= 2 for t in tasks) >= 40
+    schemas = load_tool_schemas()
+    assert all(name in schemas for t in tasks for name, _ in t.calls)
+    first = next(t for t in tasks if t.task_id == "banking/UserTask0")
+    assert [n for n, _ in first.calls] == ["read_file", "send_money"]
+    assert first.calls[1][1]["recipient"] == "UK12345678901234567890"
+
+
+def test_same_seed_same_workload_other_seed_differs():
+    a, b, c = build_traces(3, SMALL), build_traces(3, SMALL), build_traces(4, SMALL)
+    assert a == b
+    assert a != c
+    assert generate_tickets(5, 0)[0].answer == generate_tickets(5, 0)[0].answer
+
+
+def test_demo_config_is_valid_and_carries_the_demo_values(tmp_path):
+    path = tmp_path / "aad.toml"
+    path.write_text(demo_config_toml({("train", "max_steps"): 3}), encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.train.max_steps == 3 and cfg.train.batch_size == 8 and cfg.eval.max_heldout == 16
+
+
+def test_demo_workspace_is_ingested_idempotently_with_attribution(tmp_path):
+    ws = create_demo_workspace(tmp_path / "demo", sizes=SMALL, redact=False)
+    with ws.store() as store:
+        stats = store.stats()
+    assert stats["traces"] == sum(SMALL.values())
+    assert stats["by_task"] == SMALL
+    readme = (ws.root / "README.md").read_text(encoding="utf-8")
+    for needle in ("CC-BY-4.0", "banking77", "Apache-2.0", "AgentDojo", "MIT", "generated"):
+        assert needle in readme
+    create_demo_workspace(tmp_path / "demo", sizes=SMALL, redact=False)  # again: nothing added
+    with ws.store() as store:
+        assert store.count() == sum(SMALL.values())
+
+
+def test_refuses_a_folder_that_is_not_a_workspace(tmp_path):
+    (tmp_path / "other.txt").write_text("x")
+    from aad_core.errors import WorkspaceError
+
+    with pytest.raises(WorkspaceError, match="not an aad workspace"):
+        create_demo_workspace(tmp_path, sizes=SMALL, redact=False)
