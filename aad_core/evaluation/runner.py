@@ -156,10 +156,16 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from aad_core.errors import StageError
+
+    cfg = ws.config
+    if not ws.state_path("clusters.json").exists():
+        raise StageError(
+            f"{ws.state_path('clusters.json')} does not exist yet: there are no task clusters to evaluate.",
+            hint="Run 'aad cluster' then 'aad train' (or 'aad distill' for every stage).",
+        )
     from aad_core.pipeline.cluster import load_clusters
     from aad_core.specialists import SpecialistRegistry
 
-    cfg = ws.config
     state = load_clusters(ws)
     registry = SpecialistRegistry(ws)
     latest = {c.id: registry.latest(c.id) for c in state.clusters}

@@ -1,0 +1,343 @@
+"""``aad report``: one self-contained HTML file (plots as base64 PNG, no external links or scripts)
+built from the stages' artifacts in ``.aad/state/``. A stage that has not run yet shows what to run."""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import sqlite3
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aad_core.report import plots
+
+if TYPE_CHECKING:
+    from aad_core.workspace import Workspace
+
+_LIBS = ("torch", "transformers", "peft", "sentence-transformers", "scikit-learn", "sqlglot", "matplotlib")
+_BANKING77 = ("banking77: Casanueva et al. 2020, \u201cEfficient Intent Detection with Dual Sentence Encoders\u201d, "
+              "PolyAI-LDN/task-specific-datasets, licensed CC-BY-4.0")
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{border:1px solid #ddd;padding:.35rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.yes{color:#1a7f37;font-weight:600}.no{color:#b35900}.muted{color:#777}.todo{background:#fff8e1;border-left:4px solid #f0b400;padding:.6rem .9rem}
+.note{background:#f6f8fa;border-left:4px solid #8c8c8c;padding:.6rem .9rem}
+img{max-width:100%;height:auto;border:1px solid #eee}pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;font-size:.8rem}
+.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem;min-width:10rem}
+.card b{display:block;font-size:1.5rem}code{background:#f0f0f0;padding:0 .2rem}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _todo(command: str, what: str) -> str:
+    return f'<p class="todo">Not run yet: {_e(what)}. Run <code>{_e(command)}</code>.</p>'
+
+
+def _num(value: Any, fmt: str = "{:.3f}") -> str:
+    if value is None:
+        return '<span class="muted">n/a</span>'
+    try:
+        return _e(fmt.format(value))
+    except (TypeError, ValueError):
+        return _e(value)
+
+
+def _state(ws: Workspace, name: str) -> dict[str, Any] | None:
+    path = ws.state_path(name)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _attributions(ws: Workspace) -> list[str]:
+    """Distinct data attributions recorded on the traces (and banking77's, when its data is used)."""
+    if not ws.db_path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"{ws.db_path.as_uri()}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT DISTINCT json_extract(data, '$.metadata.attribution'), "
+                "json_extract(data, '$.metadata.gold_source') FROM traces"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+    lines = sorted({str(a) for a, _ in rows if a})
+    uses_banking77 = any("banking77" in f"{a} {g}".lower() for a, g in rows)
+    if uses_banking77 and not any("cc-by" in line.lower() and "banking77" in line.lower() for line in lines):
+        lines.insert(0, _BANKING77)
+    return lines
+
+
+def _trace_count(ws: Workspace) -> int | None:
+    if not ws.db_path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{ws.db_path.as_uri()}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
+def _header(ws: Workspace, counts: dict[str, Any]) -> str:
+    from aad_core import __version__
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cards = "".join(
+        f'<div class="card">{_e(label)}<b>{_e(value if value is not None else "n/a")}</b></div>'
+        for label, value in counts.items()
+    )
+    return (
+        f"<h1>aad report</h1><p class=\"muted\">Workspace <code>{_e(ws.root)}</code> &middot; generated {_e(stamp)} "
+        f"&middot; aad {_e(__version__)} &middot; seed {_e(ws.config.seed)}</p><div class=\"cards\">{cards}</div>"
+    )
+
+
+def _clusters_section(ws: Workspace, clusters: dict[str, Any] | None) -> str:
+    out = ["<h2>Task clusters</h2>"]
+    if clusters is None:
+        return out[0] + _todo("aad cluster", "task discovery")
+    png = ws.state_path("cluster_map.png")
+    if png.exists():
+        out.append(_img(plots.png_file(png), "cluster map"))
+    items = clusters.get("clusters") or []
+    if items:
+        out.append(_img(plots.cluster_overview(items, ws.config.cluster.variance_threshold), "cluster size vs variance"))
+    dropped = clusters.get("dropped")
+    if dropped:
+        n = len(dropped) if isinstance(dropped, (list, dict)) else dropped
+        out.append(f"<p class=\"muted\">Dropped during curation (duplicates, errors): {_e(n)}.</p>")
+    return "".join(out)
+
+
+def _cluster_table(clusters: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> str:
+    out = ["<h2>Per-cluster results</h2>"]
+    if clusters is None and evaluation is None:
+        return out[0] + _todo("aad cluster", "task discovery")
+    by_id = {r["cluster_id"]: r for r in (evaluation or {}).get("clusters", [])}
+    items = (clusters or {}).get("clusters") or [
+        {"id": r["cluster_id"], "label": r.get("label"), "size": r.get("size"), "routine": r.get("routine"),
+         "task": r.get("task")} for r in by_id.values()
+    ]
+    if evaluation is None:
+        out.append(_todo("aad eval", "evaluation of the specialists"))
+    else:
+        out.append(f'<p class="note">{_e(evaluation.get("teacher_score_note", ""))} A specialist is promoted only '
+                   f'when its score reaches {_e(format(evaluation.get("parity", 0.95), ".0%"))} of the teacher\'s '
+                   "and beats the base student. Scores are agreement with the teacher on each cluster's held-out "
+                   "split; the <em>semantic</em> metric (embedding similarity) is the weakest and is marked with *.</p>")
+    head = ("<tr><th>cluster</th><th>label</th><th>task</th><th class=num>size</th><th>routine</th><th>metric</th>"
+            "<th class=num>base student</th><th class=num>specialist</th><th class=num>teacher</th><th>promoted</th>"
+            "<th>reason</th></tr>")
+    rows = []
+    for c in items:
+        r = by_id.get(c.get("id"), {})
+        evaluated = r.get("status") == "evaluated"
+        metric = (r.get("metric") or "") + ("*" if r.get("weakest_metric") else "")
+        promoted = ('<span class="yes">yes</span>' if r.get("promoted") else '<span class="no">no</span>') if r else ""
+        rows.append(
+            f"<tr><td>{_e(c.get('id'))}</td><td>{_e(c.get('label'))}</td><td>{_e(c.get('task') or '')}</td>"
+            f"<td class=num>{_e(c.get('size'))}</td><td>{'yes' if c.get('routine') else 'no'}</td>"
+            f"<td>{_e(metric)}</td>"
+            f"<td class=num>{_num(r['base']['score']) if evaluated else ''}</td>"
+            f"<td class=num>{_num(r['specialist']['score']) if evaluated else ''}</td>"
+            f"<td class=num>{_num(r['teacher']['score']) if evaluated else ''}</td>"
+            f"<td>{promoted}</td><td>{_e(r.get('reason', ''))}</td></tr>"
+        )
+    out.append(f"<table>{head}{''.join(rows)}</table>")
+    evaluated_rows = [r for r in by_id.values() if r.get("status") == "evaluated"]
+    if evaluated_rows:
+        out.append(_img(plots.score_bars(evaluated_rows, float(evaluation.get("parity", 0.95))), "held-out scores"))
+        out.append(_examples(evaluated_rows))
+    return "".join(out)
+
+
+def _examples(rows: list[dict[str, Any]]) -> str:
+    parts = ["<details><summary>Example held-out answers</summary>"]
+    for r in rows:
+        parts.append(f"<h3>Cluster {_e(r['cluster_id'])}: {_e(r.get('label'))}</h3><table>"
+                     "<tr><th>request</th><th>teacher</th><th>base student</th><th>specialist</th></tr>")
+        for ex in r.get("examples", []):
+            mark = '<span class="yes">&#10003;</span>' if ex.get("specialist_correct") else '<span class="no">&#10007;</span>'
+            parts.append(f"<tr><td>{_e(ex.get('request'))}</td><td>{_e(ex.get('teacher'))}</td>"
+                         f"<td>{_e(ex.get('base'))}</td><td>{mark} {_e(ex.get('specialist'))}</td></tr>")
+        parts.append("</table>")
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def _selection_section(curve: dict[str, Any] | None) -> str:
+    out = ["<h2>Data selection: KL + uncertainty vs random</h2>"]
+    if not curve or not curve.get("budgets"):
+        return out[0] + _todo("python benchmarks/selection_vs_random.py", "the selection experiment")
+    budgets = curve["budgets"]
+    curves = {k: curve[k] for k in ("kl_uncertainty", "random") if isinstance(curve.get(k), list)}
+    if not curves:
+        return out[0] + _todo("python benchmarks/selection_vs_random.py", "the selection experiment")
+    out.append(_img(plots.learning_curves(budgets, curves), "selection learning curves"))
+    ratio = curve.get("ratio")
+    if ratio is None and "kl_uncertainty" in curves and "random" in curves:
+        from aad_core.evaluation.curves import sample_ratio
+
+        at = curve.get("ratio_at", budgets[len(budgets) // 2])
+        if at in budgets:
+            ratio = sample_ratio(budgets, curves["kl_uncertainty"], curves["random"], at)
+    if ratio is not None:
+        out.append(f"<p>Random selection needs <b>{_num(ratio, '{:.1f}')}&times;</b> the samples to match the accuracy "
+                   "KL + uncertainty selection reaches (the seed paper reports about 4&times;).</p>")
+    if curve.get("dataset"):
+        out.append(f"<p class=\"muted\">Data: {_e(curve['dataset'])}</p>")
+    return "".join(out)
+
+
+def _router_section(router_eval: dict[str, Any] | None) -> str:
+    out = ["<h2>Router</h2>"]
+    if not router_eval or "matrix" not in router_eval:
+        return out[0] + _todo("aad distill", "router calibration")
+    rows = router_eval.get("labels", ["routine", "complex"])
+    cols = router_eval.get("targets", ["specialist", "teacher"])
+    out.append(_img(plots.confusion(router_eval["matrix"], rows, cols, "Held-out routing (promoted specialists)"),
+                    "router confusion matrix"))
+    alt = router_eval.get("if_all_routine_served")
+    if isinstance(alt, dict) and "matrix" in alt:
+        out.append(_img(plots.confusion(alt["matrix"], rows, cols, "If every routine cluster were served"),
+                        "router confusion matrix, all routine clusters served"))
+    out.append(f"<p>Accuracy {_num(router_eval.get('accuracy'))} &middot; routine recall "
+               f"{_num(router_eval.get('routine_recall'))} &middot; complex kept with the teacher "
+               f"{_num(router_eval.get('complex_recall'))} &middot; n = {_e(router_eval.get('n'))}. Rows: requests of "
+               "served (routine) clusters vs everything else; a routine request sent to another cluster's "
+               "specialist counts as wrong.</p>")
+    return "".join(out)
+
+
+def _latency_cost_section(evaluation: dict[str, Any] | None) -> str:
+    out = ["<h2>Latency and cost</h2>"]
+    rows = [r for r in (evaluation or {}).get("clusters", []) if r.get("status") == "evaluated"]
+    if not rows:
+        return out[0] + _todo("aad eval", "evaluation of the specialists")
+    out.append(_img(plots.latency_cost_bars(rows), "latency and cost"))
+    head = ("<tr><th>cluster</th><th class=num>specialist p50 / p95 ms</th><th class=num>teacher p50 / p95 ms</th>"
+            "<th class=num>specialist USD/1M tok</th><th class=num>teacher USD/1M tok</th></tr>")
+    body = "".join(
+        f"<tr><td>{_e(r['cluster_id'])}</td>"
+        f"<td class=num>{_num(r['latency']['specialist'].get('p50_ms'), '{:.0f}')} / "
+        f"{_num(r['latency']['specialist'].get('p95_ms'), '{:.0f}')}</td>"
+        f"<td class=num>{_num(r['latency']['teacher'].get('p50_ms'), '{:.0f}')} / "
+        f"{_num(r['latency']['teacher'].get('p95_ms'), '{:.0f}')}</td>"
+        f"<td class=num>{_num(r['cost'].get('specialist_per_mtok'), '{:.4f}')}</td>"
+        f"<td class=num>{_num(r['cost'].get('teacher_per_mtok'), '{:.2f}')}</td></tr>"
+        for r in rows
+    )
+    out.append(f"<table>{head}{body}</table>")
+    out.append(
+        f"<p class=\"muted\">Specialist latency measured on this machine ({_e(platform.machine())}, "
+        f"{_e(platform.processor() or platform.system())}) while generating the held-out answers; teacher latency "
+        "from the recorded traces. Specialist cost = hardware price per hour "
+        f"(USD {_e(evaluation.get('hardware_price_per_hour'))}) &times; measured generation time &divide; tokens "
+        f"processed (prompt + answer); teacher cost = configured price (USD {_e(evaluation.get('teacher_price_per_mtok'))} "
+        "per 1M tokens).</p>"
+    )
+    return "".join(out)
+
+
+def _replaceability_section(clusters: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> str:
+    out = ["<h2>Replaceability estimate</h2>"]
+    rep = (clusters or {}).get("replaceability")
+    if not isinstance(rep, dict):
+        return out[0] + _todo("aad cluster", "task discovery")
+    shares: dict[str, dict[str, float]] = {
+        "routine clusters (upper bound)": {k: float(rep.get(k) or 0.0) for k in ("calls", "tokens", "cost")}
+    }
+    promoted = {r["cluster_id"] for r in (evaluation or {}).get("clusters", []) if r.get("promoted")}
+    if evaluation is not None:
+        items = (clusters or {}).get("clusters") or []
+        shares["promoted specialists"] = {
+            m: sum(float(c.get(f"share_{m}") or 0.0) for c in items if c.get("id") in promoted)
+            for m in ("calls", "tokens", "cost")
+        }
+    out.append(_img(plots.share_bars(shares), "replaceability"))
+    lines = "".join(
+        f"<li>{_e(name)}: {_num(v['calls'], '{:.0%}')} of calls, {_num(v['tokens'], '{:.0%}')} of tokens, "
+        f"{_num(v['cost'], '{:.0%}')} of cost</li>"
+        for name, v in shares.items()
+    )
+    out.append(f"<ul>{lines}</ul>")
+    if evaluation is None:
+        out.append(_todo("aad eval", "the parity gate (which routine clusters actually get a specialist)"))
+    return "".join(out)
+
+
+def _footer(ws: Workspace, attributions: list[str]) -> str:
+    versions = {"python": platform.python_version(), **{lib: _version(lib) for lib in _LIBS}}
+    vtext = " &middot; ".join(f"{_e(k)} {_e(v)}" for k, v in versions.items() if v)
+    config = json.dumps(ws.config.model_dump(mode="json"), indent=2)
+    out = [f"<h2>Reproducibility</h2><p>{vtext}</p><p>seed {_e(ws.config.seed)}</p>",
+           f"<details><summary>Configuration</summary><pre>{_e(config)}</pre></details>"]
+    if attributions:
+        out.append("<h2>Data attribution</h2><ul>" + "".join(f"<li>{_e(a)}</li>" for a in attributions) + "</ul>")
+    return "".join(out)
+
+
+def render_report(ws: Workspace) -> str:
+    """The report as an HTML string, from whatever artifacts exist."""
+    clusters = _state(ws, "clusters.json")
+    evaluation = _state(ws, "eval.json")
+    summary = (evaluation or {}).get("summary", {})
+    counts = {
+        "traces": _trace_count(ws),
+        "clusters": len((clusters or {}).get("clusters") or []) if clusters else None,
+        "routine": sum(bool(c.get("routine")) for c in (clusters or {}).get("clusters") or []) if clusters else None,
+        "specialists evaluated": summary.get("evaluated"),
+        "promoted": summary.get("promoted"),
+    }
+    body = "".join([
+        _header(ws, counts),
+        _clusters_section(ws, clusters),
+        _cluster_table(clusters, evaluation),
+        _selection_section(_state(ws, "selection_curve.json")),
+        _router_section(_state(ws, "router_eval.json")),
+        _latency_cost_section(evaluation),
+        _replaceability_section(clusters, evaluation),
+        _footer(ws, _attributions(ws)),
+    ])
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>aad report</title>"
+            f"<style>{_CSS}</style></head><body>{body}</body></html>")
+
+
+def write_report(ws: Workspace) -> Path:
+    """Write ``.aad/report.html`` and return its path."""
+    path = ws.report_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(render_report(ws), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,163 @@
+"""The report's plots: matplotlib (Agg) figures returned as base64 PNG strings."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import Any
+
+_BLUE, _ORANGE, _GREEN, _GREY, _RED = "#4C72B0", "#DD8452", "#55A868", "#8C8C8C", "#C44E52"
+
+
+def _figure(width: float = 7.5, height: float = 3.6) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    return fig, ax
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def png_file(path: Any) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def cluster_overview(clusters: Sequence[dict[str, Any]], variance_threshold: float | None) -> str:
+    """Size vs variance per cluster; routine clusters in green, the tau line dashed."""
+    fig, ax = _figure()
+    for c in clusters:
+        color = _GREEN if c.get("routine") else _GREY
+        ax.scatter(c.get("variance", 0.0), c.get("size", 0), s=40 + 4 * min(c.get("size", 0), 400) ** 0.8,
+                   color=color, alpha=0.6, edgecolor="black", linewidth=0.5)
+        ax.annotate(str(c.get("id")), (c.get("variance", 0.0), c.get("size", 0)), ha="center", va="center", fontsize=8)
+    if variance_threshold is not None:
+        ax.axvline(variance_threshold, color=_RED, linestyle="--", linewidth=1, label=f"tau = {variance_threshold:g}")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("variance (mean squared distance to centroid)")
+    ax.set_ylabel("traces in cluster")
+    ax.set_title("Task clusters (green = routine)")
+    return _png(fig)
+
+
+def score_bars(rows: Sequence[dict[str, Any]], parity: float) -> str:
+    """Base student vs specialist vs teacher per evaluated cluster, with the parity target."""
+    import numpy as np
+
+    fig, ax = _figure(width=max(6.0, 1.3 * len(rows) + 2))
+    x = np.arange(len(rows))
+    w = 0.26
+    base = [r["base"]["score"] for r in rows]
+    spec = [r["specialist"]["score"] for r in rows]
+    teacher = [r["teacher"]["score"] for r in rows]
+    ax.bar(x - w, base, w, label="base student", color=_GREY)
+    ax.bar(x, spec, w, label="specialist", color=[_GREEN if r["promoted"] else _ORANGE for r in rows])
+    ax.bar(x + w, teacher, w, label="teacher", color=_BLUE)
+    for i, r in enumerate(rows):
+        ax.hlines(r.get("parity_target", parity * r["teacher"]["score"]), i - 1.5 * w, i + 1.5 * w, colors=_RED,
+                  linestyles="--", linewidth=1)
+    ax.set_xticks(x, [f"{r['cluster_id']}: {r['metric']}" for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out score")
+    ax.set_title(f"Held-out score (dashed: parity target = {parity:.0%} of teacher; green = promoted)")
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def learning_curves(budgets: Sequence[float], curves: dict[str, Sequence[float]]) -> str:
+    fig, ax = _figure()
+    colors = [_GREEN, _GREY, _BLUE, _ORANGE]
+    for (name, values), color in zip(curves.items(), colors):
+        ax.plot(list(budgets), list(values), marker="o", label=name, color=color)
+    ax.set_xlabel("training samples (budget)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Selection: KL + uncertainty vs random")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def confusion(matrix: Sequence[Sequence[int]], rows: Sequence[str], cols: Sequence[str], title: str) -> str:
+    import numpy as np
+
+    fig, ax = _figure(width=4.6, height=3.6)
+    m = np.asarray(matrix, dtype=float)
+    ax.imshow(m, cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=12)
+    ax.set_xticks(range(len(cols)), [f"to {c}" for c in cols])
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xlabel("routed")
+    ax.set_ylabel("request")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def latency_cost_bars(rows: Sequence[dict[str, Any]]) -> str:
+    """Left: p50/p95 latency, specialist vs teacher. Right: USD per 1M tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(rows) + 4), 3.6), dpi=110)
+    x = np.arange(len(rows))
+    w = 0.2
+    labels = [str(r["cluster_id"]) for r in rows]
+
+    def lat(r: dict[str, Any], who: str, key: str) -> float:
+        return float(r["latency"][who].get(key) or 0.0)
+
+    ax1.bar(x - 1.5 * w, [lat(r, "specialist", "p50_ms") for r in rows], w, label="specialist p50", color=_GREEN)
+    ax1.bar(x - 0.5 * w, [lat(r, "specialist", "p95_ms") for r in rows], w, label="specialist p95", color=_GREEN, alpha=0.5)
+    ax1.bar(x + 0.5 * w, [lat(r, "teacher", "p50_ms") for r in rows], w, label="teacher p50", color=_BLUE)
+    ax1.bar(x + 1.5 * w, [lat(r, "teacher", "p95_ms") for r in rows], w, label="teacher p95", color=_BLUE, alpha=0.5)
+    ax1.set_xticks(x, labels)
+    ax1.set_xlabel("cluster")
+    ax1.set_ylabel("latency (ms)")
+    ax1.set_title("Latency per request")
+    ax1.legend(fontsize=7)
+
+    teacher = [float(r["cost"].get("teacher_per_mtok") or 0.0) for r in rows]
+    spec = [float(r["cost"].get("specialist_per_mtok") or 0.0) for r in rows]
+    ax2.bar(x - w / 2, spec, w, label="specialist", color=_GREEN)
+    ax2.bar(x + w / 2, teacher, w, label="teacher", color=_BLUE)
+    ax2.set_xticks(x, labels)
+    ax2.set_xlabel("cluster")
+    ax2.set_ylabel("USD per 1M tokens")
+    ax2.set_title("Cost per 1M tokens")
+    ax2.legend(fontsize=7)
+    return _png(fig)
+
+
+def share_bars(shares: dict[str, dict[str, float]]) -> str:
+    """Replaceability: share of calls / tokens / cost, per scenario."""
+    import numpy as np
+
+    fig, ax = _figure(width=6.5, height=3.2)
+    metrics = ["calls", "tokens", "cost"]
+    x = np.arange(len(metrics))
+    w = 0.8 / max(1, len(shares))
+    for k, ((name, vals), color) in enumerate(zip(shares.items(), [_GREEN, _ORANGE, _BLUE])):
+        ax.bar(x + (k - (len(shares) - 1) / 2) * w, [float(vals.get(m) or 0.0) for m in metrics], w,
+               label=name, color=color)
+    ax.set_xticks(x, [f"share of {m}" for m in metrics])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share")
+    ax.set_title("Replaceability: traffic a specialist can take")
+    ax.legend(fontsize=8)
+    return _png(fig)
