@@ -224,6 +224,17 @@ class RoutingEngine:
                               tool_calls=calls or None)
         return out
 
+    def attempt(self, request: ChatRequest) -> tuple[RoutingDecision, SpecialistOutcome | None]:
+        """Decide and, for a specialist decision, try it. Returns (decision, outcome): ``outcome`` is
+        None when the router chose the teacher; on a failed check the decision is marked escalated."""
+        decision = self.decide([request])[0]
+        if decision.target != "specialist":
+            return decision, None
+        outcome = self.try_specialist(request, decision)
+        if outcome.ok:
+            return decision, outcome
+        return self.escalated_decision(decision, outcome), outcome
+
     def escalated_decision(self, decision: RoutingDecision, outcome: SpecialistOutcome) -> RoutingDecision:
         return decision.model_copy(update={"target": "teacher", "escalated": True,
                                            "reason": f"escalated: {outcome.reason}"})
@@ -272,14 +283,10 @@ class RoutingEngine:
         """Route one request end to end and return the answer the user should get."""
         teacher_call = teacher_call or self.teacher_call
         start = time.perf_counter()
-        decision = self.decide([request])[0]
-        outcome: SpecialistOutcome | None = None
-        if decision.target == "specialist":
-            outcome = self.try_specialist(request, decision)
-            if outcome.ok and outcome.message is not None:
-                return RoutedAnswer(outcome.message, decision, outcome.usage or Usage(), model=decision.specialist or "",
-                                    latency_ms=(time.perf_counter() - start) * 1000)
-            decision = self.escalated_decision(decision, outcome)
+        decision, outcome = self.attempt(request)
+        if outcome is not None and outcome.ok and outcome.message is not None:
+            return RoutedAnswer(outcome.message, decision, outcome.usage or Usage(), model=decision.specialist or "",
+                                latency_ms=(time.perf_counter() - start) * 1000)
         if teacher_call is None:
             raise AADError("This request needs the teacher, but the routing engine has no teacher_call.",
                            hint="Pass teacher_call= to RoutingEngine (or --teacher-url to 'aad serve').")

@@ -172,14 +172,7 @@ class RoutedChatModel(BaseChatModel):
 
     def _route(self, request: ChatRequest) -> tuple[RoutingDecision, Any]:
         """(decision, outcome): outcome is the successful or failed specialist attempt, or None."""
-        engine = self.engine()
-        decision = engine.decide([request])[0]
-        if decision.target != "specialist":
-            return decision, None
-        outcome = engine.try_specialist(request, decision)
-        if outcome.ok:
-            return decision, outcome
-        return engine.escalated_decision(decision, outcome), outcome
+        return self.engine().attempt(request)
 
     def _specialist_message(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> AIMessage:
         msg: Message = outcome.message

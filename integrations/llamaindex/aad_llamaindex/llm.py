@@ -1,0 +1,281 @@
+"""``RoutedLLM``: a drop-in LlamaIndex LLM that answers routine requests with the workspace's
+distilled specialists and everything else with the teacher.
+
+.. code-block:: python
+
+    from llama_index.llms.openai import OpenAI
+    from aad_llamaindex import RoutedLLM
+
+    llm = RoutedLLM(teacher=OpenAI(model="gpt-4o"), workspace="./my-agent")
+    resp = llm.chat([ChatMessage(role="user", content="Which intent is 'card not arrived'?")])
+    resp.additional_kwargs["aad_route"]  # target, cluster_id, specialist, similarity, threshold, reason
+
+A specialist's answer is only returned when it passes the validators and the confidence gate;
+otherwise the teacher answers and the case is recorded for retraining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
+                                              CompletionResponse, CompletionResponseAsyncGen, CompletionResponseGen,
+                                              LLMMetadata, MessageRole)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import LLM, ToolSelection
+from llama_index.core.tools import BaseTool
+
+from aad_core.schema import ChatRequest, FunctionCall, Message, RoutingDecision, ToolCall, Usage
+
+_ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
+          "function": "function", "chatbot": "assistant", "model": "assistant"}
+
+
+def _to_message(m: ChatMessage) -> Message:
+    role = _ROLES.get(str(m.role.value if isinstance(m.role, MessageRole) else m.role), "user")
+    calls = None
+    raw_calls = m.additional_kwargs.get("tool_calls")
+    if raw_calls:
+        calls = []
+        for c in raw_calls:
+            c = c if isinstance(c, dict) else c.model_dump() if hasattr(c, "model_dump") else dict(c)
+            fn = c.get("function", c)
+            args = fn.get("arguments", "{}")
+            calls.append(ToolCall(id=c.get("id"), function=FunctionCall(
+                name=fn.get("name", ""), arguments=args if isinstance(args, str) else json.dumps(args))))
+    return Message(role=role, content=m.content if (m.content or not calls) else None, tool_calls=calls,
+                   tool_call_id=m.additional_kwargs.get("tool_call_id"))
+
+
+def _tool_spec(tool: BaseTool) -> dict[str, Any]:
+    meta = tool.metadata
+    return {"type": "function", "function": {"name": meta.name, "description": meta.description,
+                                             "parameters": meta.get_parameters_dict()}}
+
+
+class RoutedLLM(FunctionCallingLLM):
+    """Routes each call to a distilled specialist or to ``teacher`` (any LlamaIndex LLM).
+
+    Every response carries ``additional_kwargs["aad_route"]`` (the routing decision) and
+    ``additional_kwargs["usage"]``.
+    """
+
+    teacher: LLM = Field(description="The LLM that answers everything a specialist should not.")
+    workspace: str | None = Field(default=None, description="The aad workspace folder (default: found from the cwd).")
+    model_name: str = Field(default="aad-routed", description="Name reported in metadata.")
+    timeout: float | None = Field(default=None, description="Seconds a specialist may take (default [route] timeout_s).")
+    max_tokens: int | None = Field(default=None, description="Most tokens a specialist may generate.")
+    routing_engine: Any = Field(default=None, exclude=True, description="A prebuilt RoutingEngine (tests, apps).")
+
+    _engine: Any = PrivateAttr(default=None)
+
+    def __init__(self, teacher: LLM, workspace: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(teacher=teacher, workspace=str(workspace) if workspace is not None else None, **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "AAD_RoutedLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        t = self.teacher.metadata
+        return LLMMetadata(context_window=t.context_window, num_output=self.max_tokens or t.num_output,
+                           is_chat_model=True, is_function_calling_model=True, model_name=self.model_name)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def engine(self) -> Any:
+        if self.routing_engine is not None:
+            return self.routing_engine
+        if self._engine is None:
+            from aad_core.routing.engine import RoutingEngine
+            from aad_core.workspace import Workspace
+
+            self._engine = RoutingEngine(Workspace.find(self.workspace), timeout_s=self.timeout,
+                                         teacher_model=self._teacher_name())
+        return self._engine
+
+    def _teacher_name(self) -> str:
+        try:
+            return self.teacher.metadata.model_name
+        except Exception:
+            return type(self.teacher).__name__
+
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatRequest:
+        params: dict[str, Any] = {"model": self.model_name}
+        if self.max_tokens:
+            params["max_tokens"] = self.max_tokens
+        if kwargs.get("tool_required"):
+            params["tool_choice"] = "required"
+        return ChatRequest(messages=[_to_message(m) for m in messages], tools=kwargs.get("tools") or None,
+                           params=params)
+
+    def _specialist_response(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> ChatResponse:
+        msg: Message = outcome.message
+        extra: dict[str, Any] = {}
+        if msg.tool_calls:
+            extra["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
+        prompt = max(1, sum(len(m.text()) for m in request.messages) // 4)
+        usage = {"prompt_tokens": prompt, "completion_tokens": outcome.usage.completion_tokens if outcome.usage else 0}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=msg.text(), additional_kwargs=extra),
+            raw={"model": decision.specialist, "mean_logprob": outcome.mean_logprob},
+            additional_kwargs={"aad_route": decision.model_dump(), "usage": usage},
+        )
+
+    def _teacher_call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        tools = kwargs.get("aad_tool_objects")
+        if tools and isinstance(self.teacher, FunctionCallingLLM):
+            return self.teacher.chat_with_tools(tools, chat_history=list(messages),
+                                                tool_required=bool(kwargs.get("tool_required")))
+        return self.teacher.chat(messages)
+
+    async def _ateacher_call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        tools = kwargs.get("aad_tool_objects")
+        if tools and isinstance(self.teacher, FunctionCallingLLM):
+            return await self.teacher.achat_with_tools(tools, chat_history=list(messages),
+                                                       tool_required=bool(kwargs.get("tool_required")))
+        return await self.teacher.achat(messages)
+
+    def _finish_teacher(self, request: ChatRequest, resp: ChatResponse, decision: RoutingDecision,
+                        outcome: Any) -> ChatResponse:
+        usage = resp.additional_kwargs.get("usage")
+        if usage is None and isinstance(resp.raw, dict) and isinstance(resp.raw.get("usage"), dict):
+            usage = resp.raw["usage"]
+        extra = {**resp.additional_kwargs, "aad_route": decision.model_dump()}
+        if usage is not None:
+            extra["usage"] = usage
+        resp = resp.model_copy(update={"additional_kwargs": extra})
+        if outcome is not None:
+            teacher_msg = _to_message(resp.message).model_copy(update={"role": "assistant"})
+            u = Usage.model_validate({k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                                      if k in usage}) if isinstance(usage, dict) else None
+            self.engine().record_escalation(request, teacher_msg, decision, outcome, usage=u,
+                                            model=self._teacher_name())
+        return resp
+
+    # -- chat -------------------------------------------------------------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        request = self._request(messages, kwargs)
+        decision, outcome = self.engine().attempt(request)
+        if outcome is not None and outcome.ok:
+            return self._specialist_response(request, decision, outcome)
+        return self._finish_teacher(request, self._teacher_call(messages, kwargs), decision, outcome)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        request = self._request(messages, kwargs)
+        decision, outcome = await asyncio.to_thread(self.engine().attempt, request)
+        if outcome is not None and outcome.ok:
+            return self._specialist_response(request, decision, outcome)
+        resp = await self._ateacher_call(messages, kwargs)
+        return await asyncio.to_thread(self._finish_teacher, request, resp, decision, outcome)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        request = self._request(messages, kwargs)
+        decision, outcome = self.engine().attempt(request)
+
+        def gen() -> ChatResponseGen:
+            if outcome is not None and outcome.ok:
+                resp = self._specialist_response(request, decision, outcome)
+                yield resp.model_copy(update={"delta": resp.message.content})
+                return
+            last: ChatResponse | None = None
+            if kwargs.get("aad_tool_objects") or not self.teacher.metadata.is_chat_model:
+                stream = iter([self._teacher_call(messages, kwargs)])
+            else:
+                stream = self.teacher.stream_chat(messages)
+            for part in stream:
+                last = part
+                yield part.model_copy(update={"additional_kwargs": {**part.additional_kwargs,
+                                                                    "aad_route": decision.model_dump()}})
+            if last is not None:
+                self._finish_teacher(request, last, decision, outcome)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        request = self._request(messages, kwargs)
+        decision, outcome = await asyncio.to_thread(self.engine().attempt, request)
+
+        async def gen() -> ChatResponseAsyncGen:
+            if outcome is not None and outcome.ok:
+                resp = self._specialist_response(request, decision, outcome)
+                yield resp.model_copy(update={"delta": resp.message.content})
+                return
+            last: ChatResponse | None = None
+            async for part in await self.teacher.astream_chat(messages):
+                last = part
+                yield part.model_copy(update={"additional_kwargs": {**part.additional_kwargs,
+                                                                    "aad_route": decision.model_dump()}})
+            if last is not None:
+                await asyncio.to_thread(self._finish_teacher, request, last, decision, outcome)
+
+        return gen()
+
+    # -- completion (a one-message chat) ----------------------------------------------------------
+    @staticmethod
+    def _as_completion(resp: ChatResponse, delta: str | None = None) -> CompletionResponse:
+        return CompletionResponse(text=resp.message.content or "", delta=delta, raw=resp.raw,
+                                  additional_kwargs=resp.additional_kwargs)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._as_completion(self.chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._as_completion(await self.achat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        parts = self.stream_chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
+        return (self._as_completion(p, p.delta) for p in parts)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        parts = await self.astream_chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            async for p in parts:
+                yield self._as_completion(p, p.delta)
+
+        return gen()
+
+    # -- tools ------------------------------------------------------------------------------------
+    def _prepare_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                                 chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 **kwargs: Any) -> dict[str, Any]:
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(user_msg if isinstance(user_msg, ChatMessage)
+                            else ChatMessage(role=MessageRole.USER, content=user_msg))
+        return {"messages": messages, "tools": [_tool_spec(t) for t in tools], "aad_tool_objects": list(tools),
+                "tool_required": tool_required, **kwargs}
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
+        route = response.additional_kwargs.get("aad_route") or {}
+        if route.get("target") == "teacher" and isinstance(self.teacher, FunctionCallingLLM):
+            return self.teacher.get_tool_calls_from_response(response, error_on_no_tool_call=error_on_no_tool_call,
+                                                             **kwargs)
+        calls = response.message.additional_kwargs.get("tool_calls") or []
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"Expected at least one tool call, got 0 (route: {route.get('reason', 'unknown')}).")
+        out = []
+        for c in calls:
+            fn = c.get("function", c)
+            args = fn.get("arguments", "{}")
+            out.append(ToolSelection(tool_id=c.get("id") or fn.get("name"), tool_name=fn.get("name"),
+                                     tool_kwargs=json.loads(args) if isinstance(args, str) else args))
+        return out
