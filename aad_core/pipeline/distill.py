@@ -1,8 +1,8 @@
 """``aad distill``: curate+cluster -> select -> train -> evaluate -> calibrate router -> report.
 
 Every stage is resumable. After a stage finishes, ``.aad/state/distill.json`` records a hash of its
-inputs (the config sections it reads, the seed, and the fingerprint of what the stage before it
-produced) and a fingerprint of its own output. On the next run a stage is skipped when both still
+inputs (the config sections it reads, the seed, the traces, and the fingerprints of what the stages
+before it produced) and a fingerprint of its own output. On the next run a stage is skipped when both still
 match: same inputs, and its artifact untouched since. Change ``[train]`` in ``aad.toml`` and
 distill redoes train, evaluate and route but keeps the clusters and the selection. ``force``
 redoes everything.
@@ -23,10 +23,10 @@ from aad_core.workspace import Workspace
 
 DISTILL_STATE = "distill.json"
 STAGES: tuple[str, ...] = ("cluster", "select", "train", "evaluate", "route")
-#: Config sections each stage reads (besides ``seed``).
+#: Config sections (or ``section.key``) each stage reads (besides ``seed``).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "cluster": ("capture", "embed", "cluster"),
-    "select": ("select", "train"),  # scoring uses the student named in [train]
+    "select": ("select", "train.student", "train.max_length"),  # scoring runs the [train] student
     "train": ("train",),
     "evaluate": ("eval",),
     "route": ("route", "eval"),
@@ -120,7 +120,11 @@ OUTPUTS: dict[str, Callable[[Workspace], str | None]] = {
 
 def input_hash(ws: Workspace, stage: str, upstream: str | None, profile: Profile) -> str:
     cfg = ws.config
-    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in STAGE_SECTIONS[stage]}
+    sections = {}
+    for name in STAGE_SECTIONS[stage]:
+        section, _, key = name.partition(".")
+        dumped = getattr(cfg, section).model_dump(mode="json")
+        sections[name] = dumped[key] if key else dumped
     extra = {"max_specialists": profile.max_specialists} if stage == "train" else {}
     return _sha({"stage": stage, "seed": cfg.seed, "config": sections, "upstream": upstream, **extra})
 
@@ -235,7 +239,8 @@ def run_distill(
         results.append(result)
         if on_stage:
             on_stage(result)
-        upstream = current_out
+        # a stage depends on every stage before it (route reads clusters and eval, for example)
+        upstream = _sha([upstream, current_out])
     if report:
         from aad_core.report import write_report
 

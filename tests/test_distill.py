@@ -1,0 +1,145 @@
+"""`aad distill`: stage resumption by input hash, --force, profiles.
+
+The orchestration tests swap the stage functions for small recorders (the stages themselves are
+tested in their own files); they write the same artifacts the real stages write, so the
+fingerprinting is exercised for real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aad_core.pipeline.distill import QUICK, STAGES, apply_profile, load_distill_state, run_distill
+from aad_core.workspace import Workspace
+from tests.conftest import make_trace
+
+
+def _recording_runners(calls: list[str]):
+    def cluster(ws: Workspace, profile, progress) -> str:
+        calls.append("cluster")
+        with ws.store() as store:
+            n = store.count()
+        ws.write_state("clusters.json", {"clusters": [{"id": 0, "routine": True, "size": n, "share_calls": 1.0}],
+                                         "k": ws.config.cluster.k})
+        return "1 cluster"
+
+    def select(ws, profile, progress):
+        calls.append("select")
+        ws.write_state("selection.json", {"fraction": ws.config.select.fraction,
+                                          "clusters": ws.read_state("clusters.json")["clusters"]})
+        return "selected"
+
+    def train(ws, profile, progress):
+        calls.append("train")
+        folder = ws.specialists_dir / "cluster-0" / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"r": ws.config.train.lora_r}))
+        (folder / "adapter_model.safetensors").write_bytes(b"w" * ws.config.train.lora_r)
+        return "trained"
+
+    def evaluate(ws, profile, progress):
+        calls.append("evaluate")
+        adapter = (ws.specialists_dir / "cluster-0" / "1" / "adapter_config.json").read_text()
+        ws.write_state("eval.json", {"clusters": [{"cluster_id": 0, "promoted": True}],
+                                     "n": ws.config.eval.max_heldout, "adapter": adapter})
+        return "evaluated"
+
+    def route(ws, profile, progress):
+        calls.append("route")
+        ws.write_state("router.json", {"q": ws.config.route.threshold_quantile, "eval": ws.read_state("eval.json")["n"]})
+        return "routed"
+
+    return {"cluster": cluster, "select": select, "train": train, "evaluate": evaluate, "route": route}
+
+
+@pytest.fixture
+def ws(workspace: Workspace) -> Workspace:
+    with workspace.store() as store:
+        store.add([make_trace(f"question {i}", f"answer {i}") for i in range(3)])
+    return workspace
+
+
+def _run(ws: Workspace, calls: list[str], **kw):
+    fresh = Workspace(ws.root)  # a new process would re-read aad.toml
+    return run_distill(fresh, runners=_recording_runners(calls), report=False, show_progress=False, **kw)
+
+
+def test_second_run_skips_every_up_to_date_stage(ws):
+    calls: list[str] = []
+    first = _run(ws, calls)
+    assert [r.status for r in first] == ["ran"] * 5 and calls == list(STAGES)
+    calls.clear()
+    second = _run(ws, calls)
+    assert calls == [] and [r.status for r in second] == ["skipped"] * 5
+    assert set(load_distill_state(ws)["stages"]) == set(STAGES)
+
+
+def test_config_change_redoes_that_stage_and_the_ones_after_it(ws):
+    calls: list[str] = []
+    _run(ws, calls)
+    calls.clear()
+    text = ws.config_path.read_text().replace("lora_r = 16", "lora_r = 8")
+    assert text != ws.config_path.read_text()
+    ws.config_path.write_text(text)
+    _run(ws, calls)
+    assert calls == ["train", "evaluate", "route"]
+
+
+def test_new_traces_redo_everything_and_force_redoes_everything(ws):
+    calls: list[str] = []
+    _run(ws, calls)
+    calls.clear()
+    with ws.store() as store:
+        store.add([make_trace("a new question", "a new answer")])
+    _run(ws, calls)
+    assert calls == list(STAGES)
+    calls.clear()
+    _run(ws, calls, force=True)
+    assert calls == list(STAGES)
+
+
+def test_a_changed_or_missing_artifact_is_rebuilt(ws):
+    calls: list[str] = []
+    _run(ws, calls)
+    calls.clear()
+    ws.state_path("eval.json").unlink()
+    _run(ws, calls)
+    assert calls == ["evaluate"]  # rebuilt identically, so the router stays up to date
+    calls.clear()
+    ws.write_state("selection.json", {"fraction": 0.9, "clusters": []})  # e.g. 'aad select' run by hand with other settings
+    _run(ws, calls)
+    assert calls[0] == "select" and "cluster" not in calls
+
+
+def test_interrupted_run_resumes_after_the_last_finished_stage(ws):
+    calls: list[str] = []
+    runners = _recording_runners(calls)
+
+    def boom(ws, profile, progress):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(Workspace(ws.root), runners={**runners, "train": boom}, report=False, show_progress=False)
+    assert calls == ["cluster", "select"]
+    calls.clear()
+    _run(ws, calls)
+    assert calls == ["train", "evaluate", "route"]
+
+
+def test_quick_profile_shrinks_but_never_grows_the_run(ws):
+    ws.config.eval.max_heldout = 4
+    apply_profile(ws, QUICK)
+    assert ws.config.train.max_steps == 8 and ws.config.eval.max_heldout == 4
+    calls: list[str] = []
+    _run(ws, calls)
+    calls.clear()
+    _run(ws, calls, profile="quick")  # other train/eval settings: those stages redo, clusters stay
+    assert calls == ["train", "evaluate", "route"]
+
+
+def test_unknown_profile_is_a_clear_error(ws):
+    with pytest.raises(ValueError, match="'profile' parameter of run_distill must be one of"):
+        run_distill(ws, profile="fast", report=False)
