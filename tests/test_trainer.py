@@ -107,3 +107,53 @@ def test_soft_targets_from_recorded_top_k(tiny_student: Path, tmp_path: Path) ->
     metrics = _trainer(tiny_student, max_steps=2, distill_alpha=0.5).train(traces, [], tmp_path / "soft", show_progress=False)
     assert metrics["soft_target_samples"] == 6
     assert metrics["steps"] == 2
+
+
+def test_registry_versions_and_runtime_serves_adapters(tiny_student: Path, tmp_path: Path, workspace) -> None:
+    from aad_core.generation import Generation, SpecialistRuntime
+    from aad_core.specialists import SpecialistRegistry
+    from aad_core.schema import ChatRequest, Message
+
+    trained = []
+    metrics = _trainer(tiny_student, max_steps=10, early_stopping_patience=0).train(
+        _traces(12), [], tmp_path / "a1", show_progress=False)
+    seen = []
+
+    class Observer:
+        from aad_core import hookimpl
+
+        @hookimpl
+        def aad_specialist_trained(self, specialist):
+            seen.append(specialist.name)
+
+    from aad_core.plugins import get_plugin_manager
+
+    get_plugin_manager().add_plugin(Observer(), name="observer")
+    reg = SpecialistRegistry(workspace)
+    s1 = reg.save(cluster_id=3, label="Card arrival!", adapter_dir=tmp_path / "a1", base_model=str(tiny_student),
+                  centroid=[0.1, 0.2], selection=["t1"], hyperparameters={"lora_r": 16}, metrics=metrics, seed=7)
+    _trainer(tiny_student, max_steps=1).train(_traces(4), [], tmp_path / "a2", show_progress=False)
+    s2 = reg.save(cluster_id=3, label="Card arrival!", adapter_dir=tmp_path / "a2", base_model=str(tiny_student))
+    assert (s1.name, s1.version, s2.version) == ("c3-card-arrival", 1, 2)
+    assert seen == ["c3-card-arrival", "c3-card-arrival"]
+    assert reg.latest(3).version == 2 and reg.latest(4) is None
+    assert [s.version for s in reg.list()] == [1, 2]
+    manifest = reg.manifest(reg.get("c3-card-arrival", 1))
+    assert manifest["seed"] == 7 and manifest["selection"] == ["t1"] and manifest["versions"]["peft"]
+    promoted = reg.set_promoted("c3-card-arrival", 1, True, "reached 97% of teacher")
+    assert promoted.promoted and reg.manifest(promoted)["promotion_reason"] == "reached 97% of teacher"
+    trained.append(s1)
+
+    runtime = SpecialistRuntime(tiny_student, device="cpu")
+    runtime.add_specialist(s1)
+    runtime.add_specialist(s2)
+    req = [ChatRequest(messages=[Message(role="user", content=f"query number {i} about my card")]) for i in range(3)]
+    base = runtime.generate(req, adapter=None, max_new_tokens=6)
+    spec = runtime.generate(req, adapter=s1.name, max_new_tokens=6)
+    assert len(spec) == 3 and all(isinstance(g, Generation) for g in spec)
+    assert all(g.n_tokens <= 6 and g.mean_logprob <= 0 for g in spec + base)
+    # The adapter is active for its name and off for adapter=None.
+    assert [g.mean_logprob for g in spec] != pytest.approx([g.mean_logprob for g in base], abs=1e-6)
+    assert runtime.generate(req, adapter=None, max_new_tokens=6)[0].text == base[0].text
+    with pytest.raises(AADError, match="No adapter"):
+        runtime.generate(req, adapter="nope", max_new_tokens=2)

@@ -1,0 +1,180 @@
+"""Serving specialists: one base student in memory, several LoRA adapters on top of it.
+
+:class:`SpecialistRuntime` loads the base once, adds adapters with PEFT's multi-adapter API
+(``load_adapter`` / ``set_adapter``; adapters disabled = the plain base student), and generates
+greedily in left-padded batches. A lock serialises access: adapter switching mutates the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aad_core.errors import AADError
+
+if TYPE_CHECKING:
+    from aad_core.schema import ChatRequest, Specialist
+
+
+@dataclass
+class Generation:
+    text: str
+    #: Mean log-prob of the generated tokens under the model that generated them (confidence).
+    mean_logprob: float
+    n_tokens: int
+    latency_ms: float
+
+
+class SpecialistRuntime:
+    """A base student plus named adapters. ``generate(..., adapter=None)`` uses the base student."""
+
+    def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
+                 warmup: bool = True) -> None:
+        self.base_model = base_model
+        self.device = device
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self._lock = threading.RLock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._adapters: dict[str, str] = {}
+        self._merged: str | None = None
+
+    # -- loading -----------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._model is not None:
+            return
+        import torch
+
+        from aad_core.students import load_student
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model, self._tokenizer = load_student(self.base_model, device=device)
+        self._tokenizer.padding_side = "left"
+        self.device_ = device
+        if self.warmup:  # the first generate() of a process is slow
+            from aad_core.schema import ChatRequest, Message
+
+            self._generate_locked([ChatRequest(messages=[Message(role="user", content="Hi")])], None, 2)
+
+    @property
+    def tokenizer(self) -> Any:
+        with self._lock:
+            self._ensure_loaded()
+            return self._tokenizer
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT adapter folder under ``name`` (replacing an adapter of that name)."""
+        from peft import PeftModel
+
+        path = Path(path)
+        if not (path / "adapter_config.json").exists():
+            raise AADError(f"{path} is not a PEFT adapter folder (no adapter_config.json).",
+                           hint="Pass a specialist version folder, e.g. .aad/specialists/<name>/<version>.")
+        with self._lock:
+            self._ensure_loaded()
+            if self._merged is not None:
+                raise AADError(f"Adapter {self._merged!r} is merged into the base; no more adapters can be added.",
+                               hint="Create another SpecialistRuntime for more adapters.")
+            if isinstance(self._model, PeftModel):
+                if name in self._model.peft_config:
+                    self._model.delete_adapter(name)
+                self._model.load_adapter(str(path), adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+            self._model.eval()
+            self._adapters[name] = str(path)
+
+    def add_specialist(self, spec: Specialist) -> None:
+        """Load a registered specialist's adapter under ``spec.name``."""
+        self.add_adapter(spec.name, spec.path)
+
+    def merge(self, adapter: str) -> None:
+        """Merge one adapter into the base weights (faster; afterwards only that adapter serves)."""
+        with self._lock:
+            self._check_adapter(adapter)
+            self._model.set_adapter(adapter)
+            self._model = self._model.merge_and_unload()
+            self._merged = adapter
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self._adapters:
+            raise AADError(f"No adapter named {adapter!r} is loaded; loaded: {sorted(self._adapters) or 'none'}.",
+                           hint="Call add_specialist(spec) or add_adapter(name, path) first.")
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, requests: Sequence[ChatRequest], *, adapter: str | None = None,
+                 max_new_tokens: int = 128) -> list[Generation]:
+        """Greedy answers for ``requests`` with ``adapter`` (None = the base student)."""
+        with self._lock:
+            self._ensure_loaded()
+            self._check_adapter(adapter)
+            out: list[Generation] = []
+            for i in range(0, len(requests), self.batch_size):
+                out.extend(self._generate_locked(list(requests[i : i + self.batch_size]), adapter, max_new_tokens))
+            return out
+
+    def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int) -> list[Generation]:
+        import contextlib
+
+        import torch
+        from peft import PeftModel
+
+        from aad_core.chat_format import PROMPT_TEXT
+
+        model, tok = self._model, self._tokenizer
+        if self._merged is not None:
+            if adapter not in (None, self._merged):
+                raise AADError(f"Only the merged adapter {self._merged!r} is available.")
+            ctx: Any = contextlib.nullcontext()
+            if adapter is None:
+                raise AADError("The base student is not available after merge().", hint="Use a separate runtime for the base.")
+        elif isinstance(model, PeftModel):
+            if adapter is None:
+                ctx = model.disable_adapter()
+            else:
+                model.set_adapter(adapter)
+                ctx = contextlib.nullcontext()
+        else:
+            ctx = contextlib.nullcontext()
+        prompts = [PROMPT_TEXT(tok, r) for r in requests]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device_)
+        eos_ids = {tok.eos_token_id}
+        started = time.perf_counter()
+        with ctx, torch.no_grad():
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True,
+            )
+        latency = (time.perf_counter() - started) * 1000 / max(len(requests), 1)
+        new = out.sequences[:, enc["input_ids"].shape[1]:]
+        # Log-prob of each chosen token under the (greedy) model.
+        step_lp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        results = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            n = len(ids)
+            for j, t in enumerate(ids):
+                if t in eos_ids:
+                    n = j
+                    break
+            lp = chosen[row, : max(n, 1)]
+            results.append(Generation(
+                text=tok.decode(ids[:n], skip_special_tokens=True).strip(),
+                mean_logprob=float(lp.mean()) if n else float(chosen[row, 0]),
+                n_tokens=n,
+                latency_ms=latency,
+            ))
+        return results
+
+
+SPECIALISTRUNTIME = SpecialistRuntime
