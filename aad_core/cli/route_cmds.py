@@ -1,0 +1,114 @@
+"""Routing commands: ``aad route`` (decide, show or calibrate thresholds) and ``aad serve``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from aad_core.cli.app import JsonOption, WorkspaceOption, console, fail, open_workspace, print_json
+
+
+def _thresholds_table(state: dict[str, Any]) -> Table:
+    table = Table(title="Router thresholds (per cluster)")
+    for col in ("cluster", "routine", "specialist", "threshold", "quantile", "separation", "own<thr", "intr>=thr",
+                "output", "min logprob"):
+        table.add_column(col, justify="right" if col not in ("specialist", "output") else "left")
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    for cid, c in sorted(state.get("clusters", {}).items(), key=lambda kv: int(kv[0])):
+        table.add_row(cid, "yes" if c.get("routine") else "no", c.get("specialist") or "-", fmt(c.get("threshold")),
+                      fmt(c.get("quantile_threshold")), fmt(c.get("separation_threshold")),
+                      f"{c.get('own_rejected', 0)}/{c.get('n_own', 0)}",
+                      f"{c.get('intruders_admitted', 0)}/{c.get('n_intruders', 0)}",
+                      c.get("output_kind", "text"), fmt(c.get("min_logprob")))
+    return table
+
+
+def _eval_line(ev: dict[str, Any]) -> str:
+    m = ev.get("matrix", [[0, 0], [0, 0]])
+    acc = ev.get("accuracy")
+    return (f"Held-out routing accuracy: {'-' if acc is None else f'{acc:.1%}'} over {ev.get('n', 0)} requests "
+            f"(routine->specialist {m[0][0]}, routine->teacher {m[0][1]}, complex->specialist {m[1][0]}, "
+            f"complex->teacher {m[1][1]})")
+
+
+def route_cmd(
+    text: Annotated[str | None, typer.Argument(help="A user message to route (omit with --show / --calibrate).")] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt sent with TEXT.")] = None,
+    show: Annotated[bool, typer.Option("--show", "--thresholds", help="Print the per-cluster thresholds.")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Calibrate thresholds (and confidence cut-offs) "
+                                            "from the traces, write router.json and router_eval.json.")] = False,
+    no_confidence: Annotated[bool, typer.Option("--no-confidence", help="With --calibrate: skip generating with "
+                                                "the specialists to calibrate the confidence gate.")] = False,
+    json_out: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Where would a request go? Prints the routing decision: target, cluster, similarity, threshold, reason."""
+    from aad_core.routing.calibration import ROUTER_EVAL, calibrate_router, load_router_state
+
+    ws = open_workspace(workspace)
+    if calibrate:
+        state = calibrate_router(ws, show_progress=not json_out, confidence=not no_confidence)
+        if json_out and text is None:
+            print_json(state)
+            return
+        if not json_out:
+            console.print(_thresholds_table(state))
+            console.print(_eval_line(ws.read_state(ROUTER_EVAL)))
+            console.print(f"Saved {ws.state_path('router.json')} and {ws.state_path(ROUTER_EVAL)}")
+    if show:
+        state = load_router_state(ws)
+        if state is None:
+            raise fail("The router is not calibrated yet.", "Run 'aad route --calibrate' (or 'aad distill').")
+        if json_out and text is None:
+            print_json(state)
+            return
+        console.print(_thresholds_table(state))
+        if ws.state_path(ROUTER_EVAL).exists():
+            console.print(_eval_line(ws.read_state(ROUTER_EVAL)))
+    if text is None:
+        if not (show or calibrate):
+            raise fail("Give a message to route, or --show / --calibrate.", "Example: aad route \"Where is my card?\"")
+        return
+    from aad_core.routing.engine import RoutingEngine
+    from aad_core.schema import ChatRequest, Message
+
+    messages = ([Message(role="system", content=system)] if system else []) + [Message(role="user", content=text)]
+    decision = RoutingEngine(ws, record=False).decide([ChatRequest(messages=messages)])[0]
+    if json_out:
+        print_json(decision.model_dump())
+        return
+    color = "green" if decision.target == "specialist" else "yellow"
+    console.print(f"[bold {color}]{decision.target}[/]"
+                  + (f"  specialist={decision.specialist}" if decision.target == "specialist" else ""))
+    console.print(f"  cluster {decision.cluster_id}  similarity {decision.similarity}  threshold {decision.threshold}"
+                  f"  ({decision.latency_ms} ms)")
+    console.print(f"  reason: {decision.reason}", highlight=False)
+
+
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1 keeps it local).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    teacher_url: Annotated[str | None, typer.Option("--teacher-url", help="Base URL of an OpenAI-compatible teacher, "
+                                                    "e.g. https://api.openai.com/v1 (key: $AAD_TEACHER_API_KEY).")] = None,
+    teacher_model: Annotated[str | None, typer.Option("--teacher-model", help="Model name sent to the teacher "
+                                                      "(default: the client's 'model').")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Serve an OpenAI-compatible /v1/chat/completions that routes between specialists and the teacher."""
+    from aad_core.server import serve
+
+    ws = open_workspace(workspace)
+    if not teacher_url:
+        console.print("[yellow]No --teacher-url: requests the router sends to the teacher will fail with HTTP 503.[/]")
+    console.print(f"aad router on http://{host}:{port}/v1/chat/completions (workspace {ws.root})")
+    serve(ws, host=host, port=port, teacher_url=teacher_url, teacher_model=teacher_model)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("route")(route_cmd)
+    app.command("serve")(serve_cmd)
