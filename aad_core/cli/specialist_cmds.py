@@ -1,0 +1,123 @@
+"""Specialist commands: select, train, specialists, models list|pull."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from aad_core.cli.app import JsonOption, WorkspaceOption, console, open_workspace, print_json
+
+models_app = typer.Typer(help="Student models: list the known ones, prepare one for offline use.", no_args_is_help=True)
+
+
+def select_cmd(
+    fraction: Annotated[float | None, typer.Option("--fraction", help="Share of each routine cluster's training split to keep (default: [select] fraction).")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", help="top | random | diverse, or a plugin's selector (default: [select] selector).")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Score each routine cluster's training traces (KL to the teacher + student uncertainty) and keep the top share."""
+    from aad_core.pipeline.select import run_select
+
+    ws = open_workspace(workspace)
+    artifact = run_select(ws, fraction=fraction, selector=selector, show_progress=not as_json)
+    rows = []
+    for cid, entry in sorted(artifact["clusters"].items(), key=lambda kv: int(kv[0])):
+        scores = entry["scores"]
+        sel = entry["selected"]
+        mean = lambda ids, k: sum(scores[i][k] for i in ids) / max(len(ids), 1)  # noqa: E731
+        rows.append({"cluster": int(cid), "label": entry["label"], "train": entry["n_train"], "selected": len(sel),
+                     "mean_score_selected": mean(sel, "score"), "mean_score_all": mean(list(scores), "score")})
+    if as_json:
+        print_json({"fraction": artifact["fraction"], "selector": artifact["selector"], "clusters": rows})
+        return
+    table = Table(title=f"Selection ({artifact['selector']}, {artifact['fraction']:.0%} per cluster)")
+    for col in ("cluster", "label", "train", "selected", "score (selected)", "score (all)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["cluster"]), r["label"], str(r["train"]), str(r["selected"]),
+                      f"{r['mean_score_selected']:.3f}", f"{r['mean_score_all']:.3f}")
+    console.print(table)
+    console.print(f"Saved {ws.state_path('selection.json')}. Next: [bold]aad train[/]")
+
+
+def train_cmd(
+    cluster: Annotated[int | None, typer.Option("--cluster", help="Train only this cluster id.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the selection (default: [train] epochs).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps (overrides epochs).")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train one LoRA specialist per routine cluster on its selected traces."""
+    from aad_core.pipeline.train import run_train
+
+    ws = open_workspace(workspace)
+    specs = run_train(ws, cluster_id=cluster, epochs=epochs, max_steps=max_steps, show_progress=not as_json)
+    if as_json:
+        print_json([s.model_dump(mode="json") for s in specs])
+        return
+    for s in specs:
+        m = s.metrics
+        console.print(
+            f"[bold]{s.name}[/] v{s.version}: {m.get('steps')} steps, loss {m.get('train_loss_first')} -> "
+            f"{m.get('train_loss_last')}, held-out loss {m.get('best_eval_loss')}, {m.get('tokens_per_s')} tok/s  ({s.path})"
+        )
+    console.print("Next: [bold]aad eval[/]")
+
+
+def specialists_cmd(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
+    """List the trained specialists (every version) and whether they are promoted."""
+    from aad_core.specialists import SpecialistRegistry
+
+    specs = SpecialistRegistry(open_workspace(workspace)).list()
+    if as_json:
+        print_json([s.model_dump(mode="json") for s in specs])
+        return
+    table = Table(title="Specialists")
+    for col in ("name", "version", "cluster", "base model", "promoted", "held-out loss", "path"):
+        table.add_column(col)
+    for s in specs:
+        table.add_row(s.name, str(s.version), str(s.cluster_id), s.base_model, "yes" if s.promoted else "no",
+                      str(s.metrics.get("best_eval_loss")), s.path)
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOption = False) -> None:
+    """Known students and whether each is prepared in the local cache."""
+    from aad_core.students import KNOWN_STUDENTS, is_materialised, student_cache_dir
+
+    rows = [{"name": s.name, "description": s.description, "license": s.license,
+             "prepared": is_materialised(s.name), "path": str(student_cache_dir(s.name))} for s in KNOWN_STUDENTS.values()]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="Known students (any Hugging Face causal LM path or hub id also works)")
+    for col in ("name", "prepared", "description", "license", "cache"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["prepared"] else "no", r["description"], r["license"], r["path"])
+    console.print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="A known student (see 'aad models list').")] = "smollm2-135m",
+) -> None:
+    """Prepare a known student for offline use (converted once into the local cache)."""
+    from aad_core.errors import AADError
+    from aad_core.students import KNOWN_STUDENTS, resolve_student
+
+    if name not in KNOWN_STUDENTS:
+        raise AADError(f"Unknown student {name!r}. Known: {', '.join(KNOWN_STUDENTS)}.",
+                       hint="Other models need no pull: set [train] student to a local folder or hub id.")
+    console.print(f"{name}: ready at {resolve_student(name)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("select")(select_cmd)
+    app.command("train")(train_cmd)
+    app.command("specialists")(specialists_cmd)
+    app.add_typer(models_app, name="models")

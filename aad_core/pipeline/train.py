@@ -1,0 +1,113 @@
+"""S5b ``aad train``: one adapter per routine cluster on its selected traces.
+
+The cluster's held-out split drives early stopping. Each run trains in
+``.aad/specialists/.work/c<id>/``; an interrupted run with the same inputs resumes from its
+checkpoint there. The finished adapter becomes the next version in the specialist registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from aad_core.errors import AADError
+from aad_core.schema import Specialist
+from aad_core.workspace import Workspace
+
+WORK_DIR = ".work"
+
+
+def _trainer_params(ws: Workspace, epochs: float | None, max_steps: int | None) -> dict[str, Any]:
+    tc = ws.config.train
+    params = tc.model_dump(exclude={"trainer"})
+    params["seed"] = ws.config.seed
+    if epochs is not None:
+        params["epochs"] = epochs
+    if max_steps is not None:
+        params["max_steps"] = max_steps
+    return params
+
+
+def run_train(
+    ws: Workspace,
+    *,
+    cluster_id: int | None = None,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    show_progress: bool = True,
+) -> list[Specialist]:
+    """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists."""
+    from aad_core.pipeline.select import load_cluster_state, load_selection
+    from aad_core.pipeline.select import _accepted
+    from aad_core.plugins import create_component, get_registry
+    from aad_core.specialists import SpecialistRegistry
+
+    cfg = ws.config
+    selection = load_selection(ws)
+    state = load_cluster_state(ws)
+    clusters = {int(c["id"]): c for c in state["clusters"]}
+    chosen = selection["clusters"]
+    if cluster_id is not None:
+        if str(cluster_id) not in chosen:
+            raise AADError(
+                f"Cluster {cluster_id} has no selection (selected clusters: {', '.join(sorted(chosen, key=int)) or 'none'}).",
+                hint="Pick a routine cluster from 'aad clusters', or run 'aad select' after 'aad cluster'.",
+            )
+        todo = [str(cluster_id)]
+    else:
+        todo = sorted(chosen, key=int)
+
+    params = _trainer_params(ws, epochs, max_steps)
+    info = get_registry().get("trainer", cfg.train.trainer)
+    params = _accepted(info, params)
+    registry = SpecialistRegistry(ws)
+    out: list[Specialist] = []
+    with ws.store() as store:
+        for cid_s in todo:
+            cid = int(cid_s)
+            entry = chosen[cid_s]
+            train = [t for t in store.iter_traces(ids=entry["selected"]) if t.response is not None]
+            heldout_ids = sorted(tid for tid, c in state["assignments"].items()
+                                 if c is not None and int(c) == cid and state["split"].get(tid) == "heldout")
+            heldout = [t for t in store.iter_traces(ids=heldout_ids) if t.response is not None and t.status == "ok"]
+            if not train:
+                raise AADError(f"Cluster {cid}: none of its {len(entry['selected'])} selected traces is in the store.",
+                               hint="Run 'aad select' again.")
+            label = clusters.get(cid, {}).get("label") or entry.get("label") or ""
+            if show_progress:
+                from rich.console import Console
+
+                Console(stderr=True).print(
+                    f"Cluster {cid} ({label}): training on {len(train)} selected traces, {len(heldout)} held out")
+            work = _work_dir(ws, cid, params, entry["selected"])
+            trainer = create_component("trainer", cfg.train.trainer, **params)
+            metrics = trainer.train(train, heldout, work, show_progress=show_progress)
+            spec = registry.save(
+                cluster_id=cid,
+                label=label,
+                adapter_dir=work,
+                base_model=str(cfg.train.student),
+                centroid=clusters.get(cid, {}).get("centroid") or [],
+                selection=list(entry["selected"]),
+                hyperparameters={"trainer": cfg.train.trainer, **params,
+                                 "selection": {k: selection.get(k) for k in ("fraction", "selector", "scorer")}},
+                metrics=metrics,
+                seed=cfg.seed,
+            )
+            out.append(spec)
+    return out
+
+
+def _work_dir(ws: Workspace, cid: int, params: dict[str, Any], selected: list[str]) -> Path:
+    """The cluster's training folder; emptied when its inputs differ from an earlier, unfinished run."""
+    key = hashlib.sha256(json.dumps({"params": params, "selected": sorted(selected)}, sort_keys=True, default=str).encode()).hexdigest()
+    work = ws.specialists_dir / WORK_DIR / f"c{cid}"
+    stamp = work / "inputs.sha256"
+    if work.exists() and (not stamp.exists() or stamp.read_text().strip() != key):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    return work
