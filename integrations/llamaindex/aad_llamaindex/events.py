@@ -1,0 +1,405 @@
+"""LlamaIndex capture on the instrumentation dispatcher (not the legacy callbacks).
+
+::
+
+    from aad_llamaindex import attach, detach
+
+    handler = attach(workspace="./my-agent")   # every LLM call from now on is recorded
+    ...
+    detach(handler)                             # flushes and stops recording
+
+:class:`AADEventHandler` turns ``LLMChatStart/End`` and ``LLMCompletionStart/End`` events into one
+:class:`~aad_core.schema.Trace` per call (OpenAI chat format; streamed calls are recorded from the
+last in-progress response). A companion span handler sees which LLM span is nested in which, so
+a ``chat()`` that a ``CustomLLM`` implements with ``complete()`` is recorded once (the outer call
+the agent made), and it records calls that fail (``status="error"``). ``predict`` and
+``structured_predict`` are recorded through the chat/completion call they make. A task tag comes
+from the handler's ``task=`` or ``instrument_tags({"aad_task": ...})``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.exception import ExceptionEvent
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMChatStartEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
+    LLMCompletionStartEvent,
+)
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from pydantic import PrivateAttr
+
+from aad_core.capture.convert import arguments_json, json_safe, openai_logprobs, openai_tool, usage_from
+from aad_core.capture.writer import CaptureWriter
+from aad_core.schema import ChatRequest, FunctionCall, Message, TokenLogprob, ToolCall, Trace, Usage
+
+if TYPE_CHECKING:
+    from aad_core.config import AADSettings
+    from aad_core.store.base import TraceStore
+    from aad_core.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+TASK_TAG = "aad_task"
+_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+_ROLE_ALIASES = {"chatbot": "assistant", "model": "assistant"}
+
+
+@dataclass
+class _Call:
+    start: float
+    request: ChatRequest
+    model: str | None
+    task: str | None
+    parent: str | None
+    tags: dict[str, Any]
+    last: ChatResponse | CompletionResponse | None = None
+
+
+# -- conversions -------------------------------------------------------------------------------
+def _tool_calls(msg: ChatMessage) -> list[ToolCall] | None:
+    calls: list[ToolCall] = []
+    for block in msg.blocks:
+        if getattr(block, "block_type", None) == "tool_call":
+            calls.append(ToolCall(id=block.tool_call_id, function=FunctionCall(
+                name=block.tool_name, arguments=arguments_json(block.tool_kwargs))))
+    for raw in msg.additional_kwargs.get("tool_calls") or []:  # provider (OpenAI) objects or dicts
+        data = json_safe(raw)
+        fn = data.get("function") or {} if isinstance(data, dict) else {}
+        if isinstance(fn, dict) and fn.get("name"):
+            calls.append(ToolCall(id=data.get("id"), function=FunctionCall(
+                name=str(fn["name"]), arguments=arguments_json(fn.get("arguments")))))
+    return calls or None
+
+
+def to_openai_message(msg: ChatMessage) -> Message:
+    """A LlamaIndex ``ChatMessage`` in the OpenAI chat format."""
+    role = str(getattr(msg.role, "value", msg.role))
+    role = _ROLE_ALIASES.get(role, role if role in _ROLES else "user")
+    texts = [b.text for b in msg.blocks if getattr(b, "block_type", None) == "text"]
+    out = Message(role=role, content="\n".join(texts) if texts else None)  # type: ignore[arg-type]
+    out.tool_calls = _tool_calls(msg)
+    if role == "tool":
+        out.tool_call_id = msg.additional_kwargs.get("tool_call_id")
+        out.content = out.content or ""
+    elif role != "assistant" and out.content is None:
+        out.content = ""
+    if msg.additional_kwargs.get("name"):
+        out.name = str(msg.additional_kwargs["name"])
+    return out
+
+
+def _tools(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = kwargs.get("tools") or kwargs.get("functions")
+    if not tools:
+        return None
+    out = []
+    for t in tools:
+        meta = getattr(t, "metadata", None)
+        if meta is not None and hasattr(meta, "to_openai_tool"):
+            out.append(json_safe(meta.to_openai_tool()))
+        else:
+            out.append(openai_tool(t))
+    return out
+
+
+def _raw_dict(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    dump = getattr(raw, "model_dump", None)
+    try:
+        return dump() if callable(dump) else {}
+    except Exception:
+        return {}
+
+
+def _usage(resp: ChatResponse | CompletionResponse) -> Usage | None:
+    raw = _raw_dict(resp.raw)
+    return (
+        usage_from(raw.get("usage")) or usage_from(raw.get("usage_metadata"))
+        or usage_from(resp.additional_kwargs) or usage_from(resp.additional_kwargs.get("usage"))
+    )
+
+
+def _logprobs(resp: ChatResponse | CompletionResponse) -> list[TokenLogprob] | None:
+    raw = _raw_dict(resp.raw)
+    choices = raw.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        found = openai_logprobs(choices[0].get("logprobs"))
+        if found:
+            return found
+    if not resp.logprobs:  # LlamaIndex's own shape: per position, the top alternatives
+        return None
+    out = []
+    for alts in resp.logprobs:
+        if not alts:
+            return None
+        best = max(alts, key=lambda a: a.logprob)
+        out.append({"token": best.token, "logprob": best.logprob,
+                    "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in alts]})
+    return openai_logprobs(out)
+
+
+def _answer(resp: ChatResponse | CompletionResponse | None) -> Message | None:
+    if resp is None:
+        return None
+    if isinstance(resp, ChatResponse):
+        msg = to_openai_message(resp.message)
+        msg.role = "assistant"
+        return msg
+    return Message(role="assistant", content=resp.text)
+
+
+# -- handlers ----------------------------------------------------------------------------------
+class _LLMSpans(BaseSpanHandler[Any]):
+    """Remembers the parent of each open LLM span and reports LLM spans that fail."""
+
+    _owner: AADEventHandler = PrivateAttr()
+    _parents: dict[str, str | None] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "AADLLMSpans"
+
+    def span_enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
+                   parent_id: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if instance is not None and _is_llm(instance):
+            self._parents[id_] = parent_id
+
+    def span_exit(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
+                  result: Any = None, **kwargs: Any) -> None:
+        self._parents.pop(id_, None)
+
+    def span_drop(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
+                  err: BaseException | None = None, **kwargs: Any) -> None:
+        self._parents.pop(id_, None)
+        if err is not None:
+            self._owner._fail_call(id_, err)
+
+    def parent(self, span_id: str | None) -> str | None:
+        return self._parents.get(span_id) if span_id else None
+
+    def new_span(self, *args: Any, **kwargs: Any) -> None:  # spans are not kept
+        return None
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _is_llm(instance: Any) -> bool:
+    from llama_index.core.base.llms.base import BaseLLM
+
+    return isinstance(instance, BaseLLM)
+
+
+class AADEventHandler(BaseEventHandler):
+    """Records LlamaIndex LLM calls into an aad trace store (use :func:`attach`).
+
+    Parameters
+    ----------
+    workspace:
+        The aad workspace (or its folder, created when missing) whose store receives the traces.
+    store:
+        A trace store to write to instead.
+    task:
+        Task tag for every call; ``instrument_tags({"aad_task": ...})`` wins.
+    redact:
+        Remove PII before anything is written (S2).
+    writer:
+        A :class:`~aad_core.capture.CaptureWriter` to share.
+    config:
+        Settings for a writer this handler creates.
+    """
+
+    task: str | None = None
+    redact: bool = True
+
+    _writer: CaptureWriter = PrivateAttr()
+    _owns_writer: bool = PrivateAttr(default=True)
+    _spans: _LLMSpans = PrivateAttr()
+    _calls: dict[str, _Call] = PrivateAttr(default_factory=dict)
+    _nested: set[str] = PrivateAttr(default_factory=set)
+    _errors: int = PrivateAttr(default=0)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(
+        self,
+        workspace: Workspace | str | Path | None = None,
+        store: TraceStore | None = None,
+        task: str | None = None,
+        redact: bool = True,
+        *,
+        writer: CaptureWriter | None = None,
+        config: AADSettings | None = None,
+    ) -> None:
+        if task is not None and not isinstance(task, str):
+            raise ValueError(f"The 'task' parameter of AADEventHandler must be a str or None. Got {task!r} instead.")
+        super().__init__(task=task, redact=redact)
+        self._owns_writer = writer is None
+        self._writer = writer or CaptureWriter(workspace=workspace, store=store, redact=redact, config=config)
+        self._spans = _LLMSpans()
+        self._spans._owner = self
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "AADEventHandler"
+
+    @property
+    def writer(self) -> CaptureWriter:
+        return self._writer
+
+    @property
+    def span_handler(self) -> BaseSpanHandler[Any]:
+        """The companion span handler (nesting and failed calls); :func:`attach` adds both."""
+        return self._spans
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._owns_writer:
+            self._writer.close(timeout)
+        else:
+            self._writer.flush(timeout)
+
+    def stats(self) -> dict[str, int]:
+        return {**self._writer.stats(), "handler_errors": self._errors, "in_flight": len(self._calls)}
+
+    # -- events ------------------------------------------------------------------------------
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        try:
+            if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
+                call = self._calls.get(event.span_id or "")
+                if call is not None:
+                    call.last = event.response
+            elif isinstance(event, LLMChatStartEvent):
+                self._start(event, [to_openai_message(m) for m in event.messages])
+            elif isinstance(event, LLMCompletionStartEvent):
+                self._start(event, [Message(role="user", content=event.prompt)])
+            elif isinstance(event, (LLMChatEndEvent, LLMCompletionEndEvent)):
+                self._end(event.span_id, event.response)
+            elif isinstance(event, ExceptionEvent):
+                self._fail_call(event.span_id, event.exception)
+        except Exception as err:
+            self._fail(err)
+
+    def _start(self, event: LLMChatStartEvent | LLMCompletionStartEvent, messages: list[Message]) -> None:
+        span = event.span_id or event.id_
+        parent = self._spans.parent(span)
+        ancestor = parent
+        while ancestor is not None:  # a call made inside a call we already record
+            if ancestor in self._calls or ancestor in self._nested:
+                with self._lock:
+                    self._nested.add(span)
+                return
+            ancestor = self._spans.parent(ancestor)
+        model_dict = event.model_dict or {}
+        kw = dict(event.additional_kwargs or {})
+        model = model_dict.get("model") or model_dict.get("model_name") or model_dict.get("class_name")
+        params = {k: v for k, v in model_dict.items() if k not in ("class_name", "api_key", "callback_manager")}
+        params.update({k: v for k, v in kw.items() if k not in ("tools", "functions")})
+        tags = json_safe(event.tags or {})
+        task = tags.get(TASK_TAG) or self.task
+        self._calls[span] = _Call(
+            start=time.perf_counter(),
+            request=ChatRequest(messages=messages, tools=_tools(kw), params=json_safe(params)),
+            model=str(model) if model is not None else None,
+            task=str(task) if task is not None else None,
+            parent=parent,
+            tags=tags,
+        )
+
+    def _end(self, span_id: str | None, response: ChatResponse | CompletionResponse | None) -> None:
+        span = span_id or ""
+        if span in self._nested:
+            with self._lock:
+                self._nested.discard(span)
+            return
+        call = self._calls.pop(span, None)
+        if call is None:
+            return
+        resp = response if response is not None else call.last
+        self._submit(span, call, resp)
+
+    def _fail_call(self, span_id: str | None, err: BaseException) -> None:
+        try:
+            span = span_id or ""
+            with self._lock:
+                self._nested.discard(span)
+            call = self._calls.pop(span, None)
+            if call is not None:
+                self._submit(span, call, call.last, error=f"{type(err).__name__}: {err}")
+        except Exception as exc:
+            self._fail(exc)
+
+    def _submit(self, span: str, call: _Call, resp: ChatResponse | CompletionResponse | None,
+                error: str | None = None) -> None:
+        self._writer.submit(Trace(
+            source="llamaindex",
+            task=call.task,
+            run_id=span,
+            parent_run_id=call.parent,
+            model=call.model,
+            request=call.request,
+            response=_answer(resp),
+            usage=_usage(resp) if resp is not None else None,
+            latency_ms=(time.perf_counter() - call.start) * 1000,
+            teacher_logprobs=_logprobs(resp) if resp is not None else None,
+            status="error" if error else "ok",
+            error=error,
+            tags=[f"{k}={v}" for k, v in call.tags.items()],
+            metadata={"llamaindex_tags": call.tags} if call.tags else {},
+        ))
+
+    def _fail(self, err: BaseException) -> None:
+        with self._lock:
+            self._errors += 1
+            first = self._errors == 1
+        if first:
+            log.error("aad capture: AADEventHandler failed to record a call (%s: %s); the call itself was not "
+                      "affected. Further handler errors are counted in stats().", type(err).__name__, err,
+                      exc_info=err)
+
+
+def attach(
+    workspace: Workspace | str | Path | None = None, *, dispatcher: Any = None, **kwargs: Any
+) -> AADEventHandler:
+    """Record every LlamaIndex LLM call: add an :class:`AADEventHandler` (and its span handler)
+    to the root instrumentation dispatcher (or ``dispatcher``). ``kwargs`` go to the handler."""
+    from llama_index.core.instrumentation import get_dispatcher
+
+    handler = AADEventHandler(workspace=workspace, **kwargs)
+    target = dispatcher or get_dispatcher()
+    target.add_event_handler(handler)
+    target.add_span_handler(handler.span_handler)
+    return handler
+
+
+def detach(handler: AADEventHandler, *, dispatcher: Any = None, timeout: float | None = None) -> None:
+    """Stop recording with ``handler``, then flush it and close its writer."""
+    from llama_index.core.instrumentation import get_dispatcher
+
+    target = dispatcher or get_dispatcher()
+    target.event_handlers = [h for h in target.event_handlers if h is not handler]
+    target.span_handlers = [h for h in target.span_handlers if h is not handler.span_handler]
+    handler.close(timeout)
+
+
+__all__ = ["AADEventHandler", "attach", "detach", "to_openai_message"]
