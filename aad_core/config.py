@@ -74,6 +74,12 @@ class ClusterConfig(_Section):
         0.98, gt=0, le=1, description="Cosine similarity at or above which two traces count as near-duplicates."
     )
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each cluster kept out of training for evaluation.")
+    n_init: int = Field(10, ge=1, description="K-Means restarts (scikit-learn n_init), passed explicitly.")
+    min_match_similarity: float = Field(
+        0.8, ge=-1, le=1,
+        description="Re-clustering keeps a cluster's id when its new centroid matches an old one (Hungarian "
+        "assignment on cosine) with at least this similarity; otherwise it gets a fresh id.",
+    )
 
     @model_validator(mode="after")
     def _k_range(self) -> ClusterConfig:
@@ -129,6 +135,10 @@ class EvalConfig(_Section):
         description="Per-cluster override of 'evaluator': keys are cluster ids or task tags, e.g. {\"3\" = \"json\"}.",
     )
     json_schema: str | None = Field(None, description="JSON Schema file; the 'json' evaluator then also reports schema validity.")
+    latency_samples: int = Field(
+        4, ge=0, description="Held-out requests the specialist also answers one at a time, for its single-request "
+        "latency p50/p95 (0 = report only the latency amortised over batches)."
+    )
     semantic_threshold: float = Field(
         0.8, gt=0, le=1, description="Cosine at or above which the 'semantic' evaluator counts two answers as agreeing."
     )

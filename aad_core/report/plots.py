@@ -70,7 +70,7 @@ def score_bars(rows: Sequence[dict[str, Any]], parity: float) -> str:
     ax.set_xticks(x, [f"{r['cluster_id']}: {r['metric']}" for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out score")
-    ax.set_title(f"Held-out score (dashed: parity target = {parity:.0%} of teacher; green = promoted)")
+    ax.set_title(f"Held-out score (dashed: parity {parity:.0%} of teacher)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
@@ -134,8 +134,12 @@ def latency_cost_bars(rows: Sequence[dict[str, Any]]) -> str:
 
     teacher = [float(r["cost"].get("teacher_per_mtok") or 0.0) for r in rows]
     spec = [float(r["cost"].get("specialist_per_mtok") or 0.0) for r in rows]
-    ax2.bar(x - w / 2, spec, w, label="specialist", color=_GREEN)
-    ax2.bar(x + w / 2, teacher, w, label="teacher", color=_BLUE)
+    bars_s = ax2.bar(x - w / 2, spec, w, label="specialist", color=_GREEN)
+    bars_t = ax2.bar(x + w / 2, teacher, w, label="teacher", color=_BLUE)
+    for bars, values in ((bars_s, spec), (bars_t, teacher)):
+        for bar, value in zip(bars, values):
+            ax2.annotate(f"${value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                         ha="center", va="bottom", fontsize=7)
     ax2.set_xticks(x, labels)
     ax2.set_xlabel("cluster")
     ax2.set_ylabel("USD per 1M tokens")
