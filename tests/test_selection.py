@@ -1,0 +1,144 @@
+"""Selectors, the kl-uncertainty scorer, and the select -> train stages on a tiny student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_trace
+from tiny_models import tiny_student  # noqa: F401  (session fixture)
+
+from aad_plugins.selectors import DiverseSelector, RandomSelector, TopSelector, n_selected
+
+
+def test_top_picks_highest_scores() -> None:
+    ids = [f"t{i}" for i in range(10)]
+    scores = [0.1, 5.0, 0.3, 4.0, 0.2, 3.0, 0.0, 0.4, 0.5, 0.6]
+    assert TopSelector().select(ids, scores, 0.3) == ["t1", "t3", "t5"]
+    assert n_selected(10, 0.3) == 3 and n_selected(1, 0.3) == 1 and n_selected(0, 0.3) == 0
+    with pytest.raises(ValueError, match="'fraction' parameter"):
+        TopSelector().select(ids, scores, 1.5)
+
+
+def test_random_is_seeded_and_differs_across_seeds() -> None:
+    ids = [f"t{i}" for i in range(50)]
+    a = RandomSelector().select(ids, [0.0] * 50, 0.2, seed=1)
+    assert a == RandomSelector().select(ids, [0.0] * 50, 0.2, seed=1)
+    assert a != RandomSelector().select(ids, [0.0] * 50, 0.2, seed=2)
+    assert len(a) == 10 and len(set(a)) == 10
+
+
+def test_diverse_covers_groups_instead_of_near_copies() -> None:
+    rng = np.random.default_rng(0)
+    centers = np.eye(3, 8)
+    emb = np.vstack([centers[g] + 0.01 * rng.standard_normal(8) for g in (0, 0, 0, 0, 0, 0, 1, 1, 2, 2)])
+    ids = [f"t{i}" for i in range(10)]
+    scores = [9, 9, 9, 9, 9, 9, 1, 1, 1, 1]  # the top scores are all near-copies from group 0
+    top = TopSelector().select(ids, scores, 0.3)
+    diverse = DiverseSelector(score_weight=0.1).select(ids, scores, 0.3, embeddings=emb)
+    group = lambda i: 0 if int(i[1:]) < 6 else (1 if int(i[1:]) < 8 else 2)  # noqa: E731
+    assert {group(i) for i in top} == {0}
+    assert {group(i) for i in diverse} == {0, 1, 2}
+    # Without embeddings it is the top selector.
+    assert DiverseSelector().select(ids, scores, 0.3) == top
+
+
+def _populate(workspace, n_per_cluster: int = 10) -> dict:
+    traces = []
+    assignments, split = {}, {}
+    for cid, (q, a) in enumerate([("where is my card", "card_arrival"), ("what is the exchange rate", "exchange_rate")]):
+        for i in range(n_per_cluster):
+            # Half the answers are long odd strings the student finds unlikely: high NLL -> high score.
+            answer = a if i % 2 == 0 else f"{a} ; SELECT name FROM users WHERE age > {i} ORDER BY 2 DESC"
+            t = make_trace(f"{q} #{i}", answer)
+            traces.append(t)
+            assignments[t.id] = cid
+            split[t.id] = "heldout" if i >= n_per_cluster - 2 else "train"
+    with workspace.store() as store:
+        store.add(traces)
+    clusters = [
+        {"id": 0, "label": "card arrival", "size": n_per_cluster, "variance": 0.2, "mean_similarity": 0.8,
+         "routine": True, "centroid": [1.0, 0.0]},
+        {"id": 1, "label": "exchange rate", "size": n_per_cluster, "variance": 0.2, "mean_similarity": 0.8,
+         "routine": True, "centroid": [0.0, 1.0]},
+        {"id": 2, "label": "misc", "size": 3, "variance": 0.9, "mean_similarity": 0.1, "routine": False, "centroid": [0.5, 0.5]},
+    ]
+    workspace.write_state("clusters.json", {"clusters": clusters, "assignments": assignments, "split": split, "dropped": []})
+    return {t.id: t for t in traces}
+
+
+def test_scorer_components(tiny_student: Path) -> None:
+    from aad_plugins.kl_uncertainty import KLUncertaintyScorer
+
+    traces = [make_trace("where is my card", "card_arrival"),
+              make_trace("where is my card", "card_arrival SELECT name FROM users WHERE age > 3 ORDER BY 2 DESC")]
+    scorer = KLUncertaintyScorer(student=str(tiny_student), uncertainty_weight=0.5, batch_size=2, max_length=64, device="cpu")
+    out = scorer.score(traces)
+    for r in out:
+        assert set(r) == {"score", "kl", "entropy", "nll", "answer_tokens"}
+        assert r["score"] == pytest.approx(r["kl"] + 0.5 * r["entropy"])
+        assert r["kl"] == pytest.approx(r["nll"])  # text-only teacher: one-hot KL is the NLL
+    assert out[1]["answer_tokens"] > out[0]["answer_tokens"]
+    # Batched with padding == one at a time.
+    alone = scorer.score(traces[1:])
+    assert alone[0]["score"] == pytest.approx(out[1]["score"], rel=1e-4)
+    assert scorer.signal_kinds_ == {"one-hot": 1}
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        KLUncertaintyScorer(student=str(tiny_student), batch_size=0).score(traces)
+
+
+def test_select_then_train_pipeline(workspace, tiny_student: Path) -> None:
+    from aad_core.pipeline.select import run_select
+    from aad_core.pipeline.train import run_train
+    from aad_core.specialists import SpecialistRegistry
+
+    _populate(workspace)
+    cfg = workspace.config
+    cfg.train.student = str(tiny_student)
+    cfg.train.max_length = 48
+    cfg.train.batch_size = 2
+    cfg.train.gradient_accumulation = 1
+    cfg.select.batch_size = 4
+    artifact = run_select(workspace, fraction=0.5, show_progress=False)
+    saved = workspace.read_state("selection.json")
+    assert saved["selector"] == "top" and saved["fraction"] == 0.5 and saved["aad_version"]
+    assert set(artifact["clusters"]) == {"0", "1"}  # the non-routine cluster is not scored
+    for entry in artifact["clusters"].values():
+        scores = {i: s["score"] for i, s in entry["scores"].items()}
+        assert entry["n_train"] == 8 and len(entry["selected"]) == 4
+        assert sorted(scores, key=lambda i: -scores[i])[:4] == entry["selected"] or \
+            min(scores[i] for i in entry["selected"]) >= max(s for i, s in scores.items() if i not in entry["selected"])
+
+    specs = run_train(workspace, cluster_id=1, max_steps=2, show_progress=False)
+    assert [s.name for s in specs] == ["c1-exchange-rate"]
+    spec = specs[0]
+    assert (Path(spec.path) / "adapter_model.safetensors").exists()
+    manifest = SpecialistRegistry(workspace).manifest(spec)
+    assert manifest["selection"] == artifact["clusters"]["1"]["selected"]
+    assert manifest["centroid"] == [0.0, 1.0] and manifest["hyperparameters"]["lora_r"] == 16
+    assert manifest["metrics"]["steps"] == 2 and manifest["metrics"]["n_eval"] == 2
+    with pytest.raises(Exception, match="no selection"):
+        run_train(workspace, cluster_id=2, max_steps=1, show_progress=False)
+
+
+def test_cli_select_and_train(workspace, tiny_student: Path, monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from aad_core.cli import app
+
+    _populate(workspace, n_per_cluster=6)
+    monkeypatch.setenv("AAD_TRAIN__STUDENT", str(tiny_student))
+    monkeypatch.setenv("AAD_TRAIN__MAX_LENGTH", "48")
+    runner = CliRunner()
+    res = runner.invoke(app, ["select", "--selector", "random", "--fraction", "0.5", "-w", str(workspace.root), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["clusters"]
+    assert [r["selected"] for r in rows] == [2, 2]
+    res = runner.invoke(app, ["train", "--cluster", "0", "--max-steps", "1", "-w", str(workspace.root), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["name"] == "c0-card-arrival"
+    res = runner.invoke(app, ["train", "--cluster", "7", "-w", str(workspace.root)])
+    assert res.exit_code == 1 and "no selection" in res.output
