@@ -1,0 +1,327 @@
+"""The centroid router and the escalation loop.
+
+Fast tests drive the real CentroidRouter and RoutingEngine with a keyword embedder and scripted
+specialist backends (one that raises, one that hangs, one that writes invalid JSON, ...). The
+``real_model`` test builds a workspace end to end: real MiniLM clustering, two trained tiny
+specialists, calibration, and routing of new requests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aad_core import hookimpl
+from aad_core.plugins import get_plugin_manager
+from aad_core.routing.engine import RoutingEngine
+from aad_core.schema import ChatRequest, Message
+from aad_core.workspace import Workspace
+from aad_plugins.centroid_router import CentroidRouter
+
+from conftest import SHARED, make_trace
+from tiny_models import make_tiny_student
+
+TEACHER_ANSWER = '{"intent": "card_arrival", "by": "teacher"}'
+INTENT_SYSTEM = "Classify the customer's banking query. Answer with the intent label only."
+JSON_SYSTEM = 'Extract the city and day of a restaurant booking. Answer with JSON only: {"city": ..., "day": ...}'
+CITIES = ["Paris", "Rome", "Berlin", "Oslo", "Vienna", "Prague", "Dublin", "Athens", "Warsaw", "Zurich"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+BOOKING = ["Book a table in {c} on {d}", "Reserve dinner for two in {c} on {d}, please",
+           "Can I get a table in {c} this {d}?", "I need a restaurant booking in {c} for {d}"]
+COMPLEX = [
+    "Write a haiku about the sea at night", "Explain how a transformer neural network works",
+    "Plan a three day hiking trip in the Alps", "What were the causes of the French revolution?",
+    "Draft a polite email declining a job offer", "Summarise the plot of Hamlet in five sentences",
+    "How do I fix a leaking kitchen tap?", "Compare Python and Rust for systems programming",
+    "Give me a recipe for vegan lasagne", "What is the difference between weather and climate?",
+    "Suggest names for a bakery in a small town", "Explain the rules of cricket to an American",
+    "Write a limerick about a forgetful cat", "How does compound interest work over decades?",
+    "Describe the life cycle of a star", "What should I pack for a winter trip to Iceland?",
+    "Translate 'good morning, how are you' into French and German", "Why is the sky blue?",
+    "Outline a business plan for a bicycle repair shop", "What is the meaning of stoicism in daily life?",
+]
+
+
+def keyword_embed(requests: list[ChatRequest]) -> np.ndarray:
+    """Cluster 0 = card questions, cluster 1 = SQL questions, anything else in between."""
+    rows = []
+    for r in requests:
+        text = r.last_user_message().lower()
+        rows.append([1.0, 0.0] if "card" in text else [0.0, 1.0] if "sql" in text else [0.6, 0.6])
+    out = np.asarray(rows, dtype=np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def make_router(ws: Workspace, specialists: dict[int, str] | None = None) -> CentroidRouter:
+    return CentroidRouter(workspace=ws).fit(
+        np.eye(2, dtype=np.float32), [0, 1], {0: 0.9, 1: 0.9},
+        {0: "cards", 1: "sql"} if specialists is None else specialists, keyword_embed,
+    )
+
+
+@dataclass
+class Gen:
+    text: str
+    mean_logprob: float = -0.05
+    n_tokens: int = 5
+    latency_ms: float = 1.0
+
+
+class Scripted:
+    """A specialist backend that answers, raises or hangs as told."""
+
+    def __init__(self, text: str = '{"intent": "card_arrival"}', *, raises: bool = False, sleep_s: float = 0.0,
+                 logprob: float = -0.05) -> None:
+        self.text, self.raises, self.sleep_s, self.logprob = text, raises, sleep_s, logprob
+        self.calls: list[str] = []
+
+    def generate(self, name, requests, *, max_new_tokens):  # noqa: ANN001, ANN201
+        self.calls.append(name)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if self.raises:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [Gen(self.text, self.logprob) for _ in requests]
+
+
+def teacher(_request: ChatRequest) -> Message:
+    return Message(role="assistant", content=TEACHER_ANSWER)
+
+
+def card_request(**params) -> ChatRequest:  # noqa: ANN003
+    return ChatRequest(messages=[Message(role="user", content="my card has not arrived")], params=params)
+
+
+def engine_for(ws: Workspace, backend: Scripted, *, output_kind: str = "json", timeout_s: float = 5.0,
+               min_logprob: float | None = None) -> RoutingEngine:
+    eng = RoutingEngine(ws, teacher, router=make_router(ws), specialists=backend, timeout_s=timeout_s)
+    eng._cluster_info = {0: {"output_kind": output_kind, "min_logprob": min_logprob}, 1: {"output_kind": "sql"}}
+    return eng
+
+
+def escalations(ws: Workspace) -> list:
+    store = ws.store()
+    try:
+        return [t for t in store.iter_traces(source="router")]
+    finally:
+        store.close()
+
+
+# -- the router --------------------------------------------------------------------------------
+def test_router_decisions_explain_themselves_and_reach_observers(workspace: Workspace) -> None:
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def aad_request_routed(self, decisions):  # noqa: ANN001, ANN202
+            seen.extend(decisions)
+
+    get_plugin_manager().add_plugin(Observer(), name="observer")
+    router = make_router(workspace, specialists={0: "cards"})
+    card, sql, other = router.route([card_request(),
+                                     ChatRequest(messages=[Message(role="user", content="write sql for sales")]),
+                                     ChatRequest(messages=[Message(role="user", content="plan my trip")])])
+    assert card.target == "specialist" and card.specialist == "cards" and card.cluster_id == 0
+    assert card.similarity == pytest.approx(1.0) and card.threshold == pytest.approx(0.9)
+    assert "clears its threshold" in card.reason
+    assert sql.target == "teacher" and "no promoted specialist" in sql.reason  # cluster 1 has none
+    assert other.target == "teacher" and "below its threshold" in other.reason
+    assert [d.target for d in seen] == ["specialist", "teacher", "teacher"]
+
+
+def test_router_is_registered_as_a_plugin_component(workspace: Workspace) -> None:
+    from aad_core.plugins import create_component
+
+    router = create_component("router", "centroid", workspace=workspace)
+    assert isinstance(router, CentroidRouter) and router.workspace is workspace
+    assert router.get_params() == {"workspace": workspace, "default_threshold": None}
+
+
+# -- the escalation loop -------------------------------------------------------------------------
+def test_a_valid_specialist_answer_is_returned(workspace: Workspace) -> None:
+    backend = Scripted('{"intent": "card_arrival"}')
+    answer = engine_for(workspace, backend).answer(card_request())
+    assert answer.decision.target == "specialist" and not answer.decision.escalated
+    assert json.loads(answer.message.content) == {"intent": "card_arrival"}
+    assert answer.model == "cards" and backend.calls == ["cards"]
+    assert escalations(workspace) == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "kwargs", "reason"),
+    [
+        (Scripted(raises=True), {}, "exception: RuntimeError: CUDA out of memory"),
+        (Scripted(sleep_s=1.5), {"timeout_s": 0.2}, "timeout"),
+        (Scripted('{"intent": card_arrival'), {}, "validator json: invalid JSON"),
+        (Scripted('{"intent": "card_arrival"}', logprob=-3.0), {"min_logprob": -1.0}, "low confidence"),
+    ],
+    ids=["raises", "times-out", "invalid-json", "low-confidence"],
+)
+def test_a_failed_specialist_is_never_what_the_user_gets(workspace: Workspace, backend: Scripted, kwargs: dict,
+                                                         reason: str) -> None:
+    eng = engine_for(workspace, backend, **kwargs)
+    started = time.perf_counter()
+    answer = eng.answer(card_request())
+    assert time.perf_counter() - started < 1.4  # a hanging specialist does not hold the caller
+    assert answer.message.content == TEACHER_ANSWER
+    assert answer.decision.target == "teacher" and answer.decision.escalated
+    assert answer.decision.reason.startswith("escalated: " + reason.split(":")[0])
+    eng.flush()
+    (trace,) = escalations(workspace)
+    assert trace.response.content == TEACHER_ANSWER and "escalation" in trace.tags
+    meta = trace.metadata["aad_escalation"]
+    assert reason in meta["reason"] and meta["cluster_id"] == 0 and meta["specialist"] == "cards"
+    eng.close()
+
+
+def test_json_schema_and_unbound_tools_escalate(workspace: Workspace) -> None:
+    schema = {"type": "object", "required": ["intent", "confidence"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    eng = engine_for(workspace, Scripted('{"intent": "card_arrival"}'), output_kind="text")
+    answer = eng.answer(card_request(response_format=fmt))
+    assert answer.decision.escalated and "'confidence' is a required property" in answer.decision.reason
+
+    tools = [{"type": "function", "function": {"name": "lookup_card", "parameters": {"type": "object"}}}]
+    bad_tool = Scripted('<tool_call>{"name": "wire_money", "arguments": {"amount": 100}}</tool_call>')
+    eng = engine_for(workspace, bad_tool, output_kind="tool_calls")
+    request = ChatRequest(messages=card_request().messages, tools=tools)
+    answer = eng.answer(request)
+    assert answer.decision.escalated and "'wire_money' is not bound" in answer.decision.reason
+    assert answer.message.content == TEACHER_ANSWER
+
+    good_tool = Scripted('<tool_call>{"name": "lookup_card", "arguments": {"id": 7}}</tool_call>')
+    answer = engine_for(workspace, good_tool, output_kind="tool_calls").answer(request)
+    assert answer.decision.target == "specialist"
+    assert answer.message.tool_calls[0].function.name == "lookup_card" and answer.message.content is None
+
+
+def test_no_escalation_trace_when_recording_is_off(workspace: Workspace) -> None:
+    eng = RoutingEngine(workspace, teacher, router=make_router(workspace), specialists=Scripted(raises=True),
+                        record=False)
+    assert eng.answer(card_request()).decision.escalated
+    eng.flush()
+    assert escalations(workspace) == []
+
+
+# -- real models ---------------------------------------------------------------------------------
+@pytest.mark.real_model
+def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[Workspace, dict]) -> None:
+    ws, info = routed_workspace
+    evaluation = ws.read_state("router_eval.json")
+    assert evaluation["labels"] == ["routine", "complex"] and evaluation["targets"] == ["specialist", "teacher"]
+    assert evaluation["n"] == sum(map(sum, evaluation["matrix"])) > 0
+    assert evaluation["accuracy"] >= 0.9
+    state = ws.read_state("router.json")
+    served = {c["specialist"] for c in state["clusters"].values() if c["specialist"]}
+    assert served == {info["intent_specialist"], info["json_specialist"]}
+    assert state["clusters"][str(info["json_cluster"])]["output_kind"] == "json"
+
+    eng = RoutingEngine(ws, teacher)
+    intent = eng.answer(ChatRequest(messages=[Message(role="system", content=info["intent_system"]),
+                                              Message(role="user", content="I still have not received my new card")]))
+    assert intent.decision.target == "specialist", intent.decision.reason
+    assert intent.decision.specialist == info["intent_specialist"]
+    extract = eng.answer(ChatRequest(messages=[Message(role="system", content=info["json_system"]),
+                                               Message(role="user", content="Book a table in Lisbon on Friday")]))
+    assert extract.decision.target == "specialist", extract.decision.reason
+    assert isinstance(json.loads(extract.message.content), dict)  # validated JSON from the specialist
+    poem = eng.answer(ChatRequest(messages=[Message(role="user", content="Write a sonnet about autumn rain")]))
+    assert poem.decision.target == "teacher" and not poem.decision.escalated
+    # A schema the specialist never learned: its JSON fails validation, the teacher answers, it is recorded.
+    fmt = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "object", "required": ["guests"]}}}
+    strict = eng.answer(ChatRequest(messages=extract_messages(info), params={"response_format": fmt}))
+    assert strict.decision.escalated and strict.message.content == TEACHER_ANSWER
+    eng.flush()
+    assert any("guests" in t.metadata["aad_escalation"]["reason"] for t in escalations(ws))
+    eng.close()
+
+
+def extract_messages(info: dict) -> list[Message]:
+    return [Message(role="system", content=info["json_system"]),
+            Message(role="user", content="Book a table in Madrid on Monday")]
+
+
+# -- the real workspace (session fixture, shared with the integration tests) -----------------------
+def _banking_texts(n: int) -> list[str]:
+    import csv
+
+    path = SHARED / "data" / "banking77" / "train.csv"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    with path.open(encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("card_arrival", "card_delivery_estimate")]
+    return [(r["text"], r["category"]) for r in rows[:n]]
+
+
+def _train_specialist(ws: Workspace, student: Path, cluster_id: int, ids: list[str], label: str, tmp: Path):
+    from aad_core.specialists import SpecialistRegistry
+    from aad_plugins.qlora import QLoRATrainer
+
+    store = ws.store()
+    try:
+        traces = list(store.iter_traces(ids=ids))
+    finally:
+        store.close()
+    out = tmp / f"adapter-{cluster_id}"
+    trainer = QLoRATrainer(student=str(student), batch_size=8, gradient_accumulation=1, learning_rate=1e-2,
+                           max_length=96, quantization="none", seed=0, device="cpu", max_steps=60, lora_r=16,
+                           target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                           early_stopping_patience=0)
+    metrics = trainer.train(traces, traces[:4], out, show_progress=False)
+    registry = SpecialistRegistry(ws)
+    spec = registry.save(cluster_id=cluster_id, label=label, adapter_dir=out, base_model=str(student), metrics=metrics)
+    return registry.set_promoted(spec.name, spec.version, True, "test fixture")
+
+
+@pytest.fixture(scope="session")
+def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+    """Traces of two routine tasks (banking intents, booking -> JSON) and varied one-off requests;
+    real MiniLM clustering; two tiny specialists trained with the qlora trainer and promoted; the
+    router calibrated."""
+    pytest.importorskip("aad_core.pipeline.cluster")
+    from aad_core.pipeline.cluster import load_clusters, run_cluster
+    from aad_core.routing.calibration import calibrate_router
+
+    tmp = tmp_path_factory.mktemp("routed")
+    ws = Workspace.init(tmp / "ws")
+    text = ws.config_path.read_text(encoding="utf-8")
+    for old, new in (("min_size = 30", "min_size = 12"), ("k_max = 16", "k_max = 6")):
+        text = text.replace(old, new)
+    ws.config_path.write_text(text, encoding="utf-8")
+    ws = Workspace(ws.root)
+
+    intent = [make_trace(t, c, system=INTENT_SYSTEM, task="intent") for t, c in _banking_texts(40)]
+    booking = [make_trace(BOOKING[i % 4].format(c=CITIES[i % 10], d=DAYS[i % 7]),
+                          json.dumps({"city": CITIES[i % 10], "day": DAYS[i % 7]}), system=JSON_SYSTEM, task="booking")
+               for i in range(40)]
+    systems = ["You are a helpful assistant.", "You are a knowledgeable and friendly expert."]
+    complex_ = [make_trace(q, f"A long, careful answer about: {q.lower()}.", system=systems[i % 2])
+                for i, q in enumerate(COMPLEX * 2)]
+    store = ws.store()
+    store.add(intent + booking + complex_)
+    store.close()
+
+    run_cluster(ws, show_progress=False)
+    state = load_clusters(ws)
+    ids = {"intent": {t.id for t in intent}, "booking": {t.id for t in booking}}
+    cluster_of = {}
+    for task, members in ids.items():
+        counts: dict[int, int] = {}
+        for tid in members:
+            counts[state.assignments[tid]] = counts.get(state.assignments[tid], 0) + 1
+        cluster_of[task] = max(counts, key=counts.get)
+    student = make_tiny_student(tmp / "student")
+    specs = {}
+    for task, cid in cluster_of.items():
+        train_ids = [t for t, c in state.assignments.items() if c == cid and state.split.get(t) == "train"]
+        specs[task] = _train_specialist(ws, student, cid, train_ids, task, tmp)
+    calibrate_router(ws, show_progress=False)
+    info = {"intent_cluster": cluster_of["intent"], "json_cluster": cluster_of["booking"],
+            "intent_specialist": specs["intent"].name, "json_specialist": specs["booking"].name,
+            "intent_system": INTENT_SYSTEM, "json_system": JSON_SYSTEM}
+    return ws, info
