@@ -119,7 +119,8 @@ class CaptureWriter:
 
         self._queue: queue.Queue[Trace | _Flush | _Stop] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
-        self._counts = {"captured": 0, "written": 0, "spooled": 0, "reloaded": 0, "errors": 0, "lost": 0}
+        self._counts = {"captured": 0, "written": 0, "spooled": 0, "reloaded": 0, "errors": 0, "lost": 0,
+                        "overflowed": 0}
         self._logged: set[str] = set()
         self._store_ok = True
         self._next_retry = 0.0
@@ -134,6 +135,8 @@ class CaptureWriter:
         """Queue ``trace`` for writing. Never raises; never blocks longer than the configured
         ``block_timeout_s`` (queue-full policy "block")."""
         try:
+            if not isinstance(trace, Trace):
+                raise TypeError(f"CaptureWriter.submit expects an aad_core.schema.Trace. Got {type(trace).__name__} instead.")
             self._count("captured")
             if not self._closed:
                 try:
@@ -150,8 +153,9 @@ class CaptureWriter:
                         pass
                 self._log_once("queue-full", logging.WARNING, "aad capture queue is full (%d); spooling to %s",
                                cfg.queue_size, self.spool_dir)
+                self._count("overflowed")
             self._spool(self._redacted([trace]))
-        except Exception as err:  # pragma: no cover - last line of defence for the agent
+        except Exception as err:  # last line of defence for the agent
             self._error("submit", err)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -186,8 +190,9 @@ class CaptureWriter:
         atexit.unregister(self._atexit)
 
     def stats(self) -> dict[str, int]:
-        """Counters: captured, written, spooled, reloaded (from the spool), errors, lost, queued,
-        spool_files (waiting in the spool folder)."""
+        """Counters: captured, written, spooled, reloaded (from the spool), errors, lost,
+        overflowed (spooled by the caller because the queue was full), queued, spool_files
+        (waiting in the spool folder)."""
         with self._lock:
             out = dict(self._counts)
         out["queued"] = self._queue.qsize()
