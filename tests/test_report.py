@@ -54,7 +54,8 @@ def populate(ws: Workspace, *, evaluation: bool = True, extras: bool = True) -> 
         })
     if extras:
         ws.write_state("selection_curve.json", {"budgets": [50, 100, 200, 400], "kl_uncertainty": [0.5, 0.7, 0.8, 0.85],
-                                                "random": [0.3, 0.5, 0.6, 0.75], "ratio_at": 100})
+                                                "random": [0.3, 0.5, 0.6, 0.75], "ratio_at": 100, "base_accuracy": 0.1,
+                                                "dataset": "banking77 (PolyAI, CC-BY-4.0)"})
         ws.write_state("router_eval.json", {"labels": ["routine", "complex"], "targets": ["specialist", "teacher"],
                                             "matrix": [[30, 5], [2, 40]], "accuracy": 0.9, "routine_recall": 0.86,
                                             "complex_recall": 0.95, "n": 77})

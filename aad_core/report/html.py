@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import platform
 import sqlite3
 from datetime import datetime, timezone
@@ -203,17 +204,20 @@ def _selection_section(curve: dict[str, Any] | None) -> str:
     curves = {k: curve[k] for k in ("kl_uncertainty", "random") if isinstance(curve.get(k), list)}
     if not curves:
         return out[0] + _todo("python benchmarks/selection_vs_random.py", "the selection experiment")
-    out.append(_img(plots.learning_curves(budgets, curves), "selection learning curves"))
-    ratio = curve.get("ratio")
-    if ratio is None and "kl_uncertainty" in curves and "random" in curves:
+    base = curve.get("base_accuracy")
+    out.append(_img(plots.learning_curves(budgets, curves, base if isinstance(base, (int, float)) else None),
+                    "selection learning curves"))
+    ratio, ratio_text = curve.get("ratio"), curve.get("ratio_text")
+    at = curve.get("ratio_at", budgets[len(budgets) // 2])
+    if ratio is None and ratio_text is None and "kl_uncertainty" in curves and "random" in curves and at in budgets:
         from aad_core.evaluation.curves import sample_ratio
 
-        at = curve.get("ratio_at", budgets[len(budgets) // 2])
-        if at in budgets:
-            ratio = sample_ratio(budgets, curves["kl_uncertainty"], curves["random"], at)
+        ratio = sample_ratio(budgets, curves["kl_uncertainty"], curves["random"], at)
     if ratio is not None:
-        out.append(f"<p>Random selection needs <b>{_num(ratio, '{:.1f}')}&times;</b> the samples to match the accuracy "
-                   "KL + uncertainty selection reaches (the seed paper reports about 4&times;).</p>")
+        ratio_text = f"{ratio:.1f}\u00d7"
+    if ratio_text:
+        out.append(f"<p>Random selection needs <b>{_e(ratio_text)}</b> the samples to match the held-out accuracy "
+                   f"KL + uncertainty selection reaches with {_e(at)} samples (the seed paper reports about 4&times;).</p>")
     if curve.get("dataset"):
         out.append(f"<p class=\"muted\">Data: {_e(curve['dataset'])}</p>")
     return "".join(out)
@@ -259,8 +263,9 @@ def _latency_cost_section(evaluation: dict[str, Any] | None) -> str:
     )
     out.append(f"<table>{head}{body}</table>")
     out.append(
-        f"<p class=\"muted\">Specialist latency measured on this machine ({_e(platform.machine())}, "
-        f"{_e(platform.processor() or platform.system())}) while generating the held-out answers; teacher latency "
+        f"<p class=\"muted\">Specialist latency {_e(rows[0]['latency']['specialist'].get('source', 'measured'))} on "
+        f"this machine ({_e(platform.machine())}, {_e(platform.system())}, {_e(os.cpu_count())} CPUs) with held-out "
+        "requests; teacher latency "
         "from the recorded traces. Specialist cost = hardware price per hour "
         f"(USD {_e(evaluation.get('hardware_price_per_hour'))}) &times; measured generation time &divide; tokens "
         f"processed (prompt + answer); teacher cost = configured price (USD {_e(evaluation.get('teacher_price_per_mtok'))} "
@@ -319,15 +324,19 @@ def render_report(ws: Workspace) -> str:
         "specialists evaluated": summary.get("evaluated"),
         "promoted": summary.get("promoted"),
     }
+    curve = _state(ws, "selection_curve.json")
+    attributions = _attributions(ws)
+    if "banking77" in str((curve or {}).get("dataset", "")).lower() and not any("banking77" in a for a in attributions):
+        attributions.insert(0, _BANKING77)
     body = "".join([
         _header(ws, counts),
         _clusters_section(ws, clusters),
         _cluster_table(clusters, evaluation),
-        _selection_section(_state(ws, "selection_curve.json")),
+        _selection_section(curve),
         _router_section(_state(ws, "router_eval.json")),
         _latency_cost_section(evaluation),
         _replaceability_section(clusters, evaluation),
-        _footer(ws, _attributions(ws)),
+        _footer(ws, attributions),
     ])
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>aad report</title>"
             f"<style>{_CSS}</style></head><body>{body}</body></html>")

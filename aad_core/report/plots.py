@@ -75,11 +75,13 @@ def score_bars(rows: Sequence[dict[str, Any]], parity: float) -> str:
     return _png(fig)
 
 
-def learning_curves(budgets: Sequence[float], curves: dict[str, Sequence[float]]) -> str:
+def learning_curves(budgets: Sequence[float], curves: dict[str, Sequence[float]], base: float | None = None) -> str:
     fig, ax = _figure()
     colors = [_GREEN, _GREY, _BLUE, _ORANGE]
     for (name, values), color in zip(curves.items(), colors):
         ax.plot(list(budgets), list(values), marker="o", label=name, color=color)
+    if base is not None:
+        ax.axhline(base, color=_RED, linestyle=":", linewidth=1, label="base student (no training)")
     ax.set_xlabel("training samples (budget)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("Selection: KL + uncertainty vs random")
