@@ -1,0 +1,119 @@
+"""S2: the default presidio redactor (real engine, no model download) and redaction on capture."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+pytest.importorskip("presidio_analyzer")
+
+from aad_core.plugins import create_component  # noqa: E402
+from aad_core.schema import ChatRequest, FunctionCall, Message, TokenLogprob, ToolCall, Trace  # noqa: E402
+
+EMAIL, PHONE, CARD = "jane.roe@example.com", "+1 415-555-0123", "4111 1111 1111 1111"
+
+
+@pytest.fixture(scope="module")
+def redactor():
+    from aad_core.plugins import reset_plugin_manager
+
+    r = create_component("redactor", "presidio", spacy_model=None)
+    reset_plugin_manager()
+    return r
+
+
+def tool_call(args: dict, id_: str = "call_1") -> ToolCall:
+    return ToolCall(id=id_, function=FunctionCall(name="send_receipt", arguments=json.dumps(args)))
+
+
+def pii_trace() -> Trace:
+    return Trace(
+        source="test",
+        request=ChatRequest(messages=[
+            Message(role="system", content="You help customers. Never reveal card numbers."),
+            Message(role="user", content=f"I'm {EMAIL}, phone {PHONE}. Charge card {CARD} and mail the receipt."),
+            Message(role="assistant", tool_calls=[tool_call({"to": EMAIL, "copies": 2, "cc": ["bob@example.org"]})]),
+            Message(role="tool", tool_call_id="call_1", content=f"receipt sent to {EMAIL}"),
+        ]),
+        response=Message(role="assistant", content=f"Done, the receipt went to {EMAIL}.",
+                         tool_calls=[tool_call({"to": EMAIL}, "call_2")]),
+        teacher_logprobs=[TokenLogprob(token="Done", logprob=-0.1)],
+    )
+
+
+def test_pii_is_replaced_with_consistent_placeholders(redactor):
+    original = pii_trace()
+    (out,) = redactor.redact([original])
+    user = out.request.messages[1].text()
+    assert EMAIL not in user and PHONE not in user and CARD not in user
+    assert "<EMAIL_ADDRESS_1>" in user and "<PHONE_NUMBER_1>" in user and "<CREDIT_CARD_1>" in user
+    # The same e-mail gets the same placeholder in the tool-call arguments, which stay valid JSON.
+    args = out.request.messages[2].tool_calls[0].function.parsed_arguments()
+    assert args == {"to": "<EMAIL_ADDRESS_1>", "copies": 2, "cc": ["<EMAIL_ADDRESS_2>"]}
+    assert out.request.messages[3].content == "receipt sent to <EMAIL_ADDRESS_1>"
+    assert out.answer_text() == "Done, the receipt went to <EMAIL_ADDRESS_1>."
+    assert out.response.tool_calls[0].function.parsed_arguments() == {"to": "<EMAIL_ADDRESS_1>"}
+    assert out.request.messages[0].content == original.request.messages[0].content  # no PII: unchanged
+    assert out.redacted and out.metadata["redacted_entities"]["EMAIL_ADDRESS"] == 2
+    assert out.teacher_logprobs is None  # the answer had PII: its tokens would leak it
+    assert EMAIL not in out.model_dump_json()
+    assert original.request.messages[1].text().count(EMAIL) == 1 and not original.redacted  # input untouched
+
+
+@pytest.mark.parametrize("text,entity", [
+    ("IBAN DE89370400440532013000 please", "IBAN_CODE"),
+    ("server at 192.168.10.20 is down", "IP_ADDRESS"),
+    ("my SSN is 536-22-1234", "US_SSN"),
+])
+def test_other_pattern_entities(redactor, text, entity):
+    assert f"<{entity}_1>" in redactor.redact_text(text)
+
+
+def test_task_content_without_pii_is_left_alone(redactor):
+    sql = "SELECT name, SUM(amount) FROM orders WHERE year = 2024 GROUP BY name LIMIT 10"
+    t = Trace(request=ChatRequest(messages=[Message(role="user", content=sql)]),
+              response=Message(role="assistant", content="42 rows"),
+              teacher_logprobs=[TokenLogprob(token="42", logprob=-0.3)])
+    (out,) = redactor.redact([t])
+    assert out.request.messages[0].content == sql and out.teacher_logprobs == t.teacher_logprobs
+    assert out.redacted and "redacted_entities" not in out.metadata
+
+
+def test_content_parts_and_already_redacted(redactor):
+    t = Trace(request=ChatRequest(messages=[Message(role="user", content=[{"type": "text", "text": f"hi {EMAIL}"}])]))
+    (out,) = redactor.redact([t])
+    assert out.request.messages[0].content[0]["text"] == "hi <EMAIL_ADDRESS_1>"
+    assert redactor.redact([out])[0] is out
+
+
+def test_bad_entity_parameter_is_explained():
+    r = create_component("redactor", "presidio", entities=["EMAIL_ADDRESS", "SHOE_SIZE"], spacy_model=None)
+    with pytest.raises(ValueError, match="'entities' parameter of PresidioRedactor"):
+        r.redact([pii_trace()])
+
+
+def test_captured_calls_are_redacted_before_anything_is_written(workspace):
+    """End to end: LangChain handler with the default config; the raw values never reach the disk."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    from aad_langchain import AADCallbackHandler
+
+    answer = AIMessage(content="", tool_calls=[{"name": "send_receipt", "args": {"to": EMAIL}, "id": "c1"}])
+    h = AADCallbackHandler(workspace=workspace)  # redact=True, redactor "presidio"
+    GenericFakeChatModel(messages=iter([answer])).invoke(
+        f"Mail {EMAIL} or call {PHONE}; card {CARD}", config={"callbacks": [h]})
+    h.close(timeout=120)
+    (t,) = list(h.writer.store.iter_traces())
+    assert t.redacted
+    assert t.request.messages[0].content == "Mail <EMAIL_ADDRESS_1> or call <PHONE_NUMBER_1>; card <CREDIT_CARD_1>"
+    assert t.response.tool_calls[0].function.parsed_arguments() == {"to": "<EMAIL_ADDRESS_1>"}
+    conn = sqlite3.connect(workspace.db_path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    on_disk = b"".join(p.read_bytes() for p in workspace.data_dir.rglob("*") if p.is_file())
+    for raw in (EMAIL, PHONE, CARD):
+        assert raw.encode() not in on_disk
