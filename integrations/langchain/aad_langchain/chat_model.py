@@ -38,6 +38,20 @@ from aad_core.schema import ChatRequest, Message, RoutingDecision, Usage
 _CALL_ONLY = ("tools", "tool_choice", "model", "ls_structured_output_format")
 
 
+def _child_config(run_manager: Any) -> dict[str, Any]:
+    """Run config that makes the teacher call a child run of the routed call (same handlers)."""
+    if run_manager is None:
+        return {}
+    from langchain_core.callbacks import AsyncCallbackManager, CallbackManager
+
+    cls = AsyncCallbackManager if isinstance(run_manager, AsyncCallbackManagerForLLMRun) else CallbackManager
+    manager = cls(handlers=run_manager.inheritable_handlers, inheritable_handlers=run_manager.inheritable_handlers,
+                  parent_run_id=run_manager.run_id, tags=run_manager.inheritable_tags,
+                  inheritable_tags=run_manager.inheritable_tags, metadata=run_manager.inheritable_metadata,
+                  inheritable_metadata=run_manager.inheritable_metadata)
+    return {"callbacks": manager}
+
+
 def _estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4) if text else 0
 
@@ -223,7 +237,7 @@ class RoutedChatModel(BaseChatModel):
         if outcome is not None and outcome.ok:
             message = self._specialist_message(request, decision, outcome)
         else:
-            config = {"callbacks": run_manager.get_child()} if run_manager else {}
+            config = _child_config(run_manager)
             answer = self._teacher_runnable(kwargs).invoke(messages, config=config, stop=stop or self.stop)
             message = self._finish_teacher(request, answer, decision, outcome)
         return ChatResult(generations=[ChatGeneration(message=message)],
@@ -236,7 +250,7 @@ class RoutedChatModel(BaseChatModel):
         if outcome is not None and outcome.ok:
             message = self._specialist_message(request, decision, outcome)
         else:
-            config = {"callbacks": run_manager.get_child()} if run_manager else {}
+            config = _child_config(run_manager)
             answer = await self._teacher_runnable(kwargs).ainvoke(messages, config=config, stop=stop or self.stop)
             message = await asyncio.to_thread(self._finish_teacher, request, answer, decision, outcome)
         return ChatResult(generations=[ChatGeneration(message=message)],
@@ -262,7 +276,7 @@ class RoutedChatModel(BaseChatModel):
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        config = {"callbacks": run_manager.get_child()} if run_manager else {}
+        config = _child_config(run_manager)
         collected: AIMessageChunk | None = None
         first = True
         for part in self._teacher_runnable(kwargs).stream(messages, config=config, stop=stop or self.stop):
@@ -295,7 +309,7 @@ class RoutedChatModel(BaseChatModel):
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        config = {"callbacks": run_manager.get_child()} if run_manager else {}
+        config = _child_config(run_manager)
         collected: AIMessageChunk | None = None
         first = True
         async for part in self._teacher_runnable(kwargs).astream(messages, config=config, stop=stop or self.stop):

@@ -1,0 +1,123 @@
+"""RoutedChatModel in LangChain chains: specialist and teacher paths, escalation, streaming,
+batching, async, tools — with a fake teacher model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.language_models.fake_chat_models import FakeListChatModel, GenericFakeChatModel  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage  # noqa: E402
+from langchain_core.output_parsers import StrOutputParser  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
+from langchain_core.tools import tool  # noqa: E402
+from test_router import Scripted, engine_for, escalations, routed_workspace  # noqa: E402,F401
+
+from aad_core.workspace import Workspace  # noqa: E402
+from aad_langchain import RoutedChatModel  # noqa: E402
+
+PROMPT = ChatPromptTemplate.from_messages([("system", "You are a bank assistant."), ("human", "{question}")])
+
+
+class ToolTeacher(GenericFakeChatModel):
+    """A fake teacher that records the tools it was bound with."""
+
+    bound: list[Any] = []
+
+    def bind_tools(self, tools, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        ToolTeacher.bound = list(tools)
+        return self
+
+
+def routed(ws: Workspace, backend: Scripted, teacher: Any = None, **kw: Any) -> RoutedChatModel:
+    teacher = teacher or FakeListChatModel(responses=["teacher says hi"])
+    return RoutedChatModel(teacher=teacher, routing_engine=engine_for(ws, backend, **kw))
+
+
+def test_chain_uses_the_specialist_for_routine_requests(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    chain = PROMPT | llm | StrOutputParser()
+    assert json.loads(chain.invoke({"question": "my card has not arrived"})) == {"intent": "card_arrival"}
+    msg = (PROMPT | llm).invoke({"question": "my card has not arrived"})
+    route = msg.response_metadata["aad_route"]
+    assert route["target"] == "specialist" and route["specialist"] == "cards" and route["cluster_id"] == 0
+    assert msg.usage_metadata["output_tokens"] == 5 and msg.usage_metadata["total_tokens"] > 5
+
+
+def test_teacher_answers_the_rest_and_escalations(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted("{broken json"))
+    msg = llm.invoke([HumanMessage("plan my trip to Japan")])
+    assert msg.content == "teacher says hi" and msg.response_metadata["aad_route"]["target"] == "teacher"
+    assert not msg.response_metadata["aad_route"]["escalated"] and msg.usage_metadata is not None
+    escalated = llm.invoke([HumanMessage("my card has not arrived")])
+    assert escalated.content == "teacher says hi"  # never the specialist's broken JSON
+    assert escalated.response_metadata["aad_route"]["escalated"]
+    llm.routing_engine.flush()
+    (trace,) = escalations(workspace)
+    assert trace.response.content == "teacher says hi"
+    assert trace.metadata["aad_escalation"]["specialist_output"] == "{broken json"
+
+
+def test_stream_batch_and_async(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'),
+                 teacher=GenericFakeChatModel(messages=iter([AIMessage("streamed teacher answer")] * 3)))
+    chunks = list(llm.stream("my card has not arrived"))
+    full = chunks[0]
+    for c in chunks[1:]:
+        full += c
+    assert json.loads(full.content) == {"intent": "card_arrival"}
+    assert full.response_metadata["aad_route"]["target"] == "specialist"
+    teacher_chunks = list(llm.stream("plan my trip"))
+    assert len(teacher_chunks) > 1  # the teacher's own stream comes through
+    joined = teacher_chunks[0]
+    for c in teacher_chunks[1:]:
+        joined += c
+    assert joined.content == "streamed teacher answer"
+    assert joined.response_metadata["aad_route"]["target"] == "teacher" and joined.usage_metadata is not None
+    outs = llm.batch(["my card has not arrived", "plan my trip"])
+    assert [o.response_metadata["aad_route"]["target"] for o in outs] == ["specialist", "teacher"]
+
+
+async def test_async_invoke_and_stream(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    msg = await llm.ainvoke("my card has not arrived")
+    assert msg.response_metadata["aad_route"]["target"] == "specialist"
+    teacher_msg = await llm.ainvoke("plan my trip")
+    assert teacher_msg.content == "teacher says hi"
+    parts = [c async for c in llm.astream("my card has not arrived")]
+    assert json.loads("".join(str(p.content) for p in parts)) == {"intent": "card_arrival"}
+
+
+def test_bind_tools_reaches_specialist_and_teacher(workspace: Workspace) -> None:
+    @tool
+    def lookup_card(card_id: int) -> str:
+        """Look up the delivery status of a card."""
+        return "shipped"
+
+    backend = Scripted('<tool_call>{"name": "lookup_card", "arguments": {"card_id": 7}}</tool_call>')
+    teacher = ToolTeacher(messages=iter([AIMessage("teacher fallback")]))
+    llm = routed(workspace, backend, teacher=teacher, output_kind="tool_calls")
+    msg = llm.bind_tools([lookup_card]).invoke("my card has not arrived")
+    assert msg.tool_calls == [{"name": "lookup_card", "args": {"card_id": 7}, "id": msg.tool_calls[0]["id"],
+                               "type": "tool_call"}]
+    assert msg.response_metadata["aad_route"]["target"] == "specialist"
+    out = llm.bind_tools([lookup_card], tool_choice="lookup_card").invoke("plan my trip")
+    assert out.content == "teacher fallback"
+    assert ToolTeacher.bound[0]["function"]["name"] == "lookup_card"
+
+
+@pytest.mark.real_model
+def test_chain_end_to_end_on_trained_specialists(routed_workspace: tuple[Workspace, dict]) -> None:  # noqa: F811
+    ws, info = routed_workspace
+    llm = RoutedChatModel(teacher=FakeListChatModel(responses=["teacher answer"]), workspace=str(ws.root))
+    prompt = ChatPromptTemplate.from_messages([("system", info["json_system"]), ("human", "{q}")])
+    msg = (prompt | llm).invoke({"q": "Reserve dinner for two in Vienna on Sunday, please"})
+    route = msg.response_metadata["aad_route"]
+    assert route["target"] == "specialist" and route["specialist"] == info["json_specialist"], route
+    assert isinstance(json.loads(msg.content), dict)
+    other = (prompt | llm | StrOutputParser()).invoke({"q": "Write a sonnet about autumn rain and old trains"})
+    assert other == "teacher answer"
