@@ -29,7 +29,7 @@ def _recording_runners(calls: list[str]):
     def select(ws, profile, progress):
         calls.append("select")
         ws.write_state("selection.json", {"fraction": ws.config.select.fraction,
-                                          "clusters": ws.read_state("clusters.json")["clusters"]})
+                                          "clusters": {"0": ws.read_state("clusters.json")["clusters"][0]}})
         return "selected"
 
     def train(ws, profile, progress):
@@ -109,7 +109,7 @@ def test_a_changed_or_missing_artifact_is_rebuilt(ws):
     _run(ws, calls)
     assert calls == ["evaluate"]  # rebuilt identically, so the router stays up to date
     calls.clear()
-    ws.write_state("selection.json", {"fraction": 0.9, "clusters": []})  # e.g. 'aad select' run by hand with other settings
+    ws.write_state("selection.json", {"fraction": 0.9, "clusters": {}})  # e.g. 'aad select' run by hand with other settings
     _run(ws, calls)
     assert calls[0] == "select" and "cluster" not in calls
 
@@ -132,7 +132,7 @@ def test_interrupted_run_resumes_after_the_last_finished_stage(ws):
 def test_quick_profile_shrinks_but_never_grows_the_run(ws):
     ws.config.eval.max_heldout = 4
     apply_profile(ws, QUICK)
-    assert ws.config.train.max_steps == 8 and ws.config.eval.max_heldout == 4
+    assert ws.config.train.max_steps == 10 and ws.config.eval.max_heldout == 4
     calls: list[str] = []
     _run(ws, calls)
     calls.clear()

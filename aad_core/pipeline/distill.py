@@ -47,10 +47,10 @@ class Profile:
 FULL = Profile("full", description="the workspace's aad.toml as written")
 QUICK = Profile(
     "quick",
-    overrides={("train", "max_steps"): 8, ("eval", "max_heldout"): 8, ("eval", "max_new_tokens"): 32},
+    overrides={("train", "max_steps"): 10, ("eval", "max_heldout"): 8, ("eval", "max_new_tokens"): 40},
     max_specialists=2,
-    description="train the 2 routine clusters with most calls for at most 8 steps; evaluate on 8 held-out samples "
-    "with 32 new tokens",
+    description="train at most the 2 routine clusters with most calls, for at most 10 steps each; evaluate on 8 "
+    "held-out samples with at most 40 new tokens",
 )
 PROFILES = {"full": FULL, "quick": QUICK}
 
@@ -137,10 +137,11 @@ def load_distill_state(ws: Workspace) -> dict[str, Any]:
 # -- stages ------------------------------------------------------------------------------------
 
 def _routine_cluster_ids(ws: Workspace, limit: int | None) -> list[int]:
-    clusters = ws.read_state("clusters.json", stage_hint="aad cluster").get("clusters", [])
-    routine = [c for c in clusters if c.get("routine")]
-    routine.sort(key=lambda c: (-float(c.get("share_calls") or 0), -int(c.get("size") or 0), int(c["id"])))
-    ids = [int(c["id"]) for c in routine]
+    """Clusters that have a selection (the routine ones), most calls first."""
+    selected = ws.read_state("selection.json", stage_hint="aad select").get("clusters", {})
+    clusters = {int(c["id"]): c for c in ws.read_state("clusters.json", stage_hint="aad cluster").get("clusters", [])}
+    ids = sorted((int(k) for k in selected),
+                 key=lambda i: (-float(clusters.get(i, {}).get("share_calls") or 0), -int(clusters.get(i, {}).get("size") or 0), i))
     return ids if limit is None else ids[:limit]
 
 
