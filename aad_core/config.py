@@ -39,6 +39,9 @@ class CaptureConfig(_Section):
     retry_interval_s: float = Field(
         5.0, gt=0, description="How often the writer retries loading spooled traces into the store after a failure."
     )
+    linger_s: float = Field(
+        0.05, ge=0, description="How long the background writer waits to fill a batch before writing it."
+    )
 
 
 class EmbedConfig(_Section):

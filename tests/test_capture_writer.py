@@ -71,7 +71,7 @@ def test_submit_never_raises(workspace):
 
 @pytest.mark.parametrize("policy", ["spool", "block"])
 def test_full_queue_spools_instead_of_dropping(workspace, policy):
-    w = CaptureWriter(workspace=workspace, config=settings(queue_size=2, full_policy=policy, block_timeout_s=0.05,
+    w = CaptureWriter(workspace=workspace, config=settings(queue_size=2, full_policy=policy, block_timeout_s=0.05, linger_s=0,
                                                            write_timeout_s=1.0, retry_interval_s=30))
     held = lock(workspace.db_path)
     try:

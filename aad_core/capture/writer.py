@@ -122,6 +122,7 @@ class CaptureWriter:
         self._counts = {"captured": 0, "written": 0, "spooled": 0, "reloaded": 0, "errors": 0, "lost": 0,
                         "overflowed": 0}
         self._logged: set[str] = set()
+        self._redactor: Any = None  # built on first use, on the background thread
         self._store_ok = True
         self._next_retry = 0.0
         self._spool_pending = True  # a previous run may have left spooled traces
@@ -215,6 +216,7 @@ class CaptureWriter:
     # -- background thread -------------------------------------------------------------------
     def _run(self) -> None:
         batch_size = self.config.capture.batch_size
+        linger = self.config.capture.linger_s
         poll = min(self.config.capture.retry_interval_s, 1.0)
         while True:
             try:
@@ -225,6 +227,9 @@ class CaptureWriter:
                 continue
             batch: list[Trace] = []
             markers: list[_Flush | _Stop] = []
+            # Fill the batch for up to `linger` seconds: fewer, larger transactions, and the
+            # agent's threads are interrupted less often.
+            deadline = time.monotonic() + linger
             while True:
                 if isinstance(item, Trace):
                     batch.append(item)
@@ -234,7 +239,7 @@ class CaptureWriter:
                 if len(batch) >= batch_size:
                     break
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             if batch:
@@ -269,12 +274,20 @@ class CaptureWriter:
             self._drain_spool(force=True)
 
     def _redacted(self, traces: list[Trace]) -> list[Trace]:
+        """Redacted copies (S2). One trace at a time, yielding the GIL in between, so that a
+        busy redactor delays the agent's own threads as little as possible."""
         if not self.redact or all(t.redacted for t in traces):
             return traces
-        from aad_core.redaction import redact_traces
-
         try:
-            return redact_traces(traces, self.config)
+            if self._redactor is None:
+                from aad_core.redaction import get_redactor
+
+                self._redactor = get_redactor(self.config)
+            out = []
+            for t in traces:
+                out.append(t if t.redacted else self._redactor.redact([t])[0])
+                time.sleep(0)
+            return out
         except Exception as err:
             # Kept (unredacted) in the local spool rather than lost; redaction is retried when
             # the spool is loaded back, and nothing unredacted reaches the store.
