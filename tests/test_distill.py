@@ -143,3 +143,27 @@ def test_quick_profile_shrinks_but_never_grows_the_run(ws):
 def test_unknown_profile_is_a_clear_error(ws):
     with pytest.raises(ValueError, match="'profile' parameter of run_distill must be one of"):
         run_distill(ws, profile="fast", report=False)
+
+
+def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monkeypatch):
+    """The real stages (MiniLM clustering, tiny random student for scoring/training/evaluation),
+    then a second run that skips everything, then --force on one stage's input."""
+    from aad_core.demo import create_demo_workspace
+    from tests.tiny_models import make_tiny_student
+
+    monkeypatch.setenv("AAD_DEMO_DATA", str(shared_dir / "data"))
+    student = make_tiny_student(tmp_path / "student")
+    sizes = {"intent": 30, "triage": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
+    config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("train", "max_steps"): 2,
+              ("eval", "max_heldout"): 3, ("eval", "max_new_tokens"): 6, ("train", "max_length"): 64}
+    ws = create_demo_workspace(tmp_path / "demo", sizes=sizes, config=config, redact=False)
+    first = run_distill(Workspace(ws.root), show_progress=False)
+    assert [r.stage for r in first] == [*STAGES, "report"]
+    assert all(r.status == "ran" for r in first)
+    for artifact in ("clusters.json", "selection.json", "eval.json", "router.json"):
+        assert ws.state_path(artifact).exists(), artifact
+    assert ws.report_path.exists()
+    evaluation = json.loads(ws.state_path("eval.json").read_text())
+    assert any(c["status"] == "evaluated" for c in evaluation["clusters"])
+    second = run_distill(Workspace(ws.root), show_progress=False)
+    assert [r.status for r in second[:-1]] == ["skipped"] * len(STAGES)
