@@ -1,0 +1,154 @@
+"""Curation (S2): which traces are fit to cluster, train on and evaluate on.
+
+* Error traces are excluded.
+* Exact duplicates (same messages and tools) are dropped; the oldest copy is kept.
+* Near-duplicates are dropped: two calls made in the same context (identical system prompt and
+  tools) whose conversation part (the user messages / answer of the view) embeds with cosine
+  >= ``[cluster] near_duplicate_threshold``. Comparing the conversation part alone matters: the
+  shared context would otherwise pull every pair of one agent node close to 1.
+* The train / held-out split is made per cluster. Each kept trace gets a seeded hash rank; the
+  lowest ``heldout_fraction`` of a cluster is held out. A trace keeps its side when the cluster
+  grows, and because every duplicate and near-duplicate was reduced to one kept representative,
+  no such group can straddle the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from aad_core.schema import Trace
+
+
+@dataclass
+class CurationResult:
+    #: Ids kept, in input order.
+    kept: list[str]
+    #: Dropped id -> reason ("error", "duplicate of <id>", "near-duplicate of <id> (cos 0.991)").
+    dropped: dict[str, str] = field(default_factory=dict)
+    #: Dropped duplicate id -> the kept id it duplicates (for traffic shares).
+    representative: dict[str, str] = field(default_factory=dict)
+
+
+def request_key(trace: Trace) -> str:
+    """sha256 of the request's messages and tools (what makes two calls exact duplicates)."""
+    payload = {
+        "messages": [m.model_dump(mode="json", exclude_none=True) for m in trace.request.messages],
+        "tools": trace.request.tools or [],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def context_key(trace: Trace) -> str:
+    """sha256 of the system prompt and tool names: calls sharing it come from the same agent node."""
+    ctx = trace.request.system_prompt() + "\x00" + "\x00".join(trace.request.tool_names())
+    return hashlib.sha256(ctx.encode()).hexdigest()
+
+
+def curate(
+    traces: Sequence[Trace],
+    content_vectors: np.ndarray | None,
+    *,
+    near_duplicate_threshold: float,
+) -> CurationResult:
+    """Drop error traces, exact duplicates and near-duplicates (see the module doc).
+
+    ``content_vectors`` are unit rows aligned with ``traces`` that embed each trace's conversation
+    part; None skips near-duplicate detection.
+    """
+    import numpy as np
+
+    result = CurationResult(kept=[])
+    seen: dict[str, str] = {}
+    candidates: list[int] = []
+    for i, t in enumerate(traces):
+        if t.status == "error":
+            result.dropped[t.id] = "error"
+            continue
+        key = request_key(t)
+        if key in seen:
+            result.dropped[t.id] = f"duplicate of {seen[key]}"
+            result.representative[t.id] = seen[key]
+            continue
+        seen[key] = t.id
+        candidates.append(i)
+
+    near: set[int] = set()
+    if content_vectors is not None and len(candidates) > 1:
+        X = np.asarray(content_vectors, dtype=np.float32)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in candidates:
+            if float(np.linalg.norm(X[i])) > 0:
+                groups[context_key(traces[i])].append(i)
+        for members in groups.values():
+            for i, j, sim in _greedy_near_duplicates(X, members, near_duplicate_threshold):
+                near.add(i)
+                rep = traces[j].id
+                result.dropped[traces[i].id] = f"near-duplicate of {rep} (cos {sim:.3f})"
+                result.representative[traces[i].id] = rep
+    result.kept = [traces[i].id for i in candidates if i not in near]
+    # A duplicate of a dropped near-duplicate counts toward the final representative.
+    for dup, rep in list(result.representative.items()):
+        while rep in result.representative:
+            rep = result.representative[rep]
+        result.representative[dup] = rep
+    return result
+
+
+def _greedy_near_duplicates(
+    X: np.ndarray, members: list[int], threshold: float, block: int = 1024
+) -> list[tuple[int, int, float]]:
+    """In order, keep a member unless an earlier kept member is within ``threshold``.
+    Returns ``(dropped, kept_representative, similarity)`` triples."""
+    import numpy as np
+
+    if len(members) < 2:
+        return []
+    idx = np.asarray(members)
+    M = X[idx]
+    kept_mask = np.zeros(len(idx), dtype=bool)
+    out: list[tuple[int, int, float]] = []
+    for start in range(0, len(idx), block):
+        S = M[start : start + block] @ M.T
+        for r in range(S.shape[0]):
+            a = start + r
+            row = S[r, :a]
+            hits = np.nonzero((row >= threshold) & kept_mask[:a])[0]
+            if hits.size:
+                b = int(hits[np.argmax(row[hits])])
+                out.append((int(idx[a]), int(idx[b]), float(row[b])))
+            else:
+                kept_mask[a] = True
+    return out
+
+
+def split_rank(trace_id: str, seed: int) -> float:
+    """A seeded, stable pseudo-random number in [0, 1) for a trace id."""
+    digest = hashlib.sha256(f"{seed}:{trace_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_clusters(
+    assignments: dict[str, int], *, heldout_fraction: float, seed: int
+) -> dict[str, str]:
+    """Per cluster, hold out the ``ceil(fraction * n)`` members with the lowest seeded rank
+    (none when a cluster has a single member)."""
+    by_cluster: dict[int, list[str]] = defaultdict(list)
+    for tid, cid in assignments.items():
+        by_cluster[cid].append(tid)
+    split: dict[str, str] = {}
+    for ids in by_cluster.values():
+        ranked = sorted(ids, key=lambda t: (split_rank(t, seed), t))
+        n_held = math.ceil(heldout_fraction * len(ranked)) if len(ranked) > 1 else 0
+        n_held = min(n_held, len(ranked) - 1)
+        for pos, tid in enumerate(ranked):
+            split[tid] = "heldout" if pos < n_held else "train"
+    return {tid: split[tid] for tid in assignments}

@@ -1,0 +1,378 @@
+"""Stage S2+S3: curate the traces, embed them, find task clusters, flag the routine ones.
+
+Writes ``.aad/state/clusters.json`` (read it back with :func:`load_clusters`) and
+``.aad/state/cluster_map.png``. Cluster ids are stable across re-runs: new centroids are matched
+to the previous run's by a Hungarian assignment on cosine similarity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aad_core.curation import curate, split_clusters
+from aad_core.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, view_parts
+from aad_core.errors import StageError
+from aad_core.schema import Cluster
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from aad_core.schema import Trace
+    from aad_core.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "clusters.json"
+MAP_FILE = "cluster_map.png"
+
+
+@dataclass
+class ClusterState:
+    """The result of ``aad cluster``, as every later stage reads it."""
+
+    clusters: list[Cluster]
+    assignments: dict[str, int]
+    split: dict[str, str]
+    dropped: dict[str, str]
+    seed: int = 0
+    embedder: str = ""
+    model_id: str = ""
+    view: list[str] = field(default_factory=list)
+    k: int = 0
+    criterion: str = ""
+    replaceability: dict[str, Any] = field(default_factory=dict)
+
+    def centroids(self) -> np.ndarray:
+        """Unit centroids, one row per cluster in the order of :attr:`clusters`."""
+        import numpy as np
+
+        return np.asarray([c.centroid for c in self.clusters], dtype=np.float32)
+
+    def cluster(self, cid: int) -> Cluster:
+        for c in self.clusters:
+            if c.id == cid:
+                return c
+        raise KeyError(f"No cluster {cid}; the clusters are {[c.id for c in self.clusters]}.")
+
+    def member_ids(self, cid: int) -> list[str]:
+        return [t for t, c in self.assignments.items() if c == cid]
+
+    def train_ids(self, cid: int) -> list[str]:
+        return [t for t, c in self.assignments.items() if c == cid and self.split.get(t) == "train"]
+
+    def heldout_ids(self, cid: int) -> list[str]:
+        return [t for t, c in self.assignments.items() if c == cid and self.split.get(t) == "heldout"]
+
+    def routine_clusters(self) -> list[Cluster]:
+        return [c for c in self.clusters if c.routine]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "embedder": self.embedder,
+            "model_id": self.model_id,
+            "view": list(self.view),
+            "k": self.k,
+            "criterion": self.criterion,
+            "clusters": [c.model_dump(mode="json") for c in self.clusters],
+            "assignments": self.assignments,
+            "split": self.split,
+            "dropped": self.dropped,
+            "replaceability": self.replaceability,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClusterState:
+        return cls(
+            clusters=[Cluster.model_validate(c) for c in data["clusters"]],
+            assignments={k: int(v) for k, v in data["assignments"].items()},
+            split=dict(data["split"]),
+            dropped=dict(data.get("dropped", {})),
+            seed=int(data.get("seed", 0)),
+            embedder=str(data.get("embedder", "")),
+            model_id=str(data.get("model_id", "")),
+            view=list(data.get("view", [])),
+            k=int(data.get("k", len(data["clusters"]))),
+            criterion=str(data.get("criterion", "")),
+            replaceability=dict(data.get("replaceability", {})),
+        )
+
+
+def load_clusters(ws: Workspace) -> ClusterState:
+    """The saved clusters of the workspace; :class:`StageError` when 'aad cluster' has not run."""
+    if not ws.state_path(STATE_FILE).exists():
+        raise StageError(f"{ws.state_path(STATE_FILE)} does not exist yet: no task clusters.",
+                         hint="run 'aad cluster' first.")
+    return ClusterState.from_json(ws.read_state(STATE_FILE, stage_hint="aad cluster"))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+def _tokens(t: Trace) -> int:
+    if t.usage is None:
+        return 0
+    return t.usage.total_tokens or (t.usage.prompt_tokens + t.usage.completion_tokens)
+
+
+def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = True) -> ClusterState:
+    """Curate, embed and cluster every trace of ``ws``; save and return the :class:`ClusterState`."""
+    import numpy as np
+
+    from aad_core.plugins import create_component
+
+    cfg = ws.config
+    ccfg = cfg.cluster
+    with ws.store() as store:
+        traces = list(store.iter_traces())
+    if not traces:
+        raise StageError(f"The workspace {ws.root} holds no traces to cluster.",
+                         hint="run 'aad ingest FILE.jsonl' or record an agent with a capture handler first.")
+
+    embedder = get_embedder(cfg)
+    view = list(cfg.embed.view)
+    part_lists = [view_parts(t.request, view, cfg.embed.max_chars_per_part, t.answer_text()) for t in traces]
+    combined, per_part = embed_part_lists(part_lists, embedder, cache_dir=ws.cache_dir, show_progress=show_progress)
+
+    content_parts = [p for p in per_part if p not in CONTEXT_PARTS]
+    content = _unit(sum(per_part[p] for p in content_parts)) if content_parts else None
+    cur = curate(traces, content, near_duplicate_threshold=ccfg.near_duplicate_threshold)
+    index = {t.id: i for i, t in enumerate(traces)}
+    kept_rows = np.asarray([index[t] for t in cur.kept], dtype=np.int64)
+    if len(kept_rows) == 0:
+        raise StageError("Every trace was dropped by curation (errors or duplicates); nothing to cluster.",
+                         hint="record more successful calls, then run 'aad cluster' again.")
+    X = combined[kept_rows]
+
+    clusterer = create_component(
+        "clusterer", ccfg.clusterer, k=k if k is not None else ccfg.k, k_min=ccfg.k_min, k_max=ccfg.k_max,
+        n_init=ccfg.n_init, seed=cfg.seed,
+    )
+    with _status(f"clustering {len(X)} traces with {ccfg.clusterer}", show_progress):
+        clusterer.fit(X)
+    labels = np.asarray(clusterer.labels_)
+    local_ids = sorted(set(labels.tolist()))
+
+    previous, used_max = _previous(ws, embedder.model_id, view, X.shape[1])
+    centroids = {lid: _unit(X[labels == lid].mean(axis=0)) for lid in local_ids}
+    id_map = _stable_ids(centroids, previous, used_max, ccfg.min_match_similarity)
+
+    assignments = {cur.kept[r]: id_map[int(lab)] for r, lab in enumerate(labels)}
+    clusters = _describe(traces, index, cur.kept, labels, X, id_map, cur.representative, cfg)
+    split = split_clusters(assignments, heldout_fraction=ccfg.heldout_fraction, seed=cfg.seed)
+    routine = [c for c in clusters if c.routine]
+    total_cost = sum(t.cost or 0.0 for t in traces)
+    replaceability = {
+        "calls": round(sum(c.share_calls for c in routine), 6),
+        "tokens": round(sum(c.share_tokens for c in routine), 6),
+        "cost": round(sum(c.share_cost for c in routine), 6) if total_cost > 0 else None,
+        "routine_clusters": len(routine),
+    }
+    state = ClusterState(
+        clusters=clusters, assignments=assignments, split=split, dropped=cur.dropped, seed=cfg.seed,
+        embedder=cfg.embed.embedder, model_id=embedder.model_id, view=view, k=len(clusters),
+        criterion=str(getattr(clusterer, "criterion_", "given" if (k or ccfg.k) else "")),
+        replaceability=replaceability,
+    )
+    ws.write_state(STATE_FILE, state.to_json())
+    try:
+        write_cluster_map(ws.state_path(MAP_FILE), X, [id_map[int(lab)] for lab in labels], clusters, seed=cfg.seed)
+    except ImportError as err:  # matplotlib is an optional extra
+        log.warning("cluster map not written (%s); pip install 'aad[eval]'", err)
+    return state
+
+
+def _status(text: str, show: bool) -> Any:
+    if not show:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
+
+
+def _previous(ws: Workspace, model_id: str, view: list[str], dim: int) -> tuple[dict[int, np.ndarray], int]:
+    """The previous run's unit centroids (only when it used the same model and view, else none)
+    and the highest cluster id it used (fresh ids start above it)."""
+    import numpy as np
+
+    path = ws.state_path(STATE_FILE)
+    if not path.exists():
+        return {}, -1
+    try:
+        old = ClusterState.from_json(ws.read_state(STATE_FILE))
+    except Exception as err:  # an unreadable old file only costs id stability
+        log.warning("ignoring unreadable %s: %s", path, err)
+        return {}, -1
+    used_max = max((c.id for c in old.clusters), default=-1)
+    if old.model_id != model_id or list(old.view) != view:
+        return {}, used_max
+    return {c.id: np.asarray(c.centroid, dtype=np.float32) for c in old.clusters if len(c.centroid) == dim}, used_max
+
+
+def _stable_ids(
+    new: dict[int, np.ndarray], previous: dict[int, np.ndarray], used_max: int, min_sim: float
+) -> dict[int, int]:
+    """Map local labels to cluster ids: matched to a previous id (Hungarian, cosine >= min_sim) or fresh."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    out: dict[int, int] = {}
+    local = sorted(new)
+    if previous:
+        old_ids = sorted(previous)
+        S = np.stack([new[lid] for lid in local]) @ np.stack([previous[o] for o in old_ids]).T
+        rows, cols = linear_sum_assignment(-S)
+        for r, c in zip(rows, cols):
+            if S[r, c] >= min_sim:
+                out[local[r]] = old_ids[c]
+    nxt = used_max + 1
+    for lid in local:
+        if lid not in out:
+            out[lid] = nxt
+            nxt += 1
+    return out
+
+
+def _describe(
+    traces: Sequence[Trace],
+    index: dict[str, int],
+    kept: list[str],
+    labels: np.ndarray,
+    X: np.ndarray,
+    id_map: dict[int, int],
+    representative: dict[str, str],
+    cfg: Any,
+) -> list[Cluster]:
+    import numpy as np
+
+    ccfg = cfg.cluster
+    kept_pos = {tid: r for r, tid in enumerate(kept)}
+    traffic: dict[int, list[Trace]] = defaultdict(list)
+    for r, tid in enumerate(kept):
+        traffic[int(labels[r])].append(traces[index[tid]])
+    for dup, rep in representative.items():
+        if rep in kept_pos:
+            traffic[int(labels[kept_pos[rep]])].append(traces[index[dup]])
+    total_calls = len(traces)
+    total_tokens = sum(_tokens(t) for t in traces)
+    total_cost = sum(t.cost or 0.0 for t in traces)
+    keywords = _ctfidf_keywords(traces, index, kept, labels, cfg)
+
+    clusters = []
+    for lid in sorted(set(labels.tolist())):
+        members = X[labels == lid]
+        mu = members.mean(axis=0)
+        variance = float(np.mean(np.sum((members - mu) ** 2, axis=1)))
+        centroid = _unit(mu)
+        mean_sim = float(np.mean(members @ centroid))
+        size = int(members.shape[0])
+        tasks = Counter(traces[index[kept[r]]].task for r in np.nonzero(labels == lid)[0])
+        tasks.pop(None, None)
+        kw = keywords.get(lid, [])
+        calls = traffic[lid]
+        clusters.append(
+            Cluster(
+                id=id_map[lid],
+                label=" / ".join(kw[:3]) if kw else f"cluster {id_map[lid]}",
+                keywords=kw,
+                size=size,
+                variance=round(variance, 6),
+                mean_similarity=round(mean_sim, 6),
+                routine=bool(variance < ccfg.variance_threshold and size >= ccfg.min_size),
+                share_calls=round(len(calls) / total_calls, 6) if total_calls else 0.0,
+                share_tokens=round(sum(_tokens(t) for t in calls) / total_tokens, 6) if total_tokens else 0.0,
+                share_cost=round(sum(t.cost or 0.0 for t in calls) / total_cost, 6) if total_cost else 0.0,
+                centroid=[round(float(x), 6) for x in centroid],
+                task=tasks.most_common(1)[0][0] if tasks else None,
+            )
+        )
+    return sorted(clusters, key=lambda c: c.id)
+
+
+def _ctfidf_keywords(
+    traces: Sequence[Trace], index: dict[str, int], kept: list[str], labels: np.ndarray, cfg: Any, top: int = 8
+) -> dict[int, list[str]]:
+    """c-TF-IDF (BERTopic's class-based TF-IDF): one document per cluster; a shared context
+    (system prompt, tools) counts once per cluster so the varying user content is not drowned."""
+    import numpy as np
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    docs: dict[int, list[str]] = defaultdict(list)
+    contexts: dict[int, set[str]] = defaultdict(set)
+    view = [p for p in cfg.embed.view if p != "answer"]
+    for r, tid in enumerate(kept):
+        lid = int(labels[r])
+        for part, text in view_parts(traces[index[tid]].request, view, cfg.embed.max_chars_per_part):
+            if part in CONTEXT_PARTS:
+                contexts[lid].add(text)
+            else:
+                docs[lid].append(text)
+    lids = sorted(set(labels.tolist()))
+    class_docs = ["\n".join(sorted(contexts[l]) + docs[l]) for l in lids]
+    try:
+        vec = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]{2,}\b", max_features=50_000)
+        counts = vec.fit_transform(class_docs).toarray().astype(np.float64)
+    except ValueError:  # no words at all
+        return {}
+    tf = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    avg_words = counts.sum() / max(len(lids), 1)
+    idf = np.log(1 + avg_words / np.maximum(counts.sum(axis=0), 1))
+    scores = tf * idf
+    vocab = np.asarray(vec.get_feature_names_out())
+    out: dict[int, list[str]] = {}
+    for row, lid in enumerate(lids):
+        best = np.argsort(-scores[row])[:top]
+        out[lid] = [str(vocab[j]) for j in best if scores[row, j] > 0]
+    return out
+
+
+def write_cluster_map(
+    path: Path, X: np.ndarray, cluster_ids: Sequence[int], clusters: Sequence[Cluster], *, seed: int = 0,
+    max_points: int = 5000,
+) -> Path:
+    """A 2-D PCA map of the embeddings coloured by cluster; routine clusters marked with a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    ids = np.asarray(cluster_ids)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(X)) if len(X) <= max_points else np.sort(rng.choice(len(X), max_points, replace=False))
+    n_comp = min(2, X.shape[1], max(len(X) - 1, 1))
+    pca = PCA(n_components=n_comp, random_state=seed).fit(X)
+    P = pca.transform(X[rows])
+    if P.shape[1] == 1:
+        P = np.hstack([P, np.zeros_like(P)])
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    for n, c in enumerate(clusters):
+        mask = ids[rows] == c.id
+        ax.scatter(P[mask, 0], P[mask, 1], s=6, alpha=0.5, color=cmap(n % 20),
+                   label=f"{c.id}{'*' if c.routine else ''} {c.label[:28]} ({c.size})")
+        cen = pca.transform(np.asarray([c.centroid], dtype=np.float32))[0]
+        cy = cen[1] if len(cen) > 1 else 0.0
+        ax.scatter([cen[0]], [cy], s=180 if c.routine else 80, marker="*" if c.routine else "X",
+                   color=cmap(n % 20), edgecolors="black", linewidths=0.8, zorder=3)
+        ax.annotate(str(c.id), (cen[0], cy), xytext=(4, 4), textcoords="offset points", fontsize=8, weight="bold")
+    ax.set_title("aad task clusters (PCA of the embeddings; * = routine)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=6, loc="best", markerscale=2, framealpha=0.8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
