@@ -65,7 +65,8 @@ class AADCallbackHandler(BaseCallbackHandler):
     task:
         Task tag for every call of this handler; a call's ``metadata={"aad_task": ...}`` wins.
     redact:
-        Remove PII before anything is written (S2).
+        Remove PII before anything is written (S2). None = the ``[capture] redact`` setting
+        (true by default).
     writer:
         A :class:`~aad_core.capture.CaptureWriter` to share with other handlers (then
         ``workspace``, ``store``, ``redact`` and ``config`` are taken from it).
@@ -86,7 +87,7 @@ class AADCallbackHandler(BaseCallbackHandler):
         workspace: Workspace | str | Path | None = None,
         store: TraceStore | None = None,
         task: str | None = None,
-        redact: bool = True,
+        redact: bool | None = None,
         *,
         writer: CaptureWriter | None = None,
         config: AADSettings | None = None,

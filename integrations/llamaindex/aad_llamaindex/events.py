@@ -221,7 +221,8 @@ class AADEventHandler(BaseEventHandler):
     task:
         Task tag for every call; ``instrument_tags({"aad_task": ...})`` wins.
     redact:
-        Remove PII before anything is written (S2).
+        Remove PII before anything is written (S2). None = the ``[capture] redact`` setting
+        (true by default).
     writer:
         A :class:`~aad_core.capture.CaptureWriter` to share.
     config:
@@ -229,7 +230,7 @@ class AADEventHandler(BaseEventHandler):
     """
 
     task: str | None = None
-    redact: bool = True
+    redact: bool | None = None
 
     _writer: CaptureWriter = PrivateAttr()
     _owns_writer: bool = PrivateAttr(default=True)
@@ -244,7 +245,7 @@ class AADEventHandler(BaseEventHandler):
         workspace: Workspace | str | Path | None = None,
         store: TraceStore | None = None,
         task: str | None = None,
-        redact: bool = True,
+        redact: bool | None = None,
         *,
         writer: CaptureWriter | None = None,
         config: AADSettings | None = None,
