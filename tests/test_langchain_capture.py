@@ -193,6 +193,15 @@ def test_global_handler_via_callback_manager_and_async(handler):
     assert answers == ["a", "b"]
 
 
+def test_activate_records_calls_without_passing_callbacks(handler):
+    model = ToolFakeChatModel(messages=iter(["inside", "outside"]))
+    with handler.activate():
+        model.invoke("one")
+    model.invoke("two")
+    assert handler.flush(10)
+    assert [t.answer_text() for t in handler.writer.store.iter_traces()] == ["inside"]
+
+
 def test_eight_threads_500_calls_exactly_4000_traces(workspace, handler):
     counter = itertools.count()
 

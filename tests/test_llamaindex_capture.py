@@ -160,3 +160,12 @@ def test_detach_stops_recording(workspace):
     EchoLLM().complete("two")
     assert h.writer.store.count() == 1
     assert h not in get_dispatcher().event_handlers and h.span_handler not in get_dispatcher().span_handlers
+
+
+async def test_async_calls_are_recorded(handler):
+    llm = EchoLLM()
+    out = await llm.acomplete("async question")
+    chat = await llm.achat([ChatMessage(role="user", content="async chat")])
+    traces = traces_of(handler)
+    assert out.text == "echo question" and len(traces) == 2
+    assert sorted(t.answer_text() for t in traces) == sorted(["echo question", chat.message.content])

@@ -15,8 +15,11 @@ logged once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +42,21 @@ log = logging.getLogger(__name__)
 
 TASK_METADATA_KEY = "aad_task"
 _PARAM_SKIP = {"tools", "_type"}
+
+_ACTIVE: ContextVar[AADCallbackHandler | None] = ContextVar("aad_langchain_active_handler", default=None)
+_HOOK_LOCK = threading.Lock()
+_hook_registered = False
+
+
+def _register_configure_hook() -> None:
+    """Let LangChain add the active handler (see :meth:`AADCallbackHandler.activate`) to every run."""
+    global _hook_registered
+    with _HOOK_LOCK:
+        if not _hook_registered:
+            from langchain_core.tracers.context import register_configure_hook
+
+            register_configure_hook(_ACTIVE, True)
+            _hook_registered = True
 
 
 @dataclass
@@ -116,6 +134,21 @@ class AADCallbackHandler(BaseCallbackHandler):
             self.writer.close(timeout)
         else:
             self.writer.flush(timeout)
+
+    @contextmanager
+    def activate(self) -> Iterator[AADCallbackHandler]:
+        """Record every LangChain model call made inside the ``with`` block (in this thread or
+        task and the runs it starts), without passing ``callbacks=`` anywhere::
+
+            with handler.activate():
+                agent.invoke({"messages": [...]})
+        """
+        _register_configure_hook()
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
 
     def stats(self) -> dict[str, int]:
         """The writer's counters plus ``handler_errors`` and ``in_flight`` (calls not finished)."""
