@@ -189,7 +189,7 @@ class RoutedLLM(FunctionCallingLLM):
                 yield resp.model_copy(update={"delta": resp.message.content})
                 return
             last: ChatResponse | None = None
-            if kwargs.get("aad_tool_objects") or not self.teacher.metadata.is_chat_model:
+            if kwargs.get("aad_tool_objects"):
                 stream = iter([self._teacher_call(messages, kwargs)])
             else:
                 stream = self.teacher.stream_chat(messages)

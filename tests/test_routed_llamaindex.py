@@ -1,0 +1,132 @@
+"""RoutedLLM in LlamaIndex: chat, complete, streaming, async, a chat engine and tools — with a
+fake teacher LLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, LLMMetadata, MessageRole  # noqa: E402
+from llama_index.core.chat_engine import SimpleChatEngine  # noqa: E402
+from llama_index.core.llms import CustomLLM, MockLLM  # noqa: E402
+from llama_index.core.llms.callbacks import llm_completion_callback  # noqa: E402
+from llama_index.core.base.llms.types import CompletionResponse  # noqa: E402
+from llama_index.core.tools import FunctionTool  # noqa: E402
+from test_router import Scripted, engine_for, escalations, routed_workspace  # noqa: E402,F401
+
+from aad_core.workspace import Workspace  # noqa: E402
+from aad_llamaindex import RoutedLLM  # noqa: E402
+
+
+class FakeTeacher(CustomLLM):
+    """Always answers the same text (a stand-in for a hosted LLM)."""
+
+    answer: str = "teacher says hi"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(model_name="fake-teacher", is_chat_model=False)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs) -> CompletionResponse:  # noqa: ANN003
+        return CompletionResponse(text=self.answer)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs):  # noqa: ANN003, ANN201
+        text = ""
+        for word in self.answer.split(" "):
+            delta = word if not text else " " + word
+            text += delta
+            yield CompletionResponse(text=text, delta=delta)
+
+
+def routed(ws: Workspace, backend: Scripted, **kw) -> RoutedLLM:  # noqa: ANN003
+    return RoutedLLM(teacher=FakeTeacher(), routing_engine=engine_for(ws, backend, **kw))
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role=MessageRole.SYSTEM, content="You are a bank assistant."),
+            ChatMessage(role=MessageRole.USER, content=text)]
+
+
+def test_chat_and_complete_route_and_report(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    resp = llm.chat(user("my card has not arrived"))
+    assert json.loads(resp.message.content) == {"intent": "card_arrival"}
+    assert resp.additional_kwargs["aad_route"]["target"] == "specialist"
+    assert resp.additional_kwargs["usage"]["completion_tokens"] == 5
+    teacher = llm.chat(user("plan my trip"))
+    assert teacher.message.content == "teacher says hi" and teacher.additional_kwargs["aad_route"]["target"] == "teacher"
+    done = llm.complete("my card has not arrived")
+    assert json.loads(done.text) == {"intent": "card_arrival"}
+    assert done.additional_kwargs["aad_route"]["specialist"] == "cards"
+
+
+def test_escalation_returns_the_teacher_and_is_recorded(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted(raises=True))
+    resp = llm.chat(user("my card has not arrived"))
+    assert resp.message.content == "teacher says hi"
+    assert resp.additional_kwargs["aad_route"]["escalated"]
+    llm.routing_engine.flush()
+    (trace,) = escalations(workspace)
+    assert "RuntimeError" in trace.metadata["aad_escalation"]["reason"]
+
+
+def test_streaming_and_async(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    parts = list(llm.stream_chat(user("my card has not arrived")))
+    assert json.loads(parts[-1].message.content) == {"intent": "card_arrival"}
+    teacher_parts = list(llm.stream_chat(user("plan my trip")))
+    assert len(teacher_parts) == 3 and "".join(p.delta for p in teacher_parts) == "teacher says hi"
+    assert all(p.additional_kwargs["aad_route"]["target"] == "teacher" for p in teacher_parts)
+    assert [p.delta for p in llm.stream_complete("plan my trip")][-1] == " hi"
+
+
+async def test_async_chat(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    resp = await llm.achat(user("my card has not arrived"))
+    assert resp.additional_kwargs["aad_route"]["target"] == "specialist"
+    out = await llm.acomplete("plan my trip")
+    assert out.text == "teacher says hi"
+    parts = [p async for p in await llm.astream_chat(user("plan my trip"))]
+    assert parts[-1].message.content == "teacher says hi"
+
+
+def test_chat_engine_runs_on_the_routed_llm(workspace: Workspace) -> None:
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    engine = SimpleChatEngine.from_defaults(llm=llm)
+    first = engine.chat("my card has not arrived")
+    assert json.loads(str(first)) == {"intent": "card_arrival"}
+    second = engine.chat("and plan my trip please")
+    assert str(second) == "teacher says hi"
+    assert len(engine.chat_history) == 4
+
+
+def test_tools_reach_the_specialist(workspace: Workspace) -> None:
+    def lookup_card(card_id: int) -> str:
+        """Look up the delivery status of a card."""
+        return "shipped"
+
+    tool = FunctionTool.from_defaults(fn=lookup_card)
+    backend = Scripted('<tool_call>{"name": "lookup_card", "arguments": {"card_id": 7}}</tool_call>')
+    llm = routed(workspace, backend, output_kind="tool_calls")
+    resp = llm.chat_with_tools([tool], user_msg="my card has not arrived")
+    (call,) = llm.get_tool_calls_from_response(resp)
+    assert call.tool_name == "lookup_card" and call.tool_kwargs == {"card_id": 7}
+    assert tool.call(**call.tool_kwargs).content == "shipped"
+
+
+@pytest.mark.real_model
+def test_chat_engine_end_to_end_on_trained_specialists(routed_workspace: tuple[Workspace, dict]) -> None:  # noqa: F811
+    ws, info = routed_workspace
+    llm = RoutedLLM(teacher=MockLLM(), workspace=ws.root)
+    engine = SimpleChatEngine.from_defaults(llm=llm, system_prompt=info["intent_system"])
+    engine.chat("I am still waiting for my new card to arrive")
+    last = llm.chat([ChatMessage(role=MessageRole.SYSTEM, content=info["intent_system"]),
+                     ChatMessage(role=MessageRole.USER, content="When will my card be delivered?")])
+    route = last.additional_kwargs["aad_route"]
+    assert route["cluster_id"] == info["intent_cluster"] and route["target"] == "specialist", route
+    assert isinstance(last, ChatResponse) and last.message.content
