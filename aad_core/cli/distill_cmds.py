@@ -44,7 +44,7 @@ def summary_table(ws: Any) -> Table:
     """Per cluster: size, routine, base / specialist / teacher score, promoted, why."""
     evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
     table = Table(title="aad distill summary")
-    for col in ("cluster", "task", "size", "routine", "metric", "base", "specialist", "teacher", "routed to"):
+    for col in ("cluster", "task", "size", "routine", "metric", "base", "specialist", "teacher", "routed to", "why"):
         table.add_column(col, justify="right" if col in ("size", "base", "specialist", "teacher") else "left")
 
     def fmt(part: Any) -> str:
@@ -54,7 +54,7 @@ def summary_table(ws: Any) -> Table:
         routed = "[green]specialist[/]" if c.get("promoted") else "teacher"
         table.add_row(str(c.get("cluster_id")), str(c.get("task") or c.get("label", ""))[:28], str(c.get("size", "")),
                       "yes" if c.get("routine") else "no", str(c.get("metric", "-")), fmt(c.get("base")),
-                      fmt(c.get("specialist")), fmt(c.get("teacher")), routed)
+                      fmt(c.get("specialist")), fmt(c.get("teacher")), routed, str(c.get("reason", ""))[:60])
     return table
 
 

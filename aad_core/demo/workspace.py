@@ -79,7 +79,10 @@ Next:
     aad distill            # curate+cluster -> select -> train -> evaluate -> calibrate router, then the report
     aad distill --quick    # a smaller profile (fewer steps and held-out samples)
 
-The report is written to `.aad/report.html`.
+The report is written to `.aad/report.html`. Its selection learning curves (KL+uncertainty vs
+random, the seed paper's Fig. 2) come from a separate, CPU-heavy benchmark (~15 minutes):
+
+    python benchmarks/selection_vs_random.py --workspace {'{'}this folder{'}'}
 """
 
 
