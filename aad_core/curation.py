@@ -6,8 +6,8 @@
   tools) whose conversation part (the user messages / answer of the view) embeds with cosine
   >= ``[cluster] near_duplicate_threshold``. Comparing the conversation part alone matters: the
   shared context would otherwise pull every pair of one agent node close to 1.
-* The train / held-out split is made per cluster. Each kept trace gets a seeded hash rank; the
-  lowest ``heldout_fraction`` of a cluster is held out. A trace keeps its side when the cluster
+* The train / held-out split is made per cluster. Each kept trace gets a seeded hash rank in
+  [0, 1); below ``heldout_fraction`` it is held out. A trace keeps its side when the cluster
   grows, and because every duplicate and near-duplicate was reduced to one kept representative,
   no such group can straddle the split.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -139,16 +138,23 @@ def split_rank(trace_id: str, seed: int) -> float:
 def split_clusters(
     assignments: dict[str, int], *, heldout_fraction: float, seed: int
 ) -> dict[str, str]:
-    """Per cluster, hold out the ``ceil(fraction * n)`` members with the lowest seeded rank
-    (none when a cluster has a single member)."""
+    """Per cluster: a trace is held out when its seeded rank is below ``heldout_fraction``, so its
+    side never depends on which other traces exist (re-runs with more traces move nobody from
+    held-out to train or back). A cluster of two or more always has at least one held-out and one
+    train trace (its lowest / highest rank)."""
     by_cluster: dict[int, list[str]] = defaultdict(list)
     for tid, cid in assignments.items():
         by_cluster[cid].append(tid)
     split: dict[str, str] = {}
     for ids in by_cluster.values():
         ranked = sorted(ids, key=lambda t: (split_rank(t, seed), t))
-        n_held = math.ceil(heldout_fraction * len(ranked)) if len(ranked) > 1 else 0
-        n_held = min(n_held, len(ranked) - 1)
-        for pos, tid in enumerate(ranked):
-            split[tid] = "heldout" if pos < n_held else "train"
+        for tid in ranked:
+            split[tid] = "heldout" if split_rank(tid, seed) < heldout_fraction else "train"
+        if len(ranked) > 1:
+            if split[ranked[0]] == "train":
+                split[ranked[0]] = "heldout"
+            if split[ranked[-1]] == "heldout":
+                split[ranked[-1]] = "train"
+        else:
+            split[ranked[0]] = "train"
     return {tid: split[tid] for tid in assignments}

@@ -362,7 +362,10 @@ def write_cluster_map(
         mask = ids[rows] == c.id
         ax.scatter(P[mask, 0], P[mask, 1], s=6, alpha=0.5, color=cmap(n % 20),
                    label=f"{c.id}{'*' if c.routine else ''} {c.label[:28]} ({c.size})")
-        cen = pca.transform(np.asarray([c.centroid], dtype=np.float32))[0]
+        members = X[ids == c.id]
+        if not len(members):
+            continue
+        cen = pca.transform(members.mean(axis=0, keepdims=True))[0]
         cy = cen[1] if len(cen) > 1 else 0.0
         ax.scatter([cen[0]], [cy], s=180 if c.routine else 80, marker="*" if c.routine else "X",
                    color=cmap(n % 20), edgecolors="black", linewidths=0.8, zorder=3)

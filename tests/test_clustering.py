@@ -1,0 +1,235 @@
+"""S3: the K-Means clusterer, run_cluster's artifact, stable ids, routine flags, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from _fake_embedder import register_fake_embedder
+from aad_core.errors import StageError
+from aad_core.pipeline.cluster import load_clusters, run_cluster
+from aad_core.schema import Usage
+from conftest import make_trace
+
+GROUPS = {
+    "intent": ("You classify the intent of bank customers. Answer with one label.",
+               "card lost stolen blocked pin transfer balance refund account fee atm".split()),
+    "sql": ("You write SQLite queries for the academic database. Answer with SQL only.",
+            "authors papers citations journal conference year count list published domain".split()),
+    "weather": ("You answer weather questions for travellers.",
+                "rain sunny forecast tomorrow temperature wind snow paris berlin umbrella".split()),
+}
+
+
+def _traces(group: str, n: int, seed: int = 0, cost: float = 0.01) -> list:
+    system, words = GROUPS[group]
+    rng = random.Random(f"{group}-{seed}")
+    out = []
+    for i in range(n):
+        user = " ".join(rng.sample(words, 4)) + f" case {seed}-{i}"
+        t = make_trace(user, f"{group} answer {i}", system=system, task=group, cost=cost)
+        t.usage = Usage(prompt_tokens=10, completion_tokens=10, total_tokens=20)
+        out.append(t)
+    return out
+
+
+def _use_fake(ws) -> None:
+    register_fake_embedder()
+    text = ws.config_path.read_text().replace('embedder = "minilm"', 'embedder = "fake"')
+    ws.config_path.write_text(text)
+    ws.__dict__.pop("config", None)
+
+
+def _add(ws, traces) -> None:
+    with ws.store() as store:
+        store.add(traces)
+
+
+# -- the clusterer ----------------------------------------------------------------------------
+def _blobs(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, 24))
+    y = np.repeat(np.arange(k), n)
+    X = centers[y] + 0.05 * rng.normal(size=(k * n, 24))
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_kmeans_chooses_k_by_silhouette_and_honours_a_given_k() -> None:
+    from aad_plugins.kmeans import KMeansClusterer
+
+    X, y = _blobs(5, 40)
+    auto = KMeansClusterer(k_min=2, k_max=9, seed=0).fit(X)
+    assert auto.k_ == 5 and auto.criterion_ == "silhouette" and set(auto.scores_) == set(range(2, 10))
+    assert max(auto.scores_, key=auto.scores_.get) == 5
+    assert auto.centroids_.shape == (5, 24)
+    # Each true group lands in exactly one cluster.
+    assert all(len(set(auto.labels_[y == g].tolist())) == 1 for g in range(5))
+    given = KMeansClusterer(k=3, seed=0).fit(X)
+    assert given.k_ == 3 and given.criterion_ == "given" and given.scores_ == {}
+    mini = KMeansClusterer(k=5, seed=0, minibatch_threshold=100).fit(X)  # MiniBatchKMeans path
+    assert all(len(set(mini.labels_[y == g].tolist())) == 1 for g in range(5))
+    a, b = KMeansClusterer(k=4, seed=3).fit(X), KMeansClusterer(k=4, seed=3).fit(X)
+    assert np.array_equal(a.labels_, b.labels_)
+
+
+def test_kmeans_rejects_bad_parameters() -> None:
+    from aad_plugins.kmeans import KMeansClusterer
+
+    X, _ = _blobs(2, 5)
+    with pytest.raises(ValueError, match="The 'k_max' parameter of KMeansClusterer must be"):
+        KMeansClusterer(k_min=5, k_max=3).fit(X)
+    with pytest.raises(ValueError, match="The 'k' parameter"):
+        KMeansClusterer(k=0).fit(X)
+    with pytest.raises(ValueError, match="2-D array"):
+        KMeansClusterer().fit(X[0])
+
+
+def test_registered_components() -> None:
+    from aad_core.plugins import get_registry
+
+    reg = get_registry()
+    assert "kmeans" in reg.names("clusterer") and "minilm" in reg.names("embedder")
+
+
+# -- run_cluster ------------------------------------------------------------------------------
+def test_run_cluster_writes_the_artifact_and_flags_routine_clusters(workspace) -> None:
+    _use_fake(workspace)
+    workspace.config.cluster.variance_threshold = 10.0  # every cluster passes on variance ...
+    workspace.config.cluster.min_size = 30  # ... so size alone decides here
+    err = make_trace("broken call", "", status="error", error="teacher timeout")
+    traces = _traces("intent", 60) + _traces("sql", 45) + _traces("weather", 12, cost=0.0)
+    _add(workspace, traces + [err])
+    state = run_cluster(workspace, k=3, show_progress=False)
+
+    data = json.loads(workspace.state_path("clusters.json").read_text())
+    assert set(data) - {"aad_version", "written_at"} == {
+        "seed", "embedder", "model_id", "view", "k", "criterion", "clusters", "assignments", "split", "dropped",
+        "replaceability"}
+    assert data["embedder"] == "fake" and data["k"] == 3 and data["criterion"] == "given"
+    assert workspace.state_path("cluster_map.png").read_bytes()[:4] == b"\x89PNG"
+
+    by_task = {c.task: c for c in state.clusters}
+    assert set(by_task) == {"intent", "sql", "weather"}
+    assert [by_task[t].size for t in ("intent", "sql", "weather")] == [60, 45, 12]
+    assert by_task["intent"].routine and by_task["sql"].routine and not by_task["weather"].routine
+    for c in state.clusters:  # one task per cluster, labels from c-TF-IDF keywords
+        assert {traces_by_id.task for traces_by_id in traces if state.assignments.get(traces_by_id.id) == c.id} == {c.task}
+        assert c.keywords and c.label.startswith(c.keywords[0])
+        assert 0 < c.variance < 2 and 0 < c.mean_similarity <= 1 and len(c.centroid) == 64
+    assert state.dropped == {err.id: "error"}
+    assert err.id not in state.assignments
+    # Shares: 118 calls recorded, 105 in routine clusters; cost only in intent + sql.
+    assert state.replaceability["calls"] == pytest.approx(105 / 118, abs=1e-5)
+    assert state.replaceability["cost"] == pytest.approx(1.0)
+    assert state.replaceability["routine_clusters"] == 2
+    total_tokens = 117 * 20 + err.usage.total_tokens  # the failed call's tokens count in the total
+    assert by_task["intent"].share_tokens == pytest.approx(60 * 20 / total_tokens, abs=1e-5)
+
+    loaded = load_clusters(workspace)
+    assert loaded.assignments == state.assignments and loaded.split == state.split
+    assert np.allclose(loaded.centroids(), state.centroids())
+    cid = by_task["intent"].id
+    n_held = len(loaded.heldout_ids(cid))
+    assert 4 <= n_held <= 20 and n_held + len(loaded.train_ids(cid)) == 60
+    assert {c.id for c in loaded.routine_clusters()} == {by_task["intent"].id, by_task["sql"].id}
+
+
+def test_run_cluster_chooses_k_and_drops_near_duplicates(workspace) -> None:
+    _use_fake(workspace)
+    base = _traces("intent", 40) + _traces("sql", 40)
+    copy = make_trace(base[0].request.last_user_message() + " ", "x", system=GROUPS["intent"][0])
+    _add(workspace, base + [copy])
+    state = run_cluster(workspace, show_progress=False)
+    assert state.criterion == "silhouette" and state.k == 2
+    assert state.dropped[copy.id].startswith(f"near-duplicate of {base[0].id}")
+
+
+def test_cluster_ids_are_stable_across_reruns(workspace) -> None:
+    _use_fake(workspace)
+    _add(workspace, _traces("intent", 40) + _traces("sql", 40))
+    first = run_cluster(workspace, k=2, show_progress=False)
+    # Renumber the saved clusters (as if earlier runs had used other ids).
+    data = json.loads(workspace.state_path("clusters.json").read_text())
+    remap = {c["id"]: c["id"] + 7 for c in data["clusters"]}
+    for c in data["clusters"]:
+        c["id"] = remap[c["id"]]
+    data["assignments"] = {t: remap[c] for t, c in data["assignments"].items()}
+    workspace.state_path("clusters.json").write_text(json.dumps(data))
+    task_ids = {c.task: remap[c.id] for c in first.clusters}
+
+    _add(workspace, _traces("intent", 20, seed=1) + _traces("sql", 20, seed=1) + _traces("weather", 40))
+    second = run_cluster(workspace, k=3, show_progress=False)
+    got = {c.task: c.id for c in second.clusters}
+    assert got["intent"] == task_ids["intent"] and got["sql"] == task_ids["sql"]
+    assert got["weather"] == max(task_ids.values()) + 1  # a new meaning gets a fresh id
+    # Old traces keep their side of the split.
+    assert all(second.split[t] == s for t, s in first.split.items())
+
+
+def test_missing_stage_and_empty_store_errors(workspace) -> None:
+    with pytest.raises(StageError) as err:
+        load_clusters(workspace)
+    assert "aad cluster" in (err.value.hint or "")
+    _use_fake(workspace)
+    with pytest.raises(StageError, match="no traces"):
+        run_cluster(workspace, show_progress=False)
+
+
+def test_cli_cluster_table_and_json(workspace) -> None:
+    from typer.testing import CliRunner
+
+    from aad_core.cli import app
+
+    _use_fake(workspace)
+    _add(workspace, _traces("intent", 40) + _traces("weather", 35))
+    runner = CliRunner()
+    res = runner.invoke(app, ["cluster", "--k", "2", "--json", "-w", str(workspace.root)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["k"] == 2 and len(data["clusters"]) == 2 and data["map"].endswith("cluster_map.png")
+    assert "centroid" not in data["clusters"][0]
+    res = runner.invoke(app, ["cluster", "-w", str(workspace.root)])
+    assert res.exit_code == 0, res.output
+    assert "Replaceability" in res.stdout and "cluster_map.png" in res.stdout and "variance" in res.stdout
+    res = runner.invoke(app, ["cluster", "--k", "0", "-w", str(workspace.root)])
+    assert res.exit_code != 0
+
+
+@pytest.mark.real_model
+def test_real_minilm_finds_known_groups(workspace) -> None:
+    from aad_core.embedding import clear_caches
+
+    clear_caches()
+    rng = random.Random(0)
+    intents = ["I lost my card", "my card was stolen yesterday", "how do I top up my account",
+               "why was I charged a fee", "the ATM kept my card", "I want a refund for this payment",
+               "how long does a transfer take", "can I change my PIN", "what is the exchange rate for dollars",
+               "my top-up failed", "where is my new card", "cancel my transfer please"]
+    sql = ["list all authors", "how many papers were published in 2015", "which journal has the most papers",
+           "authors with more than 10 citations", "papers by conference and year", "top cited paper in databases",
+           "count of organizations", "average citations per paper", "keywords used in 2020 papers",
+           "authors from Stanford", "conferences held in 2019", "papers without citations"]
+    weather = ["will it rain in Paris tomorrow", "temperature in Berlin this weekend", "is it windy in Chicago",
+               "snow forecast for Denver", "do I need an umbrella in London today", "UV index in Madrid",
+               "how hot will it be in Cairo", "storm warning for Miami", "weather in Tokyo next week",
+               "is it foggy in San Francisco", "humidity in Singapore", "frost tonight in Oslo"]
+    traces = []
+    for task, system, users in (("intent", GROUPS["intent"][0], intents), ("sql", GROUPS["sql"][0], sql),
+                                ("weather", GROUPS["weather"][0], weather)):
+        traces += [make_trace(u, "ok", system=system, task=task) for u in users]
+    rng.shuffle(traces)
+    _add(workspace, traces)
+    workspace.config.cluster.min_size = 5
+    state = run_cluster(workspace, show_progress=False)
+    assert state.model_id == "sentence-transformers/all-MiniLM-L6-v2" and state.k == 3
+    for c in state.clusters:
+        members = [t for t in traces if state.assignments.get(t.id) == c.id]
+        assert len({t.task for t in members}) == 1 and len(members) == 12
+        assert c.routine, c  # one agent node, 12 related requests: narrow
+    # The embedding cache makes a re-run embed nothing new and keep every id.
+    again = run_cluster(workspace, show_progress=False)
+    assert again.assignments == state.assignments
+    clear_caches()
