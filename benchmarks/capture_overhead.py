@@ -31,31 +31,7 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def measure(arms: Arms, n: int, block: int = 250) -> dict[str, float]:
-    """Blocks of ``block`` plain calls and ``block`` captured calls, alternating. The writer is
-    flushed after each captured block (outside the timing), so its background work lands in the
-    captured block that caused it and never in a plain one."""
-    for i in range(50):  # warm-up
-        arms.plain(i)
-        arms.enable()
-        arms.captured(i)
-        arms.disable()
-    arms.handler.flush(300)
-    plain: list[float] = []
-    captured: list[float] = []
-    while len(plain) < n:
-        k = min(block, n - len(plain))
-        for i in range(k):
-            t0 = time.perf_counter_ns()
-            arms.plain(i)
-            plain.append((time.perf_counter_ns() - t0) / 1e6)
-        arms.enable()
-        for i in range(k):
-            t0 = time.perf_counter_ns()
-            arms.captured(i)
-            captured.append((time.perf_counter_ns() - t0) / 1e6)
-        arms.disable()
-        arms.handler.flush(300)
+def summarise(plain: list[float], captured: list[float]) -> dict[str, float]:
     out = {
         "plain_median_ms": statistics.median(plain), "plain_p95_ms": pct(plain, 0.95),
         "captured_median_ms": statistics.median(captured), "captured_p95_ms": pct(captured, 0.95),
@@ -67,6 +43,40 @@ def measure(arms: Arms, n: int, block: int = 250) -> dict[str, float]:
     out["plain_slow_pct"] = 100 * sum(v > 2 for v in plain) / len(plain)
     out["captured_slow_pct"] = 100 * sum(v > 2 for v in captured) / len(captured)
     return out
+
+
+def measure(arms: Arms, n: int, block: int = 250) -> dict[str, dict[str, float]]:
+    """Blocks of ``block`` plain calls and ``block`` captured calls, alternating. The writer is
+    flushed after each captured block (outside the timing), so its background work lands in the
+    captured block that caused it and never in a plain one.
+
+    Two clocks: wall time (what the agent feels, machine noise included) and the calling
+    thread's CPU time (the handler's own work, without preemption by other processes)."""
+    for i in range(50):  # warm-up
+        arms.plain(i)
+        arms.enable()
+        arms.captured(i)
+        arms.disable()
+    arms.handler.flush(300)
+    wall: dict[str, list[float]] = {"plain": [], "captured": []}
+    cpu: dict[str, list[float]] = {"plain": [], "captured": []}
+
+    def timed(arm: str, fn: Callable[[int], Any], k: int) -> None:
+        for i in range(k):
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            fn(i)
+            t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+            wall[arm].append((t1 - t0) / 1e6)
+            cpu[arm].append((c1 - c0) / 1e6)
+
+    while len(wall["plain"]) < n:
+        k = min(block, n - len(wall["plain"]))
+        timed("plain", arms.plain, k)
+        arms.enable()
+        timed("captured", arms.captured, k)
+        arms.disable()
+        arms.handler.flush(300)
+    return {"wall": summarise(wall["plain"], wall["captured"]), "cpu": summarise(cpu["plain"], cpu["captured"])}
 
 
 @dataclass
@@ -180,26 +190,29 @@ def main() -> None:
 
     frameworks = [args.only] if args.only else ["langchain", "llamaindex"]
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'framework':<11} {'redaction':<9} {'plain med':>10} {'p95':>7} {'handler med':>12} {'p95':>7} "
-          f"{'added med':>10} {'added p95':>10} {'ratio':>6}  (ms per call, n={args.n})")
+    print(f"{'framework':<11} {'redaction':<9} {'clock':<5} {'plain med':>10} {'p95':>7} {'handler med':>12} "
+          f"{'p95':>7} {'added med':>10} {'added p95':>10} {'ratio':>6}  (ms per call, n={args.n})")
     for fw in frameworks:
         for redact in (False, True):
             with tempfile.TemporaryDirectory() as ws:
                 arms = (langchain_arms if fw == "langchain" else llamaindex_arms)(ws, redact)
                 handler = arms.handler
-                r = measure(arms, args.n)
+                results = measure(arms, args.n)
                 handler.flush(300)
                 stats = handler.stats()
                 store_count = handler.writer.store.count()
                 handler.close()
-                print(f"{fw:<11} {'on' if redact else 'off':<9} {r['plain_median_ms']:>10.3f} {r['plain_p95_ms']:>7.3f} "
-                      f"{r['captured_median_ms']:>12.3f} {r['captured_p95_ms']:>7.3f} {r['added_median_ms']:>10.3f} "
-                      f"{r['added_p95_ms']:>10.3f} {r['ratio_median']:>6.2f}  "
-                      f"[>2ms: {r['plain_slow_pct']:.1f}% / {r['captured_slow_pct']:.1f}% of calls; "
-                      f"stored {store_count}/{stats['captured']}, errors {stats['errors'] + stats['handler_errors']}]")
-                if fw == "langchain" and not redact:
-                    verdict = "meets" if r["added_median_ms"] <= 0.5 else "MISSES"
-                    print(f"{'':<11} target median added <= 0.5 ms with redaction off: {verdict}")
+            for clock, r in results.items():
+                print(f"{fw:<11} {'on' if redact else 'off':<9} {clock:<5} {r['plain_median_ms']:>10.3f} "
+                      f"{r['plain_p95_ms']:>7.3f} {r['captured_median_ms']:>12.3f} {r['captured_p95_ms']:>7.3f} "
+                      f"{r['added_median_ms']:>10.3f} {r['added_p95_ms']:>10.3f} {r['ratio_median']:>6.2f}"
+                      + (f"  [>2ms: {r['plain_slow_pct']:.1f}% / {r['captured_slow_pct']:.1f}% of calls]"
+                         if clock == "wall" else ""))
+            print(f"{'':<27}stored {store_count} of {stats['captured']} captured calls, "
+                  f"errors {stats['errors'] + stats['handler_errors']}")
+            if fw == "langchain" and not redact:
+                verdict = "meets" if results["wall"]["added_median_ms"] <= 0.5 else "MISSES"
+                print(f"{'':<27}target: median added (wall) <= 0.5 ms with redaction off: {verdict}")
 
 
 if __name__ == "__main__":
