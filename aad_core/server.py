@@ -23,9 +23,13 @@ from typing import TYPE_CHECKING, Any
 from aad_core.errors import AADError
 from aad_core.schema import ChatRequest, Message
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+try:  # endpoint annotations are resolved from this module's globals
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+except ImportError as _err:  # pragma: no cover - depends on the installed extras
+    raise AADError(f"'aad serve' needs FastAPI: {_err}", hint="pip install 'aad[serve]'") from None
 
+if TYPE_CHECKING:
     from aad_core.routing.engine import RoutedAnswer, RoutingEngine
     from aad_core.workspace import Workspace
 
@@ -132,9 +136,6 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app. ``teacher(body, authorization)`` returns an OpenAI chat completion dict
     (default: none — requests the router sends to the teacher then fail with HTTP 503)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     from aad_core import __version__
     from aad_core.routing.engine import RoutingEngine
 

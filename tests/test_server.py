@@ -1,0 +1,107 @@
+"""``aad serve``: the OpenAI-compatible endpoint, through FastAPI's TestClient (no socket)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from test_router import Scripted, engine_for, escalations  # noqa: E402
+
+from aad_core.server import UpstreamTeacher, create_app  # noqa: E402
+from aad_core.workspace import Workspace  # noqa: E402
+
+TEACHER_COMPLETION = {
+    "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1, "model": "big-teacher",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "teacher says hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+}
+
+
+def body(text: str, **extra) -> dict:  # noqa: ANN003
+    return {"model": "aad-routed", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def upstream(seen: list) -> UpstreamTeacher:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization"), json.loads(request.content)))
+        return httpx.Response(200, json=TEACHER_COMPLETION)
+
+    return UpstreamTeacher("http://teacher.test/v1", model="big-teacher", api_key="sk-test",
+                           transport=httpx.MockTransport(handler))
+
+
+def client(ws: Workspace, backend: Scripted, seen: list | None = None, teacher: bool = True) -> TestClient:
+    app = create_app(ws, teacher=upstream(seen if seen is not None else []) if teacher else None,
+                     engine=engine_for(ws, backend))
+    return TestClient(app)
+
+
+def test_specialist_answer_is_an_openai_completion_with_the_decision(workspace: Workspace) -> None:
+    seen: list = []
+    with client(workspace, Scripted('{"intent": "card_arrival"}'), seen) as c:
+        r = c.post("/v1/chat/completions", json=body("my card has not arrived"))
+    assert r.status_code == 200
+    data = r.json()
+    assert data["object"] == "chat.completion" and data["model"] == "cards"
+    assert json.loads(data["choices"][0]["message"]["content"]) == {"intent": "card_arrival"}
+    assert data["choices"][0]["finish_reason"] == "stop" and data["usage"]["completion_tokens"] == 5
+    assert data["aad_route"]["target"] == "specialist" and data["aad_route"]["cluster_id"] == 0
+    assert seen == []  # the teacher was not called
+
+
+def test_teacher_is_called_upstream_and_escalations_recorded(workspace: Workspace) -> None:
+    seen: list = []
+    with client(workspace, Scripted("{broken"), seen) as c:
+        other = c.post("/v1/chat/completions", json=body("plan my trip", temperature=0.2))
+        escalated = c.post("/v1/chat/completions", json=body("my card has not arrived"))
+    assert other.json()["choices"][0]["message"]["content"] == "teacher says hi"
+    assert other.json()["id"] == "chatcmpl-upstream" and other.json()["aad_route"]["target"] == "teacher"
+    url, auth, sent = seen[0]
+    assert url == "http://teacher.test/v1/chat/completions" and auth == "Bearer sk-test"
+    assert sent["model"] == "big-teacher" and sent["temperature"] == 0.2 and sent["stream"] is False
+    assert escalated.json()["choices"][0]["message"]["content"] == "teacher says hi"
+    assert escalated.json()["aad_route"]["escalated"]
+    (trace,) = escalations(workspace)
+    assert trace.model == "big-teacher" and trace.usage.total_tokens == 15
+    assert trace.metadata["aad_escalation"]["specialist_output"] == "{broken"
+
+
+def test_stream_tools_and_errors(workspace: Workspace) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup_card", "parameters": {"type": "object"}}}]
+    backend = Scripted('<tool_call>{"name": "lookup_card", "arguments": {"card_id": 7}}</tool_call>')
+    app = create_app(workspace, teacher=None, engine=engine_for(workspace, backend, output_kind="tool_calls"))
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json=body("my card has not arrived", tools=tools))
+        call = r.json()["choices"][0]["message"]["tool_calls"][0]
+        assert call["function"] == {"name": "lookup_card", "arguments": json.dumps({"card_id": 7})}
+        assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+
+        s = c.post("/v1/chat/completions", json=body("my card has not arrived", tools=tools, stream=True))
+        events = [line[6:] for line in s.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        first, last = json.loads(events[0]), json.loads(events[1])
+        assert first["object"] == "chat.completion.chunk"
+        assert first["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "lookup_card"
+        assert last["aad_route"]["target"] == "specialist" and last["choices"][0]["finish_reason"] == "tool_calls"
+
+        no_teacher = c.post("/v1/chat/completions", json=body("plan my trip"))
+        assert no_teacher.status_code == 503 and "--teacher-url" in no_teacher.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", json={"messages": []}).status_code == 400
+        decision = c.post("/v1/aad/route", json=body("my card has not arrived")).json()
+        assert decision["target"] == "specialist" and decision["specialist"] == "cards"
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_cli_route_and_serve_are_registered() -> None:
+    from typer.testing import CliRunner
+
+    from aad_core.cli import app
+
+    runner = CliRunner()
+    assert "OpenAI-compatible" in runner.invoke(app, ["serve", "--help"]).output
+    out = runner.invoke(app, ["route", "--help"]).output
+    assert "--calibrate" in out and "--show" in out
