@@ -176,3 +176,18 @@ def test_semantic_with_real_minilm() -> None:
     except AADError as err:  # the minilm embedder plugin is another stage's work
         pytest.skip(f"minilm embedder unavailable: {err}")
     assert out["per_item"] == [1.0, 0.0]
+
+
+def test_sql_per_item_databases(sales_db: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.executescript("CREATE TABLE orders (id INTEGER, customer TEXT, amount REAL); INSERT INTO orders VALUES (9, 'zoe', 1.0);")
+    conn.commit()
+    conn.close()
+    ev = create_component("evaluator", "sql")
+    out = ev.evaluate(
+        ["SELECT customer FROM orders WHERE id = 9", "SELECT COUNT(*) FROM orders", "select 1"],
+        ["SELECT customer FROM orders", "SELECT 3", "SELECT 1"],
+        databases=[str(other), str(sales_db), None],
+    )
+    assert out["per_item"] == [1.0, 1.0, 1.0] and out["metric"] == "sql_execution"

@@ -96,8 +96,9 @@ def evaluate_cluster(
     spec_gens, spec_s = _generate(runtime, requests, specialist.name, cfg.max_new_tokens)
     single = [runtime.generate([r], adapter=specialist.name, max_new_tokens=cfg.max_new_tokens)[0]
               for r in requests[: cfg.latency_samples]]
-    base_m = evaluator.evaluate([g.text for g in base_gens], references)
-    spec_m = evaluator.evaluate([g.text for g in spec_gens], references)
+    context = _context(ws, name, heldout)
+    base_m = evaluator.evaluate([g.text for g in base_gens], references, **context)
+    spec_m = evaluator.evaluate([g.text for g in spec_gens], references, **context)
     teacher = _teacher(heldout)
     gate = parity_gate(spec_m["score"], base_m["score"], teacher["score"], cfg.parity)
 
@@ -151,6 +152,18 @@ def evaluate_cluster(
         ],
     )
     return entry
+
+
+def _context(ws: Workspace, evaluator: str, traces: Sequence[Trace]) -> dict[str, Any]:
+    """Per-item evaluation context: a trace's own SQLite file (``metadata["sql_database"]``)."""
+    if evaluator != "sql":
+        return {}
+    from pathlib import Path
+
+    dbs = [t.metadata.get("sql_database") for t in traces]
+    if not any(dbs):
+        return {}
+    return {"databases": [None if not d else str(Path(d) if Path(d).is_absolute() else ws.root / d) for d in dbs]}
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

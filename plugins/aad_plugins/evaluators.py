@@ -169,6 +169,8 @@ class SQLEvaluator(Evaluator):
     (``file:...?mode=ro``) and every query is stopped after ``timeout_s`` seconds.
 
     ``score`` is execution accuracy when a database is configured, canonical exact match otherwise.
+    ``evaluate(..., databases=[path or None, ...])`` gives each item its own database (items
+    without one fall back to canonical exact match).
     """
 
     metric = "sql"
@@ -180,8 +182,8 @@ class SQLEvaluator(Evaluator):
         self.dialect = dialect
         self.max_rows = max_rows
 
-    def _connect(self) -> sqlite3.Connection:
-        path = Path(str(self.database)).expanduser().resolve()
+    def _connect(self, database: str | Path) -> sqlite3.Connection:
+        path = Path(str(database)).expanduser().resolve()
         if not path.exists():
             raise AADError(
                 f"The SQLite database {path} of the 'sql' evaluator does not exist.",
@@ -237,14 +239,26 @@ class SQLEvaluator(Evaluator):
             "exact_match": exact / n if n else 0.0,
             "parse_rate": parsed / n if n else 0.0,
         }
-        if self.database is None:
+        databases = context.get("databases")
+        if databases is not None and len(databases) != n:
+            raise ValueError(f"SQLEvaluator.evaluate needs one database per item. Got {len(databases)} for {n} items instead.")
+        per_db = [(databases[i] if databases is not None and databases[i] else self.database) for i in range(n)]
+        if all(db is None for db in per_db):
             out.update(score=out["exact_match"], per_item=per_exact)
             return out
-        conn = self._connect()
+        conns: dict[str, sqlite3.Connection] = {}
         executed = correct = ref_failed = timeouts = 0
         per_exec: list[float] = []
         try:
-            for pred, ref in zip(predictions, references):
+            for pred, ref, db in zip(predictions, references, per_db):
+                if db is None:  # no database for this item: fall back to canonical exact match
+                    hit = bool(per_exact[len(per_exec)])
+                    correct += hit
+                    per_exec.append(float(hit))
+                    continue
+                if str(db) not in conns:
+                    conns[str(db)] = self._connect(db)
+                conn = conns[str(db)]
                 ref_ok, ref_rows = self._run(conn, ref)
                 if not ref_ok:
                     ref_failed += 1
@@ -257,7 +271,8 @@ class SQLEvaluator(Evaluator):
                 correct += hit
                 per_exec.append(float(hit))
         finally:
-            conn.close()
+            for conn in conns.values():
+                conn.close()
         out.update(
             metric="sql_execution",
             score=correct / n if n else 0.0,
