@@ -71,6 +71,17 @@ def test_other_pattern_entities(redactor, text, entity):
     assert f"<{entity}_1>" in redactor.redact_text(text)
 
 
+def test_params_metadata_and_tags_are_redacted_too(redactor):
+    t = pii_trace()
+    t.request.params = {"model": "gpt-x", "user": EMAIL, "temperature": 0.2}
+    t.metadata = {"customer": {"email": EMAIL, "tier": 2}}
+    t.tags = [f"owner:{EMAIL}", "prod"]
+    (out,) = redactor.redact([t])
+    assert out.request.params == {"model": "gpt-x", "user": "<EMAIL_ADDRESS_1>", "temperature": 0.2}
+    assert out.metadata["customer"] == {"email": "<EMAIL_ADDRESS_1>", "tier": 2}
+    assert out.tags == ["owner:<EMAIL_ADDRESS_1>", "prod"]
+
+
 def test_task_content_without_pii_is_left_alone(redactor):
     sql = "SELECT name, SUM(amount) FROM orders WHERE year = 2024 GROUP BY name LIMIT 10"
     t = Trace(request=ChatRequest(messages=[Message(role="user", content=sql)]),

@@ -167,27 +167,23 @@ class PresidioRedactor(Redactor):
         operators = {r.entity_type: OperatorConfig("custom", {"lambda": placeholder(r.entity_type)}) for r in results}
         return self.anonymizer_.anonymize(text=text, analyzer_results=results, operators=operators).text
 
+    def _walk(self, node: Any, mapping: dict[tuple[str, str], str]) -> Any:
+        """``node`` (JSON-like) with every string value redacted; keys are kept."""
+        if isinstance(node, str):
+            return self._text(node, mapping)
+        if isinstance(node, list):
+            return [self._walk(v, mapping) for v in node]
+        if isinstance(node, dict):
+            return {k: self._walk(v, mapping) for k, v in node.items()}
+        return node
+
     def _json_args(self, arguments: str, mapping: dict[tuple[str, str], str]) -> str:
         try:
             obj = json.loads(arguments)
         except (ValueError, TypeError):
             return self._text(arguments, mapping)
-        changed = False
-
-        def walk(node: Any) -> Any:
-            nonlocal changed
-            if isinstance(node, str):
-                new = self._text(node, mapping)
-                changed |= new != node
-                return new
-            if isinstance(node, list):
-                return [walk(v) for v in node]
-            if isinstance(node, dict):
-                return {k: walk(v) for k, v in node.items()}
-            return node
-
-        obj = walk(obj)
-        return json.dumps(obj, ensure_ascii=False) if changed else arguments
+        new = self._walk(obj, mapping)
+        return json.dumps(new, ensure_ascii=False) if new != obj else arguments
 
     def _message(self, msg: Message, mapping: dict[tuple[str, str], str]) -> None:
         if isinstance(msg.content, str):
@@ -209,7 +205,10 @@ class PresidioRedactor(Redactor):
             self._message(out.response, mapping)
         if out.error:
             out.error = self._text(out.error, mapping)
-        meta = dict(out.metadata)
+        # Parameters (e.g. OpenAI's "user"), metadata and tags often carry user ids and e-mails.
+        out.request.params = self._walk(out.request.params, mapping)
+        out.tags = [self._text(t, mapping) for t in out.tags]
+        meta = self._walk(dict(out.metadata), mapping)
         if out.teacher_logprobs and out.answer_text() != answer_before:
             # The tokens would spell the removed value out again.
             out.teacher_logprobs = None
