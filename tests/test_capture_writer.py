@@ -105,6 +105,21 @@ def test_deleted_store_is_recreated_and_nothing_is_lost(workspace):
     w.close()
 
 
+def test_writer_starts_while_the_store_is_locked(workspace):
+    held = lock(workspace.db_path)
+    try:
+        t0 = time.perf_counter()
+        w = CaptureWriter(workspace=str(workspace.root), config=settings())
+        w.submit(make_trace("while locked", "a"))
+        assert w.flush(10) and time.perf_counter() - t0 < 5
+        assert w.stats()["spooled"] == 1
+    finally:
+        unlock(held)
+    assert w.flush(10)
+    assert SQLiteTraceStore(workspace.db_path).count() == 1
+    w.close()
+
+
 def test_spool_with_bad_line_is_reloaded_by_a_new_writer(workspace):
     good = make_trace("spooled earlier", "a")
     workspace.spool_dir.mkdir(parents=True, exist_ok=True)

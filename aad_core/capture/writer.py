@@ -94,7 +94,10 @@ class CaptureWriter:
             )
         ws: Workspace | None
         if isinstance(workspace, (str, Path)):
-            ws = Workspace.init(workspace)
+            from aad_core.config import CONFIG_FILE
+
+            root = Path(workspace)
+            ws = Workspace(root) if (root / CONFIG_FILE).exists() else Workspace.init(root)
         elif workspace is None and store is None:
             ws = Workspace.find()
         else:
@@ -108,8 +111,6 @@ class CaptureWriter:
 
             get_registry().get("redactor", cfg.redactor)
 
-        self._owns_store = store is None
-        self._store: Any = store if store is not None else self._open_store()
         if ws is not None:
             self.spool_dir = ws.spool_dir
         elif getattr(store, "path", None) is not None:
@@ -127,6 +128,13 @@ class CaptureWriter:
         self._next_retry = 0.0
         self._spool_pending = True  # a previous run may have left spooled traces
         self._closed = False
+        self._owns_store = store is None
+        self._store: Any = store
+        if store is None:
+            try:
+                self._store = self._open_store()
+            except Exception as err:  # e.g. locked right now: spool until it opens
+                self._store_failed(err)
         self._thread = threading.Thread(target=self._run, name="aad-capture-writer", daemon=True)
         self._thread.start()
         atexit.register(self._atexit)
@@ -183,7 +191,7 @@ class CaptureWriter:
             except queue.Full:
                 pass
             self._thread.join(timeout)
-        if self._owns_store:
+        if self._owns_store and self._store is not None:
             try:
                 self._store.close()
             except Exception as err:
@@ -302,6 +310,9 @@ class CaptureWriter:
         return SQLiteTraceStore(self.workspace.db_path, timeout_s=self.config.capture.write_timeout_s)
 
     def _check_store(self) -> None:
+        if self._store is None:
+            self._store = self._open_store()
+            return
         path = getattr(self._store, "path", None)
         if path is None or Path(path).exists():
             return
