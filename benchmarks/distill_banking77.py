@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
-SYSTEM = "You label online-banking customer messages with their intent. Reply with the intent label only."
+SYSTEM = "Reply with the banking intent label only."
 
 
 def load(split: str) -> list[tuple[str, str]]:
@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    ap.add_argument("--adapter-dir", type=Path, default=None, help="where the adapter is saved (default: a temp folder)")
+    ap.add_argument("--skip-training", action="store_true", help="evaluate the adapter already in --adapter-dir")
     args = ap.parse_args()
     if args.n_train > 1000:
         print("note: the acceptance target is specified for <= 1,000 training samples", file=sys.stderr)
@@ -126,14 +128,18 @@ def main() -> int:
     print(f"Banking77 (PolyAI, CC-BY-4.0): {len(train)} train, {len(eval_rows)} early-stop, {len(test)} test queries; "
           f"{len({lab for _, lab in train})} intents in the training sample", flush=True)
 
-    out_dir = Path(tempfile.mkdtemp(prefix="aad-b77-"))
+    out_dir = args.adapter_dir or Path(tempfile.mkdtemp(prefix="aad-b77-"))
     trainer = QLoRATrainer(
         student=args.student, lora_r=args.r, lora_alpha=args.alpha, target_modules=args.targets.split(","),
         learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation=args.accum, epochs=args.epochs,
         max_length=args.max_length, quantization="auto", seed=args.seed, early_stopping_patience=2,
         eval_every=None,
     )
-    metrics = trainer.train([to_trace(*r) for r in train], [to_trace(*r) for r in eval_rows], out_dir, show_progress=True)
+    if args.skip_training:
+        metrics = json.loads((out_dir / "train_metrics.json").read_text())
+    else:
+        metrics = trainer.train([to_trace(*r) for r in train], [to_trace(*r) for r in eval_rows], out_dir, show_progress=True)
+        (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"trained: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, "
           f"held-out loss {metrics['best_eval_loss']:.4f}, {metrics['wall_s']:.0f} s, {metrics['tokens_per_s']:.0f} tok/s "
           f"({metrics['device']}, quantization={metrics['quantization']})", flush=True)
