@@ -246,7 +246,7 @@ def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[W
 
 def extract_messages(info: dict) -> list[Message]:
     return [Message(role="system", content=info["json_system"]),
-            Message(role="user", content="Book a table in Madrid on Monday")]
+            Message(role="user", content=BOOKING[0].format(c=CITIES[1], d=DAYS[1]))]  # a recorded request
 
 
 # -- the real workspace (session fixture, shared with the integration tests) -----------------------
