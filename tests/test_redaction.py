@@ -128,3 +128,25 @@ def test_captured_calls_are_redacted_before_anything_is_written(workspace):
     on_disk = b"".join(p.read_bytes() for p in workspace.data_dir.rglob("*") if p.is_file())
     for raw in (EMAIL, PHONE, CARD):
         assert raw.encode() not in on_disk
+
+
+def test_spooled_traces_are_redacted_too(workspace):
+    """The spool is a write as well: with the store locked, the spool files hold no raw PII."""
+    from aad_core.capture import CaptureWriter
+    from aad_core.config import AADSettings
+
+    w = CaptureWriter(workspace=workspace, config=AADSettings(capture={"write_timeout_s": 0.05, "retry_interval_s": 30}))
+    held = sqlite3.connect(workspace.db_path, isolation_level=None)
+    held.execute("BEGIN EXCLUSIVE")
+    try:
+        w.submit(pii_trace())
+        assert w.flush(120)
+        assert w.stats()["spooled"] == 1
+        spooled = "".join(p.read_text(encoding="utf-8") for p in workspace.spool_dir.glob("*.jsonl"))
+        assert "<EMAIL_ADDRESS_1>" in spooled and EMAIL not in spooled and CARD not in spooled
+    finally:
+        held.execute("ROLLBACK")
+        held.close()
+    assert w.flush(30)
+    assert w.store.count() == 1 and EMAIL not in next(w.store.iter_traces()).model_dump_json()
+    w.close()
