@@ -136,8 +136,23 @@ def test_quick_profile_shrinks_but_never_grows_the_run(ws):
     calls: list[str] = []
     _run(ws, calls)
     calls.clear()
-    _run(ws, calls, profile="quick")  # other train/eval settings: those stages redo, clusters stay
-    assert calls == ["train", "evaluate", "route"]
+    _run(ws, calls, profile="quick")  # shorter max_length (scoring + training), fewer steps: clusters stay
+    assert calls == ["select", "train", "evaluate", "route"]
+
+
+def test_without_a_routine_cluster_later_stages_are_skipped_with_the_reason(ws):
+    calls: list[str] = []
+    runners = _recording_runners(calls)
+
+    def cluster(ws, profile, progress):
+        calls.append("cluster")
+        ws.write_state("clusters.json", {"clusters": [{"id": 0, "routine": False, "size": 3}]})
+        return "1 cluster, 0 routine"
+
+    results = run_distill(Workspace(ws.root), runners={**runners, "cluster": cluster}, report=False, show_progress=False)
+    assert calls == ["cluster"]
+    assert [r.status for r in results] == ["ran"] + ["skipped"] * 4
+    assert "stays with the teacher" in results[-1].detail
 
 
 def test_unknown_profile_is_a_clear_error(ws):

@@ -146,6 +146,13 @@ def _routine_cluster_ids(ws: Workspace, limit: int | None) -> list[int]:
     return ids if limit is None else ids[:limit]
 
 
+def _has_routine_cluster(ws: Workspace) -> bool:
+    path = ws.state_path("clusters.json")
+    if not path.exists():
+        return False
+    return any(c.get("routine") for c in json.loads(path.read_text(encoding="utf-8")).get("clusters", []))
+
+
 def _run_cluster(ws: Workspace, profile: Profile, progress: bool) -> str:
     from aad_core.pipeline.cluster import run_cluster
 
@@ -221,6 +228,12 @@ def run_distill(
     results: list[StageResult] = []
     upstream: str | None = store_fingerprint(ws)
     for stage in STAGES:
+        if stage != "cluster" and not _has_routine_cluster(ws):
+            result = StageResult(stage, "skipped", 0.0, "no routine cluster: every request stays with the teacher")
+            results.append(result)
+            if on_stage:
+                on_stage(result)
+            continue
         want = input_hash(ws, stage, upstream, profile)
         prev = state["stages"].get(stage, {})
         current_out = OUTPUTS[stage](ws)
