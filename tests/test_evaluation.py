@@ -35,8 +35,11 @@ def test_choose_evaluator_from_the_answers() -> None:
     prose = [make_trace(f"q{i}", f"Thanks for reaching out. Ticket {i} was escalated to the billing team today.")
              for i in range(6)]
     assert choose_evaluator(prose) == "semantic"
-    # Short answers that never repeat are not labels.
-    assert choose_evaluator([make_trace(f"q{i}", f"answer {i}") for i in range(10)]) == "semantic"
+    mixed = [make_trace(f"q{i}", "card_arrival") for i in range(5)] + [
+        make_trace(f"t{i}", json.dumps({"category": "fraud", "id": i})) for i in range(5)]
+    assert choose_evaluator(mixed) == "exact"
+    # Short answers that never repeat are not labels, but still short enough for exact match.
+    assert choose_evaluator([make_trace(f"q{i}", f"answer {i}") for i in range(10)]) == "exact"
     assert choose_evaluator([]) == "semantic"
 
 

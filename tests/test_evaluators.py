@@ -22,6 +22,8 @@ def test_exact_match_normalises_case_spaces_quotes() -> None:
     out = ev.evaluate(['  "Card Arrival". ', "a  b", "x"], ["card arrival", "A B", "y"])
     assert out["score"] == pytest.approx(2 / 3)
     assert out["n"] == 3 and out["metric"] == "exact_match"
+    json_out = ev.evaluate(['{"b": 1, "a": [1, 2]}', '{"a": 1}'], ['{"a": [1,2], "b": 1}', '{"a": 2}'])
+    assert json_out["per_item"] == [1.0, 0.0]
 
 
 def test_lengths_must_match() -> None:

@@ -45,6 +45,8 @@ def _is_sql(text: str) -> bool:
 
 def _is_label(text: str) -> bool:
     text = text.strip()
+    if text[:1] in "{[" or _SQL_START.match(text):
+        return False
     return bool(text) and "\n" not in text and len(text) <= 64 and len(text.split()) <= 5
 
 
@@ -54,7 +56,8 @@ def choose_evaluator(traces: Sequence[Trace]) -> str:
     tool calls in at least 30 % of answers -> ``tool-calls``; >= 80 % JSON objects/arrays ->
     ``json``; >= 80 % SQL statements that sqlglot parses -> ``sql``; >= 90 % short one-line
     answers (<= 5 words) drawn from a small label set (distinct labels <= 60 % of the answers)
-    -> ``classification``; otherwise ``semantic``.
+    -> ``classification``; >= 90 % of such structured answers mixed (labels, JSON, SQL) ->
+    ``exact``; otherwise ``semantic``.
     """
     traces = [t for t in traces if t.response is not None]
     if not traces:
@@ -71,6 +74,9 @@ def choose_evaluator(traces: Sequence[Trace]) -> str:
     labels = [a.strip().lower() for a in answers if _is_label(a)]
     if len(labels) / n >= 0.9 and len(set(labels)) <= max(2, 0.6 * n):
         return "classification"
+    structured = sum(_is_json(a) or _is_label(a) or _is_sql(a) for a in answers)
+    if structured / n >= 0.9:  # a mix of labels, JSON and SQL: exact match still means something
+        return "exact"
     return "semantic"
 
 

@@ -69,14 +69,26 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _exact_key(text: str) -> str:
+    """JSON objects/arrays compare canonically (key order, spacing); other text after normalize_text."""
+    body = _strip_fences(text)
+    if body[:1] in "{[":
+        try:
+            return "json:" + canonical_json(json.loads(body))
+        except (json.JSONDecodeError, ValueError):
+            pass
+    return normalize_text(text)
+
+
 class ExactMatchEvaluator(Evaluator):
-    """Share of predictions equal to their reference after normalisation (case, spaces, quotes)."""
+    """Share of predictions equal to their reference after normalisation (case, spaces, quotes;
+    JSON objects/arrays canonically)."""
 
     metric = "exact_match"
 
     def evaluate(self, predictions: Sequence[str], references: Sequence[str], **context: Any) -> dict[str, Any]:
         _check_lengths("ExactMatchEvaluator", predictions, references)
-        hits = [normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references)]
+        hits = [_exact_key(p) == _exact_key(r) for p, r in zip(predictions, references)]
         score = sum(hits) / len(hits) if hits else 0.0
         return {"score": score, "n": len(hits), "metric": self.metric, "per_item": [float(h) for h in hits]}
 
