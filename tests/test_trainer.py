@@ -157,3 +157,17 @@ def test_registry_versions_and_runtime_serves_adapters(tiny_student: Path, tmp_p
     assert runtime.generate(req, adapter=None, max_new_tokens=6)[0].text == base[0].text
     with pytest.raises(AADError, match="No adapter"):
         runtime.generate(req, adapter="nope", max_new_tokens=2)
+    runtime.merge(s1.name)  # one hot adapter folded into the base weights: same answers
+    merged = runtime.generate(req, adapter=s1.name, max_new_tokens=6)
+    assert [g.text for g in merged] == [g.text for g in spec]
+
+
+def test_unknown_student_fails_with_hint(tmp_path: Path) -> None:
+    from aad_core.students import load_student
+
+    with pytest.raises(AADError) as err:
+        load_student("no-such-org/no-such-model-xyz")
+    assert "aad models list" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AADError, match="no config.json"):
+        load_student(tmp_path / "empty")

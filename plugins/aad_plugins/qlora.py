@@ -278,6 +278,10 @@ class QLoRATrainer(Trainer):
                 state["loss_history"].append(round(step_loss, 5))
                 tps = tokens_this_run / max(time.perf_counter() - started, 1e-9)
                 progress.update(task, advance=1, loss=step_loss, tps=tps)
+                if show_progress and not progress.console.is_terminal and (
+                        state["step"] % max(1, total_steps // 20) == 0 or state["step"] == total_steps):
+                    # Logs and pipes get a plain line now and then instead of a live bar.
+                    progress.console.print(f"step {state['step']}/{total_steps}  loss {step_loss:.4f}  {tps:.0f} tok/s")
                 if eval_enc and (state["step"] % eval_every == 0 or state["step"] == total_steps):
                     ev = self._eval_loss(model, eval_enc, pad_id, device)
                     state["eval_history"].append({"step": state["step"], "loss": round(ev, 5)})
