@@ -135,8 +135,14 @@ def _clusters_section(ws: Workspace, clusters: dict[str, Any] | None) -> str:
         out.append(_img(plots.cluster_overview(items, ws.config.cluster.variance_threshold), "cluster size vs variance"))
     dropped = clusters.get("dropped")
     if dropped:
-        n = len(dropped) if isinstance(dropped, (list, dict)) else dropped
-        out.append(f"<p class=\"muted\">Dropped during curation (duplicates, errors): {_e(n)}.</p>")
+        if isinstance(dropped, dict):  # {trace id: reason}
+            from collections import Counter
+
+            kinds = Counter(str(r).split(" of ")[0].split(" (")[0] for r in dropped.values())
+            detail = ", ".join(f"{v} {k}" for k, v in kinds.most_common())
+        else:
+            detail = str(len(dropped) if isinstance(dropped, list) else dropped)
+        out.append(f"<p class=\"muted\">Dropped during curation: {_e(detail)}.</p>")
     return "".join(out)
 
 
