@@ -23,6 +23,7 @@ import inspect
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_TAG = "aad_task"
+_ID_NAMESPACE = uuid.UUID("6f1c2a4e-7d0b-4c55-9a3e-0a4ad0000002")
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _ROLE_ALIASES = {"chatbot": "assistant", "model": "assistant"}
 
@@ -353,6 +355,7 @@ class AADEventHandler(BaseEventHandler):
     def _submit(self, span: str, call: _Call, resp: ChatResponse | CompletionResponse | None,
                 error: str | None = None) -> None:
         self._writer.submit(Trace(
+            id=str(uuid.uuid5(_ID_NAMESPACE, span)),  # one trace per LLM span, however often attached
             source="llamaindex",
             task=call.task,
             run_id=span,
