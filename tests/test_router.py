@@ -243,6 +243,17 @@ def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[W
     assert any(t.metadata["aad_escalation"]["reason"].startswith("validator json") for t in escalations(ws))
     eng.close()
 
+    from typer.testing import CliRunner
+
+    from aad_core.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["route", "Write a sonnet about autumn rain", "--json", "-w", str(ws.root)])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["target"] == "teacher"
+    shown = runner.invoke(app, ["route", "--show", "-w", str(ws.root)])
+    assert shown.exit_code == 0 and info["json_specialist"] in shown.output and "Held-out routing accuracy" in shown.output
+
 
 def extract_messages(info: dict) -> list[Message]:
     return [Message(role="system", content=info["json_system"]),
@@ -272,7 +283,7 @@ def _train_specialist(ws: Workspace, student: Path, cluster_id: int, ids: list[s
         store.close()
     out = tmp / f"adapter-{cluster_id}"
     trainer = QLoRATrainer(student=str(student), batch_size=8, gradient_accumulation=1, learning_rate=1e-2,
-                           max_length=64, quantization="none", seed=0, device="cpu", max_steps=40, lora_r=16,
+                           max_length=64, quantization="none", seed=0, device="cpu", max_steps=40, eval_every=40, lora_r=16,
                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                            early_stopping_patience=0)
     metrics = trainer.train(traces, traces[:4], out, show_progress=False)

@@ -135,8 +135,8 @@ class RoutingEngine:
         self.ws = ws
         self.teacher_call = teacher_call
         self.teacher_model = teacher_model
-        self._router = router
-        self._specialists = specialists
+        self._router = self._given_router = router
+        self._specialists = self._given_specialists = specialists
         self.record = ws.config.route.record_escalations if record is None else record
         self.timeout_s = ws.config.route.timeout_s if timeout_s is None else timeout_s
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="aad-specialist")
@@ -171,11 +171,20 @@ class RoutingEngine:
             self._cluster_info = {int(k): v for k, v in saved.get("clusters", {}).items()}
         return self._cluster_info.get(cluster_id, {}) if cluster_id is not None else {}
 
+    def reload(self) -> None:
+        """Forget the loaded router state, specialists and thresholds (after re-calibration or
+        a new promotion); they load again on the next request."""
+        with self._lock:
+            self._router = self._given_router
+            self._specialists = self._given_specialists
+            self._cluster_info = None
+
     # -- the loop -----------------------------------------------------------------------------
     def decide(self, requests: Sequence[ChatRequest]) -> list[RoutingDecision]:
         return self.router.route(list(requests))
 
-    def try_specialist(self, request: ChatRequest, decision: RoutingDecision) -> SpecialistOutcome:
+    def try_specialist(self, request: ChatRequest, decision: RoutingDecision, *,
+                       timeout_s: float | None = None) -> SpecialistOutcome:
         """Generate with the decision's specialist and run every check. Never raises."""
         from aad_core.routing.tool_calls import ToolCallParseError, parse_tool_calls
         from aad_core.routing.validators import validate_output
@@ -185,11 +194,12 @@ class RoutingEngine:
         max_new = int(request.params.get("max_tokens") or request.params.get("max_new_tokens")
                       or self.ws.config.route.max_new_tokens)
         future = self._executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            gen = future.result(timeout=self.timeout_s)[0]
+            gen = future.result(timeout=timeout)[0]
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return SpecialistOutcome(False, f"timeout: the specialist took longer than {self.timeout_s:g} s",
+            return SpecialistOutcome(False, f"timeout: the specialist took longer than {timeout:g} s",
                                      latency_ms=(time.perf_counter() - start) * 1000)
         except Exception as err:  # the specialist must never break the user's call
             log.warning("specialist %s raised: %s", name, err)
@@ -224,13 +234,14 @@ class RoutingEngine:
                               tool_calls=calls or None)
         return out
 
-    def attempt(self, request: ChatRequest) -> tuple[RoutingDecision, SpecialistOutcome | None]:
+    def attempt(self, request: ChatRequest, *, timeout_s: float | None = None
+                ) -> tuple[RoutingDecision, SpecialistOutcome | None]:
         """Decide and, for a specialist decision, try it. Returns (decision, outcome): ``outcome`` is
         None when the router chose the teacher; on a failed check the decision is marked escalated."""
         decision = self.decide([request])[0]
         if decision.target != "specialist":
             return decision, None
-        outcome = self.try_specialist(request, decision)
+        outcome = self.try_specialist(request, decision, timeout_s=timeout_s)
         if outcome.ok:
             return decision, outcome
         return self.escalated_decision(decision, outcome), outcome
@@ -298,3 +309,18 @@ class RoutingEngine:
             self.record_escalation(request, message, decision, outcome, usage=usage, model=model, latency_ms=teacher_ms)
         return RoutedAnswer(message, decision, usage or Usage(), model=model or self.teacher_model or "teacher",
                             latency_ms=(time.perf_counter() - start) * 1000, teacher_raw=raw)
+
+
+_engines: dict[str, RoutingEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(ws: Workspace) -> RoutingEngine:
+    """One engine per workspace and process, so several routed model objects share the loaded
+    embedder and specialists instead of loading them again."""
+    key = str(ws.root)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = RoutingEngine(ws)
+        return engine

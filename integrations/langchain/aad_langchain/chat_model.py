@@ -138,11 +138,10 @@ class RoutedChatModel(BaseChatModel):
         if self.routing_engine is not None:
             return self.routing_engine
         if self._engine is None:
-            from aad_core.routing.engine import RoutingEngine
+            from aad_core.routing.engine import shared_engine
             from aad_core.workspace import Workspace
 
-            ws = Workspace.find(self.workspace)
-            self._engine = RoutingEngine(ws, timeout_s=self.timeout, teacher_model=self._teacher_name())
+            self._engine = shared_engine(Workspace.find(self.workspace))
         return self._engine
 
     def _teacher_name(self) -> str:
@@ -186,7 +185,7 @@ class RoutedChatModel(BaseChatModel):
 
     def _route(self, request: ChatRequest) -> tuple[RoutingDecision, Any]:
         """(decision, outcome): outcome is the successful or failed specialist attempt, or None."""
-        return self.engine().attempt(request)
+        return self.engine().attempt(request, timeout_s=self.timeout)
 
     def _specialist_message(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> AIMessage:
         msg: Message = outcome.message

@@ -93,11 +93,10 @@ class RoutedLLM(FunctionCallingLLM):
         if self.routing_engine is not None:
             return self.routing_engine
         if self._engine is None:
-            from aad_core.routing.engine import RoutingEngine
+            from aad_core.routing.engine import shared_engine
             from aad_core.workspace import Workspace
 
-            self._engine = RoutingEngine(Workspace.find(self.workspace), timeout_s=self.timeout,
-                                         teacher_model=self._teacher_name())
+            self._engine = shared_engine(Workspace.find(self.workspace))
         return self._engine
 
     def _teacher_name(self) -> str:
@@ -164,7 +163,7 @@ class RoutedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs)
-        decision, outcome = self.engine().attempt(request)
+        decision, outcome = self.engine().attempt(request, timeout_s=self.timeout)
         if outcome is not None and outcome.ok:
             return self._specialist_response(request, decision, outcome)
         return self._finish_teacher(request, self._teacher_call(messages, kwargs), decision, outcome)
@@ -172,7 +171,7 @@ class RoutedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(messages, kwargs)
-        decision, outcome = await asyncio.to_thread(self.engine().attempt, request)
+        decision, outcome = await asyncio.to_thread(self.engine().attempt, request, timeout_s=self.timeout)
         if outcome is not None and outcome.ok:
             return self._specialist_response(request, decision, outcome)
         resp = await self._ateacher_call(messages, kwargs)
@@ -181,7 +180,7 @@ class RoutedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         request = self._request(messages, kwargs)
-        decision, outcome = self.engine().attempt(request)
+        decision, outcome = self.engine().attempt(request, timeout_s=self.timeout)
 
         def gen() -> ChatResponseGen:
             if outcome is not None and outcome.ok:
@@ -205,7 +204,7 @@ class RoutedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         request = self._request(messages, kwargs)
-        decision, outcome = await asyncio.to_thread(self.engine().attempt, request)
+        decision, outcome = await asyncio.to_thread(self.engine().attempt, request, timeout_s=self.timeout)
 
         async def gen() -> ChatResponseAsyncGen:
             if outcome is not None and outcome.ok:
