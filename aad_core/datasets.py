@@ -26,9 +26,12 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
+
+if TYPE_CHECKING:
+    from aad_core.schema import Trace, Usage
 
 DATA_DIR_ENV = "AAD_DATA_DIR"
 DEFOG_DATABASES = ("academic", "advising", "atis", "geography", "restaurants", "scholar", "yelp")
@@ -185,3 +188,74 @@ def load_bfcl(limit: int | None = None, seed: int = 0, categories: tuple[str, ..
             items.append(FunctionCallItem(rec["id"], cat, messages, tools, gold))
     random.Random(seed).shuffle(items)
     return items if limit is None else items[:limit]
+
+
+# -- a mixed workload (benchmarks, demo, tests) ------------------------------------------------
+INTENT_SYSTEM = (
+    "You are the intent classifier of an online bank's support assistant. Read the customer's "
+    "message and answer with exactly one intent label from the Banking77 taxonomy (e.g. card_arrival, "
+    "lost_or_stolen_card, exchange_rate). Answer with the label only."
+)
+SQL_SYSTEM = (
+    "You translate questions into a single SQLite query over the database below. Answer with SQL only.\n\n"
+)
+TOOLS_SYSTEM = (
+    "You are a function-calling assistant. Use the provided functions to answer the user's request; "
+    "call the right function with correct arguments, or answer in text when no function applies."
+)
+
+
+def _usage(prompt: str, answer: str) -> Usage:
+    from aad_core.schema import Usage
+
+    p, c = len(prompt) // 4 + 8, max(1, len(answer) // 4)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def mixed_workload(n: int, seed: int = 0) -> list[Trace]:
+    """A mixed agent workload of ``n`` traces from the three data sets, each family an agent node
+    with its own system prompt (``task`` = "intent" | "sql" | "tools"; cost at $10 per 1M tokens).
+
+    Proportions: ~6 % SQL (all 210 defog questions, repeated when n is large), ~30 % tool
+    calls, the rest intent queries."""
+    from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Trace
+
+    rng = random.Random(seed)
+    sql_q = load_defog_questions()
+    n_sql = min(max(len(sql_q), round(0.06 * n)), n // 3) if n >= 30 else n // 3
+    n_tools = min(round(0.30 * n), 3625)
+    n_intent = n - n_sql - n_tools
+    intents = load_banking77("train") + load_banking77("test")
+    rng.shuffle(intents)
+    schemas = {db: defog_schema(db) for db in DEFOG_DATABASES}
+    price = 10.0 / 1e6  # USD per token, for the cost share
+
+    traces: list[Trace] = []
+    for i, ex in enumerate(intents[:n_intent]):
+        msgs = [Message(role="system", content=INTENT_SYSTEM), Message(role="user", content=ex.text)]
+        u = _usage(INTENT_SYSTEM + ex.text, ex.label)
+        traces.append(Trace(id=f"intent-{i}", source="benchmark", task="intent", request=ChatRequest(messages=msgs),
+                            response=Message(role="assistant", content=ex.label), usage=u,
+                            cost=u.total_tokens * price))
+    for i in range(n_sql):
+        q = sql_q[i % len(sql_q)]
+        system = SQL_SYSTEM + schemas[q.db_name]
+        msgs = [Message(role="system", content=system), Message(role="user", content=q.question)]
+        answer = q.gold_queries()[0] if q.gold_queries() else q.query
+        u = _usage(system + q.question, answer)
+        traces.append(Trace(id=f"sql-{i}", source="benchmark", task="sql", request=ChatRequest(messages=msgs),
+                            response=Message(role="assistant", content=answer), usage=u, cost=u.total_tokens * price,
+                            metadata={"db": q.db_name}))
+    for i, item in enumerate(load_bfcl(limit=n_tools, seed=seed)):
+        msgs = [Message(role="system", content=TOOLS_SYSTEM)] + [Message(**m) for m in item.messages]
+        calls = [ToolCall(id=f"call_{j}", function=FunctionCall(
+            name=g["name"], arguments=json.dumps({k: (v[0] if isinstance(v, list) and v else v)
+                                                  for k, v in g["arguments"].items()})))
+                 for j, g in enumerate(item.ground_truth or [])]
+        response = Message(role="assistant", content=None if calls else "None of the functions applies.",
+                           tool_calls=calls or None)
+        u = _usage(TOOLS_SYSTEM + json.dumps(item.messages) + json.dumps(item.tools), json.dumps(item.ground_truth))
+        traces.append(Trace(id=f"tools-{i}", source="benchmark", task="tools",
+                            request=ChatRequest(messages=msgs, tools=item.tools), response=response, usage=u,
+                            cost=u.total_tokens * price, metadata={"bfcl_id": item.id}))
+    return traces

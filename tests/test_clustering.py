@@ -233,3 +233,27 @@ def test_real_minilm_finds_known_groups(workspace) -> None:
     again = run_cluster(workspace, show_progress=False)
     assert again.assignments == state.assignments
     clear_caches()
+
+
+@pytest.mark.real_model
+def test_real_minilm_on_a_small_mixed_real_workload(workspace, shared_dir, monkeypatch) -> None:
+    """Banking77 intents, defog SQL questions and BFCL tool calls: each family its own clusters."""
+    from collections import Counter
+
+    from aad_core.datasets import mixed_workload
+    from aad_core.embedding import clear_caches
+
+    monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
+    clear_caches()
+    traces = mixed_workload(150, seed=0)
+    assert Counter(t.task for t in traces) == {"intent": 65, "sql": 50, "tools": 45}
+    _add(workspace, traces)
+    state = run_cluster(workspace, show_progress=False)
+    family = {t.id: t.task for t in traces}
+    for c in state.clusters:
+        fams = Counter(family[t] for t in state.member_ids(c.id))
+        assert fams.most_common(1)[0][1] / c.size >= 0.98, (c.label, fams)
+    intent = next(c for c in state.clusters if c.task == "intent")
+    assert intent.variance < workspace.config.cluster.variance_threshold and intent.routine
+    assert state.replaceability["calls"] > 0
+    clear_caches()
