@@ -28,7 +28,7 @@ import random
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="aad-selection-"))
     budgets, curves = [], {"kl_uncertainty": [], "random": []}
     trained: dict[tuple[str, ...], float] = {}
+    label_counts = {}
     for frac in fractions:
-        n = max(1, round(frac * len(pool)))
+        picks = {m: tuple(sorted(sel.select(ids, scores, frac, seed=args.seed))) for m, sel in (("kl_uncertainty", top), ("random", rnd))}
+        n = len(picks["kl_uncertainty"])
         budgets.append(n)
-        for method, selector in (("kl_uncertainty", top), ("random", rnd)):
-            picked = tuple(sorted(selector.select(ids, scores, frac, seed=args.seed)))
+        for method in ("kl_uncertainty", "random"):
+            picked = picks[method]
             if picked not in trained:  # at 100 % both picks are the whole pool: train once
                 out = work / f"{method}-{n}"
                 trainer = create_component(
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {method:15s} n={n:4d}: {info['steps']} steps in {info['wall_s']:.0f} s, "
                       f"loss {info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, accuracy {trained[picked]:.3f}")
             curves[method].append(trained[picked])
+            label_counts[f"{method}-{n}"] = dict(sorted(Counter(by_id[i].answer_text() for i in picked).items()))
 
     at = budgets[fractions.index(0.3)]
     ratio = sample_ratio(budgets, curves["kl_uncertainty"], curves["random"], at)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "dataset": f"banking77 (PolyAI, CC-BY-4.0): {len(intents)} intents, pool {len(pool)}, test {len(test)}",
         "budgets": budgets, "fractions": fractions, "kl_uncertainty": curves["kl_uncertainty"], "random": curves["random"],
-        "base_accuracy": base_acc, "ratio": ratio, "ratio_text": ratio_text, "ratio_at": at, "seed": args.seed,
+        "base_accuracy": base_acc, "selected_labels": label_counts, "ratio": ratio, "ratio_text": ratio_text, "ratio_at": at, "seed": args.seed,
         "epochs": args.epochs, "student": args.student, "wall_s": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
