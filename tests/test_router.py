@@ -237,7 +237,11 @@ def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[W
     assert poem.decision.target == "teacher" and not poem.decision.escalated
     # A schema the specialist never learned: its JSON fails validation, the teacher answers, it is recorded.
     fmt = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "object", "required": ["guests"]}}}
-    strict = eng.answer(ChatRequest(messages=extract_messages(info), params={"response_format": fmt}))
+    booking = [ChatRequest(messages=[Message(role="system", content=JSON_SYSTEM),
+                                     Message(role="user", content=BOOKING[i % 4].format(c=CITIES[i % 10], d=DAYS[i % 7]))])
+               for i in range(12)]
+    routed = next(r for r, d in zip(booking, eng.decide(booking)) if d.target == "specialist")
+    strict = eng.answer(routed.model_copy(update={"params": {"response_format": fmt}}))
     assert strict.decision.escalated and strict.message.content == TEACHER_ANSWER
     eng.flush()
     assert any(t.metadata["aad_escalation"]["reason"].startswith("validator json") for t in escalations(ws))
@@ -253,11 +257,6 @@ def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[W
     assert json.loads(out.stdout)["target"] == "teacher"
     shown = runner.invoke(app, ["route", "--show", "-w", str(ws.root)])
     assert shown.exit_code == 0 and info["json_specialist"] in shown.output and "Held-out routing accuracy" in shown.output
-
-
-def extract_messages(info: dict) -> list[Message]:
-    return [Message(role="system", content=info["json_system"]),
-            Message(role="user", content=BOOKING[0].format(c=CITIES[1], d=DAYS[1]))]  # a recorded request
 
 
 # -- the real workspace (session fixture, shared with the integration tests) -----------------------
@@ -292,12 +291,17 @@ def _train_specialist(ws: Workspace, student: Path, cluster_id: int, ids: list[s
     return registry.set_promoted(spec.name, spec.version, True, "test fixture")
 
 
+_ROUTED: dict[str, tuple[Workspace, dict]] = {}
+
+
 @pytest.fixture(scope="session")
 def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
     """Traces of two routine tasks (banking intents, booking -> JSON) and varied one-off requests;
     real MiniLM clustering; two tiny specialists trained with the qlora trainer and promoted; the
     router calibrated."""
     pytest.importorskip("aad_core.pipeline.cluster")
+    if "built" in _ROUTED:  # imported by the integration test modules too: build once per session
+        return _ROUTED["built"]
     from aad_core.pipeline.cluster import load_clusters, run_cluster
     from aad_core.routing.calibration import calibrate_router
 
@@ -339,4 +343,5 @@ def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspac
     info = {"intent_cluster": cluster_of["intent"], "json_cluster": cluster_of["booking"],
             "intent_specialist": specs["intent"].name, "json_specialist": specs["booking"].name,
             "intent_system": INTENT_SYSTEM, "json_system": JSON_SYSTEM}
+    _ROUTED["built"] = (ws, info)
     return ws, info
