@@ -19,7 +19,7 @@ SMALL = {"intent": 12, "triage": 10, "tool_call": 8, "no_tool": 6, "sql": 7, "pl
 
 @pytest.fixture(autouse=True)
 def _shared_data(shared_dir, monkeypatch):
-    monkeypatch.setenv("AAD_DEMO_DATA", str(shared_dir / "data"))
+    monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
 
 
 def test_every_node_has_its_requested_size_and_parses_as_openai_chat():

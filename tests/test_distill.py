@@ -166,7 +166,7 @@ def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monk
     from aad_core.demo import create_demo_workspace
     from tests.tiny_models import make_tiny_student
 
-    monkeypatch.setenv("AAD_DEMO_DATA", str(shared_dir / "data"))
+    monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
     student = make_tiny_student(tmp_path / "student")
     sizes = {"intent": 30, "triage": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
     config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("train", "max_steps"): 2,

@@ -98,71 +98,60 @@ def openai_name(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", name)
 
 
-def _openai_tool(fn: dict[str, Any]) -> dict[str, Any]:
-    def fix(schema: Any) -> Any:
-        if isinstance(schema, dict):
-            out = {k: fix(v) for k, v in schema.items()}
-            t = out.get("type")
-            if isinstance(t, str):
-                out["type"] = {"dict": "object", "float": "number", "tuple": "array", "any": "string"}.get(t, t)
-            return out
-        if isinstance(schema, list):
-            return [fix(x) for x in schema]
-        return schema
-
-    return {"type": "function", "function": {"name": openai_name(fn["name"]), "description": fn.get("description", ""),
-                                             "parameters": fix(fn.get("parameters", {"type": "object", "properties": {}}))}}
+def _openai_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    fn = dict(tool["function"])
+    fn["name"] = openai_name(fn["name"])
+    fn.setdefault("parameters", {"type": "object", "properties": {}})
+    return {"type": "function", "function": fn}
 
 
 def _gold_call(ground_truth: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
     """The first acceptable value of every argument; optional arguments whose first option is "" are left out."""
     if not ground_truth or len(ground_truth) != 1:
         return None
-    (name, options), = ground_truth[0].items()
-    name = openai_name(name)
+    options = ground_truth[0]["arguments"]
     args = {k: v[0] for k, v in options.items() if isinstance(v, list) and v and v[0] != ""}
-    return name, args
+    return openai_name(ground_truth[0]["name"]), args
+
+
+def _users(item: Any) -> list[str]:
+    return [m["content"] for m in item.messages if m.get("role") == "user"]
 
 
 def tool_call_records(n: int, rng: random.Random) -> list[DemoRecord]:
     items = []
-    for file in ("BFCL_v4_live_simple.json", "BFCL_v4_simple_python.json"):
-        for item in sources.bfcl_items(file):
-            call = _gold_call(item.get("ground_truth") or [])
-            turns = item["question"][0] if item.get("question") else []
-            users = [m["content"] for m in turns if m.get("role") == "user"]
+    for category in ("live_simple", "simple_python"):
+        for item in sources.bfcl_items(category):
+            call = _gold_call(item.ground_truth or [])
+            users = _users(item)
             if call is None or len(users) != 1:
                 continue
             items.append(DemoRecord("tool_call", SYSTEM["tool_call"], users[0], tool_calls=[call],
-                                    tools=[_openai_tool(f) for f in item["function"]], gold_source=f"bfcl-eval {file} {item['id']}"))
+                                    tools=[_openai_tool(t) for t in item.tools], gold_source=f"bfcl-eval BFCL v4 {item.id}"))
     return rng.sample(items, min(n, len(items)))
 
 
 def no_tool_records(n: int, rng: random.Random) -> list[DemoRecord]:
     items = []
-    for item in sources.bfcl_items("BFCL_v4_irrelevance.json"):
-        users = [m["content"] for m in item["question"][0] if m.get("role") == "user"]
+    for item in sources.bfcl_items("irrelevance"):
+        users = _users(item)
         if len(users) == 1:
             items.append(DemoRecord("no_tool", SYSTEM["no_tool"], users[0], answer=NO_TOOL_ANSWER,
-                                    tools=[_openai_tool(f) for f in item["function"]],
-                                    gold_source=f"bfcl-eval BFCL_v4_irrelevance.json {item['id']}"))
+                                    tools=[_openai_tool(t) for t in item.tools], gold_source=f"bfcl-eval BFCL v4 {item.id}"))
     return rng.sample(items, min(n, len(items)))
 
 
 def sql_records(n: int, rng: random.Random) -> list[DemoRecord]:
     schemas: dict[str, str] = {}
     out = []
-    available = set(sources.defog_databases())
     for q in sources.defog_questions():
-        db = q["db_name"]
-        if db not in available:
-            continue
+        db = q.db_name
         if db not in schemas:
             schemas[db] = sources.defog_schema_text(db)
-        gold = q["query"].split(";")[0].strip() + ";"
-        question = q["question"] + (f" ({q['instructions']})" if q.get("instructions") else "")
+        gold = q.gold_queries()[0] + ";"
+        question = q.question + (f" ({q.instructions})" if q.instructions else "")
         out.append(DemoRecord("sql", SYSTEM["sql"].format(db=db, schema=schemas[db]), question, answer=gold,
-                              gold_source=f"defog sql-eval questions_gen_sqlite.csv ({db}, {q['query_category']})"))
+                              gold_source=f"defog sql-eval questions_gen_sqlite.csv ({db}, {q.category})"))
     return rng.sample(out, min(n, len(out)))
 
 
