@@ -219,17 +219,23 @@ def embed_part_lists(
     all_texts = [text for parts in part_lists for _, text in parts]
     vecs = embed_texts(all_texts, embedder, cache_dir=cache_dir, show_progress=show_progress)
     dim = vecs.shape[1] if vecs.size else _dimension(embedder)
-    combined = np.zeros((len(part_lists), dim), dtype=np.float32)
-    per_part: dict[str, np.ndarray] = {}
+    rows: dict[str, list[int]] = {}
+    where: dict[str, list[int]] = {}
     i = 0
     for row, parts in enumerate(part_lists):
-        if not parts:
-            continue
-        chunk = vecs[i : i + len(parts)]
-        i += len(parts)
-        combined[row] = _combine(list(chunk))
-        for (name, _), v in zip(parts, chunk):
-            per_part.setdefault(name, np.zeros((len(part_lists), dim), dtype=np.float32))[row] = v
+        for name, _ in parts:
+            rows.setdefault(name, []).append(row)
+            where.setdefault(name, []).append(i)
+            i += 1
+    per_part: dict[str, np.ndarray] = {}
+    combined = np.zeros((len(part_lists), dim), dtype=np.float32)
+    for name in rows:
+        m = np.zeros((len(part_lists), dim), dtype=np.float32)
+        m[rows[name]] = vecs[where[name]]
+        per_part[name] = m
+        combined += m
+    norms = np.linalg.norm(combined, axis=1, keepdims=True)
+    combined /= np.maximum(norms, 1e-12)
     return combined, per_part
 
 

@@ -246,7 +246,7 @@ def test_real_minilm_on_a_small_mixed_real_workload(workspace, shared_dir, monke
     monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
     clear_caches()
     traces = mixed_workload(150, seed=0)
-    assert Counter(t.task for t in traces) == {"intent": 65, "sql": 50, "tools": 45}
+    assert Counter(t.task for t in traces) == {"intent": 55, "sql": 50, "tools": 45}
     _add(workspace, traces)
     state = run_cluster(workspace, show_progress=False)
     family = {t.id: t.task for t in traces}

@@ -352,7 +352,10 @@ def write_cluster_map(
     rng = np.random.default_rng(seed)
     rows = np.arange(len(X)) if len(X) <= max_points else np.sort(rng.choice(len(X), max_points, replace=False))
     n_comp = min(2, X.shape[1], max(len(X) - 1, 1))
-    pca = PCA(n_components=n_comp, random_state=seed).fit(X)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):  # a 5,000 x 384 PCA gains nothing from threads; spinning costs
+        pca = PCA(n_components=n_comp, random_state=seed).fit(X[rows])
     P = pca.transform(X[rows])
     if P.shape[1] == 1:
         P = np.hstack([P, np.zeros_like(P)])

@@ -58,7 +58,7 @@ class KMeansClusterer(Clusterer):
         n_init: int = 10,
         seed: int = 0,
         minibatch_threshold: int = 20_000,
-        sample_size: int = 3_000,
+        sample_size: int = 2_000,
         scan_n_init: int = 3,
         n_threads: int | None = 1,
     ) -> None:
@@ -127,7 +127,8 @@ class KMeansClusterer(Clusterer):
         if hi < self.k_min:
             return max(1, min(self.k_min, n_distinct))
         for k in range(self.k_min, hi + 1):
-            labels = KMeans(n_clusters=k, n_init=self.scan_n_init, random_state=self.seed).fit_predict(sample)
+            labels = KMeans(n_clusters=k, n_init=self.scan_n_init, max_iter=100,
+                            random_state=self.seed).fit_predict(sample)
             if len(set(labels.tolist())) < 2:
                 continue
             self.scores_[k] = float(silhouette_score(sample, labels, random_state=self.seed))
