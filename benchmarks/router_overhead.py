@@ -8,9 +8,10 @@ split, then on the held-out split measures
 * p50 / p95 latency of one routing decision for a single request (embedding included), CPU,
   both with the agent-node context (system prompt, tool names) already embedded — the steady
   state, since every call of a node shares it — and fully cold (every part embedded anew);
-* routing accuracy: routine requests should reach the specialist of a cluster of their own node,
-  complex ones the teacher. Every routine cluster is treated as served (the decision does not
-  depend on the adapter's weights).
+* routing accuracy: routine requests should reach the specialist of a cluster that holds >= 10 %
+  of their own node's traces, complex ones the teacher. Every cluster whose members are mostly
+  routine-node traces is treated as served (the decision does not depend on the adapter's
+  weights); the figure with only the clustering's routine-flagged clusters served is printed too.
 
 Targets (issue S6): p95 <= 10 ms, accuracy >= 97 %.
 
@@ -63,9 +64,11 @@ def main() -> None:
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="aad-router-bench-")) / "ws"
     t0 = time.perf_counter()
-    ws = create_demo_workspace(root, seed=args.seed, redact=False)
+    reuse = args.workdir is not None and (root / ".aad" / "state" / "clusters.json").exists()
+    ws = Workspace(root) if reuse else create_demo_workspace(root, seed=args.seed, redact=False)
     ws = Workspace(ws.root)
-    run_cluster(ws, show_progress=False)
+    if not reuse:  # a --workdir that was already clustered is reused as is
+        run_cluster(ws, show_progress=False)
     state = load_clusters(ws)
     saved = calibrate_router(ws, show_progress=False, confidence=False)
     print(f"workspace {ws.root}: {len(state.assignments)} traces, {len(state.clusters)} clusters "
@@ -80,6 +83,15 @@ def main() -> None:
     for c in state.clusters:
         tasks = Counter(traces[t].task for t in state.member_ids(c.id) if t in traces)
         node_of[c.id] = tasks.most_common(1)[0][0] if tasks else "?"
+    # The clusters a node's requests may go to: those holding >= 10 % of that node's traces (the
+    # bfcl "no tool fits" items share the tool-calling node's prompt and tools, so they share its
+    # cluster and its specialist; defog SQL splits over two clusters).
+    node_clusters: dict[str, set[int]] = {}
+    node_counts = Counter(traces[t].task for t in state.assignments if t in traces)
+    pair_counts = Counter((traces[t].task, c) for t, c in state.assignments.items() if t in traces)
+    for (node, cid), count in pair_counts.items():
+        if count >= 0.1 * node_counts[node]:
+            node_clusters.setdefault(node, set()).add(cid)
     thresholds = {int(k): float(v["threshold"]) for k, v in saved["clusters"].items()}
     # Served clusters: those whose dominant node is a routine node (as if each had a promoted
     # specialist), so the figure measures the router, not the clustering's routine flags.
@@ -101,7 +113,7 @@ def main() -> None:
         row = 0 if routine else 1
         to_spec = d.target == "specialist"
         matrix[row][0 if to_spec else 1] += 1
-        ok = (to_spec and node_of.get(d.cluster_id) == t.task) if routine else not to_spec
+        ok = (to_spec and d.cluster_id in node_clusters.get(t.task, set())) if routine else not to_spec
         if routine and to_spec and not ok:
             wrong_task += 1
         per_node.setdefault(t.task or "?", [0, 0])[0 if ok else 1] += 1
@@ -138,6 +150,7 @@ def main() -> None:
                               "routine_to_wrong_task": wrong_task, "accuracy": round(accuracy, 4)},
         "accuracy_by_node": {k: round(v[0] / sum(v), 4) for k, v in sorted(per_node.items())},
         "served_clusters": sorted(served),
+        "node_clusters": {k: sorted(v) for k, v in sorted(node_clusters.items())},
         "confusion_by_cluster_flags": {"served": sorted(flagged),
                                        **{k: by_cluster[k] for k in ("matrix", "accuracy", "wrong_specialist")}},
         "latency_ms_context_cached": {"p50": round(statistics.median(warm), 2), "p95": round(percentile(warm, 95), 2),
