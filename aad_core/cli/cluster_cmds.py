@@ -48,7 +48,10 @@ def cluster(
     for col, just in (("id", "right"), ("label", "left"), ("task", "left"), ("size", "right"),
                       ("variance", "right"), ("routine", "center"), ("calls", "right"), ("tokens", "right"),
                       ("cost", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+        if col == "label":
+            table.add_column(col, max_width=40)
+        else:
+            table.add_column(col, justify=just, no_wrap=True, min_width=len(col))  # type: ignore[arg-type]
     for c in state.clusters:
         table.add_row(
             str(c.id), c.label, c.task or "-", str(c.size), f"{c.variance:.3f}",
