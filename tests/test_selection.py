@@ -142,3 +142,23 @@ def test_cli_select_and_train(workspace, tiny_student: Path, monkeypatch) -> Non
     assert json.loads(res.stdout)[0]["name"] == "c0-card-arrival"
     res = runner.invoke(app, ["train", "--cluster", "7", "-w", str(workspace.root)])
     assert res.exit_code == 1 and "no selection" in res.output
+
+
+def test_diverse_keeps_every_label_when_scores_follow_the_label() -> None:
+    # The base student's surprise depends on the label only: plain top keeps the two "hard" labels.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = [i % 4 for i in range(40)]
+    centers = np.eye(8)[:4]
+    emb = np.stack([centers[g] + 0.05 * rng.standard_normal(8) for g in labels])
+    scores = [float(g >= 2) * 3 + 0.01 * i for i, g in enumerate(labels)]
+    ids = [f"t{i}" for i in range(40)]
+    top = TopSelector().select(ids, scores, 0.3)
+    assert {labels[int(i[1:])] for i in top} == {2, 3}
+    diverse = DiverseSelector().select(ids, scores, 0.3, embeddings=emb)
+    assert {labels[int(i[1:])] for i in diverse} == {0, 1, 2, 3}
+    # score_weight=1 is plain top; out-of-range weights are refused
+    assert set(DiverseSelector(score_weight=1.0).select(ids, scores, 0.3, embeddings=emb)) == set(top)
+    with pytest.raises(ValueError, match="'score_weight' parameter of DiverseSelector must be a float in \\[0, 1\\]"):
+        DiverseSelector(score_weight=2.0).select(ids, scores, 0.3, embeddings=emb)

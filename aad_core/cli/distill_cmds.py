@@ -37,25 +37,35 @@ def distill(
     start = time.perf_counter()
     run_distill(ws, profile=profile, force=force, on_stage=show)
     console.print(summary_table(ws))
+    for line in summary_reasons(ws):
+        console.print(line, highlight=False)
     console.print(f"Done in {time.perf_counter() - start:.0f} s. Report: [bold]{ws.report_path}[/]")
 
 
 def summary_table(ws: Any) -> Table:
-    """Per cluster: size, routine, base / specialist / teacher score, promoted, why."""
+    """Per cluster: size, routine, base / specialist / teacher score, where it is routed."""
     evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
-    table = Table(title="aad distill summary")
-    for col in ("cluster", "task", "size", "routine", "metric", "base", "specialist", "teacher", "routed to", "why"):
-        table.add_column(col, justify="right" if col in ("size", "base", "specialist", "teacher") else "left")
+    table = Table(title="aad distill summary", title_justify="left")
+    for col in ("id", "task", "size", "routine", "metric", "base", "spec.", "teacher", "routed to"):
+        table.add_column(col, justify="right" if col in ("id", "size", "base", "spec.", "teacher") else "left",
+                         no_wrap=True)
 
     def fmt(part: Any) -> str:
         return f"{part['score']:.2f}" if isinstance(part, dict) and isinstance(part.get("score"), (int, float)) else "-"
 
     for c in evaluation.get("clusters", []):
         routed = "[green]specialist[/]" if c.get("promoted") else "teacher"
-        table.add_row(str(c.get("cluster_id")), str(c.get("task") or c.get("label", ""))[:28], str(c.get("size", "")),
-                      "yes" if c.get("routine") else "no", str(c.get("metric", "-")), fmt(c.get("base")),
-                      fmt(c.get("specialist")), fmt(c.get("teacher")), routed, str(c.get("reason", ""))[:60])
+        table.add_row(str(c.get("cluster_id")), str(c.get("task") or c.get("label", ""))[:16], str(c.get("size", "")),
+                      "yes" if c.get("routine") else "no", str(c.get("metric", "-"))[:14], fmt(c.get("base")),
+                      fmt(c.get("specialist")), fmt(c.get("teacher")), routed)
     return table
+
+
+def summary_reasons(ws: Any) -> list[str]:
+    """One line per cluster: why it is (not) routed to a specialist."""
+    evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
+    return [f"  {c.get('cluster_id')} {c.get('task') or c.get('label', '')}: {c.get('reason', '')}"
+            for c in evaluation.get("clusters", [])]
 
 
 def demo(

@@ -20,6 +20,9 @@ TRACES_FILE = "demo-traces.jsonl"
 DEMO_CONFIG: dict[tuple[str, str], Any] = {
     ("cluster", "k"): 6,
     ("cluster", "variance_threshold"): 0.35,
+    # Plain top-30 % by KL keeps a few intent labels and drops the rest (the base student's surprise
+    # is a function of the label): the diversity-aware selector keeps every label in the 30 %.
+    ("select", "selector"): "diverse",
     ("train", "batch_size"): 8,
     ("train", "gradient_accumulation"): 1,
     ("train", "max_length"): 160,

@@ -62,16 +62,20 @@ class RandomSelector(Selector):
 
 
 class DiverseSelector(Selector):
-    """Greedy maximisation of ``sum_i max_{j in S} sim(i, j) + score_weight * sum_{j in S} s_j``.
+    """Greedy facility location traded off against the divergence score (DELIFT-style).
 
-    ``sim`` is the cosine similarity of unit embeddings shifted to [0, 1]; scores are min-max
-    normalised within the cluster. ``score_weight`` trades informativeness (high KL + entropy)
-    against coverage. Without embeddings it falls back to ``top``.
+    Each step picks the sample maximising ``(1 - score_weight) * coverage_gain + score_weight * score``,
+    both min-max normalised over the candidates left: ``coverage_gain`` is the facility-location
+    gain ``sum_i max(sim(i, j) - covered_i, 0)`` of cosine similarities shifted to [0, 1]. Because
+    the coverage gain is renormalised at every step, ``score_weight`` stays a real trade-off all
+    the way through: 0 = pure coverage, 1 = ``top``. This keeps every kind of answer in the
+    selection even when the student's surprise is a function of the answer alone (e.g. a label):
+    plain ``top`` then keeps a few labels and drops the rest. Without embeddings it falls back to ``top``.
     """
 
     needs_embeddings = True
 
-    def __init__(self, score_weight: float = 1.0) -> None:
+    def __init__(self, score_weight: float = 0.5) -> None:
         self.score_weight = score_weight
 
     def select(self, ids: Sequence[str], scores: Sequence[float], fraction: float, *,
@@ -79,8 +83,9 @@ class DiverseSelector(Selector):
         import numpy as np
 
         _check(ids, scores, type(self).__name__)
-        if not (isinstance(self.score_weight, (int, float)) and self.score_weight >= 0):
-            raise param_error("score_weight", type(self).__name__, "a float >= 0", self.score_weight)
+        w = self.score_weight
+        if not (isinstance(w, (int, float)) and 0 <= w <= 1):
+            raise param_error("score_weight", type(self).__name__, "a float in [0, 1]", w)
         k = n_selected(len(ids), fraction)
         if embeddings is None:
             return TopSelector().select(ids, scores, fraction)
@@ -91,21 +96,29 @@ class DiverseSelector(Selector):
         sim = (emb @ emb.T + 1.0) / 2.0
         s = np.asarray(scores, dtype=np.float64)
         s = np.where(np.isfinite(s), s, np.nanmax(np.where(np.isfinite(s), s, np.nan)) if np.isfinite(s).any() else 0.0)
-        span = s.max() - s.min() if len(s) else 0.0
-        s_norm = (s - s.min()) / span if span > 0 else np.zeros_like(s)
-        # Each sample's bonus scales with the cluster size so the two terms stay comparable.
-        bonus = self.score_weight * s_norm * len(ids) / max(k, 1)
+        s_norm = _minmax(s)
         covered = np.zeros(len(ids))
         chosen: list[int] = []
         available = np.ones(len(ids), dtype=bool)
         for _ in range(k):
-            gains = np.maximum(sim - covered[None, :], 0.0).sum(axis=1) + bonus
-            gains[~available] = -np.inf
-            best = int(np.argmax(gains))
+            gain = np.maximum(sim - covered[None, :], 0.0).sum(axis=1)
+            gain_norm = np.zeros_like(gain)
+            gain_norm[available] = _minmax(gain[available], constant=1.0)
+            total = (1.0 - w) * gain_norm + w * s_norm
+            total[~available] = -np.inf
+            best = int(np.argmax(total))
             chosen.append(best)
             available[best] = False
             covered = np.maximum(covered, sim[best])
         return [ids[i] for i in chosen]
+
+
+def _minmax(values: np.ndarray, constant: float = 0.0) -> np.ndarray:
+    """Min-max scale to [0, 1]; all-equal values map to ``constant``."""
+    import numpy as np
+
+    span = float(values.max() - values.min()) if len(values) else 0.0
+    return (values - values.min()) / span if span > 0 else np.full_like(values, constant, dtype=np.float64)
 
 
 @hookimpl
