@@ -321,12 +321,15 @@ def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspac
     ws.config_path.write_text(text, encoding="utf-8")
     ws = Workspace(ws.root)
 
-    intent = [make_trace(t, c, system=INTENT_SYSTEM, task="intent") for t, c in _banking_texts(40)]
+    # Fixed ids: the held-out split is a seeded hash of the id, so the test sees the same split every run.
+    intent = [make_trace(t, c, system=INTENT_SYSTEM, task="intent", id=f"intent-{i}")
+              for i, (t, c) in enumerate(_banking_texts(40))]
     booking = [make_trace(BOOKING[i % 4].format(c=CITIES[i % 10], d=DAYS[i % 7]),
-                          json.dumps({"city": CITIES[i % 10], "day": DAYS[i % 7]}), system=JSON_SYSTEM, task="booking")
+                          json.dumps({"city": CITIES[i % 10], "day": DAYS[i % 7]}), system=JSON_SYSTEM, task="booking",
+                          id=f"booking-{i}")
                for i in range(40)]
     systems = ["You are a helpful assistant.", "You are a knowledgeable and friendly expert."]
-    complex_ = [make_trace(q, f"A long, careful answer about: {q.lower()}.", system=systems[i % 2])
+    complex_ = [make_trace(q, f"A long, careful answer about: {q.lower()}.", system=systems[i % 2], id=f"complex-{i}")
                 for i, q in enumerate(COMPLEX * 2)]
     store = ws.store()
     store.add(intent + booking + complex_)
