@@ -46,9 +46,9 @@ def summary_table(ws: Any) -> Table:
     """Per cluster: size, routine, base / specialist / teacher score, where it is routed."""
     evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
     table = Table(title="aad distill summary", title_justify="left")
-    for col in ("id", "task", "size", "routine", "metric", "base", "spec.", "teacher", "routed to"):
+    for col in ("id", "task", "size", "routine", "metric", "base", "spec.", "teacher", "route"):
         table.add_column(col, justify="right" if col in ("id", "size", "base", "spec.", "teacher") else "left",
-                         no_wrap=True)
+                         no_wrap=True, min_width=len(col))
 
     def fmt(part: Any) -> str:
         return f"{part['score']:.2f}" if isinstance(part, dict) and isinstance(part.get("score"), (int, float)) else "-"
