@@ -56,7 +56,7 @@ def summary_table(ws: Any) -> Table:
     for c in evaluation.get("clusters", []):
         routed = "[green]specialist[/]" if c.get("promoted") else "teacher"
         table.add_row(str(c.get("cluster_id")), str(c.get("task") or c.get("label", ""))[:16], str(c.get("size", "")),
-                      "yes" if c.get("routine") else "no", str(c.get("metric", "-"))[:14], fmt(c.get("base")),
+                      "yes" if c.get("routine") else "no", str(c.get("metric", "-"))[:8], fmt(c.get("base")),
                       fmt(c.get("specialist")), fmt(c.get("teacher")), routed)
     return table
 
