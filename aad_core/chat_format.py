@@ -109,7 +109,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], 
     return tokenizer.apply_chat_template(flat, chat_template=_PLAIN_TEMPLATE, **kwargs)
 
 
-def PROMPT_TEXT(tokenizer: PreTrainedTokenizerBase, request: ChatRequest) -> str:
+def prompt_text(tokenizer: PreTrainedTokenizerBase, request: ChatRequest) -> str:
     """The request rendered with the student's chat template, ending with the generation prompt."""
     messages, tools, _ = _hf_messages(tokenizer, request)
     return _render(tokenizer, messages, tools, add_generation_prompt=True)
@@ -128,7 +128,7 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, request: ChatRequest, answer
     return f"{text}{eos}"
 
 
-def ENCODE_TRACE(tokenizer: PreTrainedTokenizerBase, trace: Trace, max_length: int) -> dict[str, list[int]]:
+def encode_trace(tokenizer: PreTrainedTokenizerBase, trace: Trace, max_length: int) -> dict[str, list[int]]:
     """``input_ids``, ``labels`` (prompt = -100) and ``attention_mask`` for one trace.
 
     The prompt is cut from the left when prompt + answer exceed ``max_length``; the answer keeps
@@ -136,7 +136,7 @@ def ENCODE_TRACE(tokenizer: PreTrainedTokenizerBase, trace: Trace, max_length: i
     """
     if trace.response is None:
         raise ValueError(f"Trace {trace.id} has no response: only answered traces can be encoded.")
-    prompt = PROMPT_TEXT(tokenizer, trace.request)
+    prompt = prompt_text(tokenizer, trace.request)
     answer = answer_text(tokenizer, trace.request, trace.response)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -161,8 +161,3 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int, *, side: str = 
             row = list(f[key])
             out[key].append(row + [fill] * gap if side == "right" else [fill] * gap + row)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-
-
-# Lower-case aliases for callers that prefer them.
-prompt_text = PROMPT_TEXT
-encode_trace = ENCODE_TRACE

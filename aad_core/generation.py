@@ -128,7 +128,7 @@ class SpecialistRuntime:
         import torch
         from peft import PeftModel
 
-        from aad_core.chat_format import PROMPT_TEXT
+        from aad_core.chat_format import prompt_text
 
         model, tok = self._model, self._tokenizer
         if self._merged is not None:
@@ -145,7 +145,7 @@ class SpecialistRuntime:
                 ctx = contextlib.nullcontext()
         else:
             ctx = contextlib.nullcontext()
-        prompts = [PROMPT_TEXT(tok, r) for r in requests]
+        prompts = [prompt_text(tok, r) for r in requests]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device_)
         eos_ids = {tok.eos_token_id}
         started = time.perf_counter()
@@ -175,6 +175,3 @@ class SpecialistRuntime:
                 latency_ms=latency,
             ))
         return results
-
-
-SPECIALISTRUNTIME = SpecialistRuntime

@@ -165,7 +165,3 @@ class SpecialistRegistry:
         tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.replace(path)
         return self._from_manifest(path.parent)
-
-
-# The name other modules import.
-SPECIALISTREGISTRY = SpecialistRegistry

@@ -98,33 +98,33 @@ def test_encode_trace_masks_prompt_and_keeps_answer(tiny_student: Path) -> None:
     from conftest import make_trace
     from transformers import AutoTokenizer
 
-    from aad_core.chat_format import ENCODE_TRACE, PROMPT_TEXT
+    from aad_core.chat_format import encode_trace, prompt_text
     from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Trace
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
     trace = make_trace("where is my card " * 30, "card_arrival")
-    enc = ENCODE_TRACE(tok, trace, 40)
+    enc = encode_trace(tok, trace, 40)
     assert len(enc["input_ids"]) == 40 == len(enc["labels"]) == len(enc["attention_mask"])
     answer = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
     assert tok.decode(answer).startswith("card_arrival")  # the whole answer survives; the prompt was cut
     assert enc["labels"][0] == -100 and enc["labels"][-1] != -100
-    assert PROMPT_TEXT(tok, trace.request).endswith("<|im_start|>assistant\n")
+    assert prompt_text(tok, trace.request).endswith("<|im_start|>assistant\n")
 
     tool_trace = Trace(
         request=ChatRequest(messages=[Message(role="user", content="weather?")],
                             tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]),
         response=Message(role="assistant", tool_calls=[ToolCall(function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))]),
     )
-    enc = ENCODE_TRACE(tok, tool_trace, 200)
+    enc = encode_trace(tok, tool_trace, 200)
     answer_text = tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
     assert '"get_weather"' in answer_text and '"Paris"' in answer_text
-    assert "get_weather" in PROMPT_TEXT(tok, tool_trace.request)  # the bound tools reach the prompt
+    assert "get_weather" in prompt_text(tok, tool_trace.request)  # the bound tools reach the prompt
 
 
 def test_template_without_tool_support_folds_tools_into_text(tiny_student: Path) -> None:
     from transformers import AutoTokenizer
 
-    from aad_core.chat_format import PROMPT_TEXT, answer_text
+    from aad_core.chat_format import prompt_text, answer_text
     from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
@@ -134,9 +134,9 @@ def test_template_without_tool_support_folds_tools_into_text(tiny_student: Path)
     )
     req = ChatRequest(messages=[Message(role="system", content="Be brief."), Message(role="user", content="weather?")],
                       tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])
-    prompt = PROMPT_TEXT(tok, req)
+    prompt = prompt_text(tok, req)
     assert "Be brief." in prompt and "get_weather" in prompt
     call = Message(role="assistant", tool_calls=[ToolCall(function=FunctionCall(name="get_weather", arguments="{}"))])
     assert answer_text(tok, req, call).startswith('<tool_call>{"name": "get_weather"')
     tok.chat_template = None
-    assert PROMPT_TEXT(tok, req).endswith("<|im_start|>assistant\n")  # the plain fallback layout
+    assert prompt_text(tok, req).endswith("<|im_start|>assistant\n")  # the plain fallback layout

@@ -77,13 +77,13 @@ class KLUncertaintyScorer(Scorer):
     def score(self, traces: Sequence[Trace], *, show_progress: bool = False) -> list[dict[str, float]]:
         import torch
 
-        from aad_core.chat_format import ENCODE_TRACE, pad_batch
+        from aad_core.chat_format import encode_trace, pad_batch
         from aad_core.teacher_signal import entropy, from_logprobs, kl_exact
 
         if not hasattr(self, "model_"):
             self.load()
         tok, model = self.tokenizer_, self.model_
-        encoded = [ENCODE_TRACE(tok, t, self.max_length) for t in traces]
+        encoded = [encode_trace(tok, t, self.max_length) for t in traces]
         # Similar lengths together: less padding per batch. Results go back in input order.
         order = sorted(range(len(traces)), key=lambda i: len(encoded[i]["input_ids"]))
         results: list[dict[str, float] | None] = [None] * len(traces)

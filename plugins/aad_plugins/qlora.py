@@ -170,7 +170,7 @@ class QLoRATrainer(Trainer):
         import numpy as np
         import torch
 
-        from aad_core.chat_format import ENCODE_TRACE
+        from aad_core.chat_format import encode_trace
         from aad_core.teacher_signal import from_logprobs
 
         self._validate()
@@ -208,13 +208,13 @@ class QLoRATrainer(Trainer):
                 self._announce(f"Local teacher vocabulary differs ({teacher.mismatch_}): training without its soft targets.", show_progress)
                 teacher = None
 
-        train_enc = [ENCODE_TRACE(tokenizer, t, self.max_length) for t in train]
+        train_enc = [encode_trace(tokenizer, t, self.max_length) for t in train]
         soft = []
         for t, e in zip(train, train_enc):
             answer_ids = [i for i, lab in zip(e["input_ids"], e["labels"]) if lab != -100]
             sig = from_logprobs(tokenizer, answer_ids, t.teacher_logprobs) if t.teacher_logprobs else None
             soft.append(sig if sig is not None and sig.kind == "top-k" else None)
-        eval_enc = [ENCODE_TRACE(tokenizer, t, self.max_length) for t in list(eval)[: self.max_eval_samples]]
+        eval_enc = [encode_trace(tokenizer, t, self.max_length) for t in list(eval)[: self.max_eval_samples]]
 
         micro = min(self.batch_size, len(train_enc))
         accum = self.gradient_accumulation
