@@ -52,6 +52,12 @@ def context_key(trace: Trace) -> str:
     return hashlib.sha256(ctx.encode()).hexdigest()
 
 
+def node_key(trace: Trace) -> str:
+    """sha256 of the system prompt: calls sharing it come from the same agent node (whatever tools
+    each call binds)."""
+    return hashlib.sha256(trace.request.system_prompt().encode()).hexdigest()
+
+
 def curate(
     traces: Sequence[Trace],
     content_vectors: np.ndarray | None,

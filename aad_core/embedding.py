@@ -37,7 +37,7 @@ VIEW_PARTS = ("system", "tools", "last_user", "all_user", "answer")
 #: Parts that carry the caller's context (shared by every call of an agent node).
 CONTEXT_PARTS = ("system", "tools")
 
-_embedders: dict[tuple[str, str | None], Embedder] = {}
+_embedders: dict[tuple[str, str | None, str], Embedder] = {}
 _embedders_lock = threading.Lock()
 _PART_CACHE_SIZE = 4096
 _part_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -79,10 +79,10 @@ def trace_view(
 
 
 def get_embedder(config: AADSettings) -> Embedder:
-    """The configured embedder, built once per process per ``(name, model)``; the model loads lazily."""
+    """The configured embedder, built once per process per ``(name, model, backend)``; the model loads lazily."""
     from aad_core.plugins import get_registry
 
-    key = (config.embed.embedder, config.embed.model)
+    key = (config.embed.embedder, config.embed.model, config.embed.backend)
     with _embedders_lock:
         emb = _embedders.get(key)
         if emb is None:
@@ -92,6 +92,8 @@ def get_embedder(config: AADSettings) -> Embedder:
                 params["model"] = config.embed.model
             if _accepts(factory, "batch_size"):
                 params["batch_size"] = config.embed.batch_size
+            if _accepts(factory, "backend"):
+                params["backend"] = config.embed.backend
             emb = factory(**params)
             _embedders[key] = emb
         return emb

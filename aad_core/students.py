@@ -45,11 +45,15 @@ KNOWN_STUDENTS: dict[str, KnownStudent] = {
 }
 
 
+def cache_base() -> Path:
+    """aad's user cache: ``$AAD_CACHE_DIR`` or ``~/.cache/aad``."""
+    base = os.environ.get(CACHE_ENV)
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "aad"
+
+
 def cache_root() -> Path:
     """Where materialised students live: ``$AAD_CACHE_DIR/students`` or ``~/.cache/aad/students``."""
-    base = os.environ.get(CACHE_ENV)
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "aad"
-    return root / "students"
+    return cache_base() / "students"
 
 
 def student_cache_dir(name: str) -> Path:
@@ -76,13 +80,13 @@ def _package_folder(student: KnownStudent) -> Path:
     return folder
 
 
-class _FileLock:
+class FileLock:
     """A small cross-process lock: an exclusively created file, stale after ``stale_s``."""
 
     def __init__(self, path: Path, *, timeout_s: float = 600.0, stale_s: float = 900.0) -> None:
         self.path, self.timeout_s, self.stale_s = path, timeout_s, stale_s
 
-    def __enter__(self) -> _FileLock:
+    def __enter__(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -100,7 +104,7 @@ class _FileLock:
                     continue
                 if time.monotonic() > deadline:
                     raise AADError(
-                        f"Timed out waiting for the lock {self.path} (another process is preparing the student).",
+                        f"Timed out waiting for the lock {self.path} (another aad process is preparing a model).",
                         hint=f"If no other aad process runs, delete {self.path}.",
                     ) from None
                 time.sleep(0.5)
@@ -115,7 +119,7 @@ def materialise(name: str, *, show_progress: bool = True) -> Path:
     target = student_cache_dir(name)
     if is_materialised(name):
         return target
-    with _FileLock(target.parent / f".{name}.lock"):
+    with FileLock(target.parent / f".{name}.lock"):
         if is_materialised(name):  # another process finished while we waited
             return target
         folder = _package_folder(student)

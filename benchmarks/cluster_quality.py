@@ -87,7 +87,9 @@ def main() -> None:
 
     from aad_core.embedding import get_embedder
 
-    get_embedder(ws.config)._load()  # type: ignore[attr-defined]  # model load is not clustering work
+    embedder = get_embedder(ws.config)
+    embedder._load()  # type: ignore[attr-defined]  # model load (and the one-time ONNX export) is not clustering work
+    print(f"embedder: {embedder.model_id}, backend {getattr(embedder, 'backend_', '?')}")
     t1, c1 = time.perf_counter(), time.process_time()
     state = run_cluster(ws, k=args.k, show_progress=False)
     wall, cpu = time.perf_counter() - t1, time.process_time() - c1

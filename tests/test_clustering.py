@@ -257,3 +257,40 @@ def test_real_minilm_on_a_small_mixed_real_workload(workspace, shared_dir, monke
     assert intent.variance < workspace.config.cluster.variance_threshold and intent.routine
     assert state.replaceability["calls"] > 0
     clear_caches()
+
+
+# -- splitting clusters that mix agent nodes --------------------------------------------------
+def test_split_mixed_nodes_splits_only_broad_clusters_with_two_sizeable_nodes() -> None:
+    from aad_core.pipeline.cluster import split_mixed_nodes
+
+    rng = np.random.default_rng(0)
+    a, b = np.eye(8)[0], np.eye(8)[1]
+
+    def around(center: np.ndarray, n: int, noise: float) -> np.ndarray:
+        X = center + noise * rng.normal(size=(n, 8))
+        return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+    # Cluster 0: nodes A (40) and B (35) far apart, plus 3 calls of node C close to B -> split in two.
+    # Cluster 1: nodes D (40) and E (12): E is too small to stand alone -> whole.
+    X = np.vstack([around(a, 40, 0.1), around(b, 35, 0.1), around(b, 3, 0.1), around(a, 52, 0.1)])
+    nodes = ["A"] * 40 + ["B"] * 35 + ["C"] * 3 + ["D"] * 40 + ["E"] * 12
+    labels = np.array([0] * 78 + [1] * 52)
+    new, n_split = split_mixed_nodes(labels, nodes, X, min_calls=30, variance_threshold=0.35)
+    assert n_split == 1 and len(set(new.tolist())) == 3
+    assert len(set(new[:40].tolist())) == 1 and len(set(new[40:78].tolist())) == 1  # C joined B's part
+    assert new[0] != new[40] and len(set(new[78:].tolist())) == 1
+
+    # The same two nodes in a narrow cluster (variance < tau) stay together: one task, two prompts.
+    near = np.vstack([around(a, 40, 0.05), around(a, 35, 0.05)])
+    new, n_split = split_mixed_nodes(np.zeros(75, dtype=int), ["A"] * 40 + ["B"] * 35, near, min_calls=30,
+                                     variance_threshold=0.35)
+    assert n_split == 0 and set(new.tolist()) == {0}
+
+
+def test_run_cluster_splits_a_given_k_that_merges_two_nodes(workspace) -> None:
+    _use_fake(workspace)
+    _add(workspace, _traces("intent", 40) + _traces("sql", 40) + _traces("weather", 40))
+    state = run_cluster(workspace, k=1, show_progress=False)
+    assert len(state.clusters) == 3 and "split by agent node" in state.criterion
+    tasks = {c.task for c in state.clusters}
+    assert tasks == {"intent", "sql", "weather"}

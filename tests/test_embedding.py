@@ -123,3 +123,29 @@ def test_real_minilm_embeds_offline_and_separates_meanings() -> None:
     # With a ~2,500-character system prompt the user message still decides the neighbours.
     assert v[0] @ v[1] > v[0] @ v[2]
     clear_caches()
+
+
+@pytest.mark.real_model
+def test_real_minilm_onnx_backend_matches_torch_and_exports_once(tmp_path, monkeypatch) -> None:
+    from aad_plugins.minilm import MiniLMEmbedder
+
+    monkeypatch.setenv("AAD_CACHE_DIR", str(tmp_path))
+    texts = ["How do I reset my card PIN?", "Write a SQL query listing all authors who published in 2020.",
+             "tools: get_weather, send_email", "x"]
+    torch_emb, onnx_emb = MiniLMEmbedder(backend="torch"), MiniLMEmbedder(backend="onnx")
+    vt, vo = torch_emb.embed(texts), onnx_emb.embed(texts)
+    assert (torch_emb.backend_, onnx_emb.backend_) == ("torch", "onnx")
+    assert float(np.min(np.sum(vt * vo, axis=1))) > 0.9999
+    exported = list(tmp_path.glob("embedders/*/model.onnx"))
+    assert len(exported) == 1
+    mtime = exported[0].stat().st_mtime_ns
+    again = MiniLMEmbedder(backend="auto")  # reuses the export
+    np.testing.assert_allclose(again.embed(texts[:1]), vo[:1], atol=1e-5)
+    assert again.backend_ == "onnx" and exported[0].stat().st_mtime_ns == mtime
+
+
+def test_minilm_rejects_an_unknown_backend() -> None:
+    from aad_plugins.minilm import MiniLMEmbedder
+
+    with pytest.raises(ValueError, match="'backend' parameter of MiniLMEmbedder must be one of"):
+        MiniLMEmbedder(backend="tensorrt").embed(["x"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aad_core.curation import curate, split_clusters
+from aad_core.curation import curate, node_key, split_clusters
 from aad_core.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, view_parts
 from aad_core.errors import StageError
 from aad_core.schema import Cluster
@@ -161,6 +161,13 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     with _status(f"clustering {len(X)} traces with {ccfg.clusterer}", show_progress):
         clusterer.fit(X)
     labels = np.asarray(clusterer.labels_)
+    criterion = str(getattr(clusterer, "criterion_", "given" if (k or ccfg.k) else ""))
+    if ccfg.split_by_node:
+        nodes = [node_key(traces[index[tid]]) for tid in cur.kept]
+        labels, n_split = split_mixed_nodes(labels, nodes, X, min_calls=ccfg.min_size,
+                                            variance_threshold=ccfg.variance_threshold)
+        if n_split:
+            criterion += f" + {n_split} split by agent node"
     local_ids = sorted(set(labels.tolist()))
 
     previous, used_max = _previous(ws, embedder.model_id, view, X.shape[1])
@@ -181,7 +188,7 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     state = ClusterState(
         clusters=clusters, assignments=assignments, split=split, dropped=cur.dropped, seed=cfg.seed,
         embedder=cfg.embed.embedder, model_id=embedder.model_id, view=view, k=len(clusters),
-        criterion=str(getattr(clusterer, "criterion_", "given" if (k or ccfg.k) else "")),
+        criterion=criterion,
         replaceability=replaceability,
     )
     ws.write_state(STATE_FILE, state.to_json())
@@ -190,6 +197,43 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     except ImportError as err:  # matplotlib is an optional extra
         log.warning("cluster map not written (%s); pip install 'aad[eval]'", err)
     return state
+
+
+def cluster_variance(members: np.ndarray) -> float:
+    """The paper's sigma^2: mean squared distance of the members to their mean."""
+    import numpy as np
+
+    return float(np.mean(np.sum((members - members.mean(axis=0)) ** 2, axis=1)))
+
+
+def split_mixed_nodes(
+    labels: np.ndarray, nodes: Sequence[str], X: np.ndarray, *, min_calls: int, variance_threshold: float
+) -> tuple[np.ndarray, int]:
+    """Split every broad cluster (variance >= ``variance_threshold``) in which two or more agent
+    nodes have ``min_calls`` members or more.
+
+    Each such node becomes its own cluster; the cluster's other members join the part whose
+    centroid is nearest. Returns the new labels (0..K'-1) and the number of clusters split.
+    """
+    import numpy as np
+
+    out = np.empty(len(labels), dtype=np.int64)
+    nxt, n_split = 0, 0
+    for lid in sorted(set(labels.tolist())):
+        rows = np.nonzero(labels == lid)[0]
+        counts = Counter(nodes[r] for r in rows)
+        major = sorted(n for n, c in counts.items() if c >= min_calls)
+        if len(major) < 2 or cluster_variance(X[rows]) < variance_threshold:
+            out[rows] = nxt
+            nxt += 1
+            continue
+        n_split += 1
+        part = {n: nxt + i for i, n in enumerate(major)}
+        cents = np.stack([_unit(X[[r for r in rows if nodes[r] == n]].mean(axis=0)) for n in major])
+        for r in rows:
+            out[r] = part[nodes[r]] if nodes[r] in part else nxt + int(np.argmax(cents @ X[r]))
+        nxt += len(major)
+    return out, n_split
 
 
 def _status(text: str, show: bool) -> Any:
@@ -272,7 +316,7 @@ def _describe(
     for lid in sorted(set(labels.tolist())):
         members = X[labels == lid]
         mu = members.mean(axis=0)
-        variance = float(np.mean(np.sum((members - mu) ** 2, axis=1)))
+        variance = cluster_variance(members)
         centroid = _unit(mu)
         mean_sim = float(np.mean(members @ centroid))
         size = int(members.shape[0])

