@@ -171,3 +171,28 @@ def test_unknown_student_fails_with_hint(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(AADError, match="no config.json"):
         load_student(tmp_path / "empty")
+
+
+def test_answer_window_loss_equals_the_full_sequence_loss(tiny_student: Path) -> None:
+    """Training and scoring compute logits only from the first answer position on; the loss must
+    be exactly what the full-width logits give."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aad_core.chat_format import answer_window_start, pad_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    rows = [{"input_ids": list(range(3, 15)), "labels": [-100] * 9 + [12, 13, 14], "attention_mask": [1] * 12},
+            {"input_ids": list(range(5, 12)), "labels": [-100] * 4 + [9, 10, 11], "attention_mask": [1] * 7}]
+    batch = pad_batch(rows, 0)
+    s0 = answer_window_start(batch["labels"])
+    assert s0 == 3  # row 2's first answer token is at position 4; its logits come from position 3
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        window = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=batch["labels"].shape[1] - s0).logits[:, :-1]
+    labels_full, labels_win = batch["labels"][:, 1:], batch["labels"][:, s0 + 1 :]
+    loss_full = torch.nn.functional.cross_entropy(full[labels_full != -100], labels_full[labels_full != -100])
+    loss_win = torch.nn.functional.cross_entropy(window[labels_win != -100], labels_win[labels_win != -100])
+    torch.testing.assert_close(loss_win, loss_full)
+    assert answer_window_start(torch.full((2, 5), -100)) == 0

@@ -330,11 +330,14 @@ class QLoRATrainer(Trainer):
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], soft: list[Any], teacher: Any) -> torch.Tensor:
         import torch
 
+        from aad_core.chat_format import answer_window_start
         from aad_core.teacher_signal import kl_topk_tail, soft_target_kl
 
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        s0 = answer_window_start(batch["labels"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=batch["labels"].shape[1] - s0)
         logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"][:, s0 + 1 :]
         mask = labels != -100
         ce = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
         if self.distill_alpha >= 1.0 or (teacher is None and not any(s is not None for s in soft)):
@@ -342,7 +345,7 @@ class QLoRATrainer(Trainer):
         T = self.temperature
         kls = []
         if teacher is not None:
-            t_lp = teacher.answer_logprobs(batch["input_ids"], batch["attention_mask"], temperature=T)[:, :-1]
+            t_lp = teacher.answer_logprobs(batch["input_ids"], batch["attention_mask"], temperature=T)[:, s0:-1]
             kls.append(soft_target_kl(t_lp[mask], logits[mask], T).mean())
         else:
             for row, sig in enumerate(soft):
@@ -361,15 +364,17 @@ class QLoRATrainer(Trainer):
     def _eval_loss(self, model: Any, enc: list[dict[str, list[int]]], pad_id: int, device: str) -> float:
         import torch
 
-        from aad_core.chat_format import pad_batch
+        from aad_core.chat_format import answer_window_start, pad_batch
 
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(enc), self.batch_size):
                 batch = {k: v.to(device) for k, v in pad_batch(enc[i : i + self.batch_size], pad_id).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-                labels = batch["labels"][:, 1:]
+                s0 = answer_window_start(batch["labels"])
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=batch["labels"].shape[1] - s0).logits[:, :-1].float()
+                labels = batch["labels"][:, s0 + 1 :]
                 mask = labels != -100
                 total += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
                 count += int(mask.sum())
