@@ -125,7 +125,13 @@ class TrainConfig(_Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank r.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Modules that get adapters.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get adapters: a list of module names, or 'all-linear' (peft: every linear "
+        "layer but the output head, as in the QLoRA paper, which found it needed to match full fine-tuning). "
+        "Measured on the demo with SmolLM2-135M, 30 steps: held-out 0.875/0.875 (intent/triage) vs 0.56/0.50 "
+        "with ['q_proj', 'v_proj'], at ~1.35x the time per step.",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate.")
     batch_size: int = Field(16, ge=1, description="Micro-batch size.")
     gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step (16 x 4 = 64).")

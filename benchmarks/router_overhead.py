@@ -1,7 +1,7 @@
 """Router overhead and accuracy on real data.
 
 Builds the demo workload (banking77 intents, bfcl-eval tool calls and irrelevance items, defog SQL
-questions, seeded triage tickets = routine nodes; AgentDojo multi-step plans = complex node),
+questions, seeded extraction tickets = routine nodes; AgentDojo multi-step plans = complex node),
 clusters it with the real all-MiniLM-L6-v2, calibrates the router thresholds on the training
 split, then on the held-out split measures
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from aad_core.demo import COMPLEX_NODES, ROUTINE_NODES, create_demo_workspace
-    from aad_core.embedding import embed_requests
+    from aad_core.embedding import embed_requests, get_embedder
     from aad_core.pipeline.cluster import load_clusters, run_cluster
     from aad_core.routing.calibration import calibrate_router, routing_confusion
     from aad_core.workspace import Workspace
@@ -129,10 +129,12 @@ def main() -> None:
     for t in sample[:5]:
         router.route([t.request])  # warm-up
     warm = []
+    warm_by_node: dict[str, list[float]] = {}
     for t in sample:
         s = time.perf_counter()
         router.route([t.request])
         warm.append((time.perf_counter() - s) * 1000)
+        warm_by_node.setdefault(t.task or "?", []).append(warm[-1])
     import aad_core.embedding as embedding
 
     cold = []
@@ -155,11 +157,15 @@ def main() -> None:
                                        **{k: by_cluster[k] for k in ("matrix", "accuracy", "wrong_specialist")}},
         "latency_ms_context_cached": {"p50": round(statistics.median(warm), 2), "p95": round(percentile(warm, 95), 2),
                                       "n": len(warm)},
+        "latency_ms_context_cached_by_node": {
+            k: {"p50": round(statistics.median(v), 2), "p95": round(percentile(v, 95), 2), "n": len(v)}
+            for k, v in sorted(warm_by_node.items())},
         "latency_ms_cold": {"p50": round(statistics.median(cold), 2), "p95": round(percentile(cold, 95), 2),
                             "n": len(cold)},
         "clusters": {str(c.id): {"node": node_of[c.id], "routine": c.routine, "size": c.size,
                                  "threshold": round(thresholds[c.id], 4)} for c in state.clusters},
         "torch_threads": args.threads, "cpu_count": os.cpu_count(),
+        "embed_backend": getattr(get_embedder(ws.config), "backend_", None),
     }
     print(json.dumps(figures, indent=2))
     print(f"\nrouting decision, single request, CPU ({args.threads} threads): "

@@ -14,7 +14,7 @@ from aad_core.demo.agentdojo_tasks import load_tasks, load_tool_schemas
 from aad_core.demo.generated import generate_tickets
 from aad_core.ingest import parse_openai_chat
 
-SMALL = {"intent": 12, "triage": 10, "tool_call": 8, "no_tool": 6, "sql": 7, "plan": 9}
+SMALL = {"intent": 12, "extract": 10, "tool_call": 8, "no_tool": 6, "sql": 7, "plan": 9}
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_demo_config_is_valid_and_carries_the_demo_values(tmp_path):
     path = tmp_path / "aad.toml"
     path.write_text(demo_config_toml({("train", "max_steps"): 3}), encoding="utf-8")
     cfg = load_config(path)
-    assert cfg.train.max_steps == 3 and cfg.train.batch_size == 8 and cfg.eval.max_heldout == 16
+    assert cfg.train.max_steps == 3 and cfg.train.batch_size == 8 and cfg.eval.max_heldout == 24
 
 
 def test_demo_workspace_is_ingested_idempotently_with_attribution(tmp_path):

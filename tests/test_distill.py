@@ -132,7 +132,7 @@ def test_interrupted_run_resumes_after_the_last_finished_stage(ws):
 def test_quick_profile_shrinks_but_never_grows_the_run(ws):
     ws.config.eval.max_heldout = 4
     apply_profile(ws, QUICK)
-    assert ws.config.train.max_steps == 10 and ws.config.eval.max_heldout == 4
+    assert ws.config.train.max_steps == 8 and ws.config.eval.max_heldout == 4
     calls: list[str] = []
     _run(ws, calls)
     calls.clear()
@@ -168,7 +168,7 @@ def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monk
 
     monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
     student = make_tiny_student(tmp_path / "student")
-    sizes = {"intent": 30, "triage": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
+    sizes = {"intent": 30, "extract": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
     config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("train", "max_steps"): 2,
               ("eval", "max_heldout"): 3, ("eval", "max_new_tokens"): 6, ("train", "max_length"): 64}
     ws = create_demo_workspace(tmp_path / "demo", sizes=sizes, config=config, redact=False)

@@ -1,9 +1,10 @@
-"""Project-generated support tickets for the JSON-extraction node (no public data fits it).
+"""Project-generated support tickets for the JSON-extraction node ``extract`` (no public data fits it).
 
 Each ticket is assembled from templates with a seeded :class:`random.Random`: a product, an issue
-type, an urgency cue and an order number are drawn, a sentence is built around them, and the gold
-answer is the JSON object a careful teacher extracts (category, priority, order_id, product). The
-same seed always gives the same tickets.
+type, an urgency cue and an order number are drawn and a sentence is built around them. The gold
+answer is the JSON object a careful teacher extracts: the order number and the product as written
+(:func:`ticket_answer_json`); the category and priority stay on :class:`Ticket` for other uses.
+The same seed always gives the same tickets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ CATEGORIES = {
 }
 URGENCY = {
     "high": ("This is urgent!", "Please help ASAP.", "I need this fixed today."),
-    "medium": ("Could you look into it this week?", "Please get back to me soon.", ""),
+    "medium": ("Could you look into it this week?", "Please get back to me soon.", "I'd appreciate an answer this week."),
     "low": ("No rush.", "Whenever you have time.", "Just letting you know."),
 }
 OPENERS = ("Hi,", "Hello team,", "Good morning,", "Hey,", "Dear support,", "")
@@ -54,4 +55,6 @@ def generate_tickets(n: int, seed: int) -> list[Ticket]:
 
 
 def ticket_answer_json(ticket: Ticket) -> str:
-    return json.dumps(ticket.answer, separators=(", ", ": "))
+    """The ``extract`` node's gold answer: ``{"order_id": ..., "product": ...}``."""
+    fields = {k: ticket.answer[k] for k in ("order_id", "product")}
+    return json.dumps(fields, separators=(", ", ": "))

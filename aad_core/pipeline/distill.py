@@ -47,10 +47,10 @@ class Profile:
 FULL = Profile("full", description="the workspace's aad.toml as written")
 QUICK = Profile(
     "quick",
-    overrides={("train", "max_steps"): 10, ("train", "max_length"): 128, ("eval", "max_heldout"): 8,
+    overrides={("train", "max_steps"): 8, ("train", "max_length"): 128, ("eval", "max_heldout"): 8,
                ("eval", "max_new_tokens"): 40},
     max_specialists=2,
-    description="train at most the 2 routine clusters with most calls, for at most 10 steps each at 128 tokens; evaluate "
+    description="train at most the 2 routine clusters with most calls, for at most 8 steps each at 128 tokens; evaluate "
     "on 8 held-out samples with at most 40 new tokens",
 )
 PROFILES = {"full": FULL, "quick": QUICK}

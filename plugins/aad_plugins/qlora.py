@@ -60,7 +60,7 @@ class QLoRATrainer(Trainer):
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
-        target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        target_modules: Sequence[str] | str = "all-linear",
         learning_rate: float = 2e-4,
         batch_size: int = 16,
         gradient_accumulation: int = 4,
@@ -153,7 +153,8 @@ class QLoRATrainer(Trainer):
 
         config = LoraConfig(
             r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+            target_modules=self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
+            bias="none", task_type="CAUSAL_LM",
         )
         return get_peft_model(base, config)
 
