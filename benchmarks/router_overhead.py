@@ -7,7 +7,8 @@ split, then on the held-out split measures
 
 * p50 / p95 latency of one routing decision for a single request (embedding included), CPU,
   both with the agent-node context (system prompt, tool names) already embedded — the steady
-  state, since every call of a node shares it — and fully cold (every part embedded anew);
+  state, since every call of a node shares it — and the user message new (its cached vector is
+  dropped before each call), and fully cold (every part embedded anew);
 * routing accuracy: routine requests should reach the specialist of a cluster that holds >= 10 %
   of their own node's traces, complex ones the teacher. Every cluster whose members are mostly
   routine-node traces is treated as served (the decision does not depend on the adapter's
@@ -126,17 +127,24 @@ def main() -> None:
 
     # -- latency: one request at a time ---------------------------------------------------------
     sample = heldout[: args.n_latency] if len(heldout) >= args.n_latency else (heldout * (args.n_latency // len(heldout) + 1))[: args.n_latency]
-    for t in sample[:5]:
-        router.route([t.request])  # warm-up
+    import aad_core.embedding as embedding
+    from aad_core.embedding import CONTEXT_PARTS, view_parts
+
+    for t in sample:
+        router.route([t.request])  # warm-up: every node's context (system prompt, tool list) is seen once
+    model_id = get_embedder(ws.config).model_id
+    view = [p for p in ws.config.embed.view if p != "answer"]
     warm = []
     warm_by_node: dict[str, list[float]] = {}
     for t in sample:
+        with embedding._part_lock:  # the user message is new to the router: forget its vector
+            for part, text in view_parts(t.request, view, ws.config.embed.max_chars_per_part):
+                if part not in CONTEXT_PARTS:
+                    embedding._part_cache.pop((model_id, text), None)
         s = time.perf_counter()
         router.route([t.request])
         warm.append((time.perf_counter() - s) * 1000)
         warm_by_node.setdefault(t.task or "?", []).append(warm[-1])
-    import aad_core.embedding as embedding
-
     cold = []
     for t in sample[:100]:
         with embedding._part_lock:  # forget part vectors only; the model stays loaded
