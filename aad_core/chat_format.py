@@ -164,14 +164,23 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int, *, side: str = 
 
 
 def answer_window_start(labels: Any) -> int:
-    """The first position whose logits any answer token needs (one before the earliest label).
-
-    Passing ``logits_to_keep = width - start`` makes the LM head and the loss cover only that
-    window: SmolLM2's head (576 x 49,152) is about a fifth of its forward FLOPs, and most of a
-    sample's tokens are prompt.
-    """
+    """The first position whose logits any answer token needs (one before the earliest label)."""
     has = labels != -100
     if not bool(has.any()):
         return 0
     first = has.int().argmax(dim=1)[has.any(dim=1)]
     return max(int(first.min()) - 1, 0)
+
+
+def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, int]:
+    """``(logits, labels, start)`` of a padded batch over its answer window only.
+
+    ``logits_to_keep`` makes the LM head and the loss cover positions ``start`` to the end:
+    SmolLM2's head (576 x 49,152) is about a fifth of its forward FLOPs, and most of a sample's
+    tokens are prompt. ``logits[:, i]`` predicts ``labels[:, i]`` (both already shifted); a
+    full-width tensor aligned with them is ``full[:, start:-1]``.
+    """
+    start = answer_window_start(batch["labels"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=batch["labels"].shape[1] - start)
+    return out.logits[:, :-1], batch["labels"][:, start + 1 :], start

@@ -102,12 +102,12 @@ def test_importing_the_embedding_api_stays_light() -> None:
 def test_real_minilm_embeds_offline_and_separates_meanings() -> None:
     from aad_plugins.minilm import PACKAGED_MODEL_ID, MiniLMEmbedder
 
-    emb = MiniLMEmbedder()
+    emb = MiniLMEmbedder(batch_size=5)
     assert not hasattr(emb, "model_")  # lazy: nothing loaded before the first embed
     texts = ["How do I reset my card PIN?", "I forgot the PIN of my card, how can I change it?",
              "Write a SQL query listing all authors.", "What's the weather in Berlin tomorrow?"] * 3
-    batch = emb.embed(texts)  # > 8 texts: encode() path
-    small = emb.embed(texts[:4])  # direct forward path
+    batch = emb.embed(texts)  # 3 batches of texts sorted by token count
+    small = emb.embed(texts[:4])  # one batch: the order must come back as given
     assert batch.shape == (12, 384) and batch.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(small, batch[:4], atol=1e-4)

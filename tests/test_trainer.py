@@ -179,7 +179,7 @@ def test_answer_window_loss_equals_the_full_sequence_loss(tiny_student: Path) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from aad_core.chat_format import answer_window_start, pad_batch
+    from aad_core.chat_format import answer_logits, answer_window_start, pad_batch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
     rows = [{"input_ids": list(range(3, 15)), "labels": [-100] * 9 + [12, 13, 14], "attention_mask": [1] * 12},
@@ -189,9 +189,10 @@ def test_answer_window_loss_equals_the_full_sequence_loss(tiny_student: Path) ->
     assert s0 == 3  # row 2's first answer token is at position 4; its logits come from position 3
     with torch.no_grad():
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        window = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=batch["labels"].shape[1] - s0).logits[:, :-1]
-    labels_full, labels_win = batch["labels"][:, 1:], batch["labels"][:, s0 + 1 :]
+        window, labels_win, start = answer_logits(model, batch)
+    assert start == s0 and window.shape[1] == labels_win.shape[1] < full.shape[1]
+    torch.testing.assert_close(window, full[:, s0:])
+    labels_full = batch["labels"][:, 1:]
     loss_full = torch.nn.functional.cross_entropy(full[labels_full != -100], labels_full[labels_full != -100])
     loss_win = torch.nn.functional.cross_entropy(window[labels_win != -100], labels_win[labels_win != -100])
     torch.testing.assert_close(loss_win, loss_full)

@@ -14,7 +14,7 @@ from aad_core.workspace import Workspace
 TRACES_FILE = "demo-traces.jsonl"
 
 #: Config the demo workspace is written with, sized for ~13 minutes of install + `aad distill` on 2
-#: CPU cores (SmolLM2-135M, LoRA on all linear layers: ~6.5 s per step at batch 8 x ~130 tokens).
+#: CPU cores (SmolLM2-135M, LoRA on all linear layers: ~7 s per step at batch 8 x ~130 tokens).
 #: The agent has six nodes, so K is set to 6 (silhouette alone merges the nodes that share tools);
 #: tau = 0.35 keeps the narrow label and JSON nodes routine and leaves the varied tool-call, SQL and
 #: multi-step plan nodes to the teacher.

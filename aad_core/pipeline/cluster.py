@@ -217,21 +217,24 @@ def split_mixed_nodes(
     """
     import numpy as np
 
+    node_arr = np.asarray(nodes)
     out = np.empty(len(labels), dtype=np.int64)
     nxt, n_split = 0, 0
     for lid in sorted(set(labels.tolist())):
         rows = np.nonzero(labels == lid)[0]
-        counts = Counter(nodes[r] for r in rows)
+        counts = Counter(node_arr[rows].tolist())
         major = sorted(n for n, c in counts.items() if c >= min_calls)
         if len(major) < 2 or cluster_variance(X[rows]) < variance_threshold:
             out[rows] = nxt
             nxt += 1
             continue
         n_split += 1
-        part = {n: nxt + i for i, n in enumerate(major)}
-        cents = np.stack([_unit(X[[r for r in rows if nodes[r] == n]].mean(axis=0)) for n in major])
-        for r in rows:
-            out[r] = part[nodes[r]] if nodes[r] in part else nxt + int(np.argmax(cents @ X[r]))
+        masks = [node_arr[rows] == n for n in major]
+        cents = np.stack([_unit(X[rows[m]].mean(axis=0)) for m in masks])
+        part = np.argmax(X[rows] @ cents.T, axis=1)  # the nearest part, for the minor nodes' calls
+        for i, m in enumerate(masks):
+            part[m] = i
+        out[rows] = nxt + part
         nxt += len(major)
     return out, n_split
 

@@ -77,7 +77,7 @@ class KLUncertaintyScorer(Scorer):
     def score(self, traces: Sequence[Trace], *, show_progress: bool = False) -> list[dict[str, float]]:
         import torch
 
-        from aad_core.chat_format import answer_window_start, encode_trace, pad_batch
+        from aad_core.chat_format import answer_logits, encode_trace, pad_batch
         from aad_core.teacher_signal import entropy, from_logprobs, kl_exact
 
         if not hasattr(self, "model_"):
@@ -96,12 +96,9 @@ class KLUncertaintyScorer(Scorer):
                 idx = order[start : start + self.batch_size]
                 batch = pad_batch([encoded[i] for i in idx], tok.pad_token_id or 0)
                 batch = {k: v.to(self.device_) for k, v in batch.items()}
-                s0 = answer_window_start(batch["labels"])  # logits for the answer window only
                 with torch.no_grad():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   logits_to_keep=batch["labels"].shape[1] - s0).logits
-                logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                labels = batch["labels"][:, s0 + 1 :]
+                    logits, labels, s0 = answer_logits(model, batch)
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
                 teacher_lp = None
                 if self.teacher_ is not None:
                     teacher_lp = self.teacher_.answer_logprobs(batch["input_ids"], batch["attention_mask"])[:, s0:-1]

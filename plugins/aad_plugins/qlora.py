@@ -331,14 +331,11 @@ class QLoRATrainer(Trainer):
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], soft: list[Any], teacher: Any) -> torch.Tensor:
         import torch
 
-        from aad_core.chat_format import answer_window_start
+        from aad_core.chat_format import answer_logits
         from aad_core.teacher_signal import kl_topk_tail, soft_target_kl
 
-        s0 = answer_window_start(batch["labels"])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=batch["labels"].shape[1] - s0)
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, s0 + 1 :]
+        logits, labels, s0 = answer_logits(model, batch)
+        logits = logits.float()
         mask = labels != -100
         ce = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
         if self.distill_alpha >= 1.0 or (teacher is None and not any(s is not None for s in soft)):
@@ -365,17 +362,15 @@ class QLoRATrainer(Trainer):
     def _eval_loss(self, model: Any, enc: list[dict[str, list[int]]], pad_id: int, device: str) -> float:
         import torch
 
-        from aad_core.chat_format import answer_window_start, pad_batch
+        from aad_core.chat_format import answer_logits, pad_batch
 
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(enc), self.batch_size):
                 batch = {k: v.to(device) for k, v in pad_batch(enc[i : i + self.batch_size], pad_id).items()}
-                s0 = answer_window_start(batch["labels"])
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=batch["labels"].shape[1] - s0).logits[:, :-1].float()
-                labels = batch["labels"][:, s0 + 1 :]
+                logits, labels, _ = answer_logits(model, batch)
+                logits = logits.float()
                 mask = labels != -100
                 total += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
                 count += int(mask.sum())
