@@ -134,6 +134,16 @@ class TrainConfig(_Section):
         "per step.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning rate after the warm-up: a 'cosine' or 'linear' decay to zero at the last "
+        "step, or 'constant' (as in the QLoRA paper). Measured on Banking77 (1,000 samples, SmolLM2-135M, 3 epochs "
+        "at lr 1e-3): cosine 78.0 % vs constant 70.3 % test accuracy (benchmarks/distill_banking77.py).",
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps over which the learning rate rises linearly from 0.")
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length together (as transformers' group_by_length): less "
+        "padding, faster steps on CPU; the batches are still shuffled."
+    )
     batch_size: int = Field(16, ge=1, description="Micro-batch size.")
     gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step (16 x 4 = 64).")
     epochs: float = Field(1.0, gt=0, description="Passes over the selected samples.")

@@ -112,17 +112,24 @@ class SpecialistRuntime:
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[ChatRequest], *, adapter: str | None = None,
-                 max_new_tokens: int = 128) -> list[Generation]:
-        """Greedy answers for ``requests`` with ``adapter`` (None = the base student)."""
+                 max_new_tokens: int = 128, allowed_answers: Sequence[str] | None = None) -> list[Generation]:
+        """Greedy answers for ``requests`` with ``adapter`` (None = the base student).
+
+        ``allowed_answers`` (a closed label set, e.g. a classification cluster's answers) restricts
+        decoding to exactly one of those strings; ``mean_logprob`` stays the model's own, unconstrained
+        log-prob of the tokens it chose, so a confidence gate still sees how unsure it was.
+        """
         with self._lock:
             self._ensure_loaded()
             self._check_adapter(adapter)
+            trie = _AnswerTrie(self._tokenizer, allowed_answers) if allowed_answers else None
             out: list[Generation] = []
             for i in range(0, len(requests), self.batch_size):
-                out.extend(self._generate_locked(list(requests[i : i + self.batch_size]), adapter, max_new_tokens))
+                out.extend(self._generate_locked(list(requests[i : i + self.batch_size]), adapter, max_new_tokens, trie))
             return out
 
-    def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int) -> list[Generation]:
+    def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
+                         trie: _AnswerTrie | None = None) -> list[Generation]:
         import contextlib
 
         import torch
@@ -149,15 +156,20 @@ class SpecialistRuntime:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device_)
         eos_ids = {tok.eos_token_id}
         started = time.perf_counter()
+        prompt_len = enc["input_ids"].shape[1]
+        constraint = {}
+        if trie is not None:
+            constraint["prefix_allowed_tokens_fn"] = lambda _row, ids: trie.allowed(ids[prompt_len:].tolist())
+            max_new_tokens = min(max_new_tokens, trie.max_len)
         with ctx, torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True,
+                eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True, **constraint,
             )
         latency = (time.perf_counter() - started) * 1000 / max(len(requests), 1)
-        new = out.sequences[:, enc["input_ids"].shape[1]:]
-        # Log-prob of each chosen token under the (greedy) model.
-        step_lp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        new = out.sequences[:, prompt_len:]
+        # Log-prob of each chosen token under the model (raw logits: before any constraint).
+        step_lp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)
         chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         results = []
         for row in range(new.shape[0]):
@@ -175,3 +187,27 @@ class SpecialistRuntime:
                 latency_ms=latency,
             ))
         return results
+
+
+class _AnswerTrie:
+    """Token-id prefix tree over a closed set of answers, each followed by end-of-sequence."""
+
+    def __init__(self, tokenizer: Any, answers: Sequence[str]) -> None:
+        eos = tokenizer.eos_token_id
+        self.root: dict[int, dict] = {}
+        self.max_len = 1
+        for answer in dict.fromkeys(a.strip() for a in answers if a.strip()):
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+            self.max_len = max(self.max_len, len(ids))
+            node = self.root
+            for t in ids:
+                node = node.setdefault(t, {})
+        self.eos = eos
+
+    def allowed(self, prefix: list[int]) -> list[int]:
+        node = self.root
+        for t in prefix:
+            if t not in node:  # finished (eos, then padding) or off the tree: only eos/pad follows
+                return [self.eos]
+            node = node[t]
+        return list(node) or [self.eos]

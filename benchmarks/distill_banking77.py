@@ -72,18 +72,23 @@ def to_trace(text: str, label: str, system: str = SYSTEM):
 
 
 def normalise(answer: str) -> str:
+    """Compare labels case-insensitively (the data has both 'Refund_not_showing_up' and 'card_arrival')."""
     first = answer.strip().splitlines()[0] if answer.strip() else ""
     first = first.strip().strip("`'\".:").lower()
     return re.sub(r"[\s\-]+", "_", first)
 
 
-def accuracy(runtime, rows, adapter, system: str = SYSTEM, max_new_tokens: int = 12) -> tuple[float, list[str], float]:
+def accuracy(runtime, rows, adapter, system: str = SYSTEM, *, labels: list[str],
+             constrain: bool = False) -> tuple[float, list[str], float]:
     reqs = [to_trace(t, lab, system).request for t, lab in rows]
+    # Room for the longest label (49 characters, 13 tokens) plus a little.
+    max_new_tokens = max(len(runtime.tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 4
     start = time.perf_counter()
-    gens = runtime.generate(reqs, adapter=adapter, max_new_tokens=max_new_tokens)
+    gens = runtime.generate(reqs, adapter=adapter, max_new_tokens=max_new_tokens,
+                            allowed_answers=labels if constrain else None)
     wall = time.perf_counter() - start
     preds = [g.text for g in gens]
-    correct = sum(normalise(p) == lab for p, (_, lab) in zip(preds, rows))
+    correct = sum(normalise(p) == normalise(lab) for p, (_, lab) in zip(preds, rows))
     return correct / len(rows), preds, wall
 
 
@@ -92,16 +97,23 @@ def main() -> int:
     ap.add_argument("--student", default="smollm2-135m")
     ap.add_argument("--n-train", type=int, default=1000, help="training queries (<= 1,000 for the target)")
     ap.add_argument("--n-eval", type=int, default=64, help="held-out queries (from train.csv, unused) for early stopping")
-    ap.add_argument("--n-test", type=int, default=400, help="test queries for accuracy")
+    ap.add_argument("--n-test", type=int, default=300, help="test queries for accuracy")
     ap.add_argument("--base-with-labels", type=int, default=60, help="test queries for the base student given all 77 labels (0 = skip)")
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=6.0)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--scheduler", default="cosine", choices=["constant", "linear", "cosine"])
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--quantization", default="auto", choices=["auto", "4bit", "none"],
+                    help="auto = 4-bit QLoRA on CUDA, fp32 LoRA on CPU")
+    ap.add_argument("--constrain", action="store_true",
+                    help="also score the specialist with decoding restricted to the 77 labels seen in training")
+    ap.add_argument("--skip-base", action="store_true", help="do not score the base student")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -131,8 +143,8 @@ def main() -> int:
     out_dir = args.adapter_dir or Path(tempfile.mkdtemp(prefix="aad-b77-"))
     trainer = QLoRATrainer(
         student=args.student, lora_r=args.r, lora_alpha=args.alpha, target_modules=args.targets.split(","),
-        learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation=args.accum, epochs=args.epochs,
-        max_length=args.max_length, quantization="auto", seed=args.seed, early_stopping_patience=2,
+        learning_rate=args.lr, lr_scheduler=args.scheduler, lora_dropout=args.dropout, batch_size=args.batch_size, gradient_accumulation=args.accum, epochs=args.epochs,
+        max_length=args.max_length, quantization=args.quantization, seed=args.seed, early_stopping_patience=2,
         eval_every=None,
     )
     if args.skip_training:
@@ -146,19 +158,31 @@ def main() -> int:
 
     runtime = SpecialistRuntime(args.student, batch_size=16)
     runtime.add_adapter("banking77", out_dir)
-    spec_acc, spec_preds, spec_gen_s = accuracy(runtime, test, "banking77")
-    print(f"specialist accuracy: {spec_acc:.1%} on {len(test)} test queries ({spec_gen_s:.0f} s)", flush=True)
-    base_acc, base_preds, base_gen_s = accuracy(runtime, test, None)
-    print(f"base student accuracy (same prompt): {base_acc:.1%} ({base_gen_s:.0f} s)", flush=True)
+    labels = sorted({lab for _, lab in train})  # the answers the "teacher" gave in the training sample
+    spec_acc, spec_preds, spec_gen_s = accuracy(runtime, test, "banking77", labels=labels)
+    invalid = sum(normalise(p) not in {normalise(lab) for lab in labels} for p in spec_preds)
+    print(f"specialist accuracy: {spec_acc:.1%} on {len(test)} test queries ({spec_gen_s:.0f} s); "
+          f"{invalid} answers are not one of the {len(labels)} labels", flush=True)
+    con_acc = None
+    if args.constrain:
+        con_acc, _, _ = accuracy(runtime, test, "banking77", labels=labels, constrain=True)
+        print(f"specialist accuracy, decoding restricted to the {len(labels)} labels: {con_acc:.1%}", flush=True)
+    base_acc, base_preds = None, [""] * len(test)
+    if not args.skip_base:
+        base_acc, base_preds, base_gen_s = accuracy(runtime, test, None, labels=labels)
+        print(f"base student accuracy (same prompt): {base_acc:.1%} ({base_gen_s:.0f} s)", flush=True)
+        if args.constrain:
+            base_con, _, _ = accuracy(runtime, test, None, labels=labels, constrain=True)
+            print(f"base student accuracy, decoding restricted to the labels: {base_con:.1%}", flush=True)
     base_lab_acc = None
     if args.base_with_labels:
-        labels = sorted({lab for _, lab in train_rows})
         system = SYSTEM + " The labels: " + ", ".join(labels) + "."
-        base_lab_acc, _, _ = accuracy(runtime, test[: args.base_with_labels], None, system)
+        base_lab_acc, _, _ = accuracy(runtime, test[: args.base_with_labels], None, system, labels=labels)
         print(f"base student accuracy with all 77 labels in its prompt: {base_lab_acc:.1%} on {args.base_with_labels} queries", flush=True)
     wall = time.perf_counter() - t0
     result = {
-        "n_train": len(train), "n_test": len(test), "specialist_accuracy": spec_acc, "base_accuracy": base_acc,
+        "n_train": len(train), "n_test": len(test), "specialist_accuracy": spec_acc,
+        "specialist_invalid_answers": invalid, "specialist_constrained_accuracy": con_acc, "base_accuracy": base_acc,
         "base_with_labels_accuracy": base_lab_acc, "base_with_labels_n": args.base_with_labels,
         "train_wall_s": metrics["wall_s"], "train_tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"],
         "train_loss_first": metrics["train_loss_first"], "train_loss_last": metrics["train_loss_last"],

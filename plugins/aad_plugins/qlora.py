@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,21 @@ def assert_adapter_grads(model: Any) -> float:
     return math.sqrt(total)
 
 
+def lr_multiplier(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """The factor on the learning rate at step ``s`` (0-based): linear warm-up over ``warmup_steps``,
+    then constant, or a linear / cosine decay that reaches 0 after ``total_steps``."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps + 1) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class QLoRATrainer(Trainer):
     def __init__(
         self,
@@ -62,6 +77,9 @@ class QLoRATrainer(Trainer):
         lora_dropout: float = 0.05,
         target_modules: Sequence[str] | str = "all-linear",
         learning_rate: float = 2e-4,
+        lr_scheduler: str = "cosine",
+        warmup_ratio: float = 0.03,
+        group_by_length: bool = True,
         batch_size: int = 16,
         gradient_accumulation: int = 4,
         epochs: float = 1.0,
@@ -84,6 +102,9 @@ class QLoRATrainer(Trainer):
         self.lora_dropout = lora_dropout
         self.target_modules = target_modules
         self.learning_rate = learning_rate
+        self.lr_scheduler = lr_scheduler
+        self.warmup_ratio = warmup_ratio
+        self.group_by_length = group_by_length
         self.batch_size = batch_size
         self.gradient_accumulation = gradient_accumulation
         self.epochs = epochs
@@ -109,6 +130,10 @@ class QLoRATrainer(Trainer):
                 raise param_error(name, owner, "an int >= 1", v)
         if self.quantization not in ("auto", "4bit", "none"):
             raise param_error("quantization", owner, "one of 'auto', '4bit', 'none'", self.quantization)
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise param_error("lr_scheduler", owner, "one of 'constant', 'linear', 'cosine'", self.lr_scheduler)
+        if not (0 <= self.warmup_ratio < 1):
+            raise param_error("warmup_ratio", owner, "a float in [0, 1)", self.warmup_ratio)
         if not (0 <= self.distill_alpha <= 1):
             raise param_error("distill_alpha", owner, "a float in [0, 1]", self.distill_alpha)
         if not self.epochs > 0:
@@ -231,8 +256,8 @@ class QLoRATrainer(Trainer):
             optimizer = bnb.optim.PagedAdamW8bit(params, lr=self.learning_rate)
         else:
             optimizer = torch.optim.AdamW(params, lr=self.learning_rate)
-        warmup = max(1, int(0.03 * total_steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_multiplier(self.lr_scheduler, total_steps, max(1, int(self.warmup_ratio * total_steps))))
 
         state = {"step": 0, "best_eval_loss": None, "bad_evals": 0, "eval_history": [], "loss_history": [], "tokens": 0}
         ckpt = output_dir / CHECKPOINT_DIR
@@ -242,8 +267,17 @@ class QLoRATrainer(Trainer):
             self._announce(f"Resuming from checkpoint at step {resumed_from}.", show_progress)
 
         def batches_for_epoch(epoch: int) -> list[list[int]]:
-            order = np.random.default_rng(self.seed + epoch).permutation(len(train_enc)).tolist()
-            return [order[i : i + micro] for i in range(0, len(order), micro)]
+            rng = np.random.default_rng(self.seed + epoch)
+            order = rng.permutation(len(train_enc)).tolist()
+            if not self.group_by_length:
+                return [order[i : i + micro] for i in range(0, len(order), micro)]
+            # As transformers' group_by_length: sort shuffled mega-batches by length so that a
+            # micro-batch pads little, then shuffle the micro-batches.
+            mega = micro * 50
+            order = [i for m in range(0, len(order), mega)
+                     for i in sorted(order[m : m + mega], key=lambda j: -len(train_enc[j]["input_ids"]))]
+            batches = [order[i : i + micro] for i in range(0, len(order), micro)]
+            return [batches[k] for k in rng.permutation(len(batches))]
 
         from aad_core.chat_format import pad_batch
 
