@@ -287,6 +287,22 @@ def test_split_mixed_nodes_splits_only_broad_clusters_with_two_sizeable_nodes() 
     assert n_split == 0 and set(new.tolist()) == {0}
 
 
+def test_stray_calls_move_to_the_cluster_of_their_own_node() -> None:
+    from aad_core.pipeline.cluster import rehome_stray_calls
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(57, 8))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    # Cluster 0: 30 of A, 5 of B, 2 of C; cluster 1: 20 of B.
+    nodes = np.array(["A"] * 30 + ["B"] * 5 + ["C"] * 2 + ["B"] * 20)
+    labels = np.array([0] * 37 + [1] * 20)
+    new = rehome_stray_calls(labels, nodes, X)
+    assert set(new[:30].tolist()) == {0}  # A stays
+    assert set(new[30:35].tolist()) == {1}  # B's strays joined B's cluster
+    assert set(new[35:37].tolist()) == {0}  # C is no cluster's majority: it stays where it was
+    assert set(new[37:].tolist()) == {1}
+
+
 def test_run_cluster_splits_a_given_k_that_merges_two_nodes(workspace) -> None:
     _use_fake(workspace)
     _add(workspace, _traces("intent", 40) + _traces("sql", 40) + _traces("weather", 40))

@@ -225,6 +225,13 @@ def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[W
     served = {c["specialist"] for c in state["clusters"].values() if c["specialist"]}
     assert served == {info["intent_specialist"], info["json_specialist"]}
     assert state["clusters"][str(info["json_cluster"])]["output_kind"] == "json"
+    for c in state["clusters"].values():  # the threshold's parts, saved for `aad route` to show
+        if c["margin_threshold"] is not None:  # foreign requests all below the quantile: cut mid-margin
+            assert c["closest_foreign"] < c["margin_threshold"] < c["quantile_threshold"]
+        else:
+            assert c["closest_foreign"] is None or c["closest_foreign"] >= c["quantile_threshold"]
+        low = c["margin_threshold"] if c["margin_threshold"] is not None else c["quantile_threshold"]
+        assert c["threshold"] == pytest.approx(max(low, c["separation_threshold"] or low), abs=1e-4)
 
     eng = RoutingEngine(ws, teacher)
     intent = eng.answer(ChatRequest(messages=[Message(role="system", content=info["intent_system"]),

@@ -197,3 +197,40 @@ def test_answer_window_loss_equals_the_full_sequence_loss(tiny_student: Path) ->
     loss_win = torch.nn.functional.cross_entropy(window[labels_win != -100], labels_win[labels_win != -100])
     torch.testing.assert_close(loss_win, loss_full)
     assert answer_window_start(torch.full((2, 5), -100)) == 0
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero() -> None:
+    from aad_plugins.qlora import lr_multiplier
+
+    const, lin, cos = (lr_multiplier(k, total_steps=10, warmup_steps=2) for k in ("constant", "linear", "cosine"))
+    assert [const(s) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert lin(1) == 1.0 and lin(9) == 0.0 and lin(5) == pytest.approx(0.5)
+    assert cos(1) == 1.0 and cos(9) == pytest.approx(0.0) and cos(5) == pytest.approx(0.5)
+    assert all(cos(s) >= cos(s + 1) for s in range(1, 9))
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        _trainer(Path("unused"), lr_scheduler="step").train(_traces(2), [], Path("unused"), show_progress=False)
+
+
+def test_length_grouped_batches_pad_less_and_still_train(tiny_student: Path, tmp_path: Path) -> None:
+    traces = [make_trace("q " * (1 + (i * 7) % 23), ["a", "b"][i % 2]) for i in range(32)]
+    grouped = _trainer(tiny_student, max_steps=8, early_stopping_patience=0).train(traces, [], tmp_path / "g",
+                                                                                   show_progress=False)
+    plain = _trainer(tiny_student, max_steps=8, early_stopping_patience=0, group_by_length=False).train(
+        traces, [], tmp_path / "p", show_progress=False)
+    assert grouped["steps"] == plain["steps"] == 8 and grouped["first_step_grad_norm"] > 0
+    assert grouped["padded_tokens"] < plain["padded_tokens"]
+
+
+def test_decoding_restricted_to_a_closed_answer_set(tiny_student: Path) -> None:
+    from aad_core.generation import SpecialistRuntime
+    from aad_core.schema import ChatRequest, Message
+
+    runtime = SpecialistRuntime(tiny_student, device="cpu", warmup=False)
+    reqs = [ChatRequest(messages=[Message(role="user", content=f"query number {i} about my card")]) for i in range(4)]
+    labels = ["card_arrival", "exchange_rate", "transfer_fee"]
+    free = runtime.generate(reqs, max_new_tokens=8)
+    closed = runtime.generate(reqs, max_new_tokens=8, allowed_answers=labels)
+    assert all(g.text in labels for g in closed)  # the random tiny model could never manage that on its own
+    assert not all(g.text in labels for g in free)
+    # The confidence is the model's own log-prob of its choice, not renormalised over the allowed tokens.
+    assert all(g.mean_logprob < -0.5 for g in closed)

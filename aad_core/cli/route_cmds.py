@@ -12,7 +12,7 @@ from aad_core.cli.app import JsonOption, WorkspaceOption, console, fail, open_wo
 
 def _thresholds_table(state: dict[str, Any]) -> Table:
     table = Table(title="Router thresholds (per cluster)")
-    for col in ("cluster", "routine", "specialist", "threshold", "quantile", "separation", "own<thr", "intr>=thr",
+    for col in ("cluster", "routine", "specialist", "threshold", "quantile", "margin", "separation", "own<thr", "intr>=thr",
                 "output", "min logprob"):
         table.add_column(col, justify="right" if col not in ("specialist", "output") else "left")
 
@@ -21,7 +21,7 @@ def _thresholds_table(state: dict[str, Any]) -> Table:
 
     for cid, c in sorted(state.get("clusters", {}).items(), key=lambda kv: int(kv[0])):
         table.add_row(cid, "yes" if c.get("routine") else "no", c.get("specialist") or "-", fmt(c.get("threshold")),
-                      fmt(c.get("quantile_threshold")), fmt(c.get("separation_threshold")),
+                      fmt(c.get("quantile_threshold")), fmt(c.get("margin_threshold")), fmt(c.get("separation_threshold")),
                       f"{c.get('own_rejected', 0)}/{c.get('n_own', 0)}",
                       f"{c.get('intruders_admitted', 0)}/{c.get('n_intruders', 0)}",
                       c.get("output_kind", "text"), fmt(c.get("min_logprob")))

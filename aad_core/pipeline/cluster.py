@@ -210,10 +210,13 @@ def split_mixed_nodes(
     labels: np.ndarray, nodes: Sequence[str], X: np.ndarray, *, min_calls: int, variance_threshold: float
 ) -> tuple[np.ndarray, int]:
     """Split every broad cluster (variance >= ``variance_threshold``) in which two or more agent
-    nodes have ``min_calls`` members or more.
+    nodes have ``min_calls`` members or more, then move stray calls home.
 
     Each such node becomes its own cluster; the cluster's other members join the part whose
-    centroid is nearest. Returns the new labels (0..K'-1) and the number of clusters split.
+    centroid is nearest. Afterwards a call whose node is a minority in its cluster but the
+    majority of some other cluster moves to the nearest such cluster, so that a few calls of
+    one node do not sit (and get routed) with another node's calls. Returns the new labels
+    (0..K'-1) and the number of clusters split.
     """
     import numpy as np
 
@@ -236,7 +239,28 @@ def split_mixed_nodes(
             part[m] = i
         out[rows] = nxt + part
         nxt += len(major)
-    return out, n_split
+    return rehome_stray_calls(out, node_arr, X), n_split
+
+
+def rehome_stray_calls(labels: np.ndarray, nodes: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Move each call whose node is not its cluster's majority node to the nearest cluster (by
+    centroid) whose majority node is its own; calls of a node that is no cluster's majority stay.
+    No cluster empties (its majority stays), so the labels keep their numbers."""
+    import numpy as np
+
+    ids = sorted(set(labels.tolist()))
+    majority = {lid: Counter(nodes[labels == lid].tolist()).most_common(1)[0][0] for lid in ids}
+    cents = {lid: _unit(X[labels == lid].mean(axis=0)) for lid in ids}
+    homes: dict[str, list[int]] = {}
+    for lid, node in majority.items():
+        homes.setdefault(node, []).append(lid)
+    out = labels.copy()
+    for lid in ids:
+        for row in np.nonzero(labels == lid)[0]:
+            home = homes.get(str(nodes[row]))
+            if home and lid not in home:
+                out[row] = max(home, key=lambda h: float(X[row] @ cents[h]))
+    return out
 
 
 def _status(text: str, show: bool) -> Any:

@@ -2,6 +2,7 @@
 
 Thresholds come from the training split (so the held-out split stays unseen for the evaluation):
 a low quantile (``[route] threshold_quantile``) of the cluster's own requests' similarities,
+lowered to the middle of the margin when every other cluster's request stays below it, and
 raised when needed to the cut that best keeps other clusters' requests out. The held-out split is
 then routed with those thresholds and the result written to ``.aad/state/router_eval.json`` as a
 confusion matrix (routine -> specialist, everything else -> teacher).
@@ -143,14 +144,24 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
         own = [float(sims[i, j]) for i, (c, _) in enumerate(flat) if c == cid and nearest[i] == j]
         intruders = [float(sims[i, j]) for i, (c, _) in enumerate(flat) if c != cid and nearest[i] == j]
         t_q = _quantile(own, rc.threshold_quantile) if own else rc.default_threshold
+        # Every other cluster's request, wherever it lands: the closest one marks where foreign
+        # requests begin. When they all stay below the quantile cut, the cut moves to the middle of
+        # that empty margin, so a member slightly weaker than the training sample still gets in.
+        foreign_max = max((float(sims[i, j]) for i, (c, _) in enumerate(flat) if c != cid), default=None)
+        t_margin = None
+        if own and foreign_max is not None and foreign_max < t_q:
+            t_margin = (t_q + foreign_max) / 2
+        t_low = t_margin if t_margin is not None else t_q
         t_sep = separation_threshold(own, intruders)
-        threshold = max(t_q, t_sep) if t_sep is not None else t_q
+        threshold = max(t_low, t_sep) if t_sep is not None else t_low
         answers = [(traces[t].answer_text(), bool(traces[t].response and traces[t].response.tool_calls))
                    for c, t in flat if c == cid]
         spec = specialists.get(cid)
         clusters_out[str(cid)] = {
             "threshold": round(float(threshold), 5),
             "quantile_threshold": round(float(t_q), 5),
+            "closest_foreign": None if foreign_max is None else round(foreign_max, 5),
+            "margin_threshold": None if t_margin is None else round(float(t_margin), 5),
             "separation_threshold": None if t_sep is None else round(float(t_sep), 5),
             "n_own": len(own),
             "n_intruders": len(intruders),

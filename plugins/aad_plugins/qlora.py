@@ -286,7 +286,7 @@ class QLoRATrainer(Trainer):
         grad_norm_first = None
         stopped_early = False
         started = time.perf_counter()
-        tokens_this_run = 0
+        tokens_this_run = padded_this_run = 0
         progress = _progress(show_progress)
         with progress:
             task = progress.add_task("Training", total=total_steps, completed=state["step"], loss=float("nan"), tps=0.0)
@@ -303,6 +303,7 @@ class QLoRATrainer(Trainer):
                     (loss * mb_tokens / max(n_tokens, 1)).backward()
                     step_loss += float(loss.detach()) * mb_tokens / max(n_tokens, 1)
                     tokens_this_run += int(batch["attention_mask"].sum())
+                    padded_this_run += int(batch["attention_mask"].numel())
                 if grad_norm_first is None:
                     grad_norm_first = assert_adapter_grads(model)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -360,6 +361,7 @@ class QLoRATrainer(Trainer):
             "soft_target_samples": sum(1 for s in soft if s is not None) + (len(train_enc) if teacher else 0),
             "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens_this_run / max(wall, 1e-9), 1),
+            "padded_tokens": padded_this_run,  # batch positions computed, padding included
         }
 
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], soft: list[Any], teacher: Any) -> torch.Tensor:
