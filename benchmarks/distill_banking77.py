@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,6 +163,9 @@ def main() -> int:
     invalid = sum(normalise(p) not in {normalise(lab) for lab in labels} for p in spec_preds)
     print(f"specialist accuracy: {spec_acc:.1%} on {len(test)} test queries ({spec_gen_s:.0f} s); "
           f"{invalid} answers are not one of the {len(labels)} labels", flush=True)
+    confusions = Counter((lab, normalise(p)) for p, (_, lab) in zip(spec_preds, test) if normalise(p) != normalise(lab))
+    print("most frequent errors (gold -> answer):",
+          "; ".join(f"{g} -> {a} ({n})" for (g, a), n in confusions.most_common(6)), flush=True)
     con_acc = None
     if args.constrain:
         con_acc, _, _ = accuracy(runtime, test, "banking77", labels=labels, constrain=True)
@@ -182,7 +185,8 @@ def main() -> int:
     wall = time.perf_counter() - t0
     result = {
         "n_train": len(train), "n_test": len(test), "specialist_accuracy": spec_acc,
-        "specialist_invalid_answers": invalid, "specialist_constrained_accuracy": con_acc, "base_accuracy": base_acc,
+        "specialist_invalid_answers": invalid,
+        "specialist_top_errors": [[g, a, n] for (g, a), n in confusions.most_common(10)], "specialist_constrained_accuracy": con_acc, "base_accuracy": base_acc,
         "base_with_labels_accuracy": base_lab_acc, "base_with_labels_n": args.base_with_labels,
         "train_wall_s": metrics["wall_s"], "train_tokens_per_s": metrics["tokens_per_s"], "steps": metrics["steps"],
         "train_loss_first": metrics["train_loss_first"], "train_loss_last": metrics["train_loss_last"],
