@@ -207,6 +207,12 @@ class RouteConfig(_Section):
         24, ge=0, description="Held-out requests per specialist generated to calibrate the confidence cut-off (0 = no gate)."
     )
     max_new_tokens: int = Field(256, ge=1, description="Generation budget of a specialist answer (a request's max_tokens wins).")
+    teacher_node_min_calls: int = Field(
+        10, ge=0, description="An agent node (system prompt) with at least this many training calls, all in clusters "
+        "without a promoted specialist, is sent to the teacher without embedding its requests: the decision costs "
+        "microseconds instead of a MiniLM pass over a long prompt. A wrong guess only costs a teacher call that a "
+        "specialist might have taken (0 = always embed).",
+    )
     record_escalations: bool = Field(
         True, description="Store each escalation (teacher answer + reason) as a trace with source 'router'."
     )

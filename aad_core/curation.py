@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-    from aad_core.schema import Trace
+    from aad_core.schema import ChatRequest, Trace
 
 
 @dataclass
@@ -52,10 +52,11 @@ def context_key(trace: Trace) -> str:
     return hashlib.sha256(ctx.encode()).hexdigest()
 
 
-def node_key(trace: Trace) -> str:
+def node_key(trace: Trace | ChatRequest) -> str:
     """sha256 of the system prompt: calls sharing it come from the same agent node (whatever tools
-    each call binds)."""
-    return hashlib.sha256(trace.request.system_prompt().encode()).hexdigest()
+    each call binds). Takes a trace or a bare request."""
+    request = trace.request if hasattr(trace, "request") else trace
+    return hashlib.sha256(request.system_prompt().encode()).hexdigest()
 
 
 def curate(

@@ -139,6 +139,45 @@ def test_router_decisions_explain_themselves_and_reach_observers(workspace: Work
     assert [d.target for d in seen] == ["specialist", "teacher", "teacher"]
 
 
+def test_a_teacher_only_agent_node_is_not_embedded(workspace: Workspace) -> None:
+    from aad_core.curation import node_key
+
+    planner = ChatRequest(messages=[Message(role="system", content="You plan multi-step tasks."),
+                                    Message(role="user", content="my card has not arrived")])
+    embedded: list[str] = []
+
+    def spy(requests):  # noqa: ANN001, ANN202
+        embedded.extend(r.last_user_message() for r in requests)
+        return keyword_embed(requests)
+
+    router = CentroidRouter(workspace=workspace).fit(np.eye(2, dtype=np.float32), [0, 1], {0: 0.9, 1: 0.9},
+                                                     {0: "cards"}, spy, teacher_nodes={node_key(planner): 40})
+    plan, card = router.route([planner, card_request()])
+    # The planner's message would match the card specialist, but its node never reached one in calibration.
+    assert plan.target == "teacher" and plan.cluster_id is None and "40 calibration calls" in plan.reason
+    assert card.target == "specialist" and card.specialist == "cards"
+    assert embedded == ["my card has not arrived"]  # only the card request was embedded
+
+
+def test_teacher_only_nodes_come_from_the_training_split(workspace: Workspace) -> None:
+    from types import SimpleNamespace
+
+    from aad_core.curation import node_key
+    from aad_core.routing.calibration import teacher_only_nodes
+
+    traces = ([make_trace(f"plan step {i}", "ok", system="You plan.", id=f"p{i}") for i in range(25)]
+              + [make_trace(f"card {i}", "card_arrival", system="Classify.", id=f"c{i}") for i in range(25)]
+              + [make_trace(f"rare {i}", "x", system="Rare node.", id=f"r{i}") for i in range(3)])
+    store = workspace.store()
+    store.add(traces)
+    store.close()
+    assignments = {t.id: (1 if t.id.startswith("c") else 0) for t in traces}
+    state = SimpleNamespace(assignments=assignments, split={t.id: "train" for t in traces})
+    nodes = teacher_only_nodes(workspace, state, {1}, min_calls=20)
+    assert nodes == {node_key(traces[0]): 25}  # the card node reaches cluster 1; the rare node has too few calls
+    assert teacher_only_nodes(workspace, state, {1}, min_calls=0) == {}
+
+
 def test_router_is_registered_as_a_plugin_component(workspace: Workspace) -> None:
     from aad_core.plugins import create_component
 

@@ -55,6 +55,25 @@ def request_embedder(ws: Workspace) -> Callable[[Sequence[ChatRequest]], np.ndar
     return lambda requests: embed_requests(list(requests), config)
 
 
+def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[int], min_calls: int) -> dict[str, int]:
+    """{node key: calls} of the agent nodes whose training-split calls (at least ``min_calls``) all
+    sit in clusters outside ``served``: the router can send their requests to the teacher unembedded."""
+    from aad_core.curation import node_key
+
+    if min_calls <= 0:
+        return {}
+    served = set(served)
+    ids = [t for t, s in state.split.items() if s == "train" and t in state.assignments]
+    counts: dict[str, int] = {}
+    reaches: set[str] = set()
+    for trace in _load(ws, ids):
+        key = node_key(trace)
+        counts[key] = counts.get(key, 0) + 1
+        if state.assignments[trace.id] in served:
+            reaches.add(key)
+    return {k: n for k, n in sorted(counts.items()) if n >= min_calls and k not in reaches}
+
+
 def separation_threshold(own: Sequence[float], intruders: Sequence[float]) -> float | None:
     """The cut that misroutes fewest of ``own`` (below it) plus ``intruders`` (at or above it).
 
@@ -185,6 +204,7 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
         "threshold_quantile": rc.threshold_quantile,
         "confidence_quantile": rc.confidence_quantile,
         "clusters": clusters_out,
+        "teacher_nodes": teacher_only_nodes(ws, state, set(specialists), rc.teacher_node_min_calls),
     }
     ws.write_state(ROUTER_STATE, saved)
     evaluation = evaluate_router(ws, state, cents, cids, clusters_out, show_progress=show_progress)

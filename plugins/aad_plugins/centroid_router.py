@@ -4,6 +4,9 @@ A request is embedded with the same view and embedder as clustering (``[embed]``
 specialist of its nearest cluster only when that cluster has a promoted specialist and the cosine
 similarity clears the cluster's threshold (``aad route --calibrate`` writes them to
 ``.aad/state/router.json``); every other request goes to the teacher. Each decision says why.
+
+Requests of an agent node (a system prompt) whose calibration calls never reached a cluster with a
+specialist go to the teacher without being embedded (``[route] teacher_node_min_calls``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class CentroidRouter(Router):
 
     After :meth:`load` or :meth:`fit`: ``cluster_ids_``, ``centroids_`` (k, dim, unit rows),
     ``thresholds_`` {cluster id: float}, ``specialists_`` {cluster id: specialist name} of the
-    clusters that may be served, and ``calibrated_`` (bool).
+    clusters that may be served, ``teacher_nodes_`` {node key: calibration calls} of the agent
+    nodes sent to the teacher unembedded, and ``calibrated_`` (bool).
     """
 
     def __init__(self, workspace: Any = None, default_threshold: float | None = None) -> None:
@@ -56,6 +60,7 @@ class CentroidRouter(Router):
         embed: EmbedFn,
         *,
         calibrated: bool = True,
+        teacher_nodes: Mapping[str, int] | None = None,
     ) -> CentroidRouter:
         """Set the routing state directly (tests, benchmarks, applications without a workspace)."""
         import numpy as np
@@ -72,6 +77,7 @@ class CentroidRouter(Router):
         self.specialists_ = {int(c): str(n) for c, n in specialists.items()}
         self.embed_ = embed
         self.calibrated_ = calibrated
+        self.teacher_nodes_ = dict(teacher_nodes or {})
         return self
 
     def _default_threshold(self) -> float:
@@ -111,7 +117,7 @@ class CentroidRouter(Router):
         saved = load_router_state(ws)
         thresholds = {int(k): float(v["threshold"]) for k, v in (saved or {}).get("clusters", {}).items()}
         return self.fit(cents, cids, thresholds, promoted_specialists(ws), request_embedder(ws),
-                        calibrated=saved is not None)
+                        calibrated=saved is not None, teacher_nodes=(saved or {}).get("teacher_nodes"))
 
     def _ensure(self) -> None:
         if not hasattr(self, "centroids_"):
@@ -133,14 +139,31 @@ class CentroidRouter(Router):
         requests = list(requests)
         if not requests:
             return []
+        self._ensure()
         start = time.perf_counter()
-        cids, sims = self.nearest(requests)
-        per_request_ms = (time.perf_counter() - start) * 1000 / len(requests)
-        decisions = [self._decide(c, s, per_request_ms) for c, s in zip(cids, sims)]
+        decisions: list[RoutingDecision | None] = [None] * len(requests)
+        if self.teacher_nodes_:
+            from aad_core.curation import node_key
+
+            for i, request in enumerate(requests):
+                n = self.teacher_nodes_.get(node_key(request))
+                if n is not None:
+                    decisions[i] = RoutingDecision(
+                        target="teacher", latency_ms=round((time.perf_counter() - start) * 1000, 3),
+                        reason=f"its agent node (system prompt) reached no specialist in {n} calibration calls: "
+                        "teacher, without embedding the request")
+        todo = [i for i, d in enumerate(decisions) if d is None]
+        if todo:
+            start = time.perf_counter()
+            cids, sims = self.nearest([requests[i] for i in todo])
+            per_request_ms = (time.perf_counter() - start) * 1000 / len(todo)
+            for i, c, s in zip(todo, cids, sims):
+                decisions[i] = self._decide(c, s, per_request_ms)
         from aad_core.plugins import get_plugin_manager
 
-        get_plugin_manager().hooks.request_routed(decisions)
-        return decisions
+        routed = [d for d in decisions if d is not None]  # every slot is filled by now
+        get_plugin_manager().hooks.request_routed(routed)
+        return routed
 
     def _decide(self, cid: int, sim: float, latency_ms: float) -> RoutingDecision:
         threshold = self.thresholds_.get(cid, self._default_threshold())
