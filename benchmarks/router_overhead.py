@@ -105,7 +105,8 @@ def main() -> None:
     cents = state.centroids()
     # Agent nodes whose training calls all sit in unserved clusters skip the embedding (as calibration
     # would record them with these clusters served).
-    teacher_nodes = teacher_only_nodes(ws, state, set(served), ws.config.route.teacher_node_min_calls)
+    teacher_nodes = {k: v["calls"] for k, v in
+                     teacher_only_nodes(ws, state, set(served), ws.config.route.teacher_node_min_calls).items()}
     router = CentroidRouter(workspace=ws).fit(cents, cids, thresholds, served,
                                               lambda reqs: embed_requests(list(reqs), ws.config),
                                               teacher_nodes=teacher_nodes)

@@ -174,7 +174,8 @@ def test_teacher_only_nodes_come_from_the_training_split(workspace: Workspace) -
     assignments = {t.id: (1 if t.id.startswith("c") else 0) for t in traces}
     state = SimpleNamespace(assignments=assignments, split={t.id: "train" for t in traces})
     nodes = teacher_only_nodes(workspace, state, {1}, min_calls=20)
-    assert nodes == {node_key(traces[0]): 25}  # the card node reaches cluster 1; the rare node has too few calls
+    # The card node reaches cluster 1; the rare node has too few calls.
+    assert nodes == {node_key(traces[0]): {"calls": 25, "clusters": [0]}}
     assert teacher_only_nodes(workspace, state, {1}, min_calls=0) == {}
 
 
@@ -254,6 +255,21 @@ def test_no_escalation_trace_when_recording_is_off(workspace: Workspace) -> None
 
 # -- real models ---------------------------------------------------------------------------------
 @pytest.mark.real_model
+def test_a_node_whose_cluster_gained_a_specialist_is_embedded_again(routed_workspace: tuple[Workspace, dict]) -> None:
+    ws, info = routed_workspace
+    saved = ws.read_state("router.json")
+    stale = dict(saved, teacher_nodes={
+        "a" * 64: {"calls": 30, "clusters": [info["intent_cluster"]]},  # promoted after this calibration
+        "b" * 64: {"calls": 30, "clusters": [max(int(c) for c in saved["clusters"]) + 1]},  # still unserved
+    })
+    ws.write_state("router.json", stale)
+    try:
+        router = CentroidRouter(workspace=ws).load()
+    finally:
+        ws.write_state("router.json", saved)
+    assert router.teacher_nodes_ == {"b" * 64: 30}
+
+
 def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[Workspace, dict]) -> None:
     ws, info = routed_workspace
     evaluation = ws.read_state("router_eval.json")

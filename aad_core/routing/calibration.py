@@ -55,23 +55,25 @@ def request_embedder(ws: Workspace) -> Callable[[Sequence[ChatRequest]], np.ndar
     return lambda requests: embed_requests(list(requests), config)
 
 
-def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[int], min_calls: int) -> dict[str, int]:
-    """{node key: calls} of the agent nodes whose training-split calls (at least ``min_calls``) all
-    sit in clusters outside ``served``: the router can send their requests to the teacher unembedded."""
+def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[int],
+                       min_calls: int) -> dict[str, dict[str, Any]]:
+    """{node key: {"calls": n, "clusters": [...]}} of the agent nodes whose training-split calls (at
+    least ``min_calls``) all sit in clusters outside ``served``: the router can send their requests
+    to the teacher unembedded, for as long as none of those clusters gets a specialist."""
     from aad_core.curation import node_key
 
     if min_calls <= 0:
         return {}
     served = set(served)
     ids = [t for t, s in state.split.items() if s == "train" and t in state.assignments]
+    clusters: dict[str, set[int]] = {}
     counts: dict[str, int] = {}
-    reaches: set[str] = set()
     for trace in _load(ws, ids):
         key = node_key(trace)
         counts[key] = counts.get(key, 0) + 1
-        if state.assignments[trace.id] in served:
-            reaches.add(key)
-    return {k: n for k, n in sorted(counts.items()) if n >= min_calls and k not in reaches}
+        clusters.setdefault(key, set()).add(int(state.assignments[trace.id]))
+    return {k: {"calls": n, "clusters": sorted(clusters[k])} for k, n in sorted(counts.items())
+            if n >= min_calls and not clusters[k] & served}
 
 
 def separation_threshold(own: Sequence[float], intruders: Sequence[float]) -> float | None:

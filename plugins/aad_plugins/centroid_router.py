@@ -116,8 +116,13 @@ class CentroidRouter(Router):
         cents = np.asarray([c.centroid for c in state.clusters], dtype=np.float32)
         saved = load_router_state(ws)
         thresholds = {int(k): float(v["threshold"]) for k, v in (saved or {}).get("clusters", {}).items()}
-        return self.fit(cents, cids, thresholds, promoted_specialists(ws), request_embedder(ws),
-                        calibrated=saved is not None, teacher_nodes=(saved or {}).get("teacher_nodes"))
+        specialists = promoted_specialists(ws)
+        # A node stays teacher-only while none of its clusters has a specialist: one promoted since
+        # the calibration brings the node's requests back to the embedding path at once.
+        teacher_nodes = {k: int(v["calls"]) for k, v in (saved or {}).get("teacher_nodes", {}).items()
+                         if isinstance(v, dict) and not set(v.get("clusters", [])) & set(specialists)}
+        return self.fit(cents, cids, thresholds, specialists, request_embedder(ws),
+                        calibrated=saved is not None, teacher_nodes=teacher_nodes)
 
     def _ensure(self) -> None:
         if not hasattr(self, "centroids_"):
