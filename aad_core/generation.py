@@ -160,7 +160,7 @@ class SpecialistRuntime:
         constraint = {}
         if trie is not None:
             constraint["prefix_allowed_tokens_fn"] = lambda _row, ids: trie.allowed(ids[prompt_len:].tolist())
-            max_new_tokens = min(max_new_tokens, trie.max_len)
+            max_new_tokens = trie.max_len  # room for the longest answer, so that none is cut off
         with ctx, torch.no_grad():
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,

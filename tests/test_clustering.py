@@ -296,11 +296,13 @@ def test_stray_calls_move_to_the_cluster_of_their_own_node() -> None:
     # Cluster 0: 30 of A, 5 of B, 2 of C; cluster 1: 20 of B.
     nodes = np.array(["A"] * 30 + ["B"] * 5 + ["C"] * 2 + ["B"] * 20)
     labels = np.array([0] * 37 + [1] * 20)
-    new = rehome_stray_calls(labels, nodes, X)
+    new = rehome_stray_calls(labels, nodes, X, max_calls=10)
     assert set(new[:30].tolist()) == {0}  # A stays
     assert set(new[30:35].tolist()) == {1}  # B's strays joined B's cluster
     assert set(new[35:37].tolist()) == {0}  # C is no cluster's majority: it stays where it was
     assert set(new[37:].tolist()) == {1}
+    # A group as large as a node of its own (more than max_calls) stays where clustering put it.
+    assert (rehome_stray_calls(labels, nodes, X, max_calls=4) == labels).all()
 
 
 def test_run_cluster_splits_a_given_k_that_merges_two_nodes(workspace) -> None:

@@ -167,14 +167,19 @@ def test_teacher_only_nodes_come_from_the_training_split(workspace: Workspace) -
 
     traces = ([make_trace(f"plan step {i}", "ok", system="You plan.", id=f"p{i}") for i in range(25)]
               + [make_trace(f"card {i}", "card_arrival", system="Classify.", id=f"c{i}") for i in range(25)]
-              + [make_trace(f"rare {i}", "x", system="Rare node.", id=f"r{i}") for i in range(3)])
+              + [make_trace(f"rare {i}", "x", system="Rare node.", id=f"r{i}") for i in range(3)]
+              + [make_trace(f"plan held out {i}", "ok", system="You plan.", id=f"h{i}") for i in range(5)]
+              + [make_trace(f"no system {i}", "ok", system="", id=f"n{i}") for i in range(25)])
     store = workspace.store()
     store.add(traces)
     store.close()
-    assignments = {t.id: (1 if t.id.startswith("c") else 0) for t in traces}
-    state = SimpleNamespace(assignments=assignments, split={t.id: "train" for t in traces})
+    # The planner's held-out calls sit in the served cluster 1: only the training split counts.
+    assignments = {t.id: (1 if t.id[0] in "ch" else 0) for t in traces}
+    split = {t.id: "heldout" if t.id.startswith("h") else "train" for t in traces}
+    state = SimpleNamespace(assignments=assignments, split=split)
     nodes = teacher_only_nodes(workspace, state, {1}, min_calls=20)
-    # The card node reaches cluster 1; the rare node has too few calls.
+    # The card node reaches cluster 1; the rare node has too few calls; calls without a system
+    # prompt are no agent node.
     assert nodes == {node_key(traces[0]): {"calls": 25, "clusters": [0]}}
     assert teacher_only_nodes(workspace, state, {1}, min_calls=0) == {}
 
@@ -270,6 +275,7 @@ def test_a_node_whose_cluster_gained_a_specialist_is_embedded_again(routed_works
     assert router.teacher_nodes_ == {"b" * 64: 30}
 
 
+@pytest.mark.real_model
 def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[Workspace, dict]) -> None:
     ws, info = routed_workspace
     evaluation = ws.read_state("router_eval.json")

@@ -239,16 +239,18 @@ def split_mixed_nodes(
             part[m] = i
         out[rows] = nxt + part
         nxt += len(major)
-    return rehome_stray_calls(out, node_arr, X), n_split
+    return rehome_stray_calls(out, node_arr, X, max_calls=min_calls - 1), n_split
 
 
-def rehome_stray_calls(labels: np.ndarray, nodes: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Move each call whose node is not its cluster's majority node to the nearest cluster (by
-    centroid) whose majority node is its own; calls of a node that is no cluster's majority stay.
-    No cluster empties (its majority stays), so the labels keep their numbers."""
+def rehome_stray_calls(labels: np.ndarray, nodes: np.ndarray, X: np.ndarray, *, max_calls: int) -> np.ndarray:
+    """Move each call whose node is not its cluster's majority node, and has at most ``max_calls``
+    calls there, to the nearest cluster (by centroid) whose majority node is its own. Calls of a
+    node that is no cluster's majority stay, and so does a sizeable group (the node split left it
+    in a narrow cluster on purpose). No cluster empties, so the labels keep their numbers."""
     import numpy as np
 
     ids = sorted(set(labels.tolist()))
+    in_cluster = Counter(zip(labels.tolist(), nodes.tolist()))
     majority = {lid: Counter(nodes[labels == lid].tolist()).most_common(1)[0][0] for lid in ids}
     cents = {lid: _unit(X[labels == lid].mean(axis=0)) for lid in ids}
     homes: dict[str, list[int]] = {}
@@ -258,7 +260,7 @@ def rehome_stray_calls(labels: np.ndarray, nodes: np.ndarray, X: np.ndarray) -> 
     for lid in ids:
         for row in np.nonzero(labels == lid)[0]:
             home = homes.get(str(nodes[row]))
-            if home and lid not in home:
+            if home and lid not in home and in_cluster[(lid, nodes[row])] <= max_calls:
                 out[row] = max(home, key=lambda h: float(X[row] @ cents[h]))
     return out
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from aad_core.workspace import Workspace
 
 ROUTER_STATE = "router.json"
+#: The most the margin rule lowers a cluster's threshold below its quantile cut.
+MAX_MARGIN_DROP = 0.05
 ROUTER_EVAL = "router_eval.json"
 
 
@@ -69,6 +71,8 @@ def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[in
     clusters: dict[str, set[int]] = {}
     counts: dict[str, int] = {}
     for trace in _load(ws, ids):
+        if not trace.request.system_prompt():  # no system prompt: no agent node to recognise
+            continue
         key = node_key(trace)
         counts[key] = counts.get(key, 0) + 1
         clusters.setdefault(key, set()).add(int(state.assignments[trace.id]))
@@ -171,7 +175,9 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
         foreign_max = max((float(sims[i, j]) for i, (c, _) in enumerate(flat) if c != cid), default=None)
         t_margin = None
         if own and foreign_max is not None and foreign_max < t_q:
-            t_margin = (t_q + foreign_max) / 2
+            # At most MAX_MARGIN_DROP below the quantile: calibration sees only known traffic, and
+            # the quantile is also the guard against requests of kinds never recorded.
+            t_margin = max((t_q + foreign_max) / 2, t_q - MAX_MARGIN_DROP)
         t_low = t_margin if t_margin is not None else t_q
         t_sep = separation_threshold(own, intruders)
         threshold = max(t_low, t_sep) if t_sep is not None else t_low

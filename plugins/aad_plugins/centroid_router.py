@@ -119,8 +119,10 @@ class CentroidRouter(Router):
         specialists = promoted_specialists(ws)
         # A node stays teacher-only while none of its clusters has a specialist: one promoted since
         # the calibration brings the node's requests back to the embedding path at once.
+        min_calls = ws.config.route.teacher_node_min_calls  # 0 turns the shortcut off at once
         teacher_nodes = {k: int(v["calls"]) for k, v in (saved or {}).get("teacher_nodes", {}).items()
-                         if isinstance(v, dict) and not set(v.get("clusters", [])) & set(specialists)}
+                         if isinstance(v, dict) and min_calls > 0 and int(v["calls"]) >= min_calls
+                         and not set(v.get("clusters", [])) & set(specialists)}
         return self.fit(cents, cids, thresholds, specialists, request_embedder(ws),
                         calibrated=saved is not None, teacher_nodes=teacher_nodes)
 
@@ -151,7 +153,7 @@ class CentroidRouter(Router):
             from aad_core.curation import node_key
 
             for i, request in enumerate(requests):
-                n = self.teacher_nodes_.get(node_key(request))
+                n = self.teacher_nodes_.get(node_key(request)) if request.system_prompt() else None
                 if n is not None:
                     decisions[i] = RoutingDecision(
                         target="teacher", latency_ms=round((time.perf_counter() - start) * 1000, 3),

@@ -54,15 +54,16 @@ def assert_adapter_grads(model: Any) -> float:
 
 
 def lr_multiplier(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """The factor on the learning rate at step ``s`` (0-based): linear warm-up over ``warmup_steps``,
-    then constant, or a linear / cosine decay that reaches 0 after ``total_steps``."""
+    """The factor on the learning rate of optimizer step ``s`` (0-based): linear warm-up over
+    ``warmup_steps``, then constant, or a linear / cosine decay towards 0 at ``total_steps`` (as
+    transformers' schedules: the last step still gets a small, non-zero rate)."""
 
     def factor(s: int) -> float:
         if s < warmup_steps:
             return (s + 1) / warmup_steps
         if kind == "constant":
             return 1.0
-        progress = min(1.0, (s - warmup_steps + 1) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
