@@ -330,6 +330,7 @@ def test_real_minilm_routes_to_two_trained_specialists(routed_workspace: tuple[W
     assert json.loads(out.stdout)["target"] == "teacher"
     shown = runner.invoke(app, ["route", "--show", "-w", str(ws.root)])
     assert shown.exit_code == 0 and "Router thresholds" in shown.stdout and "Held-out routing accuracy" in shown.stdout
+    assert "[route] teacher_node_min_calls" in " ".join(shown.stdout.split())
     saved = json.loads(runner.invoke(app, ["route", "--show", "--json", "-w", str(ws.root)]).stdout)
     assert saved["clusters"][str(info["json_cluster"])]["specialist"] == info["json_specialist"]
 

@@ -28,6 +28,13 @@ def _thresholds_table(state: dict[str, Any]) -> Table:
     return table
 
 
+def _teacher_nodes_line(state: dict[str, Any]) -> str:
+    nodes = state.get("teacher_nodes") or {}
+    calls = sum(int(v.get("calls", 0)) for v in nodes.values() if isinstance(v, dict))
+    return (f"{len(nodes)} agent node(s) ({calls} training calls) never reach a specialist: their requests go to the "
+            "teacher without being embedded (\\[route] teacher_node_min_calls).")
+
+
 def _eval_line(ev: dict[str, Any]) -> str:
     m = ev.get("matrix", [[0, 0], [0, 0]])
     acc = ev.get("accuracy")
@@ -58,6 +65,7 @@ def route_cmd(
             return
         if not json_out:
             console.print(_thresholds_table(state))
+            console.print(_teacher_nodes_line(state))
             console.print(_eval_line(ws.read_state(ROUTER_EVAL)))
             console.print(f"Saved {ws.state_path('router.json')} and {ws.state_path(ROUTER_EVAL)}")
     if show:
@@ -68,6 +76,7 @@ def route_cmd(
             print_json(state)
             return
         console.print(_thresholds_table(state))
+        console.print(_teacher_nodes_line(state))
         if ws.state_path(ROUTER_EVAL).exists():
             console.print(_eval_line(ws.read_state(ROUTER_EVAL)))
     if text is None:
