@@ -61,7 +61,9 @@ def main() -> None:
     from aad_core.demo import COMPLEX_NODES, ROUTINE_NODES, create_demo_workspace
     from aad_core.embedding import embed_requests, get_embedder
     from aad_core.pipeline.cluster import load_clusters, run_cluster
-    from aad_core.routing.calibration import calibrate_router, routing_confusion, teacher_only_nodes
+    from aad_core.routing.calibration import (
+        calibrate_router, routing_confusion, still_teacher_only, teacher_only_nodes,
+    )
     from aad_core.workspace import Workspace
     from aad_plugins.centroid_router import CentroidRouter
 
@@ -105,8 +107,8 @@ def main() -> None:
     cents = state.centroids()
     # Agent nodes whose training calls all sit in unserved clusters skip the embedding (as calibration
     # would record them with these clusters served).
-    teacher_nodes = {k: v["calls"] for k, v in
-                     teacher_only_nodes(ws, state, set(served), ws.config.route.teacher_node_min_calls).items()}
+    min_calls = ws.config.route.teacher_node_min_calls
+    teacher_nodes = still_teacher_only(teacher_only_nodes(ws, state, set(served), min_calls), served, min_calls)
     router = CentroidRouter(workspace=ws).fit(cents, cids, thresholds, served,
                                               lambda reqs: embed_requests(list(reqs), ws.config),
                                               teacher_nodes=teacher_nodes)

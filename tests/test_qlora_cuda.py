@@ -25,13 +25,17 @@ def _traces(n: int) -> list:
     return [make_trace(f"query number {i} about my card", answers[i % 3]) for i in range(n)]
 
 
-def _trainer(student: Path, **kw):
-    from aad_plugins.qlora import QLoRATrainer
-
+def _params(student: Path, **kw) -> dict:
     params = dict(student=str(student), batch_size=4, gradient_accumulation=2, learning_rate=5e-3,
                   max_length=48, quantization="auto", seed=0, early_stopping_patience=0)
     params.update(kw)
-    return QLoRATrainer(**params)
+    return params
+
+
+def _trainer(student: Path, **kw):
+    from aad_plugins.qlora import QLoRATrainer
+
+    return QLoRATrainer(**_params(student, **kw))
 
 
 def test_auto_quantization_on_cuda_trains_a_4bit_nf4_base(tiny_student: Path, tmp_path: Path) -> None:
@@ -42,14 +46,16 @@ def test_auto_quantization_on_cuda_trains_a_4bit_nf4_base(tiny_student: Path, tm
 
     seen: dict[str, object] = {}
 
-    class Spy(type(_trainer(tiny_student))):
+    from aad_plugins.qlora import QLoRATrainer
+
+    class Spy(QLoRATrainer):
         def _prepare_model(self, base):
             model = super()._prepare_model(base)
             seen["linear4bit"] = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
             return model
 
     out = tmp_path / "adapter"
-    trainer = Spy(**vars(_trainer(tiny_student, max_steps=16)))
+    trainer = Spy(**_params(tiny_student, max_steps=16))
     metrics = trainer.train(_traces(16), _traces(4), out, show_progress=False)
 
     assert metrics["device"] == "cuda" and metrics["quantization"] == "4bit-nf4"
@@ -83,14 +89,16 @@ def test_a_no_grad_forward_before_training_keeps_cuda_4bit_gradients(tiny_studen
     gradients (FIELD-NOTES). On CUDA it must not: generate first, then train."""
     pytest.importorskip("bitsandbytes")
 
-    class GenerateFirst(type(_trainer(tiny_student))):
+    from aad_plugins.qlora import QLoRATrainer
+
+    class GenerateFirst(QLoRATrainer):
         def _prepare_model(self, base):
             model = super()._prepare_model(base)
             with torch.no_grad():
                 model.generate(input_ids=torch.tensor([[1, 5, 9]], device="cuda"), max_new_tokens=3, do_sample=False)
             return model
 
-    metrics = GenerateFirst(**vars(_trainer(tiny_student, max_steps=8))).train(
+    metrics = GenerateFirst(**_params(tiny_student, max_steps=8)).train(
         _traces(8), [], tmp_path / "gen-first", show_progress=False)
     assert metrics["quantization"] == "4bit-nf4" and metrics["first_step_grad_norm"] > 0
     assert metrics["train_loss_last"] < metrics["train_loss_first"]

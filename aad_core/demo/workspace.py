@@ -16,10 +16,11 @@ TRACES_FILE = "demo-traces.jsonl"
 #: Config the demo workspace is written with, sized for ~13 minutes of install + `aad distill` on 2
 #: CPU cores (SmolLM2-135M, LoRA on all linear layers: ~7 s per step at batch 8 x ~130 tokens).
 #: The agent has six nodes, and the SQL node's prompts (one per database) spread over two regions of
-#: the embedding space, so K is set to 7: with K = 6 one cluster mixed five SQL databases with one of
-#: the four plan suites (20 calls), and router accuracy by task suffered (silhouette alone merges the
-#: nodes that share tools). With K = 7 every cluster holds one node's calls; tau = 0.35 keeps the narrow label and JSON nodes routine and leaves the varied tool-call, SQL and
-#: multi-step plan nodes to the teacher.
+#: the embedding space, so K is set to 7 (silhouette alone merges the nodes that share tools). With
+#: K = 6 one cluster mixed five SQL databases with a plan suite and router accuracy by task suffered;
+#: with K = 7 the unredacted workload gives one node per cluster (the redacted demo still has one
+#: SQL + travel-plan cluster, not routine). tau = 0.35 keeps the narrow label and JSON nodes routine
+#: and leaves the varied tool-call, SQL and multi-step plan nodes to the teacher.
 DEMO_CONFIG: dict[tuple[str, str], Any] = {
     ("cluster", "k"): 7,
     ("cluster", "variance_threshold"): 0.35,

@@ -11,7 +11,7 @@ confusion matrix (routine -> specialist, everything else -> teacher).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import StageError
@@ -66,18 +66,26 @@ def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[in
 
     if min_calls <= 0:
         return {}
-    served = set(served)
     ids = [t for t, s in state.split.items() if s == "train" and t in state.assignments]
-    clusters: dict[str, set[int]] = {}
-    counts: dict[str, int] = {}
+    nodes: dict[str, dict[str, Any]] = {}
     for trace in _load(ws, ids):
         if not trace.request.system_prompt():  # no system prompt: no agent node to recognise
             continue
-        key = node_key(trace)
-        counts[key] = counts.get(key, 0) + 1
-        clusters.setdefault(key, set()).add(int(state.assignments[trace.id]))
-    return {k: {"calls": n, "clusters": sorted(clusters[k])} for k, n in sorted(counts.items())
-            if n >= min_calls and not clusters[k] & served}
+        node = nodes.setdefault(node_key(trace), {"calls": 0, "clusters": set()})
+        node["calls"] += 1
+        node["clusters"].add(int(state.assignments[trace.id]))
+    keep = still_teacher_only(nodes, served, min_calls)
+    return {k: {"calls": nodes[k]["calls"], "clusters": sorted(nodes[k]["clusters"])} for k in sorted(keep)}
+
+
+def still_teacher_only(nodes: Mapping[str, Any], served: set[int] | Sequence[int], min_calls: int) -> dict[str, int]:
+    """{node key: calls} of the ``nodes`` ({key: {"calls", "clusters"}}) that may skip the
+    embedding: ``min_calls`` > 0, at least that many calls, and none of their clusters served.
+    The one rule, applied at calibration and again whenever the router loads."""
+    served = set(served)
+    return {k: int(v["calls"]) for k, v in nodes.items()
+            if isinstance(v, dict) and min_calls > 0 and int(v["calls"]) >= min_calls
+            and not set(v.get("clusters", ())) & served}
 
 
 def separation_threshold(own: Sequence[float], intruders: Sequence[float]) -> float | None:
@@ -163,6 +171,7 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
     emb = embed_requests([traces[t].request for _, t in flat], cfg, cache_dir=ws.cache_dir, show_progress=show_progress)
     sims = emb @ cents.T if len(flat) else np.zeros((0, len(cids)))
     nearest = sims.argmax(axis=1) if len(flat) else np.zeros(0, dtype=int)
+    flat_clusters = np.asarray([c for c, _ in flat], dtype=np.int64)
 
     clusters_out: dict[str, Any] = {}
     for j, cid in enumerate(cids):
@@ -172,7 +181,8 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
         # Every other cluster's request, wherever it lands: the closest one marks where foreign
         # requests begin. When they all stay below the quantile cut, the cut moves to the middle of
         # that empty margin, so a member slightly weaker than the training sample still gets in.
-        foreign_max = max((float(sims[i, j]) for i, (c, _) in enumerate(flat) if c != cid), default=None)
+        foreign = sims[flat_clusters != cid, j]
+        foreign_max = float(foreign.max()) if foreign.size else None
         t_margin = None
         if own and foreign_max is not None and foreign_max < t_q:
             # At most MAX_MARGIN_DROP below the quantile: calibration sees only known traffic, and

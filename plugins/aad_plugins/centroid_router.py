@@ -100,7 +100,9 @@ class CentroidRouter(Router):
 
     def load(self) -> CentroidRouter:
         """Read clusters, promoted specialists and calibrated thresholds from the workspace."""
-        from aad_core.routing.calibration import load_router_state, promoted_specialists, request_embedder
+        from aad_core.routing.calibration import (
+            load_router_state, promoted_specialists, request_embedder, still_teacher_only,
+        )
         from aad_core.pipeline.cluster import load_clusters
 
         ws = self._workspace_or_none()
@@ -117,12 +119,10 @@ class CentroidRouter(Router):
         saved = load_router_state(ws)
         thresholds = {int(k): float(v["threshold"]) for k, v in (saved or {}).get("clusters", {}).items()}
         specialists = promoted_specialists(ws)
-        # A node stays teacher-only while none of its clusters has a specialist: one promoted since
-        # the calibration brings the node's requests back to the embedding path at once.
-        min_calls = ws.config.route.teacher_node_min_calls  # 0 turns the shortcut off at once
-        teacher_nodes = {k: int(v["calls"]) for k, v in (saved or {}).get("teacher_nodes", {}).items()
-                         if isinstance(v, dict) and min_calls > 0 and int(v["calls"]) >= min_calls
-                         and not set(v.get("clusters", [])) & set(specialists)}
+        # The calibration's rule again, with today's specialists and setting: a specialist promoted
+        # since then brings its nodes back to the embedding path, and min_calls = 0 turns it off.
+        teacher_nodes = still_teacher_only((saved or {}).get("teacher_nodes", {}), specialists,
+                                           ws.config.route.teacher_node_min_calls)
         return self.fit(cents, cids, thresholds, specialists, request_embedder(ws),
                         calibrated=saved is not None, teacher_nodes=teacher_nodes)
 
@@ -148,29 +148,35 @@ class CentroidRouter(Router):
             return []
         self._ensure()
         start = time.perf_counter()
-        decisions: list[RoutingDecision | None] = [None] * len(requests)
-        if self.teacher_nodes_:
-            from aad_core.curation import node_key
-
-            for i, request in enumerate(requests):
-                n = self.teacher_nodes_.get(node_key(request)) if request.system_prompt() else None
-                if n is not None:
-                    decisions[i] = RoutingDecision(
-                        target="teacher", latency_ms=round((time.perf_counter() - start) * 1000, 3),
-                        reason=f"its agent node (system prompt) reached no specialist in {n} calibration calls: "
-                        "teacher, without embedding the request")
-        todo = [i for i, d in enumerate(decisions) if d is None]
+        decisions: dict[int, RoutingDecision] = {}
+        for i, request in enumerate(requests):
+            n = self._teacher_node_calls(request)
+            if n is not None:
+                decisions[i] = RoutingDecision(
+                    target="teacher", latency_ms=round((time.perf_counter() - start) * 1000, 3),
+                    reason=f"its agent node (system prompt) reached no specialist in {n} calibration calls: "
+                    "teacher, without embedding the request")
+                start = time.perf_counter()
+        todo = [i for i in range(len(requests)) if i not in decisions]
         if todo:
             start = time.perf_counter()
             cids, sims = self.nearest([requests[i] for i in todo])
             per_request_ms = (time.perf_counter() - start) * 1000 / len(todo)
             for i, c, s in zip(todo, cids, sims):
                 decisions[i] = self._decide(c, s, per_request_ms)
+        routed = [decisions[i] for i in range(len(requests))]
         from aad_core.plugins import get_plugin_manager
 
-        routed = [d for d in decisions if d is not None]  # every slot is filled by now
         get_plugin_manager().hooks.request_routed(routed)
         return routed
+
+    def _teacher_node_calls(self, request: ChatRequest) -> int | None:
+        """Calibration calls of the request's agent node if that node goes to the teacher unembedded."""
+        if not self.teacher_nodes_ or not request.system_prompt():
+            return None
+        from aad_core.curation import node_key
+
+        return self.teacher_nodes_.get(node_key(request))
 
     def _decide(self, cid: int, sim: float, latency_ms: float) -> RoutingDecision:
         threshold = self.thresholds_.get(cid, self._default_threshold())

@@ -12,6 +12,7 @@ saved as a specialist.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -267,6 +268,7 @@ class QLoRATrainer(Trainer):
             resumed_from = self._load_checkpoint(model, optimizer, scheduler, ckpt, state)
             self._announce(f"Resuming from checkpoint at step {resumed_from}.", show_progress)
 
+        @functools.lru_cache(maxsize=1)  # asked for at every step; computed once per epoch
         def batches_for_epoch(epoch: int) -> list[list[int]]:
             rng = np.random.default_rng(self.seed + epoch)
             order = rng.permutation(len(train_enc)).tolist()
