@@ -155,6 +155,13 @@ class TrainConfig(_Section):
     distill_alpha: float = Field(0.5, ge=0, le=1, description="alpha in alpha*CE + (1-alpha)*T^2*KL when teacher distributions exist.")
     temperature: float = Field(2.0, gt=0, description="Soft-target temperature T.")
     early_stopping_patience: int = Field(2, ge=0, description="Evaluations without held-out improvement before stopping; 0 = off.")
+    answer_hints: int = Field(
+        0, ge=0, description="For clusters whose answers form a closed label set (the 'classification' rule): add "
+        "to every prompt the N distinct answers of the nearest training requests (by hint_embedder), in training "
+        "and at serving time; 0 = off. Measured on Banking77 (1,000 samples, 77 labels, SmolLM2-135M): see "
+        "docs/specialists.md.",
+    )
+    hint_embedder: str = Field("minilm", description="Embedder component that finds the nearest training requests for answer hints.")
 
 
 class EvalConfig(_Section):

@@ -99,6 +99,13 @@ def get_embedder(config: AADSettings) -> Embedder:
         return emb
 
 
+def embedder_named(name: str) -> Embedder:
+    """The registered embedder ``name`` with its default settings, from :func:`get_embedder`'s cache."""
+    from aad_core.config import AADSettings, EmbedConfig
+
+    return get_embedder(AADSettings.model_construct(embed=EmbedConfig(embedder=name)))
+
+
 def clear_caches() -> None:
     """Forget the cached embedders and part vectors of this process (tests, after a config change)."""
     with _embedders_lock:

@@ -42,6 +42,7 @@ class SpecialistRuntime:
         self._model: Any = None
         self._tokenizer: Any = None
         self._adapters: dict[str, str] = {}
+        self._hints: dict[str, Any] = {}  # adapter name -> AnswerHints saved beside it
         self._merged: str | None = None
 
     # -- loading -----------------------------------------------------------------------------
@@ -92,6 +93,13 @@ class SpecialistRuntime:
                 self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
             self._model.eval()
             self._adapters[name] = str(path)
+            from aad_core.answer_hints import AnswerHints
+
+            bank = AnswerHints.load(path)
+            if bank is None:
+                self._hints.pop(name, None)
+            else:
+                self._hints[name] = bank
 
     def add_specialist(self, spec: Specialist) -> None:
         """Load a registered specialist's adapter under ``spec.name``."""
@@ -115,6 +123,9 @@ class SpecialistRuntime:
                  max_new_tokens: int = 128, allowed_answers: Sequence[str] | None = None) -> list[Generation]:
         """Greedy answers for ``requests`` with ``adapter`` (None = the base student).
 
+        An adapter trained with answer hints (:mod:`aad_core.answer_hints`) gets them added to
+        each request, as in training.
+
         ``allowed_answers`` (a closed label set, e.g. a classification cluster's answers) restricts
         decoding to exactly one of those strings; ``mean_logprob`` stays the model's own, unconstrained
         log-prob of the tokens it chose, so a confidence gate still sees how unsure it was.
@@ -123,6 +134,9 @@ class SpecialistRuntime:
             self._ensure_loaded()
             self._check_adapter(adapter)
             trie = _AnswerTrie(self._tokenizer, allowed_answers) if allowed_answers else None
+            bank = self._hints.get(adapter) if adapter is not None else None
+            if bank is not None:
+                requests = bank.apply(list(requests))
             out: list[Generation] = []
             for i in range(0, len(requests), self.batch_size):
                 out.extend(self._generate_locked(list(requests[i : i + self.batch_size]), adapter, max_new_tokens, trie))

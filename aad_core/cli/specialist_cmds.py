@@ -47,6 +47,9 @@ def train_cmd(
     cluster: Annotated[int | None, typer.Option("--cluster", help="Train only this cluster id.")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the selection (default: [train] epochs).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps (overrides epochs).")] = None,
+    answer_hints: Annotated[int | None, typer.Option(
+        "--answer-hints", help="Labels of the N nearest training requests in each prompt, for clusters with a closed "
+        "label set; 0 = off (default: [train] answer_hints).")] = None,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -54,7 +57,8 @@ def train_cmd(
     from aad_core.pipeline.train import run_train
 
     ws = open_workspace(workspace)
-    specs = run_train(ws, cluster_id=cluster, epochs=epochs, max_steps=max_steps, show_progress=not as_json)
+    specs = run_train(ws, cluster_id=cluster, epochs=epochs, max_steps=max_steps, answer_hints=answer_hints,
+                      show_progress=not as_json)
     if as_json:
         print_json([s.model_dump(mode="json") for s in specs])
         return
@@ -62,7 +66,8 @@ def train_cmd(
         m = s.metrics
         console.print(
             f"[bold]{s.name}[/] v{s.version}: {m.get('steps')} steps, loss {m.get('train_loss_first')} -> "
-            f"{m.get('train_loss_last')}, held-out loss {m.get('best_eval_loss')}, {m.get('tokens_per_s')} tok/s  ({s.path})"
+            f"{m.get('train_loss_last')}, held-out loss {m.get('best_eval_loss')}, {m.get('tokens_per_s')} tok/s"
+            + (f", answer hints: {m['answer_hints']}" if m.get("answer_hints") else "") + f"  ({s.path})"
         )
     console.print("Next: [bold]aad eval[/]")
 

@@ -20,7 +20,8 @@ from aad_core.workspace import Workspace
 WORK_DIR = ".work"
 
 
-def _trainer_params(ws: Workspace, epochs: float | None, max_steps: int | None) -> dict[str, Any]:
+def _trainer_params(ws: Workspace, epochs: float | None, max_steps: int | None,
+                    answer_hints: int | None = None) -> dict[str, Any]:
     tc = ws.config.train
     params = tc.model_dump(exclude={"trainer"})
     params["seed"] = ws.config.seed
@@ -28,6 +29,8 @@ def _trainer_params(ws: Workspace, epochs: float | None, max_steps: int | None) 
         params["epochs"] = epochs
     if max_steps is not None:
         params["max_steps"] = max_steps
+    if answer_hints is not None:
+        params["answer_hints"] = answer_hints
     return params
 
 
@@ -37,6 +40,7 @@ def run_train(
     cluster_id: int | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
+    answer_hints: int | None = None,
     show_progress: bool = True,
 ) -> list[Specialist]:
     """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists."""
@@ -60,7 +64,7 @@ def run_train(
     else:
         todo = sorted(chosen, key=int)
 
-    params = _trainer_params(ws, epochs, max_steps)
+    params = _trainer_params(ws, epochs, max_steps, answer_hints)
     info = get_registry().get("trainer", cfg.train.trainer)
     params = _accepted(info, params)
     registry = SpecialistRegistry(ws)

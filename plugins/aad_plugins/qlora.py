@@ -97,6 +97,8 @@ class QLoRATrainer(Trainer):
         eval_every: int | None = None,
         max_eval_samples: int = 64,
         keep_checkpoint: bool = False,
+        answer_hints: int = 0,
+        hint_embedder: str = "minilm",
     ) -> None:
         self.student = student
         self.lora_r = lora_r
@@ -122,6 +124,8 @@ class QLoRATrainer(Trainer):
         self.eval_every = eval_every
         self.max_eval_samples = max_eval_samples
         self.keep_checkpoint = keep_checkpoint
+        self.answer_hints = answer_hints
+        self.hint_embedder = hint_embedder
 
     # -- setup -------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -136,12 +140,29 @@ class QLoRATrainer(Trainer):
             raise param_error("lr_scheduler", owner, "one of 'constant', 'linear', 'cosine'", self.lr_scheduler)
         if not (0 <= self.warmup_ratio < 1):
             raise param_error("warmup_ratio", owner, "a float in [0, 1)", self.warmup_ratio)
+        if not (isinstance(self.answer_hints, int) and self.answer_hints >= 0):
+            raise param_error("answer_hints", owner, "an int >= 0 (0 = off)", self.answer_hints)
         if not (0 <= self.distill_alpha <= 1):
             raise param_error("distill_alpha", owner, "a float in [0, 1]", self.distill_alpha)
         if not self.epochs > 0:
             raise param_error("epochs", owner, "a float > 0", self.epochs)
         if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
             raise param_error("max_steps", owner, "None or an int >= 1", self.max_steps)
+
+    def _answer_hints(self, train: Sequence[Trace], show: bool) -> tuple[Any, str]:
+        """The fitted hint bank when ``answer_hints`` is on and the answers form a label set."""
+        if not self.answer_hints:
+            return None, "off"
+        from aad_core.answer_hints import AnswerHints, hints_apply
+
+        ok, why = hints_apply(train)
+        if not ok:
+            self._announce(f"Answer hints off for this cluster: {why}.", show)
+            return None, why
+        bank = AnswerHints(k=self.answer_hints, embedder=self.hint_embedder).fit(train)
+        self._announce(f"Answer hints on: each prompt lists the {bank.k} answers of its nearest training requests "
+                       f"({len(bank.answers_)} requests, {len(set(bank.answers_))} labels, embedder {bank.embedder}).", show)
+        return bank, why
 
     def _announce(self, message: str, show: bool) -> None:
         log.info(message)
@@ -236,6 +257,11 @@ class QLoRATrainer(Trainer):
                 self._announce(f"Local teacher vocabulary differs ({teacher.mismatch_}): training without its soft targets.", show_progress)
                 teacher = None
 
+        bank, hint_note = self._answer_hints(train, show_progress)
+        if bank is not None:
+            train = bank.apply_to_training(train)
+            kept = list(eval)[: self.max_eval_samples]
+            eval = [t.model_copy(update={"request": r}) for t, r in zip(kept, bank.apply([t.request for t in kept]))]
         train_enc = [encode_trace(tokenizer, t, self.max_length) for t in train]
         soft = []
         for t, e in zip(train, train_enc):
@@ -339,6 +365,8 @@ class QLoRATrainer(Trainer):
             model.save_pretrained(output_dir)
         if not (output_dir / "adapter_config.json").exists():
             model.save_pretrained(output_dir)
+        if bank is not None:
+            bank.save(output_dir)
         cfg = json.loads((output_dir / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = source
         (output_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
@@ -365,6 +393,8 @@ class QLoRATrainer(Trainer):
             "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens_this_run / max(wall, 1e-9), 1),
             "padded_tokens": padded_this_run,  # batch positions computed, padding included
+            "answer_hints": bank.k if bank is not None else 0,
+            "answer_hints_note": hint_note,
         }
 
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], soft: list[Any], teacher: Any) -> torch.Tensor:
