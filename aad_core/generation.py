@@ -124,7 +124,9 @@ class SpecialistRuntime:
         """Greedy answers for ``requests`` with ``adapter`` (None = the base student).
 
         An adapter trained with answer hints (:mod:`aad_core.answer_hints`) gets them added to
-        each request, as in training.
+        each request, as in training; one whose bank chooses among candidates answers with the
+        best-scoring candidate label instead of decoding freely (``max_new_tokens`` and
+        ``allowed_answers`` then do not apply).
 
         ``allowed_answers`` (a closed label set, e.g. a classification cluster's answers) restricts
         decoding to exactly one of those strings; ``mean_logprob`` stays the model's own, unconstrained
@@ -136,36 +138,103 @@ class SpecialistRuntime:
             trie = _AnswerTrie(self._tokenizer, allowed_answers) if allowed_answers else None
             bank = self._hints.get(adapter) if adapter is not None else None
             if bank is not None:
-                requests = bank.apply(list(requests))
+                vecs = bank.embed(requests)
+                requests = bank.apply(list(requests), vecs)
+                if bank.candidates:
+                    return self._choose_locked(requests, adapter, bank, vecs)
             out: list[Generation] = []
             for i in range(0, len(requests), self.batch_size):
                 out.extend(self._generate_locked(list(requests[i : i + self.batch_size]), adapter, max_new_tokens, trie))
             return out
 
-    def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
-                         trie: _AnswerTrie | None = None) -> list[Generation]:
+    def _adapter_context(self, adapter: str | None) -> Any:
+        """A context in which the model runs as ``adapter`` (None = the base student)."""
         import contextlib
 
-        import torch
         from peft import PeftModel
+
+        model = self._model
+        if self._merged is not None:
+            if adapter not in (None, self._merged):
+                raise AADError(f"Only the merged adapter {self._merged!r} is available.")
+            if adapter is None:
+                raise AADError("The base student is not available after merge().", hint="Use a separate runtime for the base.")
+            return contextlib.nullcontext()
+        if isinstance(model, PeftModel):
+            if adapter is None:
+                return model.disable_adapter()
+            model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def answer_logprobs(self, pairs: Sequence[tuple[ChatRequest, str]], *, adapter: str | None = None
+                        ) -> list[tuple[float, int]]:
+        """``(summed log-prob, tokens)`` of each answer after its request, end-of-turn included."""
+        import torch
+
+        from aad_core.chat_format import answer_logits, encode_trace, pad_batch
+        from aad_core.schema import Message, Trace
+
+        with self._lock:
+            self._ensure_loaded()
+            self._check_adapter(adapter)
+            tok = self._tokenizer
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+            enc = [encode_trace(tok, Trace(source="score", request=r, response=Message(role="assistant", content=a)),
+                                max_length=1 << 16) for r, a in pairs]
+            out: list[tuple[float, int]] = []
+            step = max(self.batch_size, 16)
+            with self._adapter_context(adapter), torch.no_grad():
+                for i in range(0, len(enc), step):
+                    batch = {k: v.to(self.device_) for k, v in pad_batch(enc[i : i + step], pad_id).items()}
+                    logits, labels, _ = answer_logits(self._model, batch)
+                    mask = labels != -100
+                    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    out.extend(zip((lp * mask).sum(1).tolist(), mask.sum(1).tolist()))
+            return out
+
+    def candidate_scores(self, requests: Sequence[ChatRequest], *, adapter: str) -> list[dict[str, tuple[float, int, float]]]:
+        """For an adapter whose answer bank chooses among candidates: per request, each candidate
+        label's ``(log-prob, tokens, vote)`` (prompt hints added as in training)."""
+        with self._lock:
+            self._ensure_loaded()
+            self._check_adapter(adapter)
+            bank = self._hints.get(adapter)
+            if bank is None or not bank.candidates:
+                raise AADError(f"Adapter {adapter!r} has no answer bank with candidates.",
+                               hint="Train it with [train] answer_candidates > 0 on a cluster with a closed label set.")
+            vecs = bank.embed(requests)
+            return self._candidate_scores_locked(bank.apply(list(requests), vecs), adapter, bank, vecs)
+
+    def _candidate_scores_locked(self, requests: list[ChatRequest], adapter: str, bank: Any, vecs: Any
+                                 ) -> list[dict[str, tuple[float, int, float]]]:
+        votes = bank.candidate_votes(vecs)
+        pairs = [(r, label) for r, v in zip(requests, votes) for label in v]
+        scores = iter(self.answer_logprobs(pairs, adapter=adapter))
+        return [{label: (*next(scores), vote) for label, vote in v.items()} for v in votes]
+
+    def _choose_locked(self, requests: list[ChatRequest], adapter: str, bank: Any, vecs: Any) -> list[Generation]:
+        """Answer with the best-scoring candidate label (see :mod:`aad_core.answer_hints`)."""
+        from aad_core.answer_hints import choose
+
+        started = time.perf_counter()
+        scored = self._candidate_scores_locked(requests, adapter, bank, vecs)
+        weight = 1.0 if bank.vote_weight is None else float(bank.vote_weight)
+        latency = (time.perf_counter() - started) * 1000 / max(len(requests), 1)
+        out = []
+        for s in scored:
+            label = choose(s, weight)
+            lp, n, _ = s[label]
+            out.append(Generation(text=label, mean_logprob=lp / max(n, 1), n_tokens=n, latency_ms=latency))
+        return out
+
+    def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
+                         trie: _AnswerTrie | None = None) -> list[Generation]:
+        import torch
 
         from aad_core.chat_format import prompt_text
 
         model, tok = self._model, self._tokenizer
-        if self._merged is not None:
-            if adapter not in (None, self._merged):
-                raise AADError(f"Only the merged adapter {self._merged!r} is available.")
-            ctx: Any = contextlib.nullcontext()
-            if adapter is None:
-                raise AADError("The base student is not available after merge().", hint="Use a separate runtime for the base.")
-        elif isinstance(model, PeftModel):
-            if adapter is None:
-                ctx = model.disable_adapter()
-            else:
-                model.set_adapter(adapter)
-                ctx = contextlib.nullcontext()
-        else:
-            ctx = contextlib.nullcontext()
+        ctx = self._adapter_context(adapter)
         prompts = [prompt_text(tok, r) for r in requests]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device_)
         eos_ids = {tok.eos_token_id}

@@ -105,12 +105,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="smollm2-135m")
     ap.add_argument("--n-train", type=int, default=1000, help="training queries (<= 1,000 for the target)")
-    ap.add_argument("--n-eval", type=int, default=64, help="held-out queries (from train.csv, unused) for early stopping")
+    ap.add_argument("--n-eval", type=int, default=200,
+                    help="held-out queries (from train.csv, not trained on) for early stopping (the first 64) and the vote weight")
     ap.add_argument("--n-test", type=int, default=300, help="test queries for accuracy")
     ap.add_argument("--base-with-labels", type=int, default=60, help="test queries for the base student given all 77 labels (0 = skip)")
-    ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--answer-hints", type=int, default=4,
+    ap.add_argument("--epochs", type=float, default=6.0)
+    ap.add_argument("--answer-hints", type=int, default=0,
                     help="labels of the nearest training queries added to each prompt ([train] answer_hints; 0 = off)")
+    ap.add_argument("--answer-candidates", type=int, default=5,
+                    help="answer with the best of the N nearest training queries' labels ([train] answer_candidates; 0 = free decoding)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scheduler", default="cosine", choices=["constant", "linear", "cosine"])
     ap.add_argument("--dropout", type=float, default=0.05)
@@ -156,7 +159,7 @@ def main() -> int:
         student=args.student, lora_r=args.r, lora_alpha=args.alpha, target_modules=args.targets.split(","),
         learning_rate=args.lr, lr_scheduler=args.scheduler, lora_dropout=args.dropout, batch_size=args.batch_size, gradient_accumulation=args.accum, epochs=args.epochs,
         max_length=args.max_length, quantization=args.quantization, seed=args.seed, early_stopping_patience=2,
-        eval_every=None, answer_hints=args.answer_hints,
+        eval_every=None, answer_hints=args.answer_hints, answer_candidates=args.answer_candidates,
     )
     if args.skip_training:
         metrics = json.loads((out_dir / "train_metrics.json").read_text())
@@ -174,6 +177,19 @@ def main() -> int:
     print(f"nearest training query's label alone (MiniLM): {knn_acc:.1%}", flush=True)
     spec_acc, spec_preds, spec_gen_s = accuracy(runtime, test, "banking77", labels=labels)
     invalid = sum(normalise(p) not in {normalise(lab) for lab in labels} for p in spec_preds)
+    parts = None
+    if metrics.get("answer_candidates"):
+        from aad_core.answer_hints import choose
+
+        scored = runtime.candidate_scores([to_trace(*r).request for r in test], adapter="banking77")
+        parts = {name: sum(normalise(choose(s, w)) == normalise(lab) for s, (_, lab) in zip(scored, test)) / len(test)
+                 for name, w in (("log_prob_only", 0.0), ("vote_only", 1e6), ("fitted", metrics["vote_weight"]))}
+        recall = sum(normalise(lab) in {normalise(c) for c in s} for s, (_, lab) in zip(scored, test)) / len(test)
+        print(f"chosen among the {metrics['answer_candidates']} nearest labels (gold among them: {recall:.1%}), "
+              f"vote weight {metrics['vote_weight']:g} fitted on {metrics.get('vote_fit_samples')} held-out queries: "
+              f"specialist's log-prob alone {parts['log_prob_only']:.1%}, vote alone {parts['vote_only']:.1%}, "
+              f"both {parts['fitted']:.1%}", flush=True)
+        parts["gold_among_candidates"] = recall
     print(f"specialist accuracy: {spec_acc:.1%} on {len(test)} test queries ({spec_gen_s:.0f} s); "
           f"{invalid} answers are not one of the {len(labels)} labels", flush=True)
     confusions = Counter((lab, normalise(p)) for p, (_, lab) in zip(spec_preds, test) if normalise(p) != normalise(lab))
@@ -199,6 +215,8 @@ def main() -> int:
     result = {
         "n_train": len(train), "n_test": len(test), "specialist_accuracy": spec_acc,
         "answer_hints": metrics.get("answer_hints", 0), "nearest_label_accuracy": knn_acc,
+        "answer_candidates": metrics.get("answer_candidates", 0), "vote_weight": metrics.get("vote_weight"),
+        "vote_fit_accuracy": metrics.get("vote_fit_accuracy"), "candidate_breakdown": parts,
         "specialist_invalid_answers": invalid,
         "specialist_top_errors": [[g, a, n] for (g, a), n in confusions.most_common(10)], "specialist_constrained_accuracy": con_acc, "base_accuracy": base_acc,
         "base_with_labels_accuracy": base_lab_acc, "base_with_labels_n": args.base_with_labels,

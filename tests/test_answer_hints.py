@@ -121,3 +121,49 @@ def test_minilm_hints_find_the_paraphrased_intent() -> None:
                                   "What rate do you convert pounds at?", "Do I pay anything to send money?"])
     assert [h[0] for h in hints] == ["card_arrival", "exchange_rate", "transfer_fee"]
     assert np.allclose(np.linalg.norm(bank.embeddings_, axis=1), 1.0, atol=1e-5)
+
+
+def test_candidate_votes_sum_the_nearest_similarities(fake_embedder) -> None:
+    bank = AnswerHints(k=0, embedder="fake", candidates=2, vote_neighbours=3).fit(_labelled())
+    votes = bank.candidate_votes(bank.embed([ChatRequest(messages=[Message(role="user", content="exchange rate for dollars")])]))[0]
+    assert list(votes)[0] == "exchange_rate" and len(votes) == 2
+    assert votes["exchange_rate"] > 0 and all(v >= 0 for v in votes.values())
+
+
+def test_vote_weight_is_fitted_on_held_out_answers() -> None:
+    from aad_core.answer_hints import choose, fit_vote_weight
+
+    # The log-prob prefers "a", the vote prefers "b"; the held-out answers say "b".
+    scored = [{"a": (-1.0, 2, 0.0), "b": (-2.0, 2, 0.6)}] * 3
+    weight, acc = fit_vote_weight(scored, ["b", "b", "b"])
+    assert choose(scored[0], 0.0) == "a" and choose(scored[0], weight) == "b" and acc == 1.0
+    assert weight == 2.0  # the first weight that flips it, nearest 1 among the perfect ones
+    assert fit_vote_weight(scored, ["a", "a", "a"]) == (1.0, 1.0)  # 0 .. 1.5 all keep "a": ties go to 1
+
+
+def test_trainer_fits_the_vote_and_the_runtime_answers_a_candidate(fake_embedder, tiny_student: Path,
+                                                                  tmp_path: Path) -> None:
+    from aad_core.generation import SpecialistRuntime
+    from aad_plugins.qlora import QLoRATrainer
+
+    trainer = QLoRATrainer(student=str(tiny_student), batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
+                           max_length=96, quantization="none", device="cpu", max_steps=2, answer_candidates=2,
+                           hint_embedder="fake")
+    metrics = trainer.train(_labelled(), _labelled()[:4], tmp_path / "chooser", show_progress=False)
+    assert metrics["answer_candidates"] == 2 and metrics["answer_hints"] == 0
+    assert metrics["vote_weight"] in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+    assert metrics["vote_fit_samples"] == 4
+    bank = AnswerHints.load(tmp_path / "chooser")
+    assert bank is not None and bank.vote_weight == metrics["vote_weight"]
+
+    runtime = SpecialistRuntime(tiny_student, device="cpu", warmup=False)
+    runtime.add_adapter("intent", tmp_path / "chooser")
+    reqs = [ChatRequest(messages=[Message(role="user", content=q)]) for q in ("exchange rate for dollars", "fee for my transfer")]
+    gens = runtime.generate(reqs, adapter="intent", max_new_tokens=1)
+    scored = runtime.candidate_scores(reqs, adapter="intent")
+    # The random tiny model could not spell a label; the chooser always answers one of the two nearest.
+    assert [g.text for g in gens] == [max(s, key=lambda k: s[k][0] + bank.vote_weight * s[k][2]) for s in scored]
+    assert all(g.text in s and g.mean_logprob < 0 and g.n_tokens >= 1 for g, s in zip(gens, scored))
+    assert set(scored[0]) == {"exchange_rate", next(k for k in scored[0] if k != "exchange_rate")}
+    free = runtime.generate(reqs, adapter=None, max_new_tokens=4)
+    assert not all(g.text in {"card_arrival", "exchange_rate", "transfer_fee"} for g in free)

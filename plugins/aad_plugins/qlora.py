@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".checkpoint"
+#: Held-out requests scored to fit the answer bank's vote weight (each costs one forward pass per candidate).
+MAX_VOTE_FIT_SAMPLES = 200
 
 
 def assert_adapter_grads(model: Any) -> float:
@@ -98,6 +100,7 @@ class QLoRATrainer(Trainer):
         max_eval_samples: int = 64,
         keep_checkpoint: bool = False,
         answer_hints: int = 0,
+        answer_candidates: int = 0,
         hint_embedder: str = "minilm",
     ) -> None:
         self.student = student
@@ -125,6 +128,7 @@ class QLoRATrainer(Trainer):
         self.max_eval_samples = max_eval_samples
         self.keep_checkpoint = keep_checkpoint
         self.answer_hints = answer_hints
+        self.answer_candidates = answer_candidates
         self.hint_embedder = hint_embedder
 
     # -- setup -------------------------------------------------------------------------------
@@ -140,8 +144,9 @@ class QLoRATrainer(Trainer):
             raise param_error("lr_scheduler", owner, "one of 'constant', 'linear', 'cosine'", self.lr_scheduler)
         if not (0 <= self.warmup_ratio < 1):
             raise param_error("warmup_ratio", owner, "a float in [0, 1)", self.warmup_ratio)
-        if not (isinstance(self.answer_hints, int) and self.answer_hints >= 0):
-            raise param_error("answer_hints", owner, "an int >= 0 (0 = off)", self.answer_hints)
+        for name in ("answer_hints", "answer_candidates"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise param_error(name, owner, "an int >= 0 (0 = off)", getattr(self, name))
         if not (0 <= self.distill_alpha <= 1):
             raise param_error("distill_alpha", owner, "a float in [0, 1]", self.distill_alpha)
         if not self.epochs > 0:
@@ -150,8 +155,8 @@ class QLoRATrainer(Trainer):
             raise param_error("max_steps", owner, "None or an int >= 1", self.max_steps)
 
     def _answer_hints(self, train: Sequence[Trace], show: bool) -> tuple[Any, str]:
-        """The fitted hint bank when ``answer_hints`` is on and the answers form a label set."""
-        if not self.answer_hints:
+        """The fitted answer bank when hints or candidates are on and the answers form a label set."""
+        if not (self.answer_hints or self.answer_candidates):
             return None, "off"
         from aad_core.answer_hints import AnswerHints, hints_apply
 
@@ -159,10 +164,30 @@ class QLoRATrainer(Trainer):
         if not ok:
             self._announce(f"Answer hints off for this cluster: {why}.", show)
             return None, why
-        bank = AnswerHints(k=self.answer_hints, embedder=self.hint_embedder).fit(train)
-        self._announce(f"Answer hints on: each prompt lists the {bank.k} answers of its nearest training requests "
-                       f"({len(bank.answers_)} requests, {len(set(bank.answers_))} labels, embedder {bank.embedder}).", show)
+        bank = AnswerHints(k=self.answer_hints, embedder=self.hint_embedder, candidates=self.answer_candidates).fit(train)
+        uses = ([f"each prompt lists the {bank.k} labels of its nearest training requests"] if bank.k else []) + (
+            [f"answers are chosen among the {bank.candidates} nearest labels"] if bank.candidates else [])
+        self._announce(f"Answer bank: {'; '.join(uses)} ({len(bank.answers_)} requests, "
+                       f"{len(set(bank.answers_))} labels, embedder {bank.embedder}).", show)
         return bank, why
+
+    def _fit_vote_weight(self, bank: Any, source: str, output_dir: Path, heldout: Sequence[Trace], device: str,
+                         show: bool) -> dict[str, Any]:
+        """Fit the bank's vote weight on held-out requests with the saved (best) adapter."""
+        from aad_core.answer_hints import fit_vote_weight
+        from aad_core.evaluation.answers import answer_string
+        from aad_core.generation import SpecialistRuntime
+
+        sample = [t for t in heldout if t.response is not None][:MAX_VOTE_FIT_SAMPLES]
+        if not sample:
+            bank.vote_weight = 1.0
+            return {"vote_weight": 1.0, "vote_fit": "no held-out requests: weight 1.0"}
+        runtime = SpecialistRuntime(source, device=device, batch_size=self.batch_size, warmup=False)
+        runtime.add_adapter("fit", output_dir)
+        scored = runtime.candidate_scores([t.request for t in sample], adapter="fit")
+        bank.vote_weight, acc = fit_vote_weight(scored, [answer_string(t) for t in sample])
+        self._announce(f"Vote weight {bank.vote_weight:g}: {acc:.1%} exact on {len(sample)} held-out requests.", show)
+        return {"vote_weight": bank.vote_weight, "vote_fit_accuracy": acc, "vote_fit_samples": len(sample)}
 
     def _announce(self, message: str, show: bool) -> None:
         log.info(message)
@@ -258,6 +283,7 @@ class QLoRATrainer(Trainer):
                 teacher = None
 
         bank, hint_note = self._answer_hints(train, show_progress)
+        raw_eval = list(eval)
         if bank is not None:
             train = bank.apply_to_training(train)
             kept = list(eval)[: self.max_eval_samples]
@@ -365,11 +391,15 @@ class QLoRATrainer(Trainer):
             model.save_pretrained(output_dir)
         if not (output_dir / "adapter_config.json").exists():
             model.save_pretrained(output_dir)
-        if bank is not None:
-            bank.save(output_dir)
         cfg = json.loads((output_dir / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = source
         (output_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        vote: dict[str, Any] = {}
+        if bank is not None:
+            bank.save(output_dir)
+            if bank.candidates:
+                vote = self._fit_vote_weight(bank, source, output_dir, raw_eval, device, show_progress)
+                bank.save(output_dir)
         if not self.keep_checkpoint:
             shutil.rmtree(ckpt, ignore_errors=True)
         losses = state["loss_history"]
@@ -394,7 +424,9 @@ class QLoRATrainer(Trainer):
             "tokens_per_s": round(tokens_this_run / max(wall, 1e-9), 1),
             "padded_tokens": padded_this_run,  # batch positions computed, padding included
             "answer_hints": bank.k if bank is not None else 0,
+            "answer_candidates": bank.candidates if bank is not None else 0,
             "answer_hints_note": hint_note,
+            **vote,
         }
 
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], soft: list[Any], teacher: Any) -> torch.Tensor:
