@@ -4,12 +4,15 @@ Data: ../shared/data/banking77 (PolyAI, CC-BY-4.0). Each query becomes a recorde
 a short system prompt + the query as the user message, the gold intent label as the teacher's
 answer. The specialist trains on at most ``--n-train`` (<= 1,000) training queries, stratified
 over the 77 intents, with aad's ``qlora`` trainer (fp32 LoRA on CPU), and is scored on held-out
-test queries by exact match of its greedy answer.
+test queries by exact match of its answer. By default (``--answer-candidates 5``) the specialist
+answers with the best of the 5 nearest training queries' labels, by its log-prob plus a
+neighbour vote weighted as fitted on ``--n-eval`` held-out queries; ``--answer-candidates 0``
+decodes freely. The script also prints the nearest-neighbour label's accuracy alone.
 
 The base student gets the same short prompt, and (``--base-with-labels N``) a prompt that lists
 all 77 labels on N test queries, so it is not judged on labels it could not know.
 
-    nice .venv/bin/python benchmarks/distill_banking77.py            # ~35 min on 2 cores
+    nice .venv/bin/python benchmarks/distill_banking77.py            # ~36 min on 2 cores
     nice .venv/bin/python benchmarks/distill_banking77.py --n-train 300 --n-test 100 --epochs 1   # quick look
 """
 
