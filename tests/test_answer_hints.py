@@ -167,3 +167,13 @@ def test_trainer_fits_the_vote_and_the_runtime_answers_a_candidate(fake_embedder
     assert set(scored[0]) == {"exchange_rate", next(k for k in scored[0] if k != "exchange_rate")}
     free = runtime.generate(reqs, adapter=None, max_new_tokens=4)
     assert not all(g.text in {"card_arrival", "exchange_rate", "transfer_fee"} for g in free)
+
+
+def test_cli_help_names_the_config_keys_it_defaults_to() -> None:
+    from typer.testing import CliRunner
+
+    from aad_core.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
+    # rich would take an unescaped "[train]" for a style tag and drop it
+    assert "(default: [train] epochs)" in out and "(default: [train] answer_hints)" in out

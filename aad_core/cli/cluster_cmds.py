@@ -17,7 +17,7 @@ def _pct(x: float | None) -> str:
 def cluster(
     k: Annotated[
         int | None,
-        typer.Option("--k", min=1, help="Number of clusters (default: [cluster] k, or chosen by silhouette)."),
+        typer.Option("--k", min=1, help="Number of clusters (default: \\[cluster] k, or chosen by silhouette)."),
     ] = None,
     json_out: JsonOption = False,
     workspace: WorkspaceOption = None,

@@ -33,7 +33,7 @@ def ingest(
         bool, typer.Option("--skip-invalid", help="Store the valid lines, list the rejected ones, exit non-zero.")
     ] = False,
     redact: Annotated[
-        bool | None, typer.Option("--redact/--no-redact", help="Remove PII before storing (default: [capture] redact).")
+        bool | None, typer.Option("--redact/--no-redact", help="Remove PII before storing (default: \\[capture] redact).")
     ] = None,
     workspace: WorkspaceOption = None,
 ) -> None:

@@ -13,8 +13,8 @@ models_app = typer.Typer(help="Student models: list the known ones, prepare one 
 
 
 def select_cmd(
-    fraction: Annotated[float | None, typer.Option("--fraction", help="Share of each routine cluster's training split to keep (default: [select] fraction).")] = None,
-    selector: Annotated[str | None, typer.Option("--selector", help="top | random | diverse, or a plugin's selector (default: [select] selector).")] = None,
+    fraction: Annotated[float | None, typer.Option("--fraction", help="Share of each routine cluster's training split to keep (default: \\[select] fraction).")] = None,
+    selector: Annotated[str | None, typer.Option("--selector", help="top | random | diverse, or a plugin's selector (default: \\[select] selector).")] = None,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -45,11 +45,11 @@ def select_cmd(
 
 def train_cmd(
     cluster: Annotated[int | None, typer.Option("--cluster", help="Train only this cluster id.")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the selection (default: [train] epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the selection (default: \\[train] epochs).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps (overrides epochs).")] = None,
     answer_hints: Annotated[int | None, typer.Option(
         "--answer-hints", help="Labels of the N nearest training requests in each prompt, for clusters with a closed "
-        "label set; 0 = off (default: [train] answer_hints).")] = None,
+        "label set; 0 = off (default: \\[train] answer_hints).")] = None,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
