@@ -24,23 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aad_core.embedding import embedder_named, unit_vectors
 from aad_core.errors import param_error
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from aad_core.components import Embedder
     from aad_core.schema import ChatRequest, Trace
 
 HINTS_FILE = "answer_hints.npz"
 HINT_PREFIX = "Answers to similar requests, nearest first: "
-
-
-def hint_embedder(name: str) -> Embedder:
-    """The registered embedder ``name`` (default settings; shared with routing when it is the same)."""
-    from aad_core.embedding import embedder_named
-
-    return embedder_named(name)
 
 
 def query_text(request: ChatRequest) -> str:
@@ -106,16 +99,15 @@ class AnswerHints:
         answered = [t for t in traces if t.response is not None]
         if not answered:
             raise param_error("traces", f"{owner}.fit", "at least one answered trace", "none")
-        emb = hint_embedder(self.embedder)
-        self.embeddings_ = _unit(np.asarray(emb.embed([query_text(t.request) for t in answered]), dtype=np.float32))
+        self.embeddings_ = unit_vectors(np.asarray(self.embed([t.request for t in answered]), dtype=np.float32))
         self.answers_ = [answer_string(t).strip() for t in answered]
-        self.model_id_ = emb.model_id
+        self.model_id_ = embedder_named(self.embedder).model_id
         return self
 
     def _similarities(self, embeddings: np.ndarray, exclude: Sequence[int] | None = None) -> np.ndarray:
         import numpy as np
 
-        sims = _unit(np.asarray(embeddings, dtype=np.float32)) @ self.embeddings_.T
+        sims = unit_vectors(np.asarray(embeddings, dtype=np.float32)) @ self.embeddings_.T
         if exclude is not None:
             sims[np.arange(len(sims)), np.asarray(exclude)] = -np.inf
         return sims
@@ -160,13 +152,13 @@ class AnswerHints:
 
     def embed(self, requests: Sequence[ChatRequest]) -> np.ndarray:
         """The bank embedder's vectors of the requests' :func:`query_text`."""
-        return hint_embedder(self.embedder).embed([query_text(r) for r in requests])
+        return embedder_named(self.embedder).embed([query_text(r) for r in requests])
 
     def hints_for_texts(self, texts: Sequence[str]) -> list[list[str]]:
         """:meth:`hints` for query texts (embedded with the bank's embedder)."""
         if not texts:
             return []
-        return self.hints(hint_embedder(self.embedder).embed(list(texts)))
+        return self.hints(embedder_named(self.embedder).embed(list(texts)))
 
     def apply(self, requests: Sequence[ChatRequest], embeddings: np.ndarray | None = None) -> list[ChatRequest]:
         """``requests`` with their hints added (as the specialist was trained); unchanged when ``k`` is 0."""
@@ -213,12 +205,6 @@ class AnswerHints:
         return bank
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
-
-
 def hints_apply(traces: Sequence[Trace]) -> tuple[bool, str]:
     """Whether answer hints suit these training traces: (yes/no, why)."""
     from aad_core.evaluation.choose import choose_evaluator
@@ -239,17 +225,17 @@ def choose(scored: dict[str, tuple[float, int, float]], weight: float) -> str:
 
 
 def fit_vote_weight(scored: Sequence[dict[str, tuple[float, int, float]]], gold: Sequence[str]) -> tuple[float, float]:
-    """The weight in :data:`VOTE_WEIGHTS` with the most exact matches on held-out requests, and that accuracy.
+    """The weight in :data:`VOTE_WEIGHTS` with the best ``classification`` evaluator score (the
+    one the parity gate uses) on held-out requests, and that score.
 
     Ties go to the weight nearest 1 (log-prob and vote counted alike) so that a small, flat
     held-out split does not push the choice to an extreme.
     """
+    from aad_core.plugins import create_component
+
     if not scored:
         return 1.0, float("nan")
-    norm = [g.strip().lower() for g in gold]
-
-    def acc(w: float) -> float:
-        return sum(choose(s, w).strip().lower() == g for s, g in zip(scored, norm)) / len(norm)
-
-    best = max(VOTE_WEIGHTS, key=lambda w: (acc(w), -abs(w - 1.0)))
-    return best, acc(best)
+    evaluator = create_component("evaluator", "classification")
+    acc = {w: float(evaluator.evaluate([choose(s, w) for s in scored], list(gold))["score"]) for w in VOTE_WEIGHTS}
+    best = max(VOTE_WEIGHTS, key=lambda w: (acc[w], -abs(w - 1.0)))
+    return best, acc[best]

@@ -99,6 +99,13 @@ def get_embedder(config: AADSettings) -> Embedder:
         return emb
 
 
+def unit_vectors(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to unit length along its last axis (zero rows stay zero)."""
+    import numpy as np
+
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def embedder_named(name: str) -> Embedder:
     """The registered embedder ``name`` with its default settings, from :func:`get_embedder`'s cache."""
     from aad_core.config import AADSettings, EmbedConfig

@@ -54,7 +54,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Write the figures as JSON here too.")
     args = parser.parse_args()
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core.curation import curate, node_key, split_clusters
-from aad_core.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, view_parts
+from aad_core.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, unit_vectors, view_parts
 from aad_core.errors import StageError
 from aad_core.schema import Cluster
 
@@ -112,13 +112,6 @@ def load_clusters(ws: Workspace) -> ClusterState:
     return ClusterState.from_json(ws.read_state(STATE_FILE, stage_hint="aad cluster"))
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.maximum(n, 1e-12)
-
-
 def _tokens(t: Trace) -> int:
     if t.usage is None:
         return 0
@@ -145,7 +138,7 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     combined, per_part = embed_part_lists(part_lists, embedder, cache_dir=ws.cache_dir, show_progress=show_progress)
 
     content_parts = [p for p in per_part if p not in CONTEXT_PARTS]
-    content = _unit(sum(per_part[p] for p in content_parts)) if content_parts else None
+    content = unit_vectors(sum(per_part[p] for p in content_parts)) if content_parts else None
     cur = curate(traces, content, near_duplicate_threshold=ccfg.near_duplicate_threshold)
     index = {t.id: i for i, t in enumerate(traces)}
     kept_rows = np.asarray([index[t] for t in cur.kept], dtype=np.int64)
@@ -171,7 +164,7 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     local_ids = sorted(set(labels.tolist()))
 
     previous, used_max = _previous(ws, embedder.model_id, view, X.shape[1])
-    centroids = {lid: _unit(X[labels == lid].mean(axis=0)) for lid in local_ids}
+    centroids = {lid: unit_vectors(X[labels == lid].mean(axis=0)) for lid in local_ids}
     id_map = _stable_ids(centroids, previous, used_max, ccfg.min_match_similarity)
 
     assignments = {cur.kept[r]: id_map[int(lab)] for r, lab in enumerate(labels)}
@@ -233,7 +226,7 @@ def split_mixed_nodes(
             continue
         n_split += 1
         masks = [node_arr[rows] == n for n in major]
-        cents = np.stack([_unit(X[rows[m]].mean(axis=0)) for m in masks])
+        cents = np.stack([unit_vectors(X[rows[m]].mean(axis=0)) for m in masks])
         part = np.argmax(X[rows] @ cents.T, axis=1)  # the nearest part, for the minor nodes' calls
         for i, m in enumerate(masks):
             part[m] = i
@@ -252,7 +245,7 @@ def rehome_stray_calls(labels: np.ndarray, nodes: np.ndarray, X: np.ndarray, *, 
     ids = sorted(set(labels.tolist()))
     in_cluster = Counter(zip(labels.tolist(), nodes.tolist()))
     majority = {lid: Counter(nodes[labels == lid].tolist()).most_common(1)[0][0] for lid in ids}
-    cents = {lid: _unit(X[labels == lid].mean(axis=0)) for lid in ids}
+    cents = {lid: unit_vectors(X[labels == lid].mean(axis=0)) for lid in ids}
     homes: dict[str, list[int]] = {}
     for lid, node in majority.items():
         homes.setdefault(node, []).append(lid)
@@ -346,7 +339,7 @@ def _describe(
         members = X[labels == lid]
         mu = members.mean(axis=0)
         variance = cluster_variance(members)
-        centroid = _unit(mu)
+        centroid = unit_vectors(mu)
         mean_sim = float(np.mean(members @ centroid))
         size = int(members.shape[0])
         tasks = Counter(traces[index[kept[r]]].task for r in np.nonzero(labels == lid)[0])

@@ -48,7 +48,7 @@ def _schema_errors(instance: Any, schema: dict[str, Any]) -> str | None:
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"
         return f"at {where}: {err.message}"
-    except jsonschema.SchemaError as err:  # a broken schema is the caller's problem, not the answer's
+    except jsonschema.SchemaError:  # a broken schema is the caller's problem, not the answer's
         return None
     return None
 

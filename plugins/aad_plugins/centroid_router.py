@@ -147,16 +147,15 @@ class CentroidRouter(Router):
         if not requests:
             return []
         self._ensure()
-        start = time.perf_counter()
         decisions: dict[int, RoutingDecision] = {}
         for i, request in enumerate(requests):
+            start = time.perf_counter()
             n = self._teacher_node_calls(request)
             if n is not None:
                 decisions[i] = RoutingDecision(
                     target="teacher", latency_ms=round((time.perf_counter() - start) * 1000, 3),
                     reason=f"its agent node (system prompt) reached no specialist in {n} calibration calls: "
                     "teacher, without embedding the request")
-                start = time.perf_counter()
         todo = [i for i in range(len(requests)) if i not in decisions]
         if todo:
             start = time.perf_counter()

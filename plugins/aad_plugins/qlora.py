@@ -182,6 +182,8 @@ class QLoRATrainer(Trainer):
         if not sample:
             bank.vote_weight = 1.0
             return {"vote_weight": 1.0, "vote_fit": "no held-out requests: weight 1.0"}
+        # A fresh runtime rather than the training model: it scores the best adapter (not the last
+        # step's) on the full-precision base exactly as serving will load it, hints and all.
         runtime = SpecialistRuntime(source, device=device, batch_size=self.batch_size, warmup=False)
         runtime.add_adapter("fit", output_dir)
         scored = runtime.candidate_scores([t.request for t in sample], adapter="fit")
