@@ -7,12 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pluggy
-
 from aad_core.__about__ import __version__
-
-#: Marker for plugin hook implementations: ``@hookimpl def aad_register_scorers(register): ...``
-hookimpl = pluggy.HookimplMarker("aad")
+from aad_core.plugins.hookspecs import hookimpl
 
 __all__ = [
     "__version__",
@@ -31,7 +27,7 @@ __all__ = [
 _LAZY = {
     **{n: "aad_core.schema" for n in ("Trace", "Message", "ChatRequest", "ToolCall", "FunctionCall", "Usage",
                                        "TokenLogprob", "Cluster", "Specialist", "RoutingDecision")},
-    **{n: "aad_core.components" for n in ("Embedder", "Clusterer", "Scorer", "Selector", "Trainer",
+    **{n: "aad_core.plugins" for n in ("Embedder", "Clusterer", "Scorer", "Selector", "Trainer",
                                            "Evaluator", "Router", "Redactor")},
     **{n: "aad_core.plugins" for n in ("get_plugin_manager", "get_registry", "create_component")},
     "Workspace": "aad_core.workspace",
@@ -41,7 +37,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from aad_core.components import Clusterer, Embedder, Evaluator, Redactor, Router, Scorer, Selector, Trainer
+    from aad_core.plugins import Clusterer, Embedder, Evaluator, Redactor, Router, Scorer, Selector, Trainer
     from aad_core.config import AADSettings, load_config
     from aad_core.errors import AADError
     from aad_core.plugins import create_component, get_plugin_manager, get_registry

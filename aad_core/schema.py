@@ -8,6 +8,7 @@ where it came from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import datetime, timezone
@@ -189,3 +190,28 @@ class RoutingDecision(_Model):
     #: True when a specialist answered but a check failed and the teacher answered instead.
     escalated: bool = False
     latency_ms: float | None = None
+
+
+# -- request identity (curation, clustering and routing share it) ---------------------------------
+
+
+def request_key(trace: Trace) -> str:
+    """sha256 of the request's messages and tools (what makes two calls exact duplicates)."""
+    payload = {
+        "messages": [m.model_dump(mode="json", exclude_none=True) for m in trace.request.messages],
+        "tools": trace.request.tools or [],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def context_key(trace: Trace) -> str:
+    """sha256 of the system prompt and tool names: calls sharing it come from the same agent node."""
+    ctx = trace.request.system_prompt() + "\x00" + "\x00".join(trace.request.tool_names())
+    return hashlib.sha256(ctx.encode()).hexdigest()
+
+
+def node_key(trace: Trace | ChatRequest) -> str:
+    """sha256 of the system prompt: calls sharing it come from the same agent node (whatever tools
+    each call binds). Takes a trace or a bare request."""
+    request = trace.request if hasattr(trace, "request") else trace
+    return hashlib.sha256(request.system_prompt().encode()).hexdigest()

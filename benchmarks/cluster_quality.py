@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from aad_core.datasets import mixed_workload  # noqa: E402
+from aad_core.demo.datasets import mixed_workload  # noqa: E402
 from aad_core.schema import Trace  # noqa: E402
 
 def purity(assignments: dict[str, int], family: dict[str, str]) -> float:
@@ -42,7 +42,7 @@ def _request_latency(ws, traces: list[Trace], n: int = 300) -> None:
     import random
     import statistics
 
-    from aad_core.embedding import embed_requests
+    from aad_core.models.embedding import embed_requests
 
     sample = random.Random(1).sample(traces, min(n, len(traces)))
     for t in sample[:20]:  # warm-up: the per-process part cache learns the system prompts
@@ -85,7 +85,7 @@ def main() -> None:
     with ws.store() as store:
         store.add(traces)
 
-    from aad_core.embedding import get_embedder
+    from aad_core.models.embedding import get_embedder
 
     embedder = get_embedder(ws.config)
     embedder._load()  # type: ignore[attr-defined]  # model load (and the one-time ONNX export) is not clustering work

@@ -40,7 +40,7 @@ SYSTEM = "Reply with the banking intent label only."
 
 def load(split: str) -> list[tuple[str, str]]:
     try:
-        from aad_core.datasets import load_banking77
+        from aad_core.demo.datasets import load_banking77
 
         return [(e.text, e.label) if hasattr(e, "label") else (e[0], e[1]) for e in load_banking77(split)]
     except (ImportError, AttributeError, FileNotFoundError):
@@ -97,7 +97,7 @@ def accuracy(runtime, rows, adapter, system: str = SYSTEM, *, labels: list[str],
 
 def nearest_label_accuracy(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> float:
     """The baseline a hinted specialist must beat: the label of the most similar training query."""
-    from aad_core.answer_hints import AnswerHints
+    from aad_core.models.answer_bank import AnswerHints
 
     bank = AnswerHints(k=1).fit([to_trace(*r) for r in train])
     nearest = [h[0] for h in bank.hints_for_texts([t for t, _ in test])]
@@ -144,7 +144,7 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from aad_core.generation import SpecialistRuntime
+    from aad_core.models.runtime import SpecialistRuntime
     from aad_plugins.qlora import QLoRATrainer
 
     t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def main() -> int:
     invalid = sum(normalise(p) not in {normalise(lab) for lab in labels} for p in spec_preds)
     parts = None
     if metrics.get("answer_candidates"):
-        from aad_core.answer_hints import choose
+        from aad_core.models.answer_bank import choose
 
         scored = runtime.candidate_scores([to_trace(*r).request for r in test], adapter="banking77")
         parts = {name: sum(normalise(choose(s, w)) == normalise(lab) for s, (_, lab) in zip(scored, test)) / len(test)

@@ -58,9 +58,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from aad_core.demo import COMPLEX_NODES, ROUTINE_NODES, create_demo_workspace
-    from aad_core.embedding import embed_requests, get_embedder
+    from aad_core.models.embedding import embed_requests, get_embedder
     from aad_core.pipeline.cluster import load_clusters, run_cluster
-    from aad_core.routing.calibration import (
+    from aad_core.pipeline.calibrate import (
         calibrate_router, routing_confusion, still_teacher_only, teacher_only_nodes,
     )
     from aad_core.workspace import Workspace
@@ -135,8 +135,8 @@ def main() -> None:
 
     # -- latency: one request at a time ---------------------------------------------------------
     sample = heldout[: args.n_latency] if len(heldout) >= args.n_latency else (heldout * (args.n_latency // len(heldout) + 1))[: args.n_latency]
-    import aad_core.embedding as embedding
-    from aad_core.embedding import CONTEXT_PARTS, view_parts
+    import aad_core.models.embedding as embedding
+    from aad_core.models.embedding import CONTEXT_PARTS, view_parts
 
     for t in sample:
         router.route([t.request])  # warm-up: every node's context (system prompt, tool list) is seen once

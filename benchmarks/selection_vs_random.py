@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from aad_core.demo.workload import INTENTS
-    from aad_core.evaluation.curves import sample_ratio, samples_to_reach
-    from aad_core.generation import SpecialistRuntime
+    from aad_core.pipeline.evaluate.curves import sample_ratio, samples_to_reach
+    from aad_core.models.runtime import SpecialistRuntime
     from aad_core.plugins import create_component
 
     if not (args.data / "train.csv").exists():

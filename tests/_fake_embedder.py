@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from aad_core import hookimpl
-from aad_core.components import Embedder
+from aad_core.plugins.components import Embedder
 
 DIM = 64
 
@@ -46,7 +46,7 @@ class _Plugin:
 
 
 def register_fake_embedder() -> None:
-    from aad_core.embedding import clear_caches
+    from aad_core.models.embedding import clear_caches
     from aad_core.plugins import get_plugin_manager
 
     clear_caches()

@@ -10,7 +10,7 @@ from _fake_embedder import register_fake_embedder
 from conftest import make_trace
 from tiny_models import tiny_student  # noqa: F401  (session fixture)
 
-from aad_core.answer_hints import HINT_PREFIX, HINTS_FILE, AnswerHints, hints_apply, with_hint
+from aad_core.models.answer_bank import HINT_PREFIX, HINTS_FILE, AnswerHints, hints_apply, with_hint
 from aad_core.schema import ChatRequest, Message
 
 TOPICS = {
@@ -81,8 +81,8 @@ def test_bad_k_is_refused(fake_embedder) -> None:
 
 
 def test_trainer_and_runtime_add_the_same_hints(fake_embedder, tiny_student: Path, tmp_path: Path, monkeypatch) -> None:
-    import aad_core.chat_format as chat_format
-    from aad_core.generation import SpecialistRuntime
+    import aad_core.models.chat_format as chat_format
+    from aad_core.models.runtime import SpecialistRuntime
     from aad_plugins.qlora import QLoRATrainer
 
     trainer = QLoRATrainer(student=str(tiny_student), batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
@@ -131,7 +131,7 @@ def test_candidate_votes_sum_the_nearest_similarities(fake_embedder) -> None:
 
 
 def test_vote_weight_is_fitted_on_held_out_answers() -> None:
-    from aad_core.answer_hints import choose, fit_vote_weight
+    from aad_core.models.answer_bank import choose, fit_vote_weight
 
     # The log-prob prefers "a", the vote prefers "b"; the held-out answers say "b".
     scored = [{"a": (-1.0, 2, 0.0), "b": (-2.0, 2, 0.6)}] * 3
@@ -143,7 +143,7 @@ def test_vote_weight_is_fitted_on_held_out_answers() -> None:
 
 def test_trainer_fits_the_vote_and_the_runtime_answers_a_candidate(fake_embedder, tiny_student: Path,
                                                                   tmp_path: Path) -> None:
-    from aad_core.generation import SpecialistRuntime
+    from aad_core.models.runtime import SpecialistRuntime
     from aad_plugins.qlora import QLoRATrainer
 
     trainer = QLoRATrainer(student=str(tiny_student), batch_size=4, gradient_accumulation=1, learning_rate=5e-3,

@@ -13,7 +13,7 @@ from conftest import make_trace
 
 from aad_core import hookimpl
 from aad_core.capture import CaptureWriter
-from aad_core.components import Redactor
+from aad_core.plugins.components import Redactor
 from aad_core.config import AADSettings
 from aad_core.errors import UnknownComponentError
 from aad_core.plugins import get_plugin_manager

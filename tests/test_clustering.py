@@ -200,7 +200,7 @@ def test_cli_cluster_table_and_json(workspace) -> None:
 
 @pytest.mark.real_model
 def test_real_minilm_finds_known_groups(workspace) -> None:
-    from aad_core.embedding import clear_caches
+    from aad_core.models.embedding import clear_caches
 
     clear_caches()
     rng = random.Random(0)
@@ -240,8 +240,8 @@ def test_real_minilm_on_a_small_mixed_real_workload(workspace, shared_dir, monke
     """Banking77 intents, defog SQL questions and BFCL tool calls: each family its own clusters."""
     from collections import Counter
 
-    from aad_core.datasets import mixed_workload
-    from aad_core.embedding import clear_caches
+    from aad_core.demo.datasets import mixed_workload
+    from aad_core.models.embedding import clear_caches
 
     monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
     clear_caches()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aad_core.curation import curate, split_clusters
+from aad_core.pipeline.curate import curate, split_clusters
 from conftest import make_trace
 
 

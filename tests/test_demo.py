@@ -12,7 +12,7 @@ from aad_core.config import load_config
 from aad_core.demo import ATTRIBUTION, build_traces, create_demo_workspace, demo_config_toml
 from aad_core.demo.agentdojo_tasks import load_tasks, load_tool_schemas
 from aad_core.demo.generated import generate_tickets
-from aad_core.ingest import parse_openai_chat
+from aad_core.capture.ingest import parse_openai_chat
 
 SMALL = {"intent": 12, "extract": 10, "tool_call": 8, "no_tool": 6, "sql": 7, "plan": 9}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aad_core import hookspecs
+from aad_core.plugins import hookspecs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -10,7 +10,7 @@ import pytest
 
 from _fake_embedder import FakeEmbedder, register_fake_embedder
 from aad_core.config import AADSettings
-from aad_core.embedding import clear_caches, embed_part_lists, embed_requests, embed_texts, get_embedder, trace_view, view_parts
+from aad_core.models.embedding import clear_caches, embed_part_lists, embed_requests, embed_texts, get_embedder, trace_view, view_parts
 from aad_core.schema import ChatRequest, Message
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}},
@@ -91,7 +91,7 @@ def test_parts_are_averaged_so_the_user_message_counts(fake_config) -> None:
 
 
 def test_importing_the_embedding_api_stays_light() -> None:
-    code = ("import sys, aad_core.embedding, aad_core.pipeline.cluster, aad_core.curation, aad_core.datasets; "
+    code = ("import sys, aad_core.models.embedding, aad_core.pipeline.cluster, aad_core.pipeline.curate, aad_core.demo.datasets; "
             "bad = [m for m in ('torch', 'sentence_transformers', 'transformers', 'sklearn') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

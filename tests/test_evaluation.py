@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aad_core.evaluation import (answer_string, choose_evaluator, evaluate_cluster, evaluator_name_for, parity_gate,
+from aad_core.pipeline.evaluate import (answer_string, choose_evaluator, evaluate_cluster, evaluator_name_for, parity_gate,
                                  sample_ratio, samples_to_reach, teacher_quality)
 from aad_core.schema import ChatRequest, Cluster, FunctionCall, Message, ToolCall, Trace
 from aad_core.workspace import Workspace
@@ -112,7 +112,7 @@ class _ScriptedRuntime:
         self.calls: list[tuple[str | None, int]] = []
 
     def generate(self, requests, *, adapter=None, max_new_tokens=128):
-        from aad_core.generation import Generation
+        from aad_core.models.runtime import Generation
 
         self.calls.append((adapter, len(requests)))
         by_prompt = {f"q{i}": a for i, a in enumerate(self.answers[adapter])}
@@ -182,7 +182,7 @@ def test_run_evaluate_writes_eval_json_and_records_promotion(workspace: Workspac
     cluster_mod = pytest.importorskip("aad_core.pipeline.cluster")
     from tests.tiny_models import make_tiny_student
 
-    from aad_core.evaluation import run_evaluate
+    from aad_core.pipeline.evaluate import run_evaluate
     from aad_core.specialists import SpecialistRegistry
 
     student = make_tiny_student(tmp_path / "student")

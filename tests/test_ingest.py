@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from aad_core.cli import app
-from aad_core.ingest import read_jsonl
+from aad_core.capture.ingest import read_jsonl
 
 runner = CliRunner()
 

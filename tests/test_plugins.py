@@ -151,7 +151,7 @@ def test_observer_that_raises_does_not_stop_aad(caplog) -> None:
 def test_import_aad_core_does_not_import_heavy_libraries() -> None:
     code = textwrap.dedent(
         """
-        import sys, aad_core, aad_core.cli, aad_core.plugins, aad_core.workspace, aad_core.ingest
+        import sys, aad_core, aad_core.cli, aad_core.plugins, aad_core.workspace, aad_core.capture.ingest
         aad_core.Trace, aad_core.Workspace
         heavy = [m for m in ("torch", "transformers", "sentence_transformers", "peft", "presidio_analyzer",
                              "langchain_core", "llama_index") if m in sys.modules]

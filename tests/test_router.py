@@ -18,7 +18,7 @@ import pytest
 
 from aad_core import hookimpl
 from aad_core.plugins import get_plugin_manager
-from aad_core.routing.engine import RoutingEngine
+from aad_core.serving.engine import RoutingEngine
 from aad_core.schema import ChatRequest, Message
 from aad_core.workspace import Workspace
 from aad_plugins.centroid_router import CentroidRouter
@@ -140,7 +140,7 @@ def test_router_decisions_explain_themselves_and_reach_observers(workspace: Work
 
 
 def test_a_teacher_only_agent_node_is_not_embedded(workspace: Workspace) -> None:
-    from aad_core.curation import node_key
+    from aad_core.schema import node_key
 
     planner = ChatRequest(messages=[Message(role="system", content="You plan multi-step tasks."),
                                     Message(role="user", content="my card has not arrived")])
@@ -162,8 +162,8 @@ def test_a_teacher_only_agent_node_is_not_embedded(workspace: Workspace) -> None
 def test_teacher_only_nodes_come_from_the_training_split(workspace: Workspace) -> None:
     from types import SimpleNamespace
 
-    from aad_core.curation import node_key
-    from aad_core.routing.calibration import teacher_only_nodes
+    from aad_core.schema import node_key
+    from aad_core.pipeline.calibrate import teacher_only_nodes
 
     traces = ([make_trace(f"plan step {i}", "ok", system="You plan.", id=f"p{i}") for i in range(25)]
               + [make_trace(f"card {i}", "card_arrival", system="Classify.", id=f"c{i}") for i in range(25)]
@@ -379,7 +379,7 @@ def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspac
     if "built" in _ROUTED:  # imported by the integration test modules too: build once per session
         return _ROUTED["built"]
     from aad_core.pipeline.cluster import load_clusters, run_cluster
-    from aad_core.routing.calibration import calibrate_router
+    from aad_core.pipeline.calibrate import calibrate_router
 
     tmp = tmp_path_factory.mktemp("routed")
     ws = Workspace.init(tmp / "ws")

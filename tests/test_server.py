@@ -11,7 +11,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from test_router import Scripted, engine_for, escalations  # noqa: E402
 
-from aad_core.server import UpstreamTeacher, create_app  # noqa: E402
+from aad_core.serving.server import UpstreamTeacher, create_app  # noqa: E402
 from aad_core.workspace import Workspace  # noqa: E402
 
 TEACHER_COMPLETION = {

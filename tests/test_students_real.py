@@ -24,7 +24,7 @@ def real_traces() -> list:
 
 
 def test_default_student_scores_and_trains(real_traces: list, tmp_path: Path) -> None:
-    from aad_core.students import is_materialised, load_student, resolve_student
+    from aad_core.models.students import is_materialised, load_student, resolve_student
 
     path = resolve_student("smollm2-135m")
     assert is_materialised("smollm2-135m") and (Path(path) / "config.json").exists()
@@ -41,7 +41,7 @@ def test_default_student_scores_and_trains(real_traces: list, tmp_path: Path) ->
         assert s["answer_tokens"] >= 2
         assert s["kl"] > 0.5  # the base student does not predict intent labels well
         assert 0 < s["entropy"] < 12
-    from aad_core.generation import SpecialistRuntime
+    from aad_core.models.runtime import SpecialistRuntime
     from aad_plugins.qlora import QLoRATrainer
 
     out = tmp_path / "adapter"

@@ -10,7 +10,7 @@ from tiny_models import tiny_student  # noqa: F401  (session fixture)
 
 torch = pytest.importorskip("torch")
 
-from aad_core.teacher_signal import (  # noqa: E402
+from aad_core.models.teacher_signal import (  # noqa: E402
     entropy,
     from_logprobs,
     kl_exact,
@@ -98,7 +98,7 @@ def test_encode_trace_masks_prompt_and_keeps_answer(tiny_student: Path) -> None:
     from conftest import make_trace
     from transformers import AutoTokenizer
 
-    from aad_core.chat_format import encode_trace, prompt_text
+    from aad_core.models.chat_format import encode_trace, prompt_text
     from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Trace
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
@@ -124,7 +124,7 @@ def test_encode_trace_masks_prompt_and_keeps_answer(tiny_student: Path) -> None:
 def test_template_without_tool_support_folds_tools_into_text(tiny_student: Path) -> None:
     from transformers import AutoTokenizer
 
-    from aad_core.chat_format import prompt_text, answer_text
+    from aad_core.models.chat_format import prompt_text, answer_text
     from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall
 
     tok = AutoTokenizer.from_pretrained(tiny_student)

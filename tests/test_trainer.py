@@ -110,7 +110,7 @@ def test_soft_targets_from_recorded_top_k(tiny_student: Path, tmp_path: Path) ->
 
 
 def test_registry_versions_and_runtime_serves_adapters(tiny_student: Path, tmp_path: Path, workspace) -> None:
-    from aad_core.generation import Generation, SpecialistRuntime
+    from aad_core.models.runtime import Generation, SpecialistRuntime
     from aad_core.specialists import SpecialistRegistry
     from aad_core.schema import ChatRequest, Message
 
@@ -163,7 +163,7 @@ def test_registry_versions_and_runtime_serves_adapters(tiny_student: Path, tmp_p
 
 
 def test_unknown_student_fails_with_hint(tmp_path: Path) -> None:
-    from aad_core.students import load_student
+    from aad_core.models.students import load_student
 
     with pytest.raises(AADError) as err:
         load_student("no-such-org/no-such-model-xyz")
@@ -179,7 +179,7 @@ def test_answer_window_loss_equals_the_full_sequence_loss(tiny_student: Path) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from aad_core.chat_format import answer_logits, answer_window_start, pad_batch
+    from aad_core.models.chat_format import answer_logits, answer_window_start, pad_batch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
     rows = [{"input_ids": list(range(3, 15)), "labels": [-100] * 9 + [12, 13, 14], "attention_mask": [1] * 12},
@@ -224,7 +224,7 @@ def test_length_grouped_batches_pad_less_and_still_train(tiny_student: Path, tmp
 
 
 def test_decoding_restricted_to_a_closed_answer_set(tiny_student: Path) -> None:
-    from aad_core.generation import SpecialistRuntime
+    from aad_core.models.runtime import SpecialistRuntime
     from aad_core.schema import ChatRequest, Message
 
     runtime = SpecialistRuntime(tiny_student, device="cpu", warmup=False)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from aad_core.chat_format import tool_call_text
-from aad_core.routing.calibration import routing_confusion, separation_threshold
-from aad_core.routing.tool_calls import ToolCallParseError, parse_tool_calls, render_tool_calls
-from aad_core.routing.validators import (infer_output_kind, validate_json, validate_output, validate_sql,
+from aad_core.models.chat_format import tool_call_text
+from aad_core.pipeline.calibrate import routing_confusion, separation_threshold
+from aad_core.formats.tool_calls import ToolCallParseError, parse_tool_calls, render_tool_calls
+from aad_core.formats.validators import (infer_output_kind, validate_json, validate_output, validate_sql,
                                          validate_tool_calls)
 from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall
 

@@ -288,7 +288,7 @@ class CaptureWriter:
             return traces
         try:
             if self._redactor is None:
-                from aad_core.redaction import get_redactor
+                from aad_core.capture.redaction import get_redactor
 
                 self._redactor = get_redactor(self.config)
             out = []

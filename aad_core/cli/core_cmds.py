@@ -38,7 +38,7 @@ def ingest(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Import recorded LLM calls. All-or-nothing unless --skip-invalid; re-importing adds nothing."""
-    from aad_core.ingest import FORMATS, iter_paths, read_jsonl
+    from aad_core.capture.ingest import FORMATS, iter_paths, read_jsonl
 
     if fmt not in FORMATS:
         raise fail(f"The '--format' option must be one of {', '.join(FORMATS)}. Got {fmt!r} instead.")
@@ -57,7 +57,7 @@ def ingest(
         raise fail(f"{errors[0].message}{more}. Nothing was imported.", errors[0].hint)
     do_redact = ws.config.capture.redact if redact is None else redact
     if do_redact and traces:
-        from aad_core.redaction import redact_traces
+        from aad_core.capture.redaction import redact_traces
 
         traces = redact_traces(traces, ws.config)
     store = ws.store()
@@ -112,7 +112,7 @@ def traces_export(
     """Write the traces as JSONL; the file imports again with 'aad ingest --format FORMAT'."""
     import sys
 
-    from aad_core.ingest import EXPORTERS
+    from aad_core.capture.ingest import EXPORTERS
 
     if fmt not in EXPORTERS:
         raise fail(f"The '--format' option must be one of {', '.join(EXPORTERS)}. Got {fmt!r} instead.")

@@ -38,7 +38,7 @@ def eval_cmd(
 
     Also measures specialist latency (p50/p95) and cost per 1M tokens; writes .aad/state/eval.json.
     """
-    from aad_core.evaluation import run_evaluate
+    from aad_core.pipeline.evaluate import run_evaluate
 
     ws = open_workspace(workspace)
     result = run_evaluate(ws, show_progress=not json_out)

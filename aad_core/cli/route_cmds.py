@@ -55,7 +55,7 @@ def route_cmd(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Where would a request go? Prints the routing decision: target, cluster, similarity, threshold, reason."""
-    from aad_core.routing.calibration import ROUTER_EVAL, calibrate_router, load_router_state
+    from aad_core.pipeline.calibrate import ROUTER_EVAL, calibrate_router, load_router_state
 
     ws = open_workspace(workspace)
     if calibrate:
@@ -83,7 +83,7 @@ def route_cmd(
         if not (show or calibrate):
             raise fail("Give a message to route, or --show / --calibrate.", "Example: aad route \"Where is my card?\"")
         return
-    from aad_core.routing.engine import RoutingEngine
+    from aad_core.serving.engine import RoutingEngine
     from aad_core.schema import ChatRequest, Message
 
     messages = ([Message(role="system", content=system)] if system else []) + [Message(role="user", content=text)]
@@ -109,7 +109,7 @@ def serve_cmd(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions that routes between specialists and the teacher."""
-    from aad_core.server import serve
+    from aad_core.serving.server import serve
 
     ws = open_workspace(workspace)
     if not teacher_url:

@@ -92,7 +92,7 @@ def specialists_cmd(workspace: WorkspaceOption = None, as_json: JsonOption = Fal
 @models_app.command("list")
 def models_list(as_json: JsonOption = False) -> None:
     """Known students and whether each is prepared in the local cache."""
-    from aad_core.students import KNOWN_STUDENTS, is_materialised, student_cache_dir
+    from aad_core.models.students import KNOWN_STUDENTS, is_materialised, student_cache_dir
 
     rows = [{"name": s.name, "description": s.description, "license": s.license,
              "prepared": is_materialised(s.name), "path": str(student_cache_dir(s.name))} for s in KNOWN_STUDENTS.values()]
@@ -113,7 +113,7 @@ def models_pull(
 ) -> None:
     """Prepare a known student for offline use (converted once into the local cache)."""
     from aad_core.errors import AADError
-    from aad_core.students import KNOWN_STUDENTS, resolve_student
+    from aad_core.models.students import KNOWN_STUDENTS, resolve_student
 
     if name not in KNOWN_STUDENTS:
         raise AADError(f"Unknown student {name!r}. Known: {', '.join(KNOWN_STUDENTS)}.",

@@ -1,4 +1,4 @@
-"""The demo's view of the project's real-data loaders (:mod:`aad_core.datasets`): banking77 pairs,
+"""The demo's view of the project's real-data loaders (:mod:`aad_core.demo.datasets`): banking77 pairs,
 BFCL items by file, defog questions, and a compact schema that fits the student's token budget."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from aad_core.errors import AADError
 
 def banking77_rows(split: str = "train") -> list[tuple[str, str]]:
     """(text, intent) pairs of banking77 (PolyAI, CC-BY-4.0)."""
-    from aad_core.datasets import load_banking77
+    from aad_core.demo.datasets import load_banking77
 
     return [(ex.text, ex.label) for ex in load_banking77(split)]
 
 
 def bfcl_items(category: str) -> list[Any]:
     """BFCL v4 items of one category (Apache-2.0) in file order (the demo samples them itself)."""
-    from aad_core.datasets import load_bfcl
+    from aad_core.demo.datasets import load_bfcl
 
     items = load_bfcl(None, 0, (category,))
     return sorted(items, key=lambda it: _natural(it.id))
@@ -34,14 +34,14 @@ def _natural(item_id: str) -> tuple[Any, ...]:
 
 def defog_questions() -> list[Any]:
     """defog sql-eval questions over the databases ``defog-data`` ships (Apache-2.0)."""
-    from aad_core.datasets import load_defog_questions
+    from aad_core.demo.datasets import load_defog_questions
 
     return load_defog_questions()
 
 
 def defog_schema_text(db_name: str) -> str:
     """A compact ``table(column type, ...)`` schema of one defog-data database: the full
-    ``CREATE TABLE`` text of :func:`aad_core.datasets.defog_schema` is several times longer than
+    ``CREATE TABLE`` text of :func:`aad_core.demo.datasets.defog_schema` is several times longer than
     the student's context budget in the demo."""
     spec = importlib.util.find_spec("defog_data")
     if spec is None or not spec.submodule_search_locations:

@@ -105,7 +105,7 @@ def create_demo_workspace(directory: Path | str, *, seed: int = 0, sizes: dict[s
 
     Re-running is idempotent: trace ids derive from their content, so nothing is added twice.
     """
-    from aad_core.ingest import read_jsonl
+    from aad_core.capture.ingest import read_jsonl
 
     root = Path(directory)
     if root.exists() and any(root.iterdir()) and not (root / "aad.toml").exists():
@@ -125,7 +125,7 @@ def create_demo_workspace(directory: Path | str, *, seed: int = 0, sizes: dict[s
         raise WorkspaceError(f"demo trace {result.errors[0].location}: {result.errors[0].message}")
     traces = result.traces
     if (ws.config.capture.redact if redact is None else redact) and traces:
-        from aad_core.redaction import redact_traces
+        from aad_core.capture.redaction import redact_traces
 
         traces = redact_traces(traces, ws.config)
     with ws.store() as store:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aad_core.curation import curate, node_key, split_clusters
-from aad_core.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, unit_vectors, view_parts
+from aad_core.pipeline.curate import curate, split_clusters
+from aad_core.schema import node_key
+from aad_core.models.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, unit_vectors, view_parts
 from aad_core.errors import StageError
 from aad_core.schema import Cluster
 

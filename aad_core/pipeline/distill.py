@@ -185,7 +185,7 @@ def _run_train(ws: Workspace, profile: Profile, progress: bool) -> str:
 
 
 def _run_evaluate(ws: Workspace, profile: Profile, progress: bool) -> str:
-    from aad_core.evaluation import run_evaluate
+    from aad_core.pipeline.evaluate import run_evaluate
 
     report = run_evaluate(ws, show_progress=progress)
     s = report.get("summary", {})
@@ -193,7 +193,7 @@ def _run_evaluate(ws: Workspace, profile: Profile, progress: bool) -> str:
 
 
 def _run_route(ws: Workspace, profile: Profile, progress: bool) -> str:
-    from aad_core.routing import calibrate_router
+    from aad_core.pipeline.calibrate import calibrate_router
 
     calibrate_router(ws, show_progress=progress)
     return "router calibrated"

@@ -89,7 +89,7 @@ def run_select(
             kept_ids = [t.id for t in traces]
             embeddings = None
             if getattr(chooser, "needs_embeddings", False):
-                from aad_core.embedding import embed_texts, get_embedder
+                from aad_core.models.embedding import embed_texts, get_embedder
 
                 texts = [f"{t.request.last_user_message()}\n{t.answer_text()}" for t in traces]
                 embeddings = embed_texts(texts, get_embedder(cfg), cache_dir=ws.cache_dir)

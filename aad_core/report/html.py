@@ -216,7 +216,7 @@ def _selection_section(curve: dict[str, Any] | None) -> str:
     ratio, ratio_text = curve.get("ratio"), curve.get("ratio_text")
     at = curve.get("ratio_at", budgets[len(budgets) // 2])
     if ratio is None and ratio_text is None and "kl_uncertainty" in curves and "random" in curves and at in budgets:
-        from aad_core.evaluation.curves import sample_ratio
+        from aad_core.pipeline.evaluate.curves import sample_ratio
 
         ratio = sample_ratio(budgets, curves["kl_uncertainty"], curves["random"], at)
     if ratio is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core import hookimpl
-from aad_core.components import Router
+from aad_core.plugins.components import Router
 from aad_core.errors import param_error
 from aad_core.schema import ChatRequest, RoutingDecision
 
@@ -100,7 +100,7 @@ class CentroidRouter(Router):
 
     def load(self) -> CentroidRouter:
         """Read clusters, promoted specialists and calibrated thresholds from the workspace."""
-        from aad_core.routing.calibration import (
+        from aad_core.pipeline.calibrate import (
             load_router_state, promoted_specialists, request_embedder, still_teacher_only,
         )
         from aad_core.pipeline.cluster import load_clusters
@@ -173,7 +173,7 @@ class CentroidRouter(Router):
         """Calibration calls of the request's agent node if that node goes to the teacher unembedded."""
         if not self.teacher_nodes_ or not request.system_prompt():
             return None
-        from aad_core.curation import node_key
+        from aad_core.schema import node_key
 
         return self.teacher_nodes_.get(node_key(request))
 

@@ -3,7 +3,7 @@
 Every evaluator compares predictions (a student's answers) with references (the teacher's
 recorded answers) and returns ``{"score": float in [0, 1], "n": int, "metric": str, ...}``.
 Answers are strings; tool calls are serialised as a JSON list ``[{"name": ..., "arguments":
-{...}}]`` (see :func:`aad_core.evaluation.answers.answer_string`).
+{...}}]`` (see :func:`aad_core.formats.answers.answer_string`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aad_core import hookimpl
-from aad_core.components import Evaluator
+from aad_core.plugins.components import Evaluator
 from aad_core.errors import AADError, param_error
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)

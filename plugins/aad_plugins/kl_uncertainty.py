@@ -1,7 +1,7 @@
 """Scorer ``kl-uncertainty`` (the seed paper's Eq. 2): Score(x) = KL(P_T || P_S) + lambda * H_S(x).
 
 KL and the student's entropy H_S are token means over the answer tokens only. The teacher
-distribution is the best one available per trace (see :mod:`aad_core.teacher_signal`): a local
+distribution is the best one available per trace (see :mod:`aad_core.models.teacher_signal`): a local
 white-box teacher sharing the tokenizer (exact), recorded top-k log-probs (top-k + tail), or the
 teacher's text (one-hot, where KL equals the student's NLL).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core import hookimpl
-from aad_core.components import Scorer
+from aad_core.plugins.components import Scorer
 from aad_core.errors import param_error
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ class KLUncertaintyScorer(Scorer):
         """Load the student (or adopt an already loaded ``model``/``tokenizer``) and the teacher."""
         import torch
 
-        from aad_core.students import load_student
-        from aad_core.teacher_signal import LocalTeacher
+        from aad_core.models.students import load_student
+        from aad_core.models.teacher_signal import LocalTeacher
 
         self._validate()
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,8 +77,8 @@ class KLUncertaintyScorer(Scorer):
     def score(self, traces: Sequence[Trace], *, show_progress: bool = False) -> list[dict[str, float]]:
         import torch
 
-        from aad_core.chat_format import answer_logits, encode_trace, pad_batch
-        from aad_core.teacher_signal import entropy, from_logprobs, kl_exact
+        from aad_core.models.chat_format import answer_logits, encode_trace, pad_batch
+        from aad_core.models.teacher_signal import entropy, from_logprobs, kl_exact
 
         if not hasattr(self, "model_"):
             self.load()

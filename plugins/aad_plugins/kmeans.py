@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from aad_core import hookimpl
-from aad_core.components import Clusterer
+from aad_core.plugins.components import Clusterer
 from aad_core.errors import param_error
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core import hookimpl
-from aad_core.components import Embedder
+from aad_core.plugins.components import Embedder
 from aad_core.errors import AADError, param_error
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ def export_dir(source: str) -> Path:
     import sentence_transformers
     import torch
 
-    from aad_core.students import cache_base
+    from aad_core.models.cache import cache_base
 
     ident = [source, sentence_transformers.__version__, torch.__version__]
     folder = Path(source)
@@ -79,7 +79,7 @@ class OnnxTransformer:
     def _export(self, path: Path, probe: dict[str, Any]) -> None:
         import torch
 
-        from aad_core.students import FileLock
+        from aad_core.models.cache import FileLock
 
         transformer = self.st_model[0].auto_model.eval()
         names = self.input_names

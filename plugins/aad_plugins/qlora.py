@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core import hookimpl
-from aad_core.components import Trainer
+from aad_core.plugins.components import Trainer
 from aad_core.errors import AADError, param_error
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class QLoRATrainer(Trainer):
         """The fitted answer bank when hints or candidates are on and the answers form a label set."""
         if not (self.answer_hints or self.answer_candidates):
             return None, "off"
-        from aad_core.answer_hints import AnswerHints, hints_apply
+        from aad_core.models.answer_bank import AnswerHints, hints_apply
 
         ok, why = hints_apply(train)
         if not ok:
@@ -174,9 +174,9 @@ class QLoRATrainer(Trainer):
     def _fit_vote_weight(self, bank: Any, source: str, output_dir: Path, heldout: Sequence[Trace], device: str,
                          show: bool) -> dict[str, Any]:
         """Fit the bank's vote weight on held-out requests with the saved (best) adapter."""
-        from aad_core.answer_hints import fit_vote_weight
-        from aad_core.evaluation.answers import answer_string
-        from aad_core.generation import SpecialistRuntime
+        from aad_core.models.answer_bank import fit_vote_weight
+        from aad_core.formats.answers import answer_string
+        from aad_core.models.runtime import SpecialistRuntime
 
         sample = [t for t in heldout if t.response is not None][:MAX_VOTE_FIT_SAMPLES]
         if not sample:
@@ -202,7 +202,7 @@ class QLoRATrainer(Trainer):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from aad_core.students import resolve_student
+        from aad_core.models.students import resolve_student
 
         source = str(resolve_student(self.student))
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
@@ -246,8 +246,8 @@ class QLoRATrainer(Trainer):
         import numpy as np
         import torch
 
-        from aad_core.chat_format import encode_trace
-        from aad_core.teacher_signal import from_logprobs
+        from aad_core.models.chat_format import encode_trace
+        from aad_core.models.teacher_signal import from_logprobs
 
         self._validate()
         if not train:
@@ -277,7 +277,7 @@ class QLoRATrainer(Trainer):
 
         teacher = None
         if self.teacher:
-            from aad_core.teacher_signal import LocalTeacher
+            from aad_core.models.teacher_signal import LocalTeacher
 
             teacher = LocalTeacher(self.teacher, device=device).load(tokenizer)
             if teacher.mismatch_:
@@ -336,7 +336,7 @@ class QLoRATrainer(Trainer):
             batches = [order[i : i + micro] for i in range(0, len(order), micro)]
             return [batches[k] for k in rng.permutation(len(batches))]
 
-        from aad_core.chat_format import pad_batch
+        from aad_core.models.chat_format import pad_batch
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         model.train()
@@ -434,8 +434,8 @@ class QLoRATrainer(Trainer):
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], soft: list[Any], teacher: Any) -> torch.Tensor:
         import torch
 
-        from aad_core.chat_format import answer_logits
-        from aad_core.teacher_signal import kl_topk_tail, soft_target_kl
+        from aad_core.models.chat_format import answer_logits
+        from aad_core.models.teacher_signal import kl_topk_tail, soft_target_kl
 
         logits, labels, s0 = answer_logits(model, batch)
         logits = logits.float()
@@ -465,7 +465,7 @@ class QLoRATrainer(Trainer):
     def _eval_loss(self, model: Any, enc: list[dict[str, list[int]]], pad_id: int, device: str) -> float:
         import torch
 
-        from aad_core.chat_format import answer_logits, pad_batch
+        from aad_core.models.chat_format import answer_logits, pad_batch
 
         model.eval()
         total, count = 0.0, 0

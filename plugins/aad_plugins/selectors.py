@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aad_core import hookimpl
-from aad_core.components import Selector
+from aad_core.plugins.components import Selector
 from aad_core.errors import param_error
 
 if TYPE_CHECKING:

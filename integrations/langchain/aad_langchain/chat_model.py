@@ -87,7 +87,7 @@ class RoutedChatModel(BaseChatModel):
     streaming: bool = False
     """Whether :meth:`invoke` streams internally (callbacks get tokens)."""
     routing_engine: Any = Field(default=None, exclude=True)
-    """A prebuilt :class:`aad_core.routing.RoutingEngine` (default: built from ``workspace`` on first use)."""
+    """A prebuilt :class:`aad_core.serving.RoutingEngine` (default: built from ``workspace`` on first use)."""
 
     _engine: Any = PrivateAttr(default=None)
 
@@ -138,7 +138,7 @@ class RoutedChatModel(BaseChatModel):
         if self.routing_engine is not None:
             return self.routing_engine
         if self._engine is None:
-            from aad_core.routing.engine import shared_engine
+            from aad_core.serving.engine import shared_engine
             from aad_core.workspace import Workspace
 
             self._engine = shared_engine(Workspace.find(self.workspace))

@@ -93,7 +93,7 @@ class RoutedLLM(FunctionCallingLLM):
         if self.routing_engine is not None:
             return self.routing_engine
         if self._engine is None:
-            from aad_core.routing.engine import shared_engine
+            from aad_core.serving.engine import shared_engine
             from aad_core.workspace import Workspace
 
             self._engine = shared_engine(Workspace.find(self.workspace))

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aad_core.evaluation.answers import answer_string
+from aad_core.formats.answers import answer_string
 
 if TYPE_CHECKING:
     from aad_core.config import AADSettings

@@ -8,7 +8,7 @@ from aad_core.config import AADSettings
 from aad_core.schema import Trace
 
 
-def get_redactor(config: AADSettings):  # -> aad_core.components.Redactor
+def get_redactor(config: AADSettings):  # -> aad_core.plugins.components.Redactor
     from aad_core.plugins import create_component
 
     return create_component("redactor", config.capture.redactor)

@@ -167,7 +167,7 @@ class LocalTeacher:
         self.device = device
 
     def load(self, student_tokenizer: PreTrainedTokenizerBase) -> LocalTeacher:
-        from aad_core.students import load_student
+        from aad_core.models.students import load_student
 
         self.model_, self.tokenizer_ = load_student(self.model, device=self.device)
         self.mismatch_ = vocab_mismatch(self.tokenizer_, student_tokenizer)

@@ -30,7 +30,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed extra
     raise AADError(f"'aad serve' needs FastAPI: {_err}", hint="pip install 'aad[serve]'") from None
 
 if TYPE_CHECKING:
-    from aad_core.routing.engine import RoutedAnswer, RoutingEngine
+    from aad_core.serving.engine import RoutedAnswer, RoutingEngine
     from aad_core.workspace import Workspace
 
 ROUTED_MODEL = "aad-routed"
@@ -137,7 +137,7 @@ def create_app(
     """The FastAPI app. ``teacher(body, authorization)`` returns an OpenAI chat completion dict
     (default: none — requests the router sends to the teacher then fail with HTTP 503)."""
     from aad_core import __version__
-    from aad_core.routing.engine import RoutingEngine
+    from aad_core.serving.engine import RoutingEngine
 
     if engine is None:
         if ws is None:
@@ -207,7 +207,7 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 8000, teacher_u
     """Run the server with uvicorn until interrupted."""
     import uvicorn
 
-    from aad_core.routing.engine import RoutingEngine
+    from aad_core.serving.engine import RoutingEngine
 
     teacher = UpstreamTeacher(teacher_url, teacher_model) if teacher_url else None
     engine = RoutingEngine(ws, teacher_model=teacher_model)

@@ -29,7 +29,7 @@ from aad_core.errors import AADError
 if TYPE_CHECKING:
     import numpy as np
 
-    from aad_core.components import Embedder
+    from aad_core.plugins.components import Embedder
     from aad_core.config import AADSettings
     from aad_core.schema import ChatRequest
 

@@ -11,10 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aad_core.evaluation.answers import answer_string, teacher_quality
-from aad_core.evaluation.choose import evaluator_name_for, evaluator_params
-from aad_core.evaluation.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
-from aad_core.evaluation.gate import parity_gate
+from aad_core.formats.answers import answer_string, teacher_quality
+from aad_core.pipeline.evaluate.choose import evaluator_name_for, evaluator_params
+from aad_core.pipeline.evaluate.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
+from aad_core.pipeline.evaluate.gate import parity_gate
 
 if TYPE_CHECKING:
     from aad_core.schema import Cluster, Trace
@@ -35,7 +35,7 @@ def _make_evaluator(name: str, ws: Workspace) -> Any:
     params = evaluator_params(name, ws.config, ws.root)
     if name == "semantic":
         try:  # the workspace's configured embedder (model path included), when that module exists
-            from aad_core.embedding import get_embedder
+            from aad_core.models.embedding import get_embedder
 
             params["embedder"] = get_embedder(ws.config)
         except ImportError:
@@ -228,7 +228,7 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
                     progress.advance(task)
                     continue
                 if spec.base_model not in runtimes:
-                    from aad_core.generation import SpecialistRuntime
+                    from aad_core.models.runtime import SpecialistRuntime
 
                     runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
                 runtime = runtimes[spec.base_model]

@@ -1,7 +1,7 @@
 """Turn a specialist's generated text into OpenAI ``tool_calls``.
 
 Specialists learn tool calls from the chat template's rendering of the teacher's assistant
-messages. The format is the Hermes / Qwen / SmolLM convention that ``aad_core.chat_format``
+messages. The format is the Hermes / Qwen / SmolLM convention that ``aad_core.models.chat_format``
 renders: one ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block per call. A bare
 JSON object (or list of objects) with ``name`` and ``arguments`` as the whole answer is accepted
 too, because small students often drop the tags.

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from stevedore import ExtensionManager
 
-from aad_core import hookspecs
-from aad_core.registry import KINDS, Registry
+from aad_core.plugins import hookspecs
+from aad_core.plugins.registry import KINDS, Registry
 
 if TYPE_CHECKING:
     from aad_core.schema import RoutingDecision, Specialist, Trace

@@ -51,7 +51,7 @@ class SpecialistRuntime:
             return
         import torch
 
-        from aad_core.students import load_student
+        from aad_core.models.students import load_student
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._model, self._tokenizer = load_student(self.base_model, device=device)
@@ -93,7 +93,7 @@ class SpecialistRuntime:
                 self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
             self._model.eval()
             self._adapters[name] = str(path)
-            from aad_core.answer_hints import AnswerHints
+            from aad_core.models.answer_bank import AnswerHints
 
             bank = AnswerHints.load(path)
             if bank is None:
@@ -123,7 +123,7 @@ class SpecialistRuntime:
                  max_new_tokens: int = 128, allowed_answers: Sequence[str] | None = None) -> list[Generation]:
         """Greedy answers for ``requests`` with ``adapter`` (None = the base student).
 
-        An adapter trained with answer hints (:mod:`aad_core.answer_hints`) gets them added to
+        An adapter trained with answer hints (:mod:`aad_core.models.answer_bank`) gets them added to
         each request, as in training; one whose bank chooses among candidates answers with the
         best-scoring candidate label instead of decoding freely (``max_new_tokens`` and
         ``allowed_answers`` then do not apply).
@@ -171,7 +171,7 @@ class SpecialistRuntime:
         """``(summed log-prob, tokens)`` of each answer after its request, end-of-turn included."""
         import torch
 
-        from aad_core.chat_format import answer_logits, encode_trace, pad_batch
+        from aad_core.models.chat_format import answer_logits, encode_trace, pad_batch
         from aad_core.schema import Message, Trace
 
         with self._lock:
@@ -213,8 +213,8 @@ class SpecialistRuntime:
         return [{label: (*next(scores), vote) for label, vote in v.items()} for v in votes]
 
     def _choose_locked(self, requests: list[ChatRequest], adapter: str, bank: Any, vecs: Any) -> list[Generation]:
-        """Answer with the best-scoring candidate label (see :mod:`aad_core.answer_hints`)."""
-        from aad_core.answer_hints import choose
+        """Answer with the best-scoring candidate label (see :mod:`aad_core.models.answer_bank`)."""
+        from aad_core.models.answer_bank import choose
 
         started = time.perf_counter()
         scored = self._candidate_scores_locked(requests, adapter, bank, vecs)
@@ -231,7 +231,7 @@ class SpecialistRuntime:
                          trie: _AnswerTrie | None = None) -> list[Generation]:
         import torch
 
-        from aad_core.chat_format import prompt_text
+        from aad_core.models.chat_format import prompt_text
 
         model, tok = self._model, self._tokenizer
         ctx = self._adapter_context(adapter)

@@ -15,16 +15,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from aad_core.schema import context_key, node_key, request_key
+
 if TYPE_CHECKING:
     import numpy as np
 
-    from aad_core.schema import ChatRequest, Trace
+    from aad_core.schema import Trace
 
 
 @dataclass
@@ -35,28 +36,6 @@ class CurationResult:
     dropped: dict[str, str] = field(default_factory=dict)
     #: Dropped duplicate id -> the kept id it duplicates (for traffic shares).
     representative: dict[str, str] = field(default_factory=dict)
-
-
-def request_key(trace: Trace) -> str:
-    """sha256 of the request's messages and tools (what makes two calls exact duplicates)."""
-    payload = {
-        "messages": [m.model_dump(mode="json", exclude_none=True) for m in trace.request.messages],
-        "tools": trace.request.tools or [],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def context_key(trace: Trace) -> str:
-    """sha256 of the system prompt and tool names: calls sharing it come from the same agent node."""
-    ctx = trace.request.system_prompt() + "\x00" + "\x00".join(trace.request.tool_names())
-    return hashlib.sha256(ctx.encode()).hexdigest()
-
-
-def node_key(trace: Trace | ChatRequest) -> str:
-    """sha256 of the system prompt: calls sharing it come from the same agent node (whatever tools
-    each call binds). Takes a trace or a bare request."""
-    request = trace.request if hasattr(trace, "request") else trace
-    return hashlib.sha256(request.system_prompt().encode()).hexdigest()
 
 
 def curate(

@@ -7,7 +7,7 @@ Plugins are modules (or objects) exposed under the ``aad`` entry-point group::
 
 and implement hooks with the :data:`aad_core.hookimpl` marker::
 
-    from aad_core import hookimpl
+    from aad_core.plugins import hookimpl
 
     @hookimpl
     def aad_register_scorers(register):
@@ -41,6 +41,9 @@ PROJECT_NAME = "aad"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
+#: Marker for plugin hook implementations: ``@hookimpl def aad_register_scorers(register): ...``
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
 
 class Register(Protocol):
     """The callable passed to every ``aad_register_*`` hook."""
@@ -57,7 +60,7 @@ class Register(Protocol):
 def aad_register_redactors(register: Register) -> None:
     """Register PII redactors (S2), kind ``"redactor"``.
 
-    A redactor is a :class:`aad_core.components.Redactor`: ``redact(traces) -> traces`` returns
+    A redactor is a :class:`aad_core.plugins.components.Redactor`: ``redact(traces) -> traces`` returns
     copies with personal data replaced by placeholders, consistently within a trace.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -67,7 +70,7 @@ def aad_register_redactors(register: Register) -> None:
 def aad_register_embedders(register: Register) -> None:
     """Register text embedders (S3), kind ``"embedder"``.
 
-    An embedder is a :class:`aad_core.components.Embedder`: ``embed(texts) -> ndarray`` of shape
+    An embedder is a :class:`aad_core.plugins.components.Embedder`: ``embed(texts) -> ndarray`` of shape
     ``(len(texts), dim)``, L2-normalised rows.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -77,7 +80,7 @@ def aad_register_embedders(register: Register) -> None:
 def aad_register_clusterers(register: Register) -> None:
     """Register clusterers (S3), kind ``"clusterer"``.
 
-    A clusterer is a :class:`aad_core.components.Clusterer`: ``fit(embeddings)`` sets
+    A clusterer is a :class:`aad_core.plugins.components.Clusterer`: ``fit(embeddings)`` sets
     ``labels_`` and ``centroids_``.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -87,7 +90,7 @@ def aad_register_clusterers(register: Register) -> None:
 def aad_register_scorers(register: Register) -> None:
     """Register divergence scorers (S5), kind ``"scorer"``.
 
-    A scorer is a :class:`aad_core.components.Scorer`: ``score(samples) -> list[dict]``, one dict
+    A scorer is a :class:`aad_core.plugins.components.Scorer`: ``score(samples) -> list[dict]``, one dict
     per sample with at least ``"score"`` (higher = more worth training on) and its components.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -97,7 +100,7 @@ def aad_register_scorers(register: Register) -> None:
 def aad_register_selectors(register: Register) -> None:
     """Register data selectors (S5), kind ``"selector"``.
 
-    A selector is a :class:`aad_core.components.Selector`: ``select(ids, scores, fraction, ...)``
+    A selector is a :class:`aad_core.plugins.components.Selector`: ``select(ids, scores, fraction, ...)``
     returns the ids to train on for one cluster.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -107,7 +110,7 @@ def aad_register_selectors(register: Register) -> None:
 def aad_register_trainers(register: Register) -> None:
     """Register specialist trainers (S5), kind ``"trainer"``.
 
-    A trainer is a :class:`aad_core.components.Trainer`: ``train(train, eval, output_dir)``
+    A trainer is a :class:`aad_core.plugins.components.Trainer`: ``train(train, eval, output_dir)``
     fits one adapter and returns its metrics.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -117,7 +120,7 @@ def aad_register_trainers(register: Register) -> None:
 def aad_register_evaluators(register: Register) -> None:
     """Register task evaluators (eval), kind ``"evaluator"``.
 
-    An evaluator is a :class:`aad_core.components.Evaluator`: ``evaluate(predictions,
+    An evaluator is a :class:`aad_core.plugins.components.Evaluator`: ``evaluate(predictions,
     references) -> dict`` with a ``"score"`` in [0, 1] and any other metrics.
     Called once at plugin-manager start-up. Returns nothing.
     """
@@ -127,7 +130,7 @@ def aad_register_evaluators(register: Register) -> None:
 def aad_register_routers(register: Register) -> None:
     """Register routers (S6), kind ``"router"``.
 
-    A router is a :class:`aad_core.components.Router`: ``route(requests) -> list[RoutingDecision]``.
+    A router is a :class:`aad_core.plugins.components.Router`: ``route(requests) -> list[RoutingDecision]``.
     Called once at plugin-manager start-up. Returns nothing.
     """
 

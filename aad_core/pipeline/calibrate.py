@@ -51,7 +51,7 @@ def promoted_specialist_records(ws: Workspace) -> dict[int, Specialist]:
 
 def request_embedder(ws: Workspace) -> Callable[[Sequence[ChatRequest]], np.ndarray]:
     """The hot-path request embedder: the workspace's embedder and view, as clustering used them."""
-    from aad_core.embedding import embed_requests
+    from aad_core.models.embedding import embed_requests
 
     config = ws.config
     return lambda requests: embed_requests(list(requests), config)
@@ -62,7 +62,7 @@ def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[in
     """{node key: {"calls": n, "clusters": [...]}} of the agent nodes whose training-split calls (at
     least ``min_calls``) all sit in clusters outside ``served``: the router can send their requests
     to the teacher unembedded, for as long as none of those clusters gets a specialist."""
-    from aad_core.curation import node_key
+    from aad_core.schema import node_key
 
     if min_calls <= 0:
         return {}
@@ -146,9 +146,9 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
     saved router state."""
     import numpy as np
 
-    from aad_core.embedding import embed_requests
+    from aad_core.models.embedding import embed_requests
     from aad_core.pipeline.cluster import load_clusters
-    from aad_core.routing.validators import infer_output_kind
+    from aad_core.formats.validators import infer_output_kind
 
     cfg = ws.config
     rc = cfg.route
@@ -235,9 +235,9 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
 def _calibrate_confidence(ws: Workspace, state: Any, specialists: dict[int, Specialist], clusters_out: dict[str, Any],
                           *, show_progress: bool) -> None:
     """Generate on held-out requests; the cut-off is a low quantile of the valid answers' mean log-prob."""
-    from aad_core.routing.engine import SpecialistPool
-    from aad_core.routing.tool_calls import ToolCallParseError, parse_tool_calls
-    from aad_core.routing.validators import validate_output
+    from aad_core.serving.engine import SpecialistPool
+    from aad_core.formats.tool_calls import ToolCallParseError, parse_tool_calls
+    from aad_core.formats.validators import validate_output
 
     rc = ws.config.route
     pool = SpecialistPool(ws, list(specialists.values()))
@@ -269,7 +269,7 @@ def evaluate_router(ws: Workspace, state: Any, cents: np.ndarray, cids: list[int
     cluster should reach that cluster's specialist, every other request the teacher."""
     import numpy as np
 
-    from aad_core.embedding import embed_requests
+    from aad_core.models.embedding import embed_requests
 
     served = {int(c): v["specialist"] for c, v in clusters_out.items() if v.get("specialist")}
     routine = {int(c) for c, v in clusters_out.items() if v.get("routine")}

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aad_core.embedding import embedder_named, unit_vectors
+from aad_core.models.embedding import embedder_named, unit_vectors
 from aad_core.errors import param_error
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class AnswerHints:
         """Embed the answered ``traces`` and keep their answers."""
         import numpy as np
 
-        from aad_core.evaluation.answers import answer_string
+        from aad_core.formats.answers import answer_string
 
         owner = type(self).__name__
         for name in ("k", "candidates"):
@@ -207,7 +207,7 @@ class AnswerHints:
 
 def hints_apply(traces: Sequence[Trace]) -> tuple[bool, str]:
     """Whether answer hints suit these training traces: (yes/no, why)."""
-    from aad_core.evaluation.choose import choose_evaluator
+    from aad_core.pipeline.evaluate.choose import choose_evaluator
 
     kind = choose_evaluator(traces)
     if kind != "classification":

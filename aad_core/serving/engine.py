@@ -21,7 +21,7 @@ from aad_core.errors import AADError
 from aad_core.schema import ChatRequest, Message, RoutingDecision, Specialist, Trace, Usage
 
 if TYPE_CHECKING:
-    from aad_core.components import Router
+    from aad_core.plugins.components import Router
     from aad_core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class SpecialistBackend(Protocol):
 
 
 class SpecialistPool:
-    """Promoted specialists on shared base models: one :class:`~aad_core.generation.SpecialistRuntime`
+    """Promoted specialists on shared base models: one :class:`~aad_core.models.runtime.SpecialistRuntime`
     per base model, every adapter of that base loaded into it (PEFT multi-adapter)."""
 
     def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None) -> None:
@@ -58,7 +58,7 @@ class SpecialistPool:
         with self._lock:
             rt = self._runtimes.get(spec.base_model)
             if rt is None:
-                from aad_core.generation import SpecialistRuntime
+                from aad_core.models.runtime import SpecialistRuntime
 
                 rt = SpecialistRuntime(spec.base_model)
                 for s in self.specialists.values():
@@ -158,14 +158,14 @@ class RoutingEngine:
     def specialists(self) -> SpecialistBackend:
         with self._lock:
             if self._specialists is None:
-                from aad_core.routing.calibration import promoted_specialist_records
+                from aad_core.pipeline.calibrate import promoted_specialist_records
 
                 self._specialists = SpecialistPool(self.ws, list(promoted_specialist_records(self.ws).values()))
             return self._specialists
 
     def cluster_info(self, cluster_id: int | None) -> dict[str, Any]:
         if self._cluster_info is None:
-            from aad_core.routing.calibration import load_router_state
+            from aad_core.pipeline.calibrate import load_router_state
 
             saved = load_router_state(self.ws) or {}
             self._cluster_info = {int(k): v for k, v in saved.get("clusters", {}).items()}
@@ -186,8 +186,8 @@ class RoutingEngine:
     def try_specialist(self, request: ChatRequest, decision: RoutingDecision, *,
                        timeout_s: float | None = None) -> SpecialistOutcome:
         """Generate with the decision's specialist and run every check. Never raises."""
-        from aad_core.routing.tool_calls import ToolCallParseError, parse_tool_calls
-        from aad_core.routing.validators import validate_output
+        from aad_core.formats.tool_calls import ToolCallParseError, parse_tool_calls
+        from aad_core.formats.validators import validate_output
 
         start = time.perf_counter()
         name = decision.specialist or ""
