@@ -1,6 +1,7 @@
 """Every hook a plugin can implement: the contract between aad and its plugins.
 
-Plugins are modules (or objects) exposed under the ``aad`` entry-point group::
+docs/hooks.md describes dispatch order, wrappers and the guards. Plugins are modules (or objects)
+exposed under the ``aad`` entry-point group::
 
     [project.entry-points.aad]
     my_scorer = "my_package.my_module"
@@ -15,15 +16,17 @@ and implement hooks with the :data:`aad_core.hookimpl` marker::
 
 The hooks come in two lifecycle groups:
 
-1. **Registration** (called once, when the plugin manager starts): ``aad_register_<kind>``
-   hooks receive a ``register(name, factory, **capabilities)`` callable. ``factory`` is a class or
-   a callable that returns the component when called with its configured parameters; it is only
-   called when the component is used (lazy: no model is loaded at registration).
-   ``capabilities`` are free-form facts shown by ``aad plugins`` (``description=`` is
-   conventional).
+1. **Registration** (called once per plugin, when the plugin manager starts or the plugin is added):
+   ``aad_register_<kind>`` hooks receive a ``register(name, factory, **capabilities)`` callable.
+   ``factory`` is a class or a callable that returns the component when called with its configured
+   parameters; it is only called when the component is used (lazy: no model is loaded at
+   registration). ``capabilities`` are free-form facts shown by ``aad plugins`` (``description=`` is
+   conventional). The component's main method is guarded: raising, or returning the wrong shape,
+   gives a :class:`aad_core.errors.PluginError` that names the plugin, its distribution and this hook.
 2. **Observers** (called while aad works): ``aad_trace_captured``, ``aad_specialist_trained``,
-   ``aad_request_routed``. They must return quickly and must not raise; an observer that raises
-   is logged and does not stop aad.
+   ``aad_request_routed``. pluggy dispatches them, so ``tryfirst``, ``trylast``, ``wrapper=True`` and
+   ``hookwrapper=True`` behave as pluggy documents. They must return quickly; an observer that raises
+   is logged with its plugin's name and the other observers still run.
 
 All signatures are batch-shaped where data flows (lists of traces, not one trace).
 """

@@ -1,6 +1,8 @@
 """The plugin manager: stevedore finds and imports the ``aad`` entry points, pluggy calls them.
 
 One broken plugin is reported (with its distribution) and skipped; the rest keep working.
+pluggy dispatches every hook (registration and observers), so ``tryfirst``/``trylast``/wrappers
+behave as pluggy documents.
 ``AAD_DISABLE_PLUGINS=name,other`` blocks plugins by entry-point name before they are imported.
 Core code calls hooks through :class:`Hooks`, a typed facade, never ``pm.hook`` directly.
 """
@@ -19,6 +21,7 @@ import pluggy
 from stevedore import ExtensionManager
 
 from aad_core.plugins import hookspecs
+from aad_core.plugins.observers import guard_observers
 from aad_core.plugins.registry import KINDS, Registry
 
 if TYPE_CHECKING:
@@ -80,7 +83,13 @@ class _Loader(ExtensionManager):
 
 
 class PluginManager:
-    """Loads plugins once, fills the :class:`Registry`, and exposes :class:`Hooks`."""
+    """Loads plugins, fills the :class:`Registry` through pluggy, and exposes :class:`Hooks`.
+
+    Every hook is dispatched by pluggy. Registration hooks are called once per plugin (a hook caller
+    that holds only that plugin's implementations), so each component is credited to the plugin that
+    registered it; a plugin added later with :meth:`add_plugin` registers its components right away.
+    Observer implementations are guarded when their plugin is added (:mod:`aad_core.plugins.observers`).
+    """
 
     def __init__(self, *, load_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -88,6 +97,7 @@ class PluginManager:
         self.plugins: dict[str, PluginInfo] = {}
         self.registry = Registry()
         self.hooks = Hooks(self.pm)
+        self._filled = False
         if load_entry_points:
             self._load_entry_points()
         self._fill_registry()
@@ -125,6 +135,7 @@ class PluginManager:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         if name in disabled_plugin_names():
             return
+        module = getattr(plugin, "__name__", type(plugin).__name__)
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()  # a misspelled hook name fails here, loudly
@@ -132,16 +143,14 @@ class PluginManager:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             log.warning("aad plugin %r failed to register: %s", name, err)
-            self.plugins[name] = PluginInfo(
-                name, getattr(plugin, "__name__", repr(plugin)), distribution, version,
-                status="failed", error=f"{type(err).__name__}: {err}",
-            )
+            self.plugins[name] = PluginInfo(name, module, distribution, version, status="failed",
+                                            error=f"{type(err).__name__}: {err}")
             return
+        origin = f" ({' '.join(p for p in (distribution, version) if p)})" if distribution else ""
+        guard_observers(self.pm, plugin, origin)
         hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-        self.plugins[name] = PluginInfo(
-            name, getattr(plugin, "__name__", type(plugin).__name__), distribution, version, hooks=hooks
-        )
-        if getattr(self, "_filled", False):
+        self.plugins[name] = PluginInfo(name, module, distribution, version, hooks=hooks)
+        if self._filled:
             self._register_components_of(name, plugin)
 
     # -- registry ----------------------------------------------------------------------------
@@ -153,47 +162,42 @@ class PluginManager:
         self._filled = True
 
     def _register_components_of(self, plugin_name: str, plugin: object) -> None:
-        """Call this plugin's ``aad_register_<kind>s`` hook implementations."""
+        """Have pluggy call this plugin's ``aad_register_<kind>s`` implementations, and only them."""
         info = self.plugins[plugin_name]
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
         for kind in KINDS:
             hook_name = f"aad_register_{kind}s"
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
+            caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            if not caller.get_hookimpls():
+                continue
 
-                def register(name: str, factory: Any, /, _kind: str = kind, **caps: Any) -> None:
-                    self.registry.register(_kind, name, factory, plugin=plugin_name, **caps)
-                    info.components.append({"kind": _kind, "name": name})
+            def register(name: str, factory: Any, /, _kind: str = kind, **caps: Any) -> None:
+                self.registry.register(_kind, name, factory, plugin=plugin_name, distribution=info.distribution,
+                                       version=info.version, **caps)
+                info.components.append({"kind": _kind, "name": name})
 
-                try:
-                    impl.function(register=register)
-                except Exception as err:
-                    log.warning("aad plugin %r failed in %s: %s", plugin_name, hook_name, err)
-                    info.status, info.error = "failed", f"{hook_name}: {type(err).__name__}: {err}"
+            try:
+                caller(register=register)
+            except Exception as err:
+                log.warning("aad plugin %r failed in %s: %s", plugin_name, hook_name, err)
+                info.status, info.error = "failed", f"{hook_name}: {type(err).__name__}: {err}"
 
 
 class Hooks:
-    """Typed calls of the observer hooks. An observer that raises is logged, never propagated."""
+    """Typed calls of the observer hooks; pluggy dispatches each (see :mod:`aad_core.plugins.observers`
+    for why an observer that raises is logged, never propagated)."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
 
-    def _call(self, name: str, **kwargs: Any) -> None:
-        caller = getattr(self._pm.hook, name)
-        for impl in caller.get_hookimpls():
-            try:
-                impl.function(**{k: kwargs[k] for k in impl.argnames})
-            except Exception:
-                log.exception("aad observer %s of plugin %r raised", name, impl.plugin_name)
-
     def trace_captured(self, traces: list[Trace]) -> None:
-        self._call("aad_trace_captured", traces=traces)
+        self._pm.hook.aad_trace_captured(traces=traces)
 
     def specialist_trained(self, specialist: Specialist) -> None:
-        self._call("aad_specialist_trained", specialist=specialist)
+        self._pm.hook.aad_specialist_trained(specialist=specialist)
 
     def request_routed(self, decisions: list[RoutingDecision]) -> None:
-        self._call("aad_request_routed", decisions=decisions)
+        self._pm.hook.aad_request_routed(decisions=decisions)
 
 
 _manager: PluginManager | None = None

@@ -32,6 +32,8 @@ class ComponentInfo:
     factory: Any
     plugin: str
     capabilities: dict[str, Any] = field(default_factory=dict)
+    distribution: str | None = None
+    version: str | None = None
 
     @property
     def description(self) -> str:
@@ -49,7 +51,8 @@ class Registry:
         self._items: dict[str, dict[str, ComponentInfo]] = {k: {} for k in KINDS}
 
     def register(
-        self, kind: str, name: str, factory: Any, *, plugin: str = "?", **capabilities: Any
+        self, kind: str, name: str, factory: Any, *, plugin: str = "?", distribution: str | None = None,
+        version: str | None = None, **capabilities: Any,
     ) -> None:
         if kind not in self._items:
             raise ValueError(f"The 'kind' parameter of Registry.register must be one of {KINDS}. Got {kind!r} instead.")
@@ -63,7 +66,7 @@ class Registry:
                 f"Two plugins register a {kind} named {name!r}: {existing.plugin} and {plugin}.",
                 hint=f"Disable one with AAD_DISABLE_PLUGINS={plugin}",
             )
-        self._items[kind][name] = ComponentInfo(kind, name, factory, plugin, dict(capabilities))
+        self._items[kind][name] = ComponentInfo(kind, name, factory, plugin, dict(capabilities), distribution, version)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._items[kind])
@@ -87,5 +90,10 @@ class Registry:
             ) from None
 
     def create(self, kind: str, name: str, /, **params: Any) -> Any:
-        """Build the component ``name`` of ``kind`` with ``params`` (the factory is called now)."""
-        return self.get(kind, name).factory(**params)
+        """Build the component ``name`` of ``kind`` with ``params`` (the factory is called now).
+
+        Its main method comes back guarded (:func:`aad_core.plugins.checks.guard_component`)."""
+        from aad_core.plugins.checks import guard_component
+
+        info = self.get(kind, name)
+        return guard_component(info, info.factory(**params))
