@@ -1,23 +1,57 @@
 """Workspace configuration: ``aad.toml``, overridden by ``AAD_*`` environment variables.
 
-Nested keys use ``__`` in the environment: ``AAD_SELECT__FRACTION=0.5`` overrides
-``[select] fraction``. Every field has help text (``aad config --help`` style) and the models
-validate across fields, so a bad value fails at load time with the file, the key and a fix.
+The core sections (``[capture]``, ``[embed]``, ``[cluster]``, ``[select]``, ``[train]``, ``[eval]``,
+``[route]``) hold the core's own settings: which component each stage uses, the stage's settings and
+shared context such as ``[train] student``. Nested keys use ``__`` in the environment:
+``AAD_SELECT__FRACTION=0.5`` overrides ``[select] fraction``. Every field has help text and the
+models validate across fields, so a bad value fails at load time with the file, the key and a fix.
+
+A component's own parameters live in its table, ``[<kind>.<name>]`` at the top level (e.g.
+``[trainer.qlora] lora_r = 8``, ``[scorer.kl-uncertainty]``), or in ``AAD_<KIND>__<NAME>__<KEY>``
+(hyphens in the name written as underscores, e.g. ``AAD_TRAINER__QLORA__LORA_R=8``). They are kept
+as written, with where each was set, and checked against the component's signature when it is built
+(:mod:`aad_core.plugins.params`).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aad_core.errors import ConfigError
+from aad_core.plugins.params import CHOSEN_BY, component_key, toml_value
+from aad_core.plugins.registry import KINDS
 
 CONFIG_FILE = "aad.toml"
+ENV_PREFIX = "AAD_"
+
+_QLORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler",
+               "warmup_ratio", "group_by_length", "batch_size", "gradient_accumulation", "epochs", "max_steps",
+               "quantization", "distill_alpha", "temperature", "early_stopping_patience", "answer_hints",
+               "answer_candidates", "hint_embedder")
+#: Keys that moved from a core section into a default component's table: (section, key) -> (kind, name, key).
+MOVED: dict[tuple[str, str], tuple[str, str, str]] = {
+    **{("train", key): ("trainer", "qlora", key) for key in _QLORA_KEYS},
+    ("select", "uncertainty_weight"): ("scorer", "kl-uncertainty", "uncertainty_weight"),
+    ("select", "batch_size"): ("scorer", "kl-uncertainty", "batch_size"),
+    ("cluster", "n_init"): ("clusterer", "kmeans", "n_init"),
+    ("embed", "model"): ("embedder", "minilm", "model"),
+    ("embed", "batch_size"): ("embedder", "minilm", "batch_size"),
+    ("embed", "backend"): ("embedder", "minilm", "backend"),
+    ("eval", "sql_database"): ("evaluator", "sql", "database"),
+    ("eval", "sql_timeout_s"): ("evaluator", "sql", "timeout_s"),
+    ("eval", "json_schema"): ("evaluator", "json", "schema"),
+    ("eval", "semantic_threshold"): ("evaluator", "semantic", "threshold"),
+}
 
 
 class _Section(BaseModel):
@@ -26,7 +60,7 @@ class _Section(BaseModel):
 
 class CaptureConfig(_Section):
     redact: bool = Field(True, description="Remove PII before a trace is written (S2).")
-    redactor: str = Field("presidio", description="Redactor component name.")
+    redactor: str = Field("presidio", description="Redactor component name (its parameters: [redactor.<name>]).")
     queue_size: int = Field(10_000, ge=1, description="Bound of the background write queue.")
     full_policy: Literal["block", "spool"] = Field(
         "spool", description="When the queue is full: block the caller briefly, then spool; or spool at once."
@@ -45,27 +79,17 @@ class CaptureConfig(_Section):
 
 
 class EmbedConfig(_Section):
-    embedder: str = Field("minilm", description="Embedder component name.")
-    model: str | None = Field(
-        None, description="sentence-transformers model name or path; None = the packaged all-MiniLM-L6-v2."
-    )
+    embedder: str = Field("minilm", description="Embedder component name (its parameters: [embedder.<name>]).")
     view: list[Literal["system", "tools", "last_user", "all_user", "answer"]] = Field(
         default_factory=lambda: ["system", "tools", "last_user"],
         description="Which parts of a trace are embedded. Agent nodes share long system prompts, so "
         "the default pairs the system prompt and bound tool names with the last user message.",
     )
     max_chars_per_part: int = Field(1000, ge=16, description="Each view part is cut to this many characters.")
-    batch_size: int = Field(32, ge=1, description="Texts per embedding batch (32 measured fastest for MiniLM on CPU).")
-    backend: Literal["auto", "torch", "onnx"] = Field(
-        "auto",
-        description="Inference backend of embedders that have several: 'onnx' = ONNX Runtime (exported once into "
-        "the user cache; ~3x faster per single request on CPU, which the router needs), 'torch' = PyTorch, "
-        "'auto' = onnx on CPU when onnxruntime is installed, else torch.",
-    )
 
 
 class ClusterConfig(_Section):
-    clusterer: str = Field("kmeans", description="Clusterer component name.")
+    clusterer: str = Field("kmeans", description="Clusterer component name (its parameters: [clusterer.<name>]).")
     k: int | None = Field(None, ge=1, description="Number of clusters; None = chosen by silhouette over [k_min, k_max].")
     k_min: int = Field(2, ge=2, description="Smallest K tried when k is None.")
     k_max: int = Field(16, ge=2, description="Largest K tried when k is None.")
@@ -97,7 +121,6 @@ class ClusterConfig(_Section):
         0.98, gt=0, le=1, description="Cosine similarity at or above which two traces count as near-duplicates."
     )
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each cluster kept out of training for evaluation.")
-    n_init: int = Field(10, ge=1, description="K-Means restarts (scikit-learn n_init), passed explicitly.")
     min_match_similarity: float = Field(
         0.8, ge=-1, le=1,
         description="Re-clustering keeps a cluster's id when its new centroid matches an old one (Hungarian "
@@ -112,62 +135,23 @@ class ClusterConfig(_Section):
 
 
 class SelectConfig(_Section):
-    scorer: str = Field("kl-uncertainty", description="Divergence scorer component name.")
-    selector: str = Field("top", description="Selector component name: 'top', 'random' or 'diverse'.")
+    scorer: str = Field("kl-uncertainty", description="Divergence scorer component name (its parameters: [scorer.<name>]).")
+    selector: str = Field(
+        "top", description="Selector component name: 'top', 'random' or 'diverse' (its parameters: [selector.<name>])."
+    )
     fraction: float = Field(0.3, gt=0, le=1, description="Share of each cluster's training split kept (the paper's 30 %).")
-    uncertainty_weight: float = Field(1.0, ge=0, description="lambda in score = KL + lambda * student entropy.")
-    batch_size: int = Field(8, ge=1, description="Samples per scoring forward pass.")
 
 
 class TrainConfig(_Section):
-    student: str = Field("smollm2-135m", description="Student: a known name (aad models list), a hub id or a local path.")
-    trainer: str = Field("qlora", description="Trainer component name.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank r.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear",
-        description="Modules that get adapters: a list of module names, or 'all-linear' (peft: every linear "
-        "layer but the output head, as in the QLoRA paper, which found it needed to match full fine-tuning). "
-        "Measured on the demo's intent and ticket nodes with SmolLM2-135M, 30 steps: held-out 0.875 / 0.875 vs "
-        "0.56 / 0.50 with ['q_proj', 'v_proj'] (an earlier run, same workspace and settings), at ~1.35x the time "
-        "per step.",
+    student: str = Field(
+        "smollm2-135m", description="Student: a known name (aad models list), a hub id or a local path. Shared by "
+        "the scorer, the trainer, evaluation and serving."
     )
-    learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "cosine", description="Learning rate after the warm-up: a 'cosine' or 'linear' decay towards zero at the "
-        "last step, or 'constant' (as in the QLoRA paper). Measured on Banking77 (1,000 samples, SmolLM2-135M, 3 epochs "
-        "at lr 1e-3): cosine 78.0 % vs constant 70.3 % test accuracy (benchmarks/distill_banking77.py).",
+    trainer: str = Field("qlora", description="Trainer component name (its parameters: [trainer.<name>]).")
+    max_length: int = Field(
+        384, ge=16, description="Prompt + answer tokens kept per sample when scoring and training (the prompt is cut "
+        "from the left)."
     )
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps over which the learning rate rises linearly from 0.")
-    group_by_length: bool = Field(
-        True, description="Batch samples of similar length together (as transformers' group_by_length): less "
-        "padding, faster steps on CPU; the batches are still shuffled."
-    )
-    batch_size: int = Field(16, ge=1, description="Micro-batch size.")
-    gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step (16 x 4 = 64).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the selected samples.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    max_length: int = Field(384, ge=16, description="Prompt + answer tokens kept per sample (the prompt is cut from the left).")
-    quantization: Literal["auto", "4bit", "none"] = Field(
-        "auto", description="'auto' = 4-bit NF4 QLoRA on CUDA, fp32 LoRA on CPU."
-    )
-    distill_alpha: float = Field(0.5, ge=0, le=1, description="alpha in alpha*CE + (1-alpha)*T^2*KL when teacher distributions exist.")
-    temperature: float = Field(2.0, gt=0, description="Soft-target temperature T.")
-    early_stopping_patience: int = Field(2, ge=0, description="Evaluations without held-out improvement before stopping; 0 = off.")
-    answer_hints: int = Field(
-        0, ge=0, description="For clusters whose answers form a closed label set (the 'classification' rule): add "
-        "to every prompt the N distinct answers of the nearest training requests (by hint_embedder), in training "
-        "and at serving time; 0 = off. Measured on Banking77 (1,000 samples, 77 labels, SmolLM2-135M): see "
-        "docs/specialists.md.",
-    )
-    answer_candidates: int = Field(
-        0, ge=0, description="For clusters whose answers form a closed label set: the specialist answers with the "
-        "best of the N distinct labels of the nearest training requests, scored by its log-prob plus a weighted "
-        "vote of the 10 nearest requests (weight fitted on the held-out split), instead of decoding freely; "
-        "0 = off. Measured on Banking77: see docs/specialists.md.",
-    )
-    hint_embedder: str = Field("minilm", description="Embedder component that finds the nearest training requests for answer hints.")
 
 
 class EvalConfig(_Section):
@@ -176,29 +160,24 @@ class EvalConfig(_Section):
     max_heldout: int | None = Field(200, ge=1, description="Held-out samples evaluated per cluster (None = all).")
     teacher_price_per_mtok: float = Field(10.0, ge=0, description="Teacher price in USD per 1M tokens (blended).")
     hardware_price_per_hour: float = Field(0.10, ge=0, description="Price of the specialist's hardware in USD per hour.")
-    sql_database: str | None = Field(None, description="SQLite file for SQL execution accuracy (opened read-only).")
-    sql_timeout_s: float = Field(5.0, gt=0, description="Each SQL query of the 'sql' evaluator is stopped after this many seconds.")
     evaluator: str = Field(
         "auto",
         description="Evaluator for every cluster: 'auto' (chosen from the traces: tool calls -> 'tool-calls', JSON -> "
-        "'json', SQL -> 'sql', short labels -> 'classification', else 'semantic') or a registered evaluator name.",
+        "'json', SQL -> 'sql', short labels -> 'classification', else 'semantic') or a registered evaluator name "
+        "(their parameters: [evaluator.<name>]).",
     )
     cluster_evaluators: dict[str, str] = Field(
         default_factory=dict,
         description="Per-cluster override of 'evaluator': keys are cluster ids or task tags, e.g. {\"3\" = \"json\"}.",
     )
-    json_schema: str | None = Field(None, description="JSON Schema file; the 'json' evaluator then also reports schema validity.")
     latency_samples: int = Field(
         4, ge=0, description="Held-out requests the specialist also answers one at a time, for its single-request "
         "latency p50/p95 (0 = report only the latency amortised over batches)."
     )
-    semantic_threshold: float = Field(
-        0.8, gt=0, le=1, description="Cosine at or above which the 'semantic' evaluator counts two answers as agreeing."
-    )
 
 
 class RouteConfig(_Section):
-    router: str = Field("centroid", description="Router component name.")
+    router: str = Field("centroid", description="Router component name (its parameters: [router.<name>]).")
     threshold_quantile: float = Field(
         0.02, ge=0, lt=1, description="Per-cluster threshold = this quantile of the cluster's own held-out similarities."
     )
@@ -231,10 +210,31 @@ class RouteConfig(_Section):
     )
 
 
-class AADSettings(BaseSettings):
-    """All settings of one workspace."""
+#: The parameters of the components of one kind, by component name: ``{"qlora": {"lora_r": 8}}``.
+ComponentTables = dict[str, dict[str, Any]]
 
-    model_config = SettingsConfigDict(env_prefix="AAD_", env_nested_delimiter="__", extra="forbid")
+
+def _tables_field(kind: str) -> Any:
+    return Field(default_factory=dict, description=f"[{kind}.<name>] tables: parameters of {kind} components, by name.")
+
+
+def _from_env(table: Any) -> bool:
+    return isinstance(table, dict) and bool(table) and all(isinstance(v, _Sourced) and v.env for v in table.values())
+
+
+@dataclass(frozen=True)
+class _Sourced:
+    """A component parameter on its way from a settings source, with where it was set."""
+
+    value: Any
+    source: str  # "path:line" or the environment variable's name
+    env: bool
+
+
+class AADSettings(BaseSettings):
+    """All settings of one workspace: the core sections, then one ``[<kind>.<name>]`` table per component."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     seed: int = Field(0, description="Seed for every random step (splits, clustering, selection, training).")
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
@@ -245,6 +245,22 @@ class AADSettings(BaseSettings):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     route: RouteConfig = Field(default_factory=RouteConfig)
 
+    redactor: ComponentTables = _tables_field("redactor")
+    embedder: ComponentTables = _tables_field("embedder")
+    clusterer: ComponentTables = _tables_field("clusterer")
+    scorer: ComponentTables = _tables_field("scorer")
+    selector: ComponentTables = _tables_field("selector")
+    trainer: ComponentTables = _tables_field("trainer")
+    evaluator: ComponentTables = _tables_field("evaluator")
+    router: ComponentTables = _tables_field("router")
+
+    #: (kind, component_key(name), key) -> where the value was set ("path:line" or "AAD_...").
+    _param_sources: dict[tuple[str, str, str], str] = PrivateAttr(default_factory=dict)
+    #: The aad.toml this config was loaded from (None = defaults + environment).
+    _path: Path | None = PrivateAttr(default=None)
+    #: The aad.toml a subclass reads (see :func:`load_config`).
+    toml_path: ClassVar[Path | None] = None
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -254,26 +270,178 @@ class AADSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = settings_cls.model_config.get("toml_file")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings, _CoreEnvSource(settings_cls), _ComponentEnvSource(settings_cls)]
+        if settings_cls.toml_path is not None:
+            sources.append(_TomlSource(settings_cls, settings_cls.toml_path))
         return tuple(sources)
 
+    @model_validator(mode="after")
+    def _unwrap_component_tables(self) -> AADSettings:
+        """Merge each component's table from the file and the environment (the environment wins); keep the sources."""
+        for kind in KINDS:
+            tables = getattr(self, kind)
+            merged: dict[str, tuple[str, dict[str, Any]]] = {}  # component_key -> (name as written, params)
+            # tables from aad.toml (or code) first, so that their spelling of the name is kept
+            for written, table in sorted(tables.items(), key=lambda item: _from_env(item[1])):
+                if not isinstance(table, dict):
+                    raise ValueError(f"[{kind}.{written}] must be a table of parameters. Got {table!r} instead.")
+                ckey = component_key(written)
+                display, params = merged.get(ckey, (written, {}))
+                for key, value in sorted(table.items(), key=lambda kv: _from_env({kv[0]: kv[1]})):
+                    if isinstance(value, _Sourced):
+                        if value.env:  # AAD_* keys match the table's keys case-insensitively
+                            key = next((k for k in params if k.lower() == key), key)
+                        self._param_sources[(kind, ckey, key)] = value.source
+                        value = value.value
+                    params[key] = value
+                merged[ckey] = (display, params)
+            tables.clear()
+            tables.update(dict(merged.values()))
+        return self
 
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best-effort line number of a dotted key in a TOML text."""
-    lines = text.splitlines()
-    section, key = (str(loc[0]), str(loc[1])) if len(loc) >= 2 else (None, str(loc[0]) if loc else "")
-    in_section = section is None
-    for i, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            in_section = section is not None and stripped.strip("[]").strip() == section
+    # -- component tables ---------------------------------------------------------------------
+    def component_table(self, kind: str, name: str) -> dict[str, Any]:
+        """The parameters set for the component ``name`` of ``kind`` (its table and AAD_<KIND>__<NAME>__* variables)."""
+        want = component_key(name)
+        return {k: v for written, table in self._tables(kind).items() if component_key(written) == want
+                for k, v in table.items()}
+
+    def param_source(self, kind: str, name: str, key: str) -> str | None:
+        """Where a component parameter was set: ``"path:line"``, the ``AAD_*`` variable's name, or None (in code)."""
+        return self._param_sources.get((kind, component_key(name), key))
+
+    def set_component_param(self, kind: str, name: str, key: str, value: Any, *, source: str | None = None) -> None:
+        """Set ``[<kind>.<name>] key = value`` in memory (aad.toml is not changed)."""
+        tables = self._tables(kind)
+        written = next((w for w in tables if component_key(w) == component_key(name)), name)
+        tables.setdefault(written, {})[key] = value
+        if source is None:
+            self._param_sources.pop((kind, component_key(name), key), None)
+        else:
+            self._param_sources[(kind, component_key(name), key)] = source
+
+    @property
+    def path(self) -> Path | None:
+        """The aad.toml this config was loaded from (relative paths in component tables are relative to its folder)."""
+        return self._path
+
+    def _tables(self, kind: str) -> ComponentTables:
+        if kind not in KINDS:
+            raise ValueError(f"The 'kind' parameter must be one of {KINDS}. Got {kind!r} instead.")
+        tables = self.__dict__.get(kind)
+        if tables is None:  # a config built with model_construct(...) of an older field set
+            tables = self.__dict__[kind] = {}
+        return tables
+
+
+# -- settings sources --------------------------------------------------------------------------
+
+class _CoreEnvSource(EnvSettingsSource):
+    """``AAD_<SECTION>__<KEY>`` for the core sections; component tables are read by :class:`_ComponentEnvSource`."""
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__call__().items() if k not in KINDS}
+
+
+class _ComponentEnvSource(PydanticBaseSettingsSource):
+    """``AAD_<KIND>__<NAME>__<KEY>=value``: a string, decoded against the component's signature when it is built."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for var, value in os.environ.items():
+            upper = var.upper()
+            for kind in KINDS:
+                head = f"{ENV_PREFIX}{kind.upper()}"
+                if upper != head and not upper.startswith(head + "__"):
+                    continue
+                parts = upper[len(head) + 2:].split("__") if upper != head else []
+                if len(parts) != 2 or not all(parts):
+                    raise ConfigError(
+                        f"The environment variable {var} does not name a component parameter: they are written "
+                        f"{head}__<NAME>__<KEY>, with '-' in the name as '_'.",
+                        hint=f"e.g. {ENV_PREFIX}TRAINER__QLORA__LORA_R=8 sets [trainer.qlora] lora_r; unset {var}.",
+                    )
+                name, key = (p.lower() for p in parts)
+                out.setdefault(kind, {}).setdefault(name, {})[key] = _Sourced(value, var, env=True)
+        return out
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """``aad.toml``: the core sections as they are; component tables with the line of every key."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        text = self.path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+        lines = toml_key_lines(text)
+        for kind in KINDS:
+            if kind not in data:
+                continue
+            for name, table in data[kind].items():
+                if not isinstance(table, dict):
+                    line = lines.get((kind, name))
+                    example = CHOSEN_BY[kind]
+                    raise ConfigError(
+                        f"{self.path}{f':{line}' if line else ''}: [{kind}] {name} = {table!r}: a {kind}'s parameters "
+                        f"go in the table of that {kind}, [{kind}.<name>], not in [{kind}] itself.",
+                        hint=f"e.g. [{kind}.my-{kind}] {name} = {toml_value(table)}, "
+                        f"with [{example[0]}] {example[1]} = \"my-{kind}\".",
+                    )
+                data[kind][name] = {
+                    key: _Sourced(value, f"{self.path}:{lines.get((kind, name, key), '?')}", env=False)
+                    for key, value in table.items()
+                }
+        return data
+
+
+# -- locating keys in aad.toml -----------------------------------------------------------------
+
+_BARE_OR_QUOTED = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
+_HEADER_RE = re.compile(rf"^\s*\[\[?\s*({_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*)\s*\]\]?\s*(?:#.*)?$")
+_KEY_RE = re.compile(rf"^\s*({_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*)\s*=")
+
+
+def _dotted(text: str) -> tuple[str, ...]:
+    return tuple(a or b or c for a, b, c in re.findall(r'"([^"]*)"|\'([^\']*)\'|([A-Za-z0-9_-]+)', text))
+
+
+def toml_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Best-effort line number of every table and key of a TOML text, by its full dotted path."""
+    out: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER_RE.match(line)
+        if header:
+            table = _dotted(header.group(1))
+            for i in range(1, len(table) + 1):
+                out.setdefault(table[:i], number)
             continue
-        if in_section and re.match(rf"{re.escape(key)}\s*=", stripped):
-            return i
-    return None
+        key = _KEY_RE.match(line)
+        if key:
+            path = table + _dotted(key.group(1))
+            for i in range(len(table) + 1, len(path) + 1):
+                out.setdefault(path[:i], number)
+    return out
+
+
+def env_var(*path: str) -> str:
+    """The environment variable of a key: ``env_var("select", "fraction") == "AAD_SELECT__FRACTION"``."""
+    return ENV_PREFIX + "__".join(component_key(p).upper() for p in path)
+
+
+def _env_set(name: str) -> str | None:
+    """The environment variable named ``name`` (any case), as written, when it is set."""
+    return next((var for var in os.environ if var.upper() == name), None)
 
 
 def load_config(path: Path | None) -> AADSettings:
@@ -291,52 +459,89 @@ def load_config(path: Path | None) -> AADSettings:
             raise ConfigError(f"{path}: not valid TOML: {err}", hint="Fix the syntax at the line shown.") from None
 
         class _FromFile(AADSettings):
-            model_config = SettingsConfigDict(**{**AADSettings.model_config, "toml_file": path})
+            toml_path = path
 
         cls = _FromFile
     try:
-        return cls()
+        settings = cls()
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = tuple(e["loc"])
-            line = _line_of(text, loc) if text else None
-            where = f"{path}:{line}" if line else str(path or "environment")
-            key = ".".join(str(p) for p in loc)
-            problems.append(f"{where}: [{key}] {e['msg']} (got {e.get('input')!r})")
-        env_key = "AAD_" + "__".join(str(p).upper() for p in tuple(err.errors()[0]["loc"]))
-        raise ConfigError(
-            "Invalid aad configuration:\n  " + "\n  ".join(problems),
-            hint=f"Edit {path or CONFIG_FILE} (or unset {env_key}); 'aad config' shows every key with its help.",
-        ) from None
+        raise _config_error(err, path, text) from None
+    if path is not None:
+        settings._path = path.resolve()
+    return settings
+
+
+def _config_error(err: ValidationError, path: Path | None, text: str) -> ConfigError:
+    lines = toml_key_lines(text) if text else {}
+    problems, moved, env_keys = [], [], []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        var = _env_set(env_var(*loc)) if loc else None
+        line = lines.get(loc) if text else None
+        where = f"environment variable {var}" if var else f"{path}:{line}" if line else str(path or "environment")
+        env_keys.append(var or env_var(*loc))
+        if e["type"] == "extra_forbidden" and loc[:2] in MOVED and len(loc) == 2:
+            kind, name, key = MOVED[loc[:2]]
+            instead = f"set {env_var(kind, name, key)} instead" if var else f"write it under [{kind}.{name}]"
+            moved.append(f"{where}: [{loc[0]}] {loc[1]} moved to [{kind}.{name}] {key}: {instead}.")
+            continue
+        problem = f"{where}: [{'.'.join(loc)}] {e['msg']} (got {e.get('input')!r})"
+        if e["type"] == "extra_forbidden" and len(loc) == 2:
+            problem += _extra_key_hint(loc[0], loc[1])
+        elif e["type"] == "extra_forbidden" and len(loc) == 1:
+            close = difflib.get_close_matches(loc[0], list(AADSettings.model_fields), n=1)
+            sections = ", ".join(AADSettings.model_fields)
+            problem += f"; did you mean [{close[0]}]?" if close else f"; the sections are {sections}"
+        problems.append(problem)
+    if moved:
+        return ConfigError(
+            "Settings of the default components moved into the components' own tables:\n  "
+            + "\n  ".join(moved + problems),
+            hint="Move each key to the table shown (a fresh 'aad init OTHER_DIR' writes every table with its help); "
+            "'aad config' shows every key.",
+        )
+    return ConfigError(
+        "Invalid aad configuration:\n  " + "\n  ".join(problems),
+        hint=f"Edit {path or CONFIG_FILE} (or unset {env_keys[0]}); 'aad config' shows every key with its help.",
+    )
+
+
+def _extra_key_hint(section: str, key: str) -> str:
+    field = AADSettings.model_fields.get(section)
+    factory = field.default_factory if field else None
+    known = list(type(factory()).model_fields) if factory and factory is not dict else []  # type: ignore[call-arg]
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    kinds = [kind for kind, (sec, _) in CHOSEN_BY.items() if sec == section]
+    if kinds:
+        tables = " or ".join(f"[{k}.<name>]" for k in kinds)
+        return f"; a component's own parameters go in its table, {tables}"
+    return ""
 
 
 def default_config_toml() -> str:
-    """The text ``aad init`` writes: every key at its default, with its help as a comment."""
+    """The text ``aad init`` writes: every core key at its default with its help as a comment, each section
+    followed by the tables of the components it picks (their parameters at their defaults, with their help)."""
+    from aad_core.plugins.params import component_tables_toml
+
     settings = AADSettings.model_construct()
-    out = ["# aad workspace configuration. Environment variables AAD_<SECTION>__<KEY> override it.", ""]
+    out = [f"# aad workspace configuration. Environment variables {ENV_PREFIX}<SECTION>__<KEY> override it;",
+           f"# a component's parameters: [<kind>.<name>] tables, or {ENV_PREFIX}<KIND>__<NAME>__<KEY>.", ""]
     seed_help = AADSettings.model_fields["seed"].description
     out += [f"# {seed_help}", f"seed = {settings.seed}", ""]
     for name, field in AADSettings.model_fields.items():
-        if name == "seed":
+        if name == "seed" or name in KINDS:
             continue
-        section = field.default_factory()  # type: ignore[misc]
+        section = field.default_factory()  # type: ignore[misc,call-arg]
         out.append(f"[{name}]")
         for key, f in type(section).model_fields.items():
             value = getattr(section, key)
             if value is None:
                 out.append(f"# {f.description}\n# {key} =")
                 continue
-            out.append(f"# {f.description}\n{key} = {_toml_value(value)}")
+            out.append(f"# {f.description}\n{key} = {toml_value(value)}")
         out.append("")
+        for kind in (k for k, (sec, _) in CHOSEN_BY.items() if sec == name):
+            out += component_tables_toml(settings, kind)
     return "\n".join(out)
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value)

@@ -23,11 +23,12 @@ def cluster(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Find the agent's task clusters, flag routine ones, split train/held-out, write a 2-D map."""
-    from aad_core.pipeline.cluster import MAP_FILE, STATE_FILE, run_cluster
+    from aad_core.pipeline.cluster import run_cluster
+    from aad_core.report import draw_cluster_map
 
     ws = open_workspace(workspace)
     state = run_cluster(ws, k=k, show_progress=not json_out)
-    map_path = ws.state_path(MAP_FILE)
+    map_path = draw_cluster_map(ws)
     if json_out:
         data = state.to_json()
         for c in data["clusters"]:
@@ -35,8 +36,8 @@ def cluster(
         data.pop("assignments")
         data.pop("split")
         data["n_dropped"] = len(data.pop("dropped"))
-        data["state_file"] = str(ws.state_path(STATE_FILE))
-        data["map"] = str(map_path) if map_path.exists() else None
+        data["state_file"] = str(state.path(ws))
+        data["map"] = str(map_path) if map_path else None
         print_json(data)
         return
     cfg = ws.config.cluster
@@ -73,8 +74,8 @@ def cluster(
         f"[bold]Replaceability[/]: {rep['routine_clusters']} routine cluster(s) hold {_pct(rep['calls'])} of calls, "
         f"{_pct(rep['tokens'])} of tokens, {_pct(rep.get('cost'))} of recorded teacher cost."
     )
-    console.print(f"clusters: {ws.state_path(STATE_FILE)}")
-    if map_path.exists():
+    console.print(f"clusters: {state.path(ws)}")
+    if map_path:
         console.print(f"map: {map_path}")
 
 

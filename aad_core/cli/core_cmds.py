@@ -59,7 +59,7 @@ def ingest(
     if do_redact and traces:
         from aad_core.capture.redaction import redact_traces
 
-        traces = redact_traces(traces, ws.config)
+        traces = redact_traces(traces, ws.config, ws)
     store = ws.store()
     try:
         added = store.add(traces)
@@ -163,24 +163,49 @@ def plugins(json_out: JsonOption = False) -> None:
 
 
 def config(json_out: JsonOption = False, workspace: WorkspaceOption = None) -> None:
-    """Show the effective configuration (aad.toml + AAD_* environment), every key with its help."""
+    """Show the effective configuration (aad.toml + AAD_* environment), every key with its help, and the
+    parameters of the components it uses ([<kind>.<name>] tables) with where each was set."""
+    from rich.markup import escape
+
+    from aad_core.plugins.params import describe_components
+
     ws = open_workspace(workspace)
     cfg = ws.config
+    components = describe_components(cfg)
     if json_out:
-        print_json(cfg.model_dump(mode="json"))
+        core = cfg.model_dump(mode="json", exclude=set(_component_kinds()))
+        print_json({**core, "components": components})
         return
     console.print(f"[bold]seed[/] = {cfg.seed}")
     for section_name in type(cfg).model_fields:
         section = getattr(cfg, section_name)
         if not hasattr(type(section), "model_fields"):
             continue
-        table = Table(title=f"[{section_name}]", title_justify="left", show_lines=False)
+        table = Table(title=escape(f"[{section_name}]"), title_justify="left", show_lines=False)
         table.add_column("key")
         table.add_column("value")
         table.add_column("help", overflow="fold")
         for key, field in type(section).model_fields.items():
-            table.add_row(key, repr(getattr(section, key)), field.description or "")
+            table.add_row(key, escape(repr(getattr(section, key))), escape(field.description or ""))
         console.print(table)
+    for comp in components:
+        title = f"[{comp['kind']}.{comp['name']}]" + (f"  plugin {comp['plugin']}" if comp["plugin"] else "")
+        if comp["error"]:
+            err_console.print(f"[red]{escape(title)}[/]: {escape(comp['error'])}")
+        if not comp["params"]:
+            continue
+        table = Table(title=escape(title), title_justify="left", show_lines=False)
+        for col in ("key", "value", "set in", "help"):
+            table.add_column(col, overflow="fold" if col == "help" else None)
+        for row in comp["params"]:
+            table.add_row(row["key"], escape(repr(row["value"])), escape(row["source"]), escape(row["help"]))
+        console.print(table)
+
+
+def _component_kinds() -> tuple[str, ...]:
+    from aad_core.plugins.registry import KINDS
+
+    return KINDS
 
 
 def register(app: typer.Typer) -> None:

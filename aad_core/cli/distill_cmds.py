@@ -42,9 +42,15 @@ def distill(
     console.print(f"Done in {time.perf_counter() - start:.0f} s. Report: [bold]{ws.report_path}[/]")
 
 
+def _eval_entries(ws: Any) -> list[dict[str, Any]]:
+    from aad_core.artifacts import EvalReport
+
+    evaluation = EvalReport.load_optional(ws)
+    return evaluation.clusters if evaluation else []
+
+
 def summary_table(ws: Any) -> Table:
     """Per cluster: size, routine, base / specialist / teacher score, where it is routed."""
-    evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
     table = Table(title="aad distill summary", title_justify="left")
     for col in ("id", "task", "size", "routine", "metric", "base", "spec.", "teacher", "route"):
         table.add_column(col, justify="right" if col in ("id", "size", "base", "spec.", "teacher") else "left",
@@ -53,7 +59,7 @@ def summary_table(ws: Any) -> Table:
     def fmt(part: Any) -> str:
         return f"{part['score']:.2f}" if isinstance(part, dict) and isinstance(part.get("score"), (int, float)) else "-"
 
-    for c in evaluation.get("clusters", []):
+    for c in _eval_entries(ws):
         routed = "[green]specialist[/]" if c.get("promoted") else "teacher"
         table.add_row(str(c.get("cluster_id")), str(c.get("task") or c.get("label", ""))[:16], str(c.get("size", "")),
                       "yes" if c.get("routine") else "no", str(c.get("metric", "-"))[:8], fmt(c.get("base")),
@@ -63,9 +69,8 @@ def summary_table(ws: Any) -> Table:
 
 def summary_reasons(ws: Any) -> list[str]:
     """One line per cluster: why it is (not) routed to a specialist."""
-    evaluation = ws.read_state("eval.json") if ws.state_path("eval.json").exists() else {"clusters": []}
     return [f"  {c.get('cluster_id')} {c.get('task') or c.get('label', '')}: {c.get('reason', '')}"
-            for c in evaluation.get("clusters", [])]
+            for c in _eval_entries(ws)]
 
 
 def demo(

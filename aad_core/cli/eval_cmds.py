@@ -38,6 +38,7 @@ def eval_cmd(
 
     Also measures specialist latency (p50/p95) and cost per 1M tokens; writes .aad/state/eval.json.
     """
+    from aad_core.artifacts import EvalReport
     from aad_core.pipeline.evaluate import run_evaluate
 
     ws = open_workspace(workspace)
@@ -51,7 +52,7 @@ def eval_cmd(
             console.print(f"  cluster {c['cluster_id']}: {c['reason']}", highlight=False)
     if any(c.get("weakest_metric") for c in result.get("clusters", [])):
         console.print("  * semantic agreement (embedding similarity): the weakest metric.")
-    console.print(f"Written: {ws.state_path('eval.json')}. Next: [bold]aad report[/]")
+    console.print(f"Written: {EvalReport.path(ws)}. Next: [bold]aad report[/]")
 
 
 def report_cmd(

@@ -55,7 +55,8 @@ def route_cmd(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Where would a request go? Prints the routing decision: target, cluster, similarity, threshold, reason."""
-    from aad_core.pipeline.calibrate import ROUTER_EVAL, calibrate_router, load_router_state
+    from aad_core.artifacts import RouterEval, RouterState
+    from aad_core.pipeline.calibrate import calibrate_router
 
     ws = open_workspace(workspace)
     if calibrate:
@@ -66,19 +67,20 @@ def route_cmd(
         if not json_out:
             console.print(_thresholds_table(state))
             console.print(_teacher_nodes_line(state))
-            console.print(_eval_line(ws.read_state(ROUTER_EVAL)))
-            console.print(f"Saved {ws.state_path('router.json')} and {ws.state_path(ROUTER_EVAL)}")
+            console.print(_eval_line(RouterEval.load(ws).to_json()))
+            console.print(f"Saved {RouterState.path(ws)} and {RouterEval.path(ws)}")
     if show:
-        state = load_router_state(ws)
-        if state is None:
+        saved = RouterState.load_optional(ws)
+        if saved is None:
             raise fail("The router is not calibrated yet.", "Run 'aad route --calibrate' (or 'aad distill').")
+        state = {**saved.stamp, **saved.to_json()}
         if json_out and text is None:
             print_json(state)
             return
         console.print(_thresholds_table(state))
         console.print(_teacher_nodes_line(state))
-        if ws.state_path(ROUTER_EVAL).exists():
-            console.print(_eval_line(ws.read_state(ROUTER_EVAL)))
+        if RouterEval.exists(ws):
+            console.print(_eval_line(RouterEval.load(ws).to_json()))
     if text is None:
         if not (show or calibrate):
             raise fail("Give a message to route, or --show / --calibrate.", "Example: aad route \"Where is my card?\"")

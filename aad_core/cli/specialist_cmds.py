@@ -19,6 +19,7 @@ def select_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Score each routine cluster's training traces (KL to the teacher + student uncertainty) and keep the top share."""
+    from aad_core.artifacts import Selection
     from aad_core.pipeline.select import run_select
 
     ws = open_workspace(workspace)
@@ -40,16 +41,16 @@ def select_cmd(
         table.add_row(str(r["cluster"]), r["label"], str(r["train"]), str(r["selected"]),
                       f"{r['mean_score_selected']:.3f}", f"{r['mean_score_all']:.3f}")
     console.print(table)
-    console.print(f"Saved {ws.state_path('selection.json')}. Next: [bold]aad train[/]")
+    console.print(f"Saved {Selection.path(ws)}. Next: [bold]aad train[/]")
 
 
 def train_cmd(
     cluster: Annotated[int | None, typer.Option("--cluster", help="Train only this cluster id.")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the selection (default: \\[train] epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the selection (default: \\[trainer.qlora] epochs).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps (overrides epochs).")] = None,
     answer_hints: Annotated[int | None, typer.Option(
         "--answer-hints", help="Labels of the N nearest training requests in each prompt, for clusters with a closed "
-        "label set; 0 = off (default: \\[train] answer_hints).")] = None,
+        "label set; 0 = off (default: \\[trainer.qlora] answer_hints).")] = None,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:

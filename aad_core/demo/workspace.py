@@ -30,14 +30,14 @@ DEMO_CONFIG: dict[tuple[str, str], Any] = {
     # ~40 samples, too few to cover 8 intents in a few dozen steps.
     ("select", "selector"): "diverse",
     ("select", "fraction"): 0.6,
-    ("train", "batch_size"): 8,
-    ("train", "gradient_accumulation"): 1,
     ("train", "max_length"): 160,
-    ("train", "max_steps"): 24,
-    ("train", "learning_rate"): 1e-3,
+    ("trainer.qlora", "batch_size"): 8,
+    ("trainer.qlora", "gradient_accumulation"): 1,
+    ("trainer.qlora", "max_steps"): 24,
+    ("trainer.qlora", "learning_rate"): 1e-3,
     # The demo's figures (docs/demo.md) were measured with a constant rate over its 24 steps.
-    ("train", "lr_scheduler"): "constant",
-    ("train", "early_stopping_patience"): 0,
+    ("trainer.qlora", "lr_scheduler"): "constant",
+    ("trainer.qlora", "early_stopping_patience"): 0,
     # 24 held-out samples per cluster: with 16, one miss already fails the 0.95 parity gate.
     ("eval", "max_heldout"): 24,
     ("eval", "max_new_tokens"): 48,
@@ -45,13 +45,14 @@ DEMO_CONFIG: dict[tuple[str, str], Any] = {
 
 
 def demo_config_toml(overrides: dict[tuple[str, str], Any] | None = None) -> str:
-    """The default ``aad.toml`` text with the demo's values substituted in their sections."""
+    """The default ``aad.toml`` text with the demo's values substituted in their sections (a section is a
+    core one, ``"train"``, or a component's table, ``"trainer.qlora"``)."""
     from aad_core.config import default_config_toml
 
     text = default_config_toml()
     for (section, key), value in {**DEMO_CONFIG, **(overrides or {})}.items():
         rendered = json.dumps(value) if not isinstance(value, bool) else ("true" if value else "false")
-        block = re.search(rf"(?ms)^\[{section}\]\n(.*?)(?=^\[|\Z)", text)
+        block = re.search(rf"(?ms)^\[{re.escape(section)}\]\n(.*?)(?=^\[|\Z)", text)
         if block is None:
             raise ValueError(f"no [{section}] section in the default config")
         body = block.group(1)
@@ -127,7 +128,7 @@ def create_demo_workspace(directory: Path | str, *, seed: int = 0, sizes: dict[s
     if (ws.config.capture.redact if redact is None else redact) and traces:
         from aad_core.capture.redaction import redact_traces
 
-        traces = redact_traces(traces, ws.config)
+        traces = redact_traces(traces, ws.config, ws)
     with ws.store() as store:
         store.add(traces)
     (root / "README.md").write_text(readme_text(len(records), full_sizes, seed), encoding="utf-8")

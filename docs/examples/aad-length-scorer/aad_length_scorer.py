@@ -12,7 +12,13 @@ from aad_core import Scorer, Trace, hookimpl
 
 
 class LengthScorer(Scorer):
-    """Score = number of whitespace-separated words in the teacher's answer (times ``weight``)."""
+    """Score = number of whitespace-separated words in the teacher's answer (times ``weight``).
+
+    Parameters
+    ----------
+    weight : float
+        Multiplier of every score (set in aad.toml as ``[scorer.length] weight``).
+    """
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = weight
