@@ -148,6 +148,32 @@ def test_tool_calls_name_and_argument_accuracy() -> None:
     assert out["parse_rate"] == pytest.approx(4 / 5)
 
 
+def test_the_tool_call_evaluator_reads_calls_with_the_routers_parser() -> None:
+    import aad_plugins.evaluators as evaluators
+    from aad_core.formats import tool_calls
+
+    assert evaluators.parse_tool_calls is tool_calls.parse_tool_calls  # one parser, no copy in the plugin
+    ref = _calls(("lookup", {"id": 7}))
+    preds = [
+        '```json\n{"name": "lookup", "arguments": {"id": 7}}\n```',  # a fenced bare call: the router serves a call
+        'Sure: {"name": "lookup", "arguments": {"id": 7}}',           # prose around it: the router serves text
+        '{"name": "lookup", "arguments": "id=7"}',                   # a call it cannot read: escalated
+    ]
+    out = create_component("evaluator", "tool-calls").evaluate(preds, [ref] * 3)
+    assert out["per_item"] == [1.0, 0.0, 0.0] and out["parse_rate"] == pytest.approx(2 / 3)
+    assert [bool(tool_calls.parse_tool_calls(p)[1]) for p in preds[:2]] == [True, False]
+
+
+def test_the_evaluators_read_answers_with_the_shared_format_helpers() -> None:
+    import aad_plugins.evaluators as evaluators
+    from aad_core.formats import json_answers, sql
+
+    assert evaluators.parse_json_answer is json_answers.parse_json_answer
+    assert evaluators.canonical_json is json_answers.canonical_json
+    assert evaluators.canonical_sql is sql.canonical_sql
+    assert evaluators.canonical_sql("```sql\nselect A from T;\n```") == evaluators.canonical_sql("SELECT a FROM t")
+
+
 class _BagOfWords:
     """A deterministic stand-in embedder for the unit test: word-count vectors."""
 

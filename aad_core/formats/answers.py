@@ -8,6 +8,7 @@ Plain answers are their text.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from aad_core.schema import Message, Trace
@@ -31,6 +32,12 @@ def answer_string(trace: Trace) -> str:
     if trace.response.tool_calls:
         return tool_calls_string(trace.response)
     return trace.response.text()
+
+
+def answer_pairs(traces: Sequence[Trace]) -> list[tuple[str, bool]]:
+    """(answer string, had tool calls) for each trace with a recorded answer: what
+    :func:`aad_core.formats.kinds.output_kind` reads."""
+    return [(answer_string(t), bool(t.response.tool_calls)) for t in traces if t.response is not None]
 
 
 def teacher_quality(trace: Trace) -> float | None:

@@ -3,8 +3,12 @@
 Specialists learn tool calls from the chat template's rendering of the teacher's assistant
 messages. The format is the Hermes / Qwen / SmolLM convention that ``aad_core.models.chat_format``
 renders: one ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block per call. A bare
-JSON object (or list of objects) with ``name`` and ``arguments`` as the whole answer is accepted
-too, because small students often drop the tags.
+JSON object (or list of objects) with ``name`` and ``arguments`` as the whole answer (in a code
+fence or not; OpenAI's ``{"function": {...}}`` and ``{"tool_calls": [...]}`` shapes too) is
+accepted as well, because small students often drop the tags.
+
+This is the one tool-call parser: the router reads a specialist's answer with it and the
+``tool-calls`` evaluator scores what it reads, so the parity gate judges the calls the router serves.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import uuid
 from typing import Any
 
+from aad_core.formats.fences import strip_fence
 from aad_core.schema import FunctionCall, ToolCall
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -50,11 +55,21 @@ def _looks_like_call(obj: Any) -> bool:
     return "name" in fn and ("arguments" in fn or "parameters" in fn)
 
 
+def _bare_calls(obj: Any) -> list[Any] | None:
+    """The call objects of a bare JSON answer, or None when it is not tool calls."""
+    if isinstance(obj, dict) and isinstance(obj.get("tool_calls"), list):
+        obj = obj["tool_calls"]
+    if not _looks_like_call(obj):
+        return None
+    return obj if isinstance(obj, list) else [obj]
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """Split generated ``text`` into (remaining content, tool calls).
 
-    Raises :class:`ToolCallParseError` when a ``<tool_call>`` block is present but malformed
-    (which the router treats as a failed check and escalates).
+    Raises :class:`ToolCallParseError` when a ``<tool_call>`` block or a bare JSON call is present
+    but malformed (which the router treats as a failed check and escalates, and the ``tool-calls``
+    evaluator as an answer it cannot read).
     """
     blocks = _BLOCK.findall(text)
     if blocks:
@@ -67,14 +82,15 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
             calls.extend(_to_call(o) for o in (obj if isinstance(obj, list) else [obj]))
         content = _BLOCK.sub("", text).strip()
         return content, calls
-    stripped = text.strip()
+    stripped = strip_fence(text).strip()
     if stripped[:1] in "[{":
         try:
             obj = json.loads(stripped)
         except json.JSONDecodeError:
             return text, []
-        if _looks_like_call(obj):
-            return "", [_to_call(o) for o in (obj if isinstance(obj, list) else [obj])]
+        items = _bare_calls(obj)
+        if items is not None:
+            return "", [_to_call(o) for o in items]
     return text, []
 
 

@@ -3,41 +3,42 @@
 - JSON must parse, and match the JSON schema when one is known (``response_format``).
 - SQL must parse (sqlglot).
 - Tool calls must name a tool the request bound, with arguments that fit its JSON schema.
+- A label must be a label (one short line, not JSON or SQL).
 
 Which checks apply comes from the request (``response_format``, bound tools) and from the
-cluster's calibrated ``output_kind`` ("json", "sql", "tool_calls" or "text").
+cluster's calibrated ``output_kind``, the kind :func:`aad_core.formats.kinds.output_kind` gives its
+teacher answers (the same kind that picked the parity gate's evaluator).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aad_core.formats import kinds
+from aad_core.formats.fences import strip_fence
+from aad_core.formats.kinds import OUTPUT_KINDS, OutputKind
+from aad_core.formats.labels import is_label
+from aad_core.formats.sql import SQL_START, parse_sql
 from aad_core.schema import ChatRequest, ToolCall
 
-OUTPUT_KINDS = ("text", "json", "sql", "tool_calls")
-_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n(.*?)\n?```\s*$", re.DOTALL)
-_SQL_START = re.compile(r"^\s*(select|with|insert|update|delete|create)\b", re.IGNORECASE)
+__all__ = [
+    "OUTPUT_KINDS", "ValidationResult", "infer_output_kind", "response_schema", "strip_fence", "validate_json",
+    "validate_label", "validate_output", "validate_sql", "validate_tool_calls",
+]
 
 
 @dataclass(frozen=True)
 class ValidationResult:
     ok: bool
-    #: Which check ran ("json", "sql", "tool_calls", "none") and, on failure, why.
+    #: Which check ran ("json", "sql", "tool_calls", "label", "text", "none") and, on failure, why.
     check: str = "none"
     reason: str = ""
 
     def __bool__(self) -> bool:
         return self.ok
-
-
-def strip_fence(text: str) -> str:
-    """The body of a single Markdown code fence, or ``text`` unchanged."""
-    m = _FENCE.match(text)
-    return m.group(1) if m else text
 
 
 def _schema_errors(instance: Any, schema: dict[str, Any]) -> str | None:
@@ -68,21 +69,27 @@ def validate_json(text: str, schema: dict[str, Any] | None = None) -> Validation
 
 def validate_sql(text: str, dialect: str | None = None) -> ValidationResult:
     """``text`` is one or more SQL statements that sqlglot parses."""
-    import sqlglot
-    from sqlglot.errors import ParseError, TokenError
+    from sqlglot.errors import SqlglotError
 
     body = strip_fence(text).strip()
     if not body:
         return ValidationResult(False, "sql", "empty SQL")
-    if not _SQL_START.match(body):
+    if not SQL_START.match(body):
         return ValidationResult(False, "sql", f"not a SQL statement: {body[:40]!r}")
     try:
-        statements = [s for s in sqlglot.parse(body, read=dialect) if s is not None]
-    except (ParseError, TokenError) as err:
+        statements = parse_sql(body, dialect)
+    except SqlglotError as err:
         return ValidationResult(False, "sql", f"SQL does not parse: {str(err).splitlines()[0]}")
     if not statements:
         return ValidationResult(False, "sql", "no SQL statement")
     return ValidationResult(True, "sql")
+
+
+def validate_label(text: str) -> ValidationResult:
+    """``text`` is a label: one line of a few words, neither JSON nor SQL (:func:`aad_core.formats.labels.is_label`)."""
+    if is_label(text):
+        return ValidationResult(True, "label")
+    return ValidationResult(False, "label", f"not a label (one short line, not JSON or SQL): {text.strip()[:40]!r}")
 
 
 def _tool_schemas(tools: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -128,7 +135,10 @@ def response_schema(request: ChatRequest) -> tuple[bool, dict[str, Any] | None]:
 def validate_output(
     request: ChatRequest, content: str, tool_calls: Sequence[ToolCall], *, output_kind: str = "text"
 ) -> ValidationResult:
-    """Run every check that applies to this answer."""
+    """Run every check that applies to this answer: the calls' (when there are any), then the
+    request's ``response_format``, then the cluster's ``output_kind`` ("tool_calls" with
+    ``tool_choice="required"`` needs a call; "json", "sql", "label" their check; "structured" and
+    "text" a non-empty answer)."""
     if tool_calls:
         return validate_tool_calls(tool_calls, request.tools)
     if output_kind == "tool_calls" and request.tools and request.params.get("tool_choice") == "required":
@@ -138,23 +148,14 @@ def validate_output(
         return validate_json(content, schema)
     if output_kind == "sql":
         return validate_sql(content)
+    if output_kind == "label":
+        return validate_label(content)
     if not content.strip():
         return ValidationResult(False, "text", "empty answer")
     return ValidationResult(True, "none")
 
 
-def infer_output_kind(answers: Sequence[tuple[str, bool]], *, min_share: float = 0.9) -> str:
-    """The kind of a cluster's teacher answers: (text, had tool calls) pairs -> one of :data:`OUTPUT_KINDS`.
-
-    A kind is chosen when at least ``min_share`` of the answers are of it; otherwise "text".
-    """
-    if not answers:
-        return "text"
-    n = len(answers)
-    if sum(1 for _, tc in answers if tc) / n >= min_share:
-        return "tool_calls"
-    if sum(1 for t, _ in answers if validate_json(t).ok and strip_fence(t).strip()[:1] in "{[") / n >= min_share:
-        return "json"
-    if sum(1 for t, _ in answers if validate_sql(t).ok) / n >= min_share:
-        return "sql"
-    return "text"
+def infer_output_kind(answers: Sequence[tuple[str, bool]]) -> OutputKind:
+    """The kind of a cluster's teacher answers, (answer string, had tool calls) pairs: one of
+    :data:`OUTPUT_KINDS`, by the one rule :func:`aad_core.formats.kinds.output_kind`."""
+    return kinds.output_kind(answers)

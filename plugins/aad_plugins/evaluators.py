@@ -4,6 +4,9 @@ Every evaluator compares predictions (a student's answers) with references (the 
 recorded answers) and returns ``{"score": float in [0, 1], "n": int, "metric": str, ...}``.
 Answers are strings; tool calls are serialised as a JSON list ``[{"name": ..., "arguments":
 {...}}]`` (see :func:`aad_core.formats.answers.answer_string`).
+
+How an answer is read (tool calls, JSON, SQL, code fences) comes from :mod:`aad_core.formats`, the
+same helpers the router's validators use, so an evaluator scores what the router would serve.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from aad_core import hookimpl
-from aad_core.plugins.components import Evaluator
 from aad_core.errors import AADError, param_error
-
-_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
-_TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+from aad_core.formats.fences import fenced_body
+from aad_core.formats.json_answers import canonical_json, parse_json_answer
+from aad_core.formats.sql import canonical_sql, sql_text
+from aad_core.formats.tool_calls import ToolCallParseError, parse_tool_calls
+from aad_core.plugins.components import Evaluator
 
 
 def _check_lengths(owner: str, predictions: Sequence[str], references: Sequence[str]) -> None:
@@ -43,35 +47,9 @@ def normalize_text(text: str) -> str:
     return text
 
 
-def _strip_fences(text: str) -> str:
-    match = _FENCE.search(text or "")
-    return match.group(1).strip() if match else (text or "").strip()
-
-
-def parse_json_answer(text: str) -> tuple[bool, Any]:
-    """Parse a JSON answer, tolerating a Markdown code fence or text around one object/array."""
-    body = _strip_fences(text)
-    try:
-        return True, json.loads(body)
-    except (json.JSONDecodeError, ValueError):
-        pass
-    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
-    if starts:
-        try:
-            value, _ = json.JSONDecoder().raw_decode(body[min(starts):])
-            return True, value
-        except (json.JSONDecodeError, ValueError):
-            pass
-    return False, None
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def _exact_key(text: str) -> str:
     """JSON objects/arrays compare canonically (key order, spacing); other text after normalize_text."""
-    body = _strip_fences(text)
+    body = fenced_body(text)
     if body[:1] in "{[":
         try:
             return "json:" + canonical_json(json.loads(body))
@@ -95,11 +73,18 @@ class ExactMatchEvaluator(Evaluator):
 
 class JSONEvaluator(Evaluator):
     """JSON answers: share that parse, share canonically equal to the reference (the score), and
-    share valid against ``schema`` (a JSON Schema dict or a path to one) when given."""
+    share valid against ``schema`` (a JSON Schema dict or a path to one) when given.
+
+    Parameters
+    ----------
+    schema : dict, str or None
+        JSON Schema file (relative to the workspace) or object; the 'json' evaluator then also reports
+        schema validity.
+    """
 
     metric = "json_equal"
 
-    def __init__(self, schema: dict[str, Any] | str | None = None) -> None:
+    def __init__(self, schema: dict[str, Any] | str | Path | None = None) -> None:
         self.schema = schema
 
     def _validator(self) -> Any:
@@ -111,7 +96,7 @@ class JSONEvaluator(Evaluator):
             if not path.exists():
                 raise AADError(
                     f"The JSON schema file {path} of the 'json' evaluator does not exist.",
-                    hint="Fix [eval] json_schema in aad.toml.",
+                    hint="Fix [evaluator.json] schema in aad.toml.",
                 )
             schema = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(schema, dict):
@@ -149,28 +134,6 @@ class JSONEvaluator(Evaluator):
         return out
 
 
-def _sql_text(text: str) -> str:
-    body = _strip_fences(text)
-    return body.strip().rstrip(";").strip()
-
-
-def canonical_sql(sql: str, dialect: str = "sqlite") -> str | None:
-    """sqlglot's canonical form (normalised identifiers, one line), or None if it does not parse."""
-    import sqlglot
-    from sqlglot.errors import SqlglotError
-
-    sql = _sql_text(sql)
-    if not sql:
-        return None
-    try:
-        expressions = [e for e in sqlglot.parse(sql, read=dialect) if e is not None]
-    except SqlglotError:
-        return None
-    if len(expressions) != 1:
-        return None
-    return expressions[0].sql(dialect=dialect, normalize=True, pretty=False)
-
-
 class _Timeout(Exception):
     pass
 
@@ -183,6 +146,17 @@ class SQLEvaluator(Evaluator):
     ``score`` is execution accuracy when a database is configured, canonical exact match otherwise.
     ``evaluate(..., databases=[path or None, ...])`` gives each item its own database (items
     without one fall back to canonical exact match).
+
+    Parameters
+    ----------
+    database : str, Path or None
+        SQLite file for SQL execution accuracy (opened read-only; relative to the workspace).
+    timeout_s : float
+        Each SQL query is stopped after this many seconds.
+    dialect : str
+        sqlglot dialect of the canonical comparison.
+    max_rows : int
+        Result rows compared per query; a query that returns more does not count as correct.
     """
 
     metric = "sql"
@@ -199,7 +173,7 @@ class SQLEvaluator(Evaluator):
         if not path.exists():
             raise AADError(
                 f"The SQLite database {path} of the 'sql' evaluator does not exist.",
-                hint="Fix [eval] sql_database in aad.toml, or unset it to score canonical exact match only.",
+                hint="Fix [evaluator.sql] database in aad.toml, or unset it to score canonical exact match only.",
             )
         return sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
 
@@ -212,7 +186,7 @@ class SQLEvaluator(Evaluator):
 
         conn.set_progress_handler(progress, 1000)
         try:
-            cur = conn.execute(_sql_text(sql))
+            cur = conn.execute(sql_text(sql))
             rows = cur.fetchmany(self.max_rows + 1)
         except sqlite3.Error as err:
             timed_out = "interrupted" in str(err).lower()
@@ -326,50 +300,14 @@ class ClassificationEvaluator(Evaluator):
         }
 
 
-def _as_call(item: Any) -> dict[str, Any] | None:
-    """One call in any of the usual shapes -> {"name", "arguments": dict}."""
-    if not isinstance(item, dict):
+def _read_calls(text: str) -> list[tuple[str, str]] | None:
+    """(name, canonical arguments) of each call :func:`parse_tool_calls` reads in ``text`` (``[]``
+    for a plain-text answer), or None when the answer announces calls it cannot read."""
+    try:
+        _, calls = parse_tool_calls(text or "")
+    except ToolCallParseError:
         return None
-    if isinstance(item.get("function"), dict):
-        item = item["function"]
-    name = item.get("name")
-    if not isinstance(name, str) or not name:
-        return None
-    args = item.get("arguments", item.get("parameters", {}))
-    if isinstance(args, str):
-        ok, parsed = parse_json_answer(args) if args.strip() else (True, {})
-        args = parsed if ok else {"__raw__": args}
-    return {"name": name, "arguments": args if args is not None else {}}
-
-
-def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
-    """Tool calls in a serialised answer; ``[]`` for a plain-text answer (no call).
-
-    Accepts the aad format (a JSON list of ``{"name", "arguments"}``), one such object, OpenAI
-    ``{"tool_calls": [...]}`` / ``{"function": {...}}`` shapes, and ``<tool_call>...</tool_call>``
-    tags. Returns None when the text looks like a call but cannot be parsed.
-    """
-    text = (text or "").strip()
-    tagged = _TOOL_TAG.findall(text)
-    if tagged:
-        calls = []
-        for body in tagged:
-            ok, value = parse_json_answer(body)
-            call = _as_call(value) if ok else None
-            if call is None:
-                return None
-            calls.append(call)
-        return calls
-    ok, value = parse_json_answer(text)
-    if not ok:
-        return [] if "{" not in text else None
-    if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
-        value = value["tool_calls"]
-    items = value if isinstance(value, list) else [value]
-    calls = [_as_call(v) for v in items]
-    if any(c is None for c in calls):
-        return [] if not any(isinstance(v, dict) for v in items) else None
-    return calls  # type: ignore[return-value]
+    return [(c.function.name, canonical_json(c.function.parsed_arguments())) for c in calls]
 
 
 class ToolCallEvaluator(Evaluator):
@@ -385,15 +323,14 @@ class ToolCallEvaluator(Evaluator):
         names_ok = full_ok = parsed = 0
         per_item = []
         for pred, ref in zip(predictions, references):
-            ref_calls = parse_tool_calls(ref) or []
-            pred_calls = parse_tool_calls(pred)
+            ref_calls = _read_calls(ref) or []
+            pred_calls = _read_calls(pred)
             if pred_calls is None:
                 per_item.append(0.0)
                 continue
             parsed += 1
-            name_hit = Counter(c["name"] for c in pred_calls) == Counter(c["name"] for c in ref_calls)
-            key = lambda c: (c["name"], canonical_json(c["arguments"]))  # noqa: E731
-            full_hit = name_hit and Counter(map(key, pred_calls)) == Counter(map(key, ref_calls))
+            name_hit = Counter(name for name, _ in pred_calls) == Counter(name for name, _ in ref_calls)
+            full_hit = name_hit and Counter(pred_calls) == Counter(ref_calls)
             names_ok += name_hit
             full_ok += full_hit
             per_item.append(float(full_hit))
@@ -411,7 +348,15 @@ class ToolCallEvaluator(Evaluator):
 class SemanticEvaluator(Evaluator):
     """Free text: cosine similarity of sentence embeddings (the weakest metric: it rewards topical
     similarity, not correctness). ``score`` is the share of pairs with cosine >= ``threshold``;
-    ``mean_cosine`` is reported too. ``embedder`` is a component name or an Embedder instance."""
+    ``mean_cosine`` is reported too. ``embedder`` is a component name or an Embedder instance.
+
+    Parameters
+    ----------
+    embedder : str or Embedder
+        The embedder (in a workspace: its configured one).
+    threshold : float
+        Cosine at or above which two answers count as agreeing.
+    """
 
     metric = "semantic_agreement"
 
