@@ -15,7 +15,8 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # no
 from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
-from test_router import Scripted, engine_for, escalations, routed_workspace  # noqa: E402,F401
+from test_router import (SLOW_SPECIALIST_S, SLOW_TEACHER_S, Scripted, engine_for, escalations,  # noqa: E402,F401
+                         routed_workspace)
 
 from aad_core.workspace import Workspace  # noqa: E402
 from aad_langchain import RoutedChatModel  # noqa: E402
@@ -108,6 +109,35 @@ def test_bind_tools_reaches_specialist_and_teacher(workspace: Workspace) -> None
     out = llm.bind_tools([lookup_card], tool_choice="lookup_card").invoke("plan my trip")
     assert out.content == "teacher fallback"
     assert ToolTeacher.bound[0]["function"]["name"] == "lookup_card"
+
+
+def _joined(chunks: list[Any]) -> Any:
+    full = chunks[0]
+    for c in chunks[1:]:
+        full += c
+    return full
+
+
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke", "stream", "astream"])
+async def test_escalation_trace_records_the_teachers_latency(workspace: Workspace, mode: str) -> None:
+    teacher = FakeListChatModel(responses=["ok"], sleep=SLOW_TEACHER_S)  # sleeps per call, or per streamed char
+    llm = routed(workspace, Scripted("{broken json", sleep_s=SLOW_SPECIALIST_S), teacher=teacher)
+    question = "my card has not arrived"
+    if mode == "invoke":
+        msg = llm.invoke(question)
+    elif mode == "ainvoke":
+        msg = await llm.ainvoke(question)
+    elif mode == "stream":
+        msg = _joined(list(llm.stream(question)))
+    else:
+        msg = _joined([c async for c in llm.astream(question)])
+    assert msg.content == "ok" and msg.response_metadata["aad_route"]["escalated"]
+    llm.routing_engine.flush()
+    (trace,) = escalations(workspace)
+    # The teacher's own time (the whole stream when streaming), not the specialist's attempt before it.
+    assert SLOW_TEACHER_S * 1000 <= trace.latency_ms < SLOW_SPECIALIST_S * 1000
+    assert trace.model == "fake-list-chat-model"
+    assert trace.usage.total_tokens == msg.usage_metadata["total_tokens"] > 0
 
 
 @pytest.mark.real_model

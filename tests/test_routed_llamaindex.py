@@ -4,6 +4,7 @@ fake teacher LLM."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -15,10 +16,14 @@ from llama_index.core.llms import CustomLLM, MockLLM  # noqa: E402
 from llama_index.core.llms.callbacks import llm_completion_callback  # noqa: E402
 from llama_index.core.base.llms.types import CompletionResponse  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
-from test_router import Scripted, engine_for, escalations, routed_workspace  # noqa: E402,F401
+from test_router import (SLOW_SPECIALIST_S, SLOW_TEACHER_S, Scripted, engine_for, escalations,  # noqa: E402,F401
+                         routed_workspace)
 
 from aad_core.workspace import Workspace  # noqa: E402
 from aad_llamaindex import RoutedLLM  # noqa: E402
+
+
+TEACHER_USAGE = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
 
 
 class FakeTeacher(CustomLLM):
@@ -43,8 +48,31 @@ class FakeTeacher(CustomLLM):
             yield CompletionResponse(text=text, delta=delta)
 
 
-def routed(ws: Workspace, backend: Scripted, **kw) -> RoutedLLM:  # noqa: ANN003
-    return RoutedLLM(teacher=FakeTeacher(), routing_engine=engine_for(ws, backend, **kw))
+class SlowTeacher(FakeTeacher):
+    """A teacher that takes SLOW_TEACHER_S per answer (per streamed word) and reports its usage."""
+
+    answer: str = "slow teacher"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(model_name="slow-teacher", is_chat_model=False)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs) -> CompletionResponse:  # noqa: ANN003
+        time.sleep(SLOW_TEACHER_S)
+        return CompletionResponse(text=self.answer, raw={"usage": TEACHER_USAGE})
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs):  # noqa: ANN003, ANN201
+        words = self.answer.split(" ")
+        for i, word in enumerate(words):
+            time.sleep(SLOW_TEACHER_S)
+            yield CompletionResponse(text=" ".join(words[: i + 1]), delta=word if not i else " " + word,
+                                     raw={"usage": TEACHER_USAGE} if i == len(words) - 1 else None)
+
+
+def routed(ws: Workspace, backend: Scripted, teacher: CustomLLM | None = None, **kw) -> RoutedLLM:  # noqa: ANN003
+    return RoutedLLM(teacher=teacher or FakeTeacher(), routing_engine=engine_for(ws, backend, **kw))
 
 
 def user(text: str) -> list[ChatMessage]:
@@ -117,6 +145,26 @@ def test_tools_reach_the_specialist(workspace: Workspace) -> None:
     (call,) = llm.get_tool_calls_from_response(resp)
     assert call.tool_name == "lookup_card" and call.tool_kwargs == {"card_id": 7}
     assert tool.call(**call.tool_kwargs).content == "shipped"
+
+
+@pytest.mark.parametrize("mode", ["chat", "achat", "stream_chat", "astream_chat"])
+async def test_escalation_trace_records_the_teachers_latency(workspace: Workspace, mode: str) -> None:
+    llm = routed(workspace, Scripted(raises=True, sleep_s=SLOW_SPECIALIST_S), teacher=SlowTeacher())
+    messages = user("my card has not arrived")
+    if mode == "chat":
+        resp = llm.chat(messages)
+    elif mode == "achat":
+        resp = await llm.achat(messages)
+    elif mode == "stream_chat":
+        resp = list(llm.stream_chat(messages))[-1]
+    else:
+        resp = [p async for p in await llm.astream_chat(messages)][-1]
+    assert resp.message.content == "slow teacher" and resp.additional_kwargs["aad_route"]["escalated"]
+    llm.routing_engine.flush()
+    (trace,) = escalations(workspace)
+    # The teacher's own time (the whole stream when streaming), not the specialist's attempt before it.
+    assert SLOW_TEACHER_S * 1000 <= trace.latency_ms < SLOW_SPECIALIST_S * 1000
+    assert trace.model == "slow-teacher" and trace.usage.model_dump() == TEACHER_USAGE
 
 
 @pytest.mark.real_model

@@ -8,18 +8,21 @@ specialists, calibration, and routing of new requests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from aad_core import hookimpl
-from aad_core.plugins import get_plugin_manager
+from aad_core.plugins import Router, get_plugin_manager
 from aad_core.serving.engine import RoutingEngine
-from aad_core.schema import ChatRequest, Message
+from aad_core.schema import ChatRequest, Message, RoutingDecision
 from aad_core.workspace import Workspace
 from aad_plugins.centroid_router import CentroidRouter
 
@@ -27,6 +30,8 @@ from conftest import SHARED, make_trace
 from tiny_models import make_tiny_student
 
 TEACHER_ANSWER = '{"intent": "card_arrival", "by": "teacher"}'
+SLOW_TEACHER_S = 0.05  # a teacher this slow, behind a specialist slower still, shows whose time is recorded
+SLOW_SPECIALIST_S = 0.3
 INTENT_SYSTEM = "Classify the customer's banking query. Answer with the intent label only."
 JSON_SYSTEM = 'Extract the city and day of a restaurant booking. Answer with JSON only: {"city": ..., "day": ...}'
 CITIES = ["Paris", "Rome", "Berlin", "Oslo", "Vienna", "Prague", "Dublin", "Athens", "Warsaw", "Zurich"]
@@ -128,15 +133,67 @@ def test_router_decisions_explain_themselves_and_reach_observers(workspace: Work
 
     get_plugin_manager().add_plugin(Observer(), name="observer")
     router = make_router(workspace, specialists={0: "cards"})
-    card, sql, other = router.route([card_request(),
-                                     ChatRequest(messages=[Message(role="user", content="write sql for sales")]),
-                                     ChatRequest(messages=[Message(role="user", content="plan my trip")])])
+    engine = RoutingEngine(workspace, router=router, record=False)
+    card, sql, other = engine.decide([card_request(),
+                                      ChatRequest(messages=[Message(role="user", content="write sql for sales")]),
+                                      ChatRequest(messages=[Message(role="user", content="plan my trip")])])
+    engine.close()
     assert card.target == "specialist" and card.specialist == "cards" and card.cluster_id == 0
     assert card.similarity == pytest.approx(1.0) and card.threshold == pytest.approx(0.9)
     assert "clears its threshold" in card.reason
     assert sql.target == "teacher" and "no promoted specialist" in sql.reason  # cluster 1 has none
     assert other.target == "teacher" and "below its threshold" in other.reason
-    assert [d.target for d in seen] == ["specialist", "teacher", "teacher"]
+    assert [d.target for d in seen] == ["specialist", "teacher", "teacher"]  # fired once, by the engine
+    router.route([card_request()])
+    assert len(seen) == 3  # the router itself fires nothing
+
+
+class KeywordRouter(Router):
+    """A router other than the centroid one: card questions to the 'cards' specialist, the rest to the teacher."""
+
+    def __init__(self, workspace: Any = None) -> None:
+        self.workspace = workspace
+
+    def route(self, requests: Sequence[ChatRequest]) -> list[RoutingDecision]:
+        return [RoutingDecision(target="specialist", specialist="cards", cluster_id=0, reason="keyword: card")
+                if "card" in r.last_user_message() else RoutingDecision(target="teacher", reason="keyword: other")
+                for r in requests]
+
+
+class RoutedObserver:
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    @hookimpl
+    def aad_request_routed(self, decisions: list[RoutingDecision]) -> None:
+        self.batches.append([d.reason for d in decisions])
+
+
+class KeywordRouterPlugin:
+    @hookimpl
+    def aad_register_routers(self, register: Any) -> None:
+        register("keyword", KeywordRouter)
+
+
+def test_the_engine_fires_request_routed_for_any_router(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    observer = RoutedObserver()
+    get_plugin_manager().add_plugin(observer, name="observer")
+    get_plugin_manager().add_plugin(KeywordRouterPlugin(), name="keyword-router")
+    monkeypatch.setenv("AAD_ROUTE__ROUTER", "keyword")
+    ws = Workspace(workspace.root)  # reads the configuration (and the override) afresh
+    eng = RoutingEngine(ws, teacher, specialists=Scripted("card_arrival"), record=False)
+    assert isinstance(eng.router, KeywordRouter)  # built from [route] router through the registry
+    answer = eng.answer(card_request())
+    assert answer.decision.target == "specialist" and answer.message.content == "card_arrival"
+    eng.decide([card_request(), ChatRequest(messages=[Message(role="user", content="plan my trip")])])
+    eng.close()
+    assert observer.batches == [["keyword: card"], ["keyword: card", "keyword: other"]]
+
+    given = RoutingEngine(workspace, teacher, router=KeywordRouter(), specialists=Scripted(), record=False)
+    assert given.answer(ChatRequest(messages=[Message(role="user", content="plan my trip")])).decision.target == "teacher"
+    given.close()
+    assert observer.batches[-1] == ["keyword: other"]
+    assert given.decide([]) == [] and len(observer.batches) == 3  # an empty batch is not announced
 
 
 def test_a_teacher_only_agent_node_is_not_embedded(workspace: Workspace) -> None:
@@ -248,6 +305,57 @@ def test_json_schema_and_unbound_tools_escalate(workspace: Workspace) -> None:
     answer = engine_for(workspace, good_tool, output_kind="tool_calls").answer(request)
     assert answer.decision.target == "specialist"
     assert answer.message.tool_calls[0].function.name == "lookup_card" and answer.message.content is None
+
+
+def test_the_escalation_trace_carries_the_teachers_latency_usage_and_model(workspace: Workspace) -> None:
+    def slow_teacher(_request: ChatRequest) -> dict:
+        time.sleep(SLOW_TEACHER_S)
+        return {"model": "big-teacher", "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+                "choices": [{"message": {"role": "assistant", "content": TEACHER_ANSWER}}]}
+
+    eng = engine_for(workspace, Scripted("{broken", sleep_s=SLOW_SPECIALIST_S))
+    answer = eng.answer(card_request(), slow_teacher)
+    eng.flush()
+    (trace,) = escalations(workspace)
+    # The teacher's own time: not the specialist's attempt before it.
+    assert SLOW_TEACHER_S * 1000 <= trace.latency_ms < SLOW_SPECIALIST_S * 1000
+    assert trace.latency_ms == pytest.approx(answer.teacher_latency_ms)
+    assert answer.latency_ms >= (SLOW_TEACHER_S + SLOW_SPECIALIST_S) * 1000
+    assert trace.model == answer.model == "big-teacher" and trace.usage.total_tokens == 12
+    eng.close()
+
+
+def test_a_routed_call_takes_one_teacher_answer(workspace: Workspace) -> None:
+    from aad_core.errors import AADError
+
+    eng = engine_for(workspace, Scripted("{broken"))
+    call = eng.route_call(card_request())
+    assert call.needs_teacher and call.escalated and call.specialist_answer is None
+    call.start_teacher()
+    done = call.finish_teacher(Message(role="assistant", content=TEACHER_ANSWER))
+    assert done.model == "teacher" and done.teacher_latency_ms is not None
+    with pytest.raises(AADError, match="already called"):
+        call.finish_teacher(Message(role="assistant", content="again"))
+    eng.flush()
+    assert len(escalations(workspace)) == 1  # recorded exactly once
+
+    served = engine_for(workspace, Scripted('{"intent": "card_arrival"}')).route_call(card_request())
+    assert not served.needs_teacher and served.specialist_answer.model == "cards"
+    with pytest.raises(AADError, match="answered by the specialist"):
+        served.finish_teacher(Message(role="assistant", content="x"))
+
+
+async def test_the_async_routed_call(workspace: Workspace) -> None:
+    eng = engine_for(workspace, Scripted("{broken"))
+    call = await eng.aroute_call(card_request())
+    call.start_teacher()
+    await asyncio.sleep(SLOW_TEACHER_S)
+    done = await call.afinish_teacher(Message(role="assistant", content=TEACHER_ANSWER), model="async-teacher")
+    eng.flush()
+    (trace,) = escalations(workspace)
+    assert trace.model == "async-teacher" and trace.latency_ms == pytest.approx(done.teacher_latency_ms)
+    assert trace.latency_ms >= SLOW_TEACHER_S * 1000
+    eng.close()
 
 
 def test_no_escalation_trace_when_recording_is_off(workspace: Workspace) -> None:

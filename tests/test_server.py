@@ -66,7 +66,7 @@ def test_teacher_is_called_upstream_and_escalations_recorded(workspace: Workspac
     assert escalated.json()["choices"][0]["message"]["content"] == "teacher says hi"
     assert escalated.json()["aad_route"]["escalated"]
     (trace,) = escalations(workspace)
-    assert trace.model == "big-teacher" and trace.usage.total_tokens == 15
+    assert trace.model == "big-teacher" and trace.usage.total_tokens == 15 and trace.latency_ms >= 0
     assert trace.metadata["aad_escalation"]["specialist_output"] == "{broken"
 
 

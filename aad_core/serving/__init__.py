@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["RoutingEngine", "RoutedAnswer", "shared_engine"]
+__all__ = ["RoutingEngine", "RoutedAnswer", "RoutedCall", "shared_engine"]
 
 if TYPE_CHECKING:
-    from aad_core.serving.engine import RoutedAnswer, RoutingEngine, shared_engine
+    from aad_core.serving.engine import RoutedAnswer, RoutedCall, RoutingEngine, shared_engine
 
 
 def __getattr__(name: str) -> Any:

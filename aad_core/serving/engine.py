@@ -5,20 +5,30 @@ A specialist's answer reaches the user only when it arrived within ``[route] tim
 else — an exception, a timeout, invalid JSON or SQL, an unbound tool, low confidence — sends the
 request to the teacher, the teacher's answer is returned, and the case is stored as a trace
 (source ``router``, ``metadata["aad_escalation"]``) for the next training round.
+
+:meth:`RoutingEngine.route_call` is the one routed-call helper: :meth:`RoutingEngine.answer`, the
+server and the LangChain / LlamaIndex integrations all take their answers through the
+:class:`~aad_core.serving.routed_call.RoutedCall` it returns. :meth:`RoutingEngine.decide` fires
+``aad_request_routed`` for every router.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
-from aad_core.schema import ChatRequest, Message, RoutingDecision, Specialist, Trace, Usage
+from aad_core.schema import ChatRequest, Message, RoutingDecision, Trace, Usage
+from aad_core.serving.routed_call import RoutedAnswer, RoutedCall, SpecialistOutcome, teacher_result
+from aad_core.serving.specialists import GenerationLike, SpecialistBackend, SpecialistPool
+
+__all__ = ["GenerationLike", "RoutedAnswer", "RoutedCall", "RoutingEngine", "SpecialistBackend", "SpecialistOutcome",
+           "SpecialistPool", "TeacherCall", "shared_engine"]
 
 if TYPE_CHECKING:
     from aad_core.plugins.components import Router
@@ -27,91 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class GenerationLike(Protocol):
-    text: str
-    mean_logprob: float
-    n_tokens: int
-    latency_ms: float
-
-
-class SpecialistBackend(Protocol):
-    """What the engine needs from the specialists: batched generation by adapter name."""
-
-    def generate(self, name: str, requests: list[ChatRequest], *, max_new_tokens: int) -> list[GenerationLike]: ...
-
-
-class SpecialistPool:
-    """Promoted specialists on shared base models: one :class:`~aad_core.models.runtime.SpecialistRuntime`
-    per base model, every adapter of that base loaded into it (PEFT multi-adapter)."""
-
-    def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None) -> None:
-        self.ws = ws
-        self.specialists = {s.name: s for s in specialists}
-        self.merge_hot = merge_hot
-        self._runtimes: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def _runtime(self, name: str) -> Any:
-        spec = self.specialists.get(name)
-        if spec is None:
-            raise AADError(f"No promoted specialist named {name!r}.", hint="Run 'aad specialists' to list them.")
-        with self._lock:
-            rt = self._runtimes.get(spec.base_model)
-            if rt is None:
-                from aad_core.models.runtime import SpecialistRuntime
-
-                rt = SpecialistRuntime(spec.base_model)
-                for s in self.specialists.values():
-                    if s.base_model == spec.base_model:
-                        rt.add_specialist(s)
-                self._runtimes[spec.base_model] = rt
-            return rt
-
-    def generate(self, name: str, requests: list[ChatRequest], *, max_new_tokens: int) -> list[GenerationLike]:
-        return self._runtime(name).generate(requests, adapter=name, max_new_tokens=max_new_tokens)
-
-
-@dataclass
-class SpecialistOutcome:
-    ok: bool
-    reason: str = ""
-    message: Message | None = None
-    text: str = ""
-    mean_logprob: float | None = None
-    usage: Usage | None = None
-    latency_ms: float = 0.0
-
-
-@dataclass
-class RoutedAnswer:
-    """What a routed call returns: the assistant message, who answered, and why."""
-
-    message: Message
-    decision: RoutingDecision
-    usage: Usage = field(default_factory=Usage)
-    model: str = ""
-    latency_ms: float = 0.0
-    #: The raw teacher result (e.g. the LangChain AIMessage or the upstream JSON) when the teacher answered.
-    teacher_raw: Any = None
-
-
 TeacherCall = Callable[[ChatRequest], Any]
-
-
-def _teacher_result(result: Any) -> tuple[Message, Usage | None, str | None]:
-    """Accept a Message, an OpenAI chat-completion dict, or (Message, Usage)."""
-    if isinstance(result, tuple):
-        msg, usage = result[0], result[1] if len(result) > 1 else None
-        return _teacher_result(msg)[0], usage, None
-    if isinstance(result, Message):
-        return result, None, None
-    if isinstance(result, dict) and "choices" in result:
-        msg = Message.model_validate({k: v for k, v in result["choices"][0]["message"].items() if v is not None})
-        usage = Usage.model_validate(result["usage"]) if isinstance(result.get("usage"), dict) else None
-        return msg, usage, result.get("model")
-    if isinstance(result, str):
-        return Message(role="assistant", content=result), None, None
-    raise TypeError(f"A teacher call must return a Message, an OpenAI chat completion dict or a string. Got {type(result).__name__}.")
 
 
 class RoutingEngine:
@@ -149,26 +75,26 @@ class RoutingEngine:
     def router(self) -> Router:
         with self._lock:
             if self._router is None:
-                from aad_core.plugins import create_component
+                from aad_core.plugins.params import build_component
 
-                self._router = create_component("router", self.ws.config.route.router, workspace=self.ws)
+                self._router = build_component("router", self.ws.config.route.router, self.ws.config, workspace=self.ws)
             return self._router
 
     @property
     def specialists(self) -> SpecialistBackend:
         with self._lock:
             if self._specialists is None:
-                from aad_core.pipeline.calibrate import promoted_specialist_records
+                from aad_core.specialists import SpecialistRegistry
 
-                self._specialists = SpecialistPool(self.ws, list(promoted_specialist_records(self.ws).values()))
+                self._specialists = SpecialistPool(self.ws, list(SpecialistRegistry(self.ws).promoted().values()))
             return self._specialists
 
     def cluster_info(self, cluster_id: int | None) -> dict[str, Any]:
         if self._cluster_info is None:
-            from aad_core.pipeline.calibrate import load_router_state
+            from aad_core.artifacts import RouterState
 
-            saved = load_router_state(self.ws) or {}
-            self._cluster_info = {int(k): v for k, v in saved.get("clusters", {}).items()}
+            saved = RouterState.load_optional(self.ws)
+            self._cluster_info = dict(saved.clusters) if saved else {}
         return self._cluster_info.get(cluster_id, {}) if cluster_id is not None else {}
 
     def reload(self) -> None:
@@ -181,7 +107,13 @@ class RoutingEngine:
 
     # -- the loop -----------------------------------------------------------------------------
     def decide(self, requests: Sequence[ChatRequest]) -> list[RoutingDecision]:
-        return self.router.route(list(requests))
+        """The router's decisions; observers get them through ``aad_request_routed`` whatever the router."""
+        decisions = self.router.route(list(requests))
+        if decisions:
+            from aad_core.plugins import get_plugin_manager
+
+            get_plugin_manager().hooks.request_routed(decisions)
+        return decisions
 
     def try_specialist(self, request: ChatRequest, decision: RoutingDecision, *,
                        timeout_s: float | None = None) -> SpecialistOutcome:
@@ -246,6 +178,17 @@ class RoutingEngine:
             return decision, outcome
         return self.escalated_decision(decision, outcome), outcome
 
+    def route_call(self, request: ChatRequest, *, timeout_s: float | None = None) -> RoutedCall:
+        """Decide and try the specialist; the returned :class:`RoutedCall` holds the specialist's
+        answer or takes the teacher's (:meth:`RoutedCall.finish_teacher` times and records it)."""
+        started = time.perf_counter()
+        decision, outcome = self.attempt(request, timeout_s=timeout_s)
+        return RoutedCall(self, request, decision, outcome, started=started)
+
+    async def aroute_call(self, request: ChatRequest, *, timeout_s: float | None = None) -> RoutedCall:
+        """:meth:`route_call` for async callers (routing and generation run in a worker thread)."""
+        return await asyncio.to_thread(self.route_call, request, timeout_s=timeout_s)
+
     def escalated_decision(self, decision: RoutingDecision, outcome: SpecialistOutcome) -> RoutingDecision:
         return decision.model_copy(update={"target": "teacher", "escalated": True,
                                            "reason": f"escalated: {outcome.reason}"})
@@ -292,23 +235,17 @@ class RoutingEngine:
 
     def answer(self, request: ChatRequest, teacher_call: TeacherCall | None = None) -> RoutedAnswer:
         """Route one request end to end and return the answer the user should get."""
+        call = self.route_call(request)
+        if call.specialist_answer is not None:
+            return call.specialist_answer
         teacher_call = teacher_call or self.teacher_call
-        start = time.perf_counter()
-        decision, outcome = self.attempt(request)
-        if outcome is not None and outcome.ok and outcome.message is not None:
-            return RoutedAnswer(outcome.message, decision, outcome.usage or Usage(), model=decision.specialist or "",
-                                latency_ms=(time.perf_counter() - start) * 1000)
         if teacher_call is None:
             raise AADError("This request needs the teacher, but the routing engine has no teacher_call.",
                            hint="Pass teacher_call= to RoutingEngine (or --teacher-url to 'aad serve').")
-        t0 = time.perf_counter()
+        call.start_teacher()
         raw = teacher_call(request)
-        message, usage, model = _teacher_result(raw)
-        teacher_ms = (time.perf_counter() - t0) * 1000
-        if outcome is not None:
-            self.record_escalation(request, message, decision, outcome, usage=usage, model=model, latency_ms=teacher_ms)
-        return RoutedAnswer(message, decision, usage or Usage(), model=model or self.teacher_model or "teacher",
-                            latency_ms=(time.perf_counter() - start) * 1000, teacher_raw=raw)
+        message, usage, model = teacher_result(raw)
+        return call.finish_teacher(message, usage, model, raw)
 
 
 _engines: dict[str, RoutingEngine] = {}

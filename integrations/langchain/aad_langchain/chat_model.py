@@ -16,11 +16,10 @@ gate within ``timeout``; otherwise the teacher answers and the case is recorded 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -33,7 +32,10 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
-from aad_core.schema import ChatRequest, Message, RoutingDecision, Usage
+from aad_core.schema import ChatRequest, Message, Usage
+
+if TYPE_CHECKING:
+    from aad_core.serving.routed_call import RoutedCall
 
 _CALL_ONLY = ("tools", "tool_choice", "model", "ls_structured_output_format")
 
@@ -183,13 +185,12 @@ class RoutedChatModel(BaseChatModel):
             teacher = teacher.with_retry(stop_after_attempt=self.max_retries + 1)
         return teacher
 
-    def _route(self, request: ChatRequest) -> tuple[RoutingDecision, Any]:
-        """(decision, outcome): outcome is the successful or failed specialist attempt, or None."""
-        return self.engine().attempt(request, timeout_s=self.timeout)
-
-    def _specialist_message(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> AIMessage:
-        msg: Message = outcome.message
-        prompt_tokens = _estimate_tokens("\n".join(m.text() for m in request.messages))
+    # -- aad's schema <-> LangChain's messages ---------------------------------------------------
+    def _specialist_message(self, call: RoutedCall) -> AIMessage:
+        outcome = call.outcome
+        assert outcome is not None and outcome.message is not None  # a specialist answered
+        msg = outcome.message
+        prompt_tokens = _estimate_tokens("\n".join(m.text() for m in call.request.messages))
         out_tokens = outcome.usage.completion_tokens if outcome.usage else _estimate_tokens(msg.text())
         tool_calls = [{"name": c.function.name, "args": c.function.parsed_arguments(), "id": c.id, "type": "tool_call"}
                       for c in msg.tool_calls or []]
@@ -198,65 +199,46 @@ class RoutedChatModel(BaseChatModel):
             tool_calls=tool_calls,
             usage_metadata=UsageMetadata(input_tokens=prompt_tokens, output_tokens=out_tokens,
                                          total_tokens=prompt_tokens + out_tokens),
-            response_metadata={"aad_route": decision.model_dump(), "model_name": decision.specialist,
+            response_metadata={"aad_route": call.decision.model_dump(), "model_name": call.decision.specialist,
                                "model_provider": "aad", "aad_mean_logprob": outcome.mean_logprob},
         )
 
-    def _finish_teacher(self, request: ChatRequest, answer: BaseMessage, decision: RoutingDecision, outcome: Any,
-                        latency_ms: float | None = None) -> AIMessage:
+    def _teacher_message(self, call: RoutedCall, answer: BaseMessage) -> tuple[AIMessage, Message, Usage | None]:
+        """The teacher's answer as the user gets it (with ``aad_route`` and usage), and in aad's schema."""
         if not isinstance(answer, AIMessage):
             answer = AIMessage(content=answer.content)
-        update: dict[str, Any] = {"response_metadata": {**answer.response_metadata, "aad_route": decision.model_dump()}}
+        update: dict[str, Any] = {"response_metadata": {**answer.response_metadata,
+                                                        "aad_route": call.decision.model_dump()}}
         if answer.usage_metadata is None:
-            prompt_tokens = _estimate_tokens("\n".join(m.text() for m in request.messages))
+            prompt_tokens = _estimate_tokens("\n".join(m.text() for m in call.request.messages))
             out = _estimate_tokens(answer.text if isinstance(answer.text, str) else str(answer.content))
             update["usage_metadata"] = UsageMetadata(input_tokens=prompt_tokens, output_tokens=out,
                                                      total_tokens=prompt_tokens + out)
             update["response_metadata"]["aad_usage_estimated"] = True
         answer = answer.model_copy(update=update)
-        if outcome is not None:
-            self._record(request, answer, decision, outcome, latency_ms)
-        return answer
-
-    def _record(self, request: ChatRequest, answer: AIMessage, decision: RoutingDecision, outcome: Any,
-                latency_ms: float | None) -> None:
         raw = convert_to_openai_messages([answer])[0]
-        teacher_msg = Message.model_validate({k: v for k, v in raw.items() if v is not None})
+        message = Message.model_validate({k: v for k, v in raw.items() if v is not None})
         um = answer.usage_metadata
         usage = Usage(prompt_tokens=um["input_tokens"], completion_tokens=um["output_tokens"],
                       total_tokens=um["total_tokens"]) if um else None
-        self.engine().record_escalation(request, teacher_msg, decision, outcome, usage=usage,
-                                        model=self._teacher_name(), latency_ms=latency_ms)
+        return answer, message, usage
 
-    # -- generation -------------------------------------------------------------------------------
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        request = self._request(messages, stop, kwargs)
-        decision, outcome = self._route(request)
-        if outcome is not None and outcome.ok:
-            message = self._specialist_message(request, decision, outcome)
-        else:
-            config = _child_config(run_manager)
-            answer = self._teacher_runnable(kwargs).invoke(messages, config=config, stop=stop or self.stop)
-            message = self._finish_teacher(request, answer, decision, outcome)
+    def _finish_teacher(self, call: RoutedCall, answer: BaseMessage) -> AIMessage:
+        answer, message, usage = self._teacher_message(call, answer)
+        call.finish_teacher(message, usage, self._teacher_name(), raw=answer)
+        return answer
+
+    async def _afinish_teacher(self, call: RoutedCall, answer: BaseMessage) -> AIMessage:
+        answer, message, usage = self._teacher_message(call, answer)
+        await call.afinish_teacher(message, usage, self._teacher_name(), raw=answer)
+        return answer
+
+    def _result(self, call: RoutedCall, message: AIMessage) -> ChatResult:
         return ChatResult(generations=[ChatGeneration(message=message)],
-                          llm_output={"aad_route": decision.model_dump(), "model_name": self.model_name})
+                          llm_output={"aad_route": call.decision.model_dump(), "model_name": self.model_name})
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        request = self._request(messages, stop, kwargs)
-        decision, outcome = await asyncio.to_thread(self._route, request)
-        if outcome is not None and outcome.ok:
-            message = self._specialist_message(request, decision, outcome)
-        else:
-            config = _child_config(run_manager)
-            answer = await self._teacher_runnable(kwargs).ainvoke(messages, config=config, stop=stop or self.stop)
-            message = await asyncio.to_thread(self._finish_teacher, request, answer, decision, outcome)
-        return ChatResult(generations=[ChatGeneration(message=message)],
-                          llm_output={"aad_route": decision.model_dump(), "model_name": self.model_name})
-
-    def _specialist_chunk(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> ChatGenerationChunk:
-        full = self._specialist_message(request, decision, outcome)
+    def _specialist_chunk(self, call: RoutedCall) -> ChatGenerationChunk:
+        full = self._specialist_message(call)
         chunk = AIMessageChunk(
             content=full.content,
             tool_call_chunks=[{"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc["id"], "index": i,
@@ -265,67 +247,94 @@ class RoutedChatModel(BaseChatModel):
         )
         return ChatGenerationChunk(message=chunk)
 
+    @staticmethod
+    def _teacher_chunk(call: RoutedCall, part: BaseMessage, first: bool) -> tuple[AIMessageChunk, ChatGenerationChunk]:
+        """(the part as a chunk, what the user gets: the first one carries ``aad_route``)."""
+        if not isinstance(part, AIMessageChunk):
+            part = AIMessageChunk(content=part.content)
+        shown = part
+        if first:
+            shown = part.model_copy(update={"response_metadata": {**part.response_metadata,
+                                                                  "aad_route": call.decision.model_dump()}})
+        return part, ChatGenerationChunk(message=shown)
+
+    @staticmethod
+    def _joined(collected: AIMessageChunk | None) -> AIMessage:
+        if collected is None:
+            return AIMessage(content="")
+        return AIMessage(**collected.model_dump(exclude={"type", "tool_call_chunks", "chunk_position"}))
+
+    @staticmethod
+    def _usage_tail(collected: AIMessageChunk | None, final: AIMessage) -> ChatGenerationChunk | None:
+        """A last chunk with the estimated usage when the teacher's stream reported none."""
+        if collected is not None and collected.usage_metadata is not None:
+            return None
+        return ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=final.usage_metadata,
+                                                          chunk_position="last"))
+
+    # -- generation -------------------------------------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        call = self.engine().route_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
+        if call.specialist_answer is not None:
+            return self._result(call, self._specialist_message(call))
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
+        call.start_teacher()
+        answer = teacher.invoke(messages, config=config, stop=stop or self.stop)
+        return self._result(call, self._finish_teacher(call, answer))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        call = await self.engine().aroute_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
+        if call.specialist_answer is not None:
+            return self._result(call, self._specialist_message(call))
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
+        call.start_teacher()
+        answer = await teacher.ainvoke(messages, config=config, stop=stop or self.stop)
+        return self._result(call, await self._afinish_teacher(call, answer))
+
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        request = self._request(messages, stop, kwargs)
-        decision, outcome = self._route(request)
-        if outcome is not None and outcome.ok:
-            chunk = self._specialist_chunk(request, decision, outcome)
+        call = self.engine().route_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
+        if call.specialist_answer is not None:
+            chunk = self._specialist_chunk(call)
             if run_manager:
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        config = _child_config(run_manager)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
         collected: AIMessageChunk | None = None
-        first = True
-        for part in self._teacher_runnable(kwargs).stream(messages, config=config, stop=stop or self.stop):
-            if not isinstance(part, AIMessageChunk):
-                part = AIMessageChunk(content=part.content)
+        call.start_teacher()
+        for part in teacher.stream(messages, config=config, stop=stop or self.stop):
+            part, gen = self._teacher_chunk(call, part, first=collected is None)
             collected = part if collected is None else collected + part
-            if first:
-                part = part.model_copy(update={"response_metadata": {**part.response_metadata,
-                                                                     "aad_route": decision.model_dump()}})
-                first = False
-            gen = ChatGenerationChunk(message=part)
             if run_manager:
                 run_manager.on_llm_new_token(str(part.content) if isinstance(part.content, str) else "", chunk=gen)
             yield gen
-        final = self._finish_teacher(request, AIMessage(**(collected.model_dump(exclude={"type", "tool_call_chunks",
-                                                           "chunk_position"}) if collected else {"content": ""})),
-                                     decision, outcome)
-        if collected is None or collected.usage_metadata is None:
-            yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=final.usage_metadata,
-                                                             chunk_position="last"))
+        tail = self._usage_tail(collected, self._finish_teacher(call, self._joined(collected)))
+        if tail is not None:
+            yield tail
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        request = self._request(messages, stop, kwargs)
-        decision, outcome = await asyncio.to_thread(self._route, request)
-        if outcome is not None and outcome.ok:
-            chunk = self._specialist_chunk(request, decision, outcome)
+        call = await self.engine().aroute_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
+        if call.specialist_answer is not None:
+            chunk = self._specialist_chunk(call)
             if run_manager:
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        config = _child_config(run_manager)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
         collected: AIMessageChunk | None = None
-        first = True
-        async for part in self._teacher_runnable(kwargs).astream(messages, config=config, stop=stop or self.stop):
-            if not isinstance(part, AIMessageChunk):
-                part = AIMessageChunk(content=part.content)
+        call.start_teacher()
+        async for part in teacher.astream(messages, config=config, stop=stop or self.stop):
+            part, gen = self._teacher_chunk(call, part, first=collected is None)
             collected = part if collected is None else collected + part
-            if first:
-                part = part.model_copy(update={"response_metadata": {**part.response_metadata,
-                                                                     "aad_route": decision.model_dump()}})
-                first = False
-            gen = ChatGenerationChunk(message=part)
             if run_manager:
-                await run_manager.on_llm_new_token(str(part.content) if isinstance(part.content, str) else "", chunk=gen)
+                await run_manager.on_llm_new_token(str(part.content) if isinstance(part.content, str) else "",
+                                                   chunk=gen)
             yield gen
-        final_in = AIMessage(**(collected.model_dump(exclude={"type", "tool_call_chunks", "chunk_position"})
-                                if collected else {"content": ""}))
-        final = await asyncio.to_thread(self._finish_teacher, request, final_in, decision, outcome)
-        if collected is None or collected.usage_metadata is None:
-            yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=final.usage_metadata,
-                                                             chunk_position="last"))
+        tail = self._usage_tail(collected, await self._afinish_teacher(call, self._joined(collected)))
+        if tail is not None:
+            yield tail

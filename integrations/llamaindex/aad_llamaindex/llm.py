@@ -16,11 +16,10 @@ otherwise the teacher answers and the case is recorded for retraining.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
                                               CompletionResponse, CompletionResponseAsyncGen, CompletionResponseGen,
@@ -31,7 +30,10 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 from llama_index.core.tools import BaseTool
 
-from aad_core.schema import ChatRequest, FunctionCall, Message, RoutingDecision, ToolCall, Usage
+from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Usage
+
+if TYPE_CHECKING:
+    from aad_core.serving.routed_call import RoutedCall
 
 _ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
           "function": "function", "chatbot": "assistant", "model": "assistant"}
@@ -114,19 +116,51 @@ class RoutedLLM(FunctionCallingLLM):
         return ChatRequest(messages=[_to_message(m) for m in messages], tools=kwargs.get("tools") or None,
                            params=params)
 
-    def _specialist_response(self, request: ChatRequest, decision: RoutingDecision, outcome: Any) -> ChatResponse:
-        msg: Message = outcome.message
+    # -- aad's schema <-> LlamaIndex's responses ---------------------------------------------------
+    def _specialist_response(self, call: RoutedCall) -> ChatResponse:
+        outcome = call.outcome
+        assert outcome is not None and outcome.message is not None  # a specialist answered
+        msg = outcome.message
         extra: dict[str, Any] = {}
         if msg.tool_calls:
             extra["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
-        prompt = max(1, sum(len(m.text()) for m in request.messages) // 4)
+        prompt = max(1, sum(len(m.text()) for m in call.request.messages) // 4)
         usage = {"prompt_tokens": prompt, "completion_tokens": outcome.usage.completion_tokens if outcome.usage else 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=msg.text(), additional_kwargs=extra),
-            raw={"model": decision.specialist, "mean_logprob": outcome.mean_logprob},
-            additional_kwargs={"aad_route": decision.model_dump(), "usage": usage},
+            raw={"model": call.decision.specialist, "mean_logprob": outcome.mean_logprob},
+            additional_kwargs={"aad_route": call.decision.model_dump(), "usage": usage},
         )
+
+    def _teacher_response(self, call: RoutedCall, resp: ChatResponse) -> tuple[ChatResponse, Message, Usage | None]:
+        """The teacher's response as the user gets it (with ``aad_route`` and usage), and in aad's schema."""
+        usage = resp.additional_kwargs.get("usage")
+        if usage is None and isinstance(resp.raw, dict) and isinstance(resp.raw.get("usage"), dict):
+            usage = resp.raw["usage"]
+        extra = {**resp.additional_kwargs, "aad_route": call.decision.model_dump()}
+        if usage is not None:
+            extra["usage"] = usage
+        resp = resp.model_copy(update={"additional_kwargs": extra})
+        message = _to_message(resp.message).model_copy(update={"role": "assistant"})
+        u = Usage.model_validate({k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                                  if k in usage}) if isinstance(usage, dict) else None
+        return resp, message, u
+
+    def _finish_teacher(self, call: RoutedCall, resp: ChatResponse) -> ChatResponse:
+        resp, message, usage = self._teacher_response(call, resp)
+        call.finish_teacher(message, usage, self._teacher_name(), raw=resp)
+        return resp
+
+    async def _afinish_teacher(self, call: RoutedCall, resp: ChatResponse) -> ChatResponse:
+        resp, message, usage = self._teacher_response(call, resp)
+        await call.afinish_teacher(message, usage, self._teacher_name(), raw=resp)
+        return resp
+
+    @staticmethod
+    def _with_route(call: RoutedCall, part: ChatResponse) -> ChatResponse:
+        return part.model_copy(update={"additional_kwargs": {**part.additional_kwargs,
+                                                             "aad_route": call.decision.model_dump()}})
 
     def _teacher_call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         tools = kwargs.get("aad_tool_objects")
@@ -142,82 +176,62 @@ class RoutedLLM(FunctionCallingLLM):
                                                        tool_required=bool(kwargs.get("tool_required")))
         return await self.teacher.achat(messages)
 
-    def _finish_teacher(self, request: ChatRequest, resp: ChatResponse, decision: RoutingDecision,
-                        outcome: Any) -> ChatResponse:
-        usage = resp.additional_kwargs.get("usage")
-        if usage is None and isinstance(resp.raw, dict) and isinstance(resp.raw.get("usage"), dict):
-            usage = resp.raw["usage"]
-        extra = {**resp.additional_kwargs, "aad_route": decision.model_dump()}
-        if usage is not None:
-            extra["usage"] = usage
-        resp = resp.model_copy(update={"additional_kwargs": extra})
-        if outcome is not None:
-            teacher_msg = _to_message(resp.message).model_copy(update={"role": "assistant"})
-            u = Usage.model_validate({k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-                                      if k in usage}) if isinstance(usage, dict) else None
-            self.engine().record_escalation(request, teacher_msg, decision, outcome, usage=u,
-                                            model=self._teacher_name())
-        return resp
-
     # -- chat -------------------------------------------------------------------------------------
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        request = self._request(messages, kwargs)
-        decision, outcome = self.engine().attempt(request, timeout_s=self.timeout)
-        if outcome is not None and outcome.ok:
-            return self._specialist_response(request, decision, outcome)
-        return self._finish_teacher(request, self._teacher_call(messages, kwargs), decision, outcome)
+        call = self.engine().route_call(self._request(messages, kwargs), timeout_s=self.timeout)
+        if call.specialist_answer is not None:
+            return self._specialist_response(call)
+        call.start_teacher()
+        return self._finish_teacher(call, self._teacher_call(messages, kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        request = self._request(messages, kwargs)
-        decision, outcome = await asyncio.to_thread(self.engine().attempt, request, timeout_s=self.timeout)
-        if outcome is not None and outcome.ok:
-            return self._specialist_response(request, decision, outcome)
-        resp = await self._ateacher_call(messages, kwargs)
-        return await asyncio.to_thread(self._finish_teacher, request, resp, decision, outcome)
+        call = await self.engine().aroute_call(self._request(messages, kwargs), timeout_s=self.timeout)
+        if call.specialist_answer is not None:
+            return self._specialist_response(call)
+        call.start_teacher()
+        return await self._afinish_teacher(call, await self._ateacher_call(messages, kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        request = self._request(messages, kwargs)
-        decision, outcome = self.engine().attempt(request, timeout_s=self.timeout)
+        call = self.engine().route_call(self._request(messages, kwargs), timeout_s=self.timeout)
 
         def gen() -> ChatResponseGen:
-            if outcome is not None and outcome.ok:
-                resp = self._specialist_response(request, decision, outcome)
+            if call.specialist_answer is not None:
+                resp = self._specialist_response(call)
                 yield resp.model_copy(update={"delta": resp.message.content})
                 return
             last: ChatResponse | None = None
+            call.start_teacher()
             if kwargs.get("aad_tool_objects"):
                 stream = iter([self._teacher_call(messages, kwargs)])
             else:
                 stream = self.teacher.stream_chat(messages)
             for part in stream:
                 last = part
-                yield part.model_copy(update={"additional_kwargs": {**part.additional_kwargs,
-                                                                    "aad_route": decision.model_dump()}})
+                yield self._with_route(call, part)
             if last is not None:
-                self._finish_teacher(request, last, decision, outcome)
+                self._finish_teacher(call, last)
 
         return gen()
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        request = self._request(messages, kwargs)
-        decision, outcome = await asyncio.to_thread(self.engine().attempt, request, timeout_s=self.timeout)
+        call = await self.engine().aroute_call(self._request(messages, kwargs), timeout_s=self.timeout)
 
         async def gen() -> ChatResponseAsyncGen:
-            if outcome is not None and outcome.ok:
-                resp = self._specialist_response(request, decision, outcome)
+            if call.specialist_answer is not None:
+                resp = self._specialist_response(call)
                 yield resp.model_copy(update={"delta": resp.message.content})
                 return
             last: ChatResponse | None = None
+            call.start_teacher()
             async for part in await self.teacher.astream_chat(messages):
                 last = part
-                yield part.model_copy(update={"additional_kwargs": {**part.additional_kwargs,
-                                                                    "aad_route": decision.model_dump()}})
+                yield self._with_route(call, part)
             if last is not None:
-                await asyncio.to_thread(self._finish_teacher, request, last, decision, outcome)
+                await self._afinish_teacher(call, last)
 
         return gen()
 

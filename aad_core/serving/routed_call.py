@@ -1,0 +1,136 @@
+"""One routed call: the specialist's attempt, then either its answer or the teacher's, with the
+escalation recorded exactly once.
+
+:meth:`RoutingEngine.answer` and the LangChain / LlamaIndex integrations all go through a
+:class:`RoutedCall`, so the teacher's latency, usage and model name reach the escalation trace the
+same way on every path (sync, async, streaming). The caller calls the teacher itself (its own
+framework, callbacks and streaming) and only converts the answer to aad's schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aad_core.errors import AADError
+from aad_core.schema import ChatRequest, Message, RoutingDecision, Usage
+
+if TYPE_CHECKING:
+    from aad_core.serving.engine import RoutingEngine
+
+
+@dataclass
+class SpecialistOutcome:
+    """The specialist's attempt at a request: ``ok`` with the checked ``message``, or why not."""
+
+    ok: bool
+    reason: str = ""
+    message: Message | None = None
+    text: str = ""
+    mean_logprob: float | None = None
+    usage: Usage | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass
+class RoutedAnswer:
+    """What a routed call returns: the assistant message, who answered, and why."""
+
+    message: Message
+    decision: RoutingDecision
+    usage: Usage = field(default_factory=Usage)
+    model: str = ""
+    latency_ms: float = 0.0
+    #: The raw teacher result (e.g. the LangChain AIMessage or the upstream JSON) when the teacher answered.
+    teacher_raw: Any = None
+    #: How long the teacher took (None when a specialist answered).
+    teacher_latency_ms: float | None = None
+
+
+def teacher_result(result: Any) -> tuple[Message, Usage | None, str | None]:
+    """(message, usage, model) of a teacher call's result: a Message, an OpenAI chat-completion
+    dict, a string, or (Message, Usage)."""
+    if isinstance(result, tuple):
+        msg, usage = result[0], result[1] if len(result) > 1 else None
+        return teacher_result(msg)[0], usage, None
+    if isinstance(result, Message):
+        return result, None, None
+    if isinstance(result, dict) and "choices" in result:
+        msg = Message.model_validate({k: v for k, v in result["choices"][0]["message"].items() if v is not None})
+        usage = Usage.model_validate(result["usage"]) if isinstance(result.get("usage"), dict) else None
+        return msg, usage, result.get("model")
+    if isinstance(result, str):
+        return Message(role="assistant", content=result), None, None
+    raise TypeError(f"A teacher call must return a Message, an OpenAI chat completion dict or a string. Got {type(result).__name__}.")
+
+
+class RoutedCall:
+    """One request after the routing decision and the specialist's attempt (made by
+    :meth:`RoutingEngine.route_call`).
+
+    Either :attr:`specialist_answer` is the checked answer the user gets, or the caller calls the
+    teacher — :meth:`start_teacher` right before, :meth:`finish_teacher` (or
+    :meth:`afinish_teacher`) with its answer once it is complete, streams included. Finishing times
+    the teacher and, when a specialist's answer was rejected, records the escalation trace.
+    """
+
+    def __init__(self, engine: RoutingEngine, request: ChatRequest, decision: RoutingDecision,
+                 outcome: SpecialistOutcome | None, *, started: float) -> None:
+        self.engine = engine
+        self.request = request
+        self.decision = decision
+        #: The specialist's attempt (None when the router chose the teacher).
+        self.outcome = outcome
+        self.started = started
+        ready = time.perf_counter()
+        self._teacher_started = ready
+        self._teacher_answer: RoutedAnswer | None = None
+        self.specialist_answer: RoutedAnswer | None = None
+        if outcome is not None and outcome.ok and outcome.message is not None:
+            self.specialist_answer = RoutedAnswer(outcome.message, decision, outcome.usage or Usage(),
+                                                  model=decision.specialist or "", latency_ms=(ready - started) * 1000)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.specialist_answer is None
+
+    @property
+    def escalated(self) -> bool:
+        """A specialist was tried and its answer rejected."""
+        return self.outcome is not None and self.specialist_answer is None
+
+    def start_teacher(self) -> None:
+        """Mark the start of the teacher call (default: the end of the specialist's attempt)."""
+        self._teacher_started = time.perf_counter()
+
+    def finish_teacher(self, message: Message, usage: Usage | None = None, model: str | None = None,
+                       raw: Any = None) -> RoutedAnswer:
+        """The teacher's answer, timed from :meth:`start_teacher`; records the escalation if any."""
+        return self._finish(message, usage, model, raw, ended=time.perf_counter())
+
+    async def afinish_teacher(self, message: Message, usage: Usage | None = None, model: str | None = None,
+                              raw: Any = None) -> RoutedAnswer:
+        """:meth:`finish_teacher` for async callers (recording runs in a worker thread)."""
+        ended = time.perf_counter()
+        return await asyncio.to_thread(self._finish, message, usage, model, raw, ended=ended)
+
+    def _finish(self, message: Message, usage: Usage | None, model: str | None, raw: Any, *,
+                ended: float) -> RoutedAnswer:
+        if self.specialist_answer is not None:
+            raise AADError(f"This request was answered by the specialist {self.decision.specialist!r}; "
+                           "it has no teacher answer to finish.",
+                           hint="Call finish_teacher only when RoutedCall.needs_teacher is true.")
+        if self._teacher_answer is not None:
+            raise AADError("finish_teacher was already called for this routed call.",
+                           hint="Open a new call with RoutingEngine.route_call for each request.")
+        teacher_ms = (ended - self._teacher_started) * 1000
+        self._teacher_answer = RoutedAnswer(message, self.decision, usage or Usage(),
+                                            model=model or self.engine.teacher_model or "teacher",
+                                            latency_ms=(ended - self.started) * 1000, teacher_raw=raw,
+                                            teacher_latency_ms=teacher_ms)
+        if self.outcome is not None:
+            self.engine.record_escalation(self.request, message, self.decision, self.outcome, usage=usage,
+                                          model=model, latency_ms=teacher_ms)
+        return self._teacher_answer
