@@ -176,4 +176,4 @@ def test_cli_help_names_the_config_keys_it_defaults_to() -> None:
 
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
     # rich would take an unescaped "[train]" for a style tag and drop it
-    assert "(default: [train] epochs)" in out and "(default: [train] answer_hints)" in out
+    assert "(default: [trainer.qlora] epochs)" in out and "(default: [trainer.qlora] answer_hints)" in out

@@ -6,22 +6,25 @@ transaction. When the store cannot be written (locked, disk full, deleted), the 
 JSONL file in ``.aad/spool/``; spooled traces are loaded back into the store when it works again,
 and by the next writer that starts. Nothing is dropped silently: every trace is counted as
 written, spooled, or lost (only when even the spool cannot be written, with an error logged).
+
+The spool folder is :mod:`aad_core.capture.spool`; the workspace, the store and its health are
+:mod:`aad_core.capture.target`.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aad_core.capture.spool import Spool
+from aad_core.capture.target import StoreTarget, resolve_workspace, spool_dir_for
 from aad_core.config import AADSettings
 from aad_core.schema import Trace
 
@@ -31,9 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_SPOOL_SUFFIX = ".jsonl"
-_CLAIM_SUFFIX = ".loading"
-
 
 @dataclass
 class _Flush:
@@ -42,20 +42,6 @@ class _Flush:
 
 class _Stop:
     pass
-
-
-class _StoreGone(RuntimeError):
-    pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class CaptureWriter:
@@ -85,38 +71,17 @@ class CaptureWriter:
         redact: bool | None = None,
         config: AADSettings | None = None,
     ) -> None:
-        from aad_core.workspace import Workspace
-
-        if workspace is not None and not isinstance(workspace, (Workspace, str, Path)):
-            raise ValueError(
-                "The 'workspace' parameter of CaptureWriter must be a Workspace, a folder path or None. "
-                f"Got {workspace!r} instead."
-            )
-        ws: Workspace | None
-        if isinstance(workspace, (str, Path)):
-            from aad_core.config import CONFIG_FILE
-
-            root = Path(workspace)
-            ws = Workspace(root) if (root / CONFIG_FILE).exists() else Workspace.init(root)
-        elif workspace is None and store is None:
-            ws = Workspace.find()
-        else:
-            ws = workspace
+        ws = resolve_workspace(workspace, store)
         self.workspace = ws
         self.config = config or (ws.config if ws is not None else AADSettings())
         cfg = self.config.capture
         self.redact = cfg.redact if redact is None else bool(redact)
-        if self.redact:  # an unknown redactor name is a configuration error: say so now, not later
-            from aad_core.plugins import get_registry
+        if self.redact:  # an unknown redactor or a bad [redactor.<name>] key is a configuration error: say so now
+            from aad_core.plugins.params import component_params
 
-            get_registry().get("redactor", cfg.redactor)
+            component_params("redactor", cfg.redactor, self.config, workspace=ws)
 
-        if ws is not None:
-            self.spool_dir = ws.spool_dir
-        elif getattr(store, "path", None) is not None:
-            self.spool_dir = Path(store.path).parent / "spool"  # type: ignore[union-attr]
-        else:
-            self.spool_dir = Path.cwd() / ".aad" / "spool"
+        self._spool_files = Spool(spool_dir_for(ws, store))
 
         self._queue: queue.Queue[Trace | _Flush | _Stop] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
@@ -124,15 +89,13 @@ class CaptureWriter:
                         "overflowed": 0}
         self._logged: set[str] = set()
         self._redactor: Any = None  # built on first use, on the background thread
-        self._store_ok = True
-        self._next_retry = 0.0
+        self._target = StoreTarget(ws, store, write_timeout_s=cfg.write_timeout_s,
+                                   retry_interval_s=cfg.retry_interval_s)
         self._spool_pending = True  # a previous run may have left spooled traces
         self._closed = False
-        self._owns_store = store is None
-        self._store: Any = store
-        if store is None:
+        if self._target.owned:
             try:
-                self._store = self._open_store()
+                self._target.store = self._target.open()
             except Exception as err:  # e.g. locked right now: spool until it opens
                 self._store_failed(err)
         self._thread = threading.Thread(target=self._run, name="aad-capture-writer", daemon=True)
@@ -191,9 +154,9 @@ class CaptureWriter:
             except queue.Full:
                 pass
             self._thread.join(timeout)
-        if self._owns_store and self._store is not None:
+        if self._target.owned and self._target.store is not None:
             try:
-                self._store.close()
+                self._target.store.close()
             except Exception as err:
                 self._error("close", err)
         atexit.unregister(self._atexit)
@@ -205,15 +168,16 @@ class CaptureWriter:
         with self._lock:
             out = dict(self._counts)
         out["queued"] = self._queue.qsize()
-        try:
-            out["spool_files"] = sum(1 for _ in self.spool_dir.glob("*" + _SPOOL_SUFFIX))
-        except OSError:
-            out["spool_files"] = 0
+        out["spool_files"] = self._spool_files.count()
         return out
 
     @property
     def store(self) -> Any:
-        return self._store
+        return self._target.store
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool_files.folder
 
     def __enter__(self) -> CaptureWriter:
         return self
@@ -230,7 +194,7 @@ class CaptureWriter:
             try:
                 item = self._queue.get(timeout=poll)
             except queue.Empty:
-                if self._spool_pending and time.monotonic() >= self._next_retry:
+                if self._spool_pending and not self._target.pausing():
                     self._guard("reload", self._drain_spool)
                 continue
             batch: list[Trace] = []
@@ -265,17 +229,17 @@ class CaptureWriter:
         if self.redact and not all(t.redacted for t in batch):
             self._spool(batch)  # redaction failed: never write unredacted traces to the store
             return
-        if not self._store_ok and time.monotonic() < self._next_retry:
+        if not self._target.ok and self._target.pausing():
             self._spool(batch)  # do not wait on a store that just failed, for every batch
             return
         try:
-            self._check_store()
-            self._store.add(batch)
+            self._target.check()
+            self._target.store.add(batch)
         except Exception as err:
             self._store_failed(err)
             self._spool(batch)
             return
-        self._store_ok = True
+        self._target.ok = True
         self._count("written", len(batch))
         self._notify(batch)
         if self._spool_pending:
@@ -290,7 +254,7 @@ class CaptureWriter:
             if self._redactor is None:
                 from aad_core.capture.redaction import get_redactor
 
-                self._redactor = get_redactor(self.config)
+                self._redactor = get_redactor(self.config, self.workspace)
             out = []
             for t in traces:
                 out.append(t if t.redacted else self._redactor.redact([t])[0])
@@ -302,45 +266,16 @@ class CaptureWriter:
             self._error("redact", err)
             return traces
 
-    # -- store health ------------------------------------------------------------------------
-    def _open_store(self) -> Any:
-        from aad_core.store.sqlite import SQLiteTraceStore
-
-        assert self.workspace is not None
-        return SQLiteTraceStore(self.workspace.db_path, timeout_s=self.config.capture.write_timeout_s)
-
-    def _check_store(self) -> None:
-        if self._store is None:
-            self._store = self._open_store()
-            return
-        path = getattr(self._store, "path", None)
-        if path is None or Path(path).exists():
-            return
-        # The database file was deleted under us: an open SQLite connection would keep writing to
-        # the unlinked file. Spool first; on the retry a writer that owns its store recreates it.
-        if self._owns_store and self.workspace is not None and not self._store_ok:
-            self._store.close()
-            self._store = self._open_store()
-            return
-        raise _StoreGone(f"the trace store {path} was deleted")
-
+    # -- store failures and the spool --------------------------------------------------------
     def _store_failed(self, err: Exception) -> None:
-        self._store_ok = False
-        self._next_retry = time.monotonic() + self.config.capture.retry_interval_s
+        self._target.failed()
         self._error("store", err, f"cannot write to the trace store; traces go to {self.spool_dir} until it works")
 
-    # -- spool -------------------------------------------------------------------------------
     def _spool(self, traces: Sequence[Trace]) -> None:
         if not traces:
             return
-        name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            part = self.spool_dir / (name + ".part")
-            with part.open("w", encoding="utf-8") as fh:
-                for t in traces:
-                    fh.write(t.model_dump_json(exclude_none=True) + "\n")
-            part.replace(self.spool_dir / (name + _SPOOL_SUFFIX))  # complete files only
+            self._spool_files.write(traces)
         except Exception as err:
             self._count("lost", len(traces))
             self._error("spool", err, f"{len(traces)} trace(s) could not be spooled either and are lost")
@@ -349,65 +284,35 @@ class CaptureWriter:
         self._count("spooled", len(traces))
 
     def _drain_spool(self, force: bool = False) -> None:
-        """Load spooled files back into the store (oldest first). Each file is claimed by an
-        atomic rename, so concurrent writers never load the same file twice."""
-        if not force and time.monotonic() < self._next_retry:
+        """Load spooled files back into the store (oldest first)."""
+        if not force and self._target.pausing():
             return
-        if not self.spool_dir.is_dir():
+        if not self._spool_files.exists():
             self._spool_pending = False
             return
-        self._release_stale_claims()
-        for path in sorted(self.spool_dir.glob("*" + _SPOOL_SUFFIX)):
-            claim = path.with_name(f"{path.name}.{os.getpid()}{_CLAIM_SUFFIX}")
+        for claim in self._spool_files.claims():
+            traces, bad = claim.read()
             try:
-                path.replace(claim)
-            except FileNotFoundError:
-                continue  # another writer took it
-            traces, bad = self._read_spool(claim)
-            try:
-                self._check_store()
+                self._target.check()
                 traces = self._redacted(traces)
                 if self.redact and not all(t.redacted for t in traces):
                     raise RuntimeError("redaction failed; spooled traces stay in the spool")
                 for start in range(0, len(traces), self.config.capture.batch_size):
-                    self._store.add(traces[start : start + self.config.capture.batch_size])
+                    self._target.store.add(traces[start : start + self.config.capture.batch_size])
             except Exception as err:
-                claim.replace(path)
+                claim.give_back()
                 self._store_failed(err)
                 return
-            self._store_ok = True
+            self._target.ok = True
             if bad:
                 self._count("errors")
                 self._log_once("spool-bad", logging.ERROR, "aad: %d unreadable line(s) in spool file %s; kept in %s",
-                               len(bad), path, path.with_suffix(".bad"))
-                path.with_suffix(".bad").write_text("".join(bad), encoding="utf-8")
-            claim.unlink()
+                               len(bad), claim.path, claim.bad_path)
+                claim.keep_bad(bad)
+            claim.remove()
             self._count("reloaded", len(traces))
             self._notify(traces)
         self._spool_pending = False
-
-    def _read_spool(self, path: Path) -> tuple[list[Trace], list[str]]:
-        traces: list[Trace] = []
-        bad: list[str] = []
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    traces.append(Trace.model_validate_json(line))
-                except ValueError:
-                    bad.append(line if line.endswith("\n") else line + "\n")
-        return traces, bad
-
-    def _release_stale_claims(self) -> None:
-        """Give back files claimed by a process that died while loading them."""
-        for claim in self.spool_dir.glob("*" + _CLAIM_SUFFIX):
-            pid_text = claim.name[: -len(_CLAIM_SUFFIX)].rsplit(".", 1)[-1]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
-                try:
-                    claim.replace(claim.with_name(claim.name[: -len(_CLAIM_SUFFIX)].rsplit(".", 1)[0]))
-                except OSError:
-                    pass
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _notify(self, traces: list[Trace]) -> None:

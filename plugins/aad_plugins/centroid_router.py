@@ -100,10 +100,9 @@ class CentroidRouter(Router):
 
     def load(self) -> CentroidRouter:
         """Read clusters, promoted specialists and calibrated thresholds from the workspace."""
-        from aad_core.pipeline.calibrate import (
-            load_router_state, promoted_specialists, request_embedder, still_teacher_only,
-        )
-        from aad_core.pipeline.cluster import load_clusters
+        from aad_core.artifacts import ClusterState, RouterState
+        from aad_core.models.embedding import embed_requests
+        from aad_core.specialists import SpecialistRegistry
 
         ws = self._workspace_or_none()
         if ws is None:
@@ -111,20 +110,19 @@ class CentroidRouter(Router):
 
             ws = Workspace.find()  # raises the usual "no workspace" error with its hint
         self.workspace = ws
-        state = load_clusters(ws)
-        import numpy as np
-
-        cids = [c.id for c in state.clusters]
-        cents = np.asarray([c.centroid for c in state.clusters], dtype=np.float32)
-        saved = load_router_state(ws)
-        thresholds = {int(k): float(v["threshold"]) for k, v in (saved or {}).get("clusters", {}).items()}
-        specialists = promoted_specialists(ws)
+        state = ClusterState.load(ws)
+        saved = RouterState.load_optional(ws)
+        specialists = {cid: spec.name for cid, spec in SpecialistRegistry(ws).promoted().items()}
         # The calibration's rule again, with today's specialists and setting: a specialist promoted
         # since then brings its nodes back to the embedding path, and min_calls = 0 turns it off.
-        teacher_nodes = still_teacher_only((saved or {}).get("teacher_nodes", {}), specialists,
-                                           ws.config.route.teacher_node_min_calls)
-        return self.fit(cents, cids, thresholds, specialists, request_embedder(ws),
-                        calibrated=saved is not None, teacher_nodes=teacher_nodes)
+        teacher_nodes = saved.teacher_only(specialists, ws.config.route.teacher_node_min_calls) if saved else {}
+        config = ws.config  # the embedder and view clustering used
+
+        def embed(requests: Sequence[ChatRequest]) -> np.ndarray:
+            return embed_requests(list(requests), config)
+
+        return self.fit(state.centroids(), [c.id for c in state.clusters], saved.thresholds() if saved else {},
+                        specialists, embed, calibrated=saved is not None, teacher_nodes=teacher_nodes)
 
     def _ensure(self) -> None:
         if not hasattr(self, "centroids_"):
@@ -142,7 +140,7 @@ class CentroidRouter(Router):
         return [self.cluster_ids_[int(i)] for i in best], [float(sims[r, i]) for r, i in enumerate(best)]
 
     def route(self, requests: Sequence[ChatRequest]) -> list[RoutingDecision]:
-        """One :class:`RoutingDecision` per request; observers get them through ``aad_request_routed``."""
+        """One :class:`RoutingDecision` per request (the routing engine passes them to ``aad_request_routed``)."""
         requests = list(requests)
         if not requests:
             return []
@@ -163,11 +161,7 @@ class CentroidRouter(Router):
             per_request_ms = (time.perf_counter() - start) * 1000 / len(todo)
             for i, c, s in zip(todo, cids, sims):
                 decisions[i] = self._decide(c, s, per_request_ms)
-        routed = [decisions[i] for i in range(len(requests))]
-        from aad_core.plugins import get_plugin_manager
-
-        get_plugin_manager().hooks.request_routed(routed)
-        return routed
+        return [decisions[i] for i in range(len(requests))]
 
     def _teacher_node_calls(self, request: ChatRequest) -> int | None:
         """Calibration calls of the request's agent node if that node goes to the teacher unembedded."""

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aad_core import hookimpl
-from aad_core.plugins.components import Scorer
 from aad_core.errors import param_error
+from aad_core.plugins import Scorer, hookimpl
 
 if TYPE_CHECKING:
     from aad_core.schema import Trace
@@ -25,11 +24,23 @@ log = logging.getLogger(__name__)
 
 
 class KLUncertaintyScorer(Scorer):
-    """Divergence + uncertainty scorer over a student causal LM.
+    """Divergence + uncertainty scorer over a student causal LM (set in ``[scorer.kl-uncertainty]``).
 
-    Parameters: ``student`` (known name, path or hub id), ``uncertainty_weight`` (lambda),
-    ``batch_size``, ``max_length`` (tokens per sample), ``teacher`` (optional local HF teacher for
-    exact KL), ``device`` (None = CUDA when available, else CPU).
+    Parameters
+    ----------
+    student : str or Path
+        The student: a known name, a hub id or a local path (``[train] student``).
+    uncertainty_weight : float
+        lambda in score = KL + lambda * student entropy.
+    batch_size : int
+        Samples per scoring forward pass.
+    max_length : int
+        Prompt + answer tokens per sample (``[train] max_length``).
+    teacher : str or None
+        A local Hugging Face teacher sharing the student's tokenizer, for exact KL; None = the best
+        recorded signal per trace.
+    device : str or None
+        Torch device; None = CUDA when available, else CPU.
     """
 
     def __init__(

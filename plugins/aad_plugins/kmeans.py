@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from aad_core import hookimpl
-from aad_core.plugins.components import Clusterer
 from aad_core.errors import param_error
+from aad_core.plugins import Clusterer, hookimpl
 
 
 class KMeansClusterer(Clusterer):

@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aad_core import hookimpl
-from aad_core.plugins.components import Redactor
+from aad_core.plugins import Redactor, hookimpl
 from aad_core.schema import Message, Trace
 
 #: Entities found by pattern/checksum recognisers, without any NLP model. URL, DATE_TIME, UUID and

@@ -12,9 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aad_core import hookimpl
-from aad_core.plugins.components import Selector
 from aad_core.errors import param_error
+from aad_core.plugins import Selector, hookimpl
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,6 +70,11 @@ class DiverseSelector(Selector):
     the way through: 0 = pure coverage, 1 = ``top``. This keeps every kind of answer in the
     selection even when the student's surprise is a function of the answer alone (e.g. a label):
     plain ``top`` then keeps a few labels and drops the rest. Without embeddings it falls back to ``top``.
+
+    Parameters
+    ----------
+    score_weight : float
+        Weight of the divergence score against coverage, in [0, 1]: 0 = pure coverage, 1 = ``top``.
     """
 
     needs_embeddings = True
