@@ -155,6 +155,15 @@ class SpecialistRegistry:
         candidates = [s for s in self.list() if s.cluster_id == int(cluster_id)]
         return max(candidates, key=lambda s: (s.created_at, s.version)) if candidates else None
 
+    def promoted(self) -> dict[int, Specialist]:
+        """{cluster id: its promoted specialist} (the highest promoted version when a cluster has
+        several): what calibration calibrates, the router serves and the engine loads."""
+        out: dict[int, Specialist] = {}
+        for spec in self.list():
+            if spec.promoted and (spec.cluster_id not in out or spec.version > out[spec.cluster_id].version):
+                out[spec.cluster_id] = spec
+        return out
+
     def set_promoted(self, name: str, version: int, promoted: bool, reason: str) -> Specialist:
         spec = self.get(name, version)
         path = Path(spec.path) / MANIFEST

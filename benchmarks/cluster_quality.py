@@ -109,7 +109,9 @@ def main() -> None:
         print(f"{c.id:>3} {top + f' {cnt / c.size:.0%}':<14} {c.size:>6} {c.variance:>9.3f} {c.mean_similarity:>9.3f} "
               f"{'yes' if c.routine else 'no ':<8} {c.label}")
     _request_latency(ws, traces)
-    print(f"\nworkspace: {root}  (map: {ws.state_path('cluster_map.png')})")
+    from aad_core.report import draw_cluster_map
+
+    print(f"\nworkspace: {root}  (map: {draw_cluster_map(ws)})")
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -114,9 +114,9 @@ def main() -> int:
     ap.add_argument("--base-with-labels", type=int, default=60, help="test queries for the base student given all 77 labels (0 = skip)")
     ap.add_argument("--epochs", type=float, default=6.0)
     ap.add_argument("--answer-hints", type=int, default=0,
-                    help="labels of the nearest training queries added to each prompt ([train] answer_hints; 0 = off)")
+                    help="labels of the nearest training queries added to each prompt ([trainer.qlora] answer_hints; 0 = off)")
     ap.add_argument("--answer-candidates", type=int, default=5,
-                    help="answer with the best of the N nearest training queries' labels ([train] answer_candidates; 0 = free decoding)")
+                    help="answer with the best of the N nearest training queries' labels ([trainer.qlora] answer_candidates; 0 = free decoding)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scheduler", default="cosine", choices=["constant", "linear", "cosine"])
     ap.add_argument("--dropout", type=float, default=0.05)

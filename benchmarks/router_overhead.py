@@ -59,6 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from aad_core.demo import COMPLEX_NODES, ROUTINE_NODES, create_demo_workspace
     from aad_core.models.embedding import embed_requests, get_embedder
+    from aad_core.artifacts import ClusterState
     from aad_core.pipeline.cluster import load_clusters, run_cluster
     from aad_core.pipeline.calibrate import (
         calibrate_router, routing_confusion, still_teacher_only, teacher_only_nodes,
@@ -68,7 +69,7 @@ def main() -> None:
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="aad-router-bench-")) / "ws"
     t0 = time.perf_counter()
-    reuse = args.workdir is not None and (root / ".aad" / "state" / "clusters.json").exists()
+    reuse = args.workdir is not None and ClusterState.exists(Workspace(root))
     ws = Workspace(root) if reuse else create_demo_workspace(root, seed=args.seed, redact=False)
     ws = Workspace(ws.root)
     if not reuse:  # a --workdir that was already clustered is reused as is

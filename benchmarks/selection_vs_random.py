@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.workspace:
+        from aad_core.artifacts import SelectionCurve
         from aad_core.workspace import Workspace
 
-        path = Workspace.find(args.workspace).write_state("selection_curve.json", result)
+        path = SelectionCurve.from_json(result).save(Workspace.find(args.workspace))
         print(f"wrote {path}")
     print(f"total {result['wall_s']:.0f} s; results in {args.out}")
     return 0

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from _fake_embedder import register_fake_embedder
+from aad_core.artifacts import ClusterMap, png_path
 from aad_core.errors import StageError
 from aad_core.pipeline.cluster import load_clusters, run_cluster
+from aad_core.report import draw_cluster_map
 from aad_core.schema import Usage
 from conftest import make_trace
 
@@ -109,7 +111,12 @@ def test_run_cluster_writes_the_artifact_and_flags_routine_clusters(workspace) -
         "seed", "embedder", "model_id", "view", "k", "criterion", "clusters", "assignments", "split", "dropped",
         "replaceability"}
     assert data["embedder"] == "fake" and data["k"] == 3 and data["criterion"] == "given"
-    assert workspace.state_path("cluster_map.png").read_bytes()[:4] == b"\x89PNG"
+    # The stage saves the 2-D projection; 'aad cluster' and the report draw it (report/ owns matplotlib).
+    cluster_map = ClusterMap.load(workspace)
+    assert len(cluster_map.points) == len(cluster_map.cluster_ids) == len(state.assignments)
+    assert set(cluster_map.centroids) == {c.id for c in state.clusters}
+    assert not png_path(workspace).exists()
+    assert draw_cluster_map(workspace).read_bytes()[:4] == b"\x89PNG"
 
     by_task = {c.task: c for c in state.clusters}
     assert set(by_task) == {"intent", "sql", "weather"}

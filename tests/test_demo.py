@@ -73,9 +73,10 @@ def test_same_seed_same_workload_other_seed_differs():
 
 def test_demo_config_is_valid_and_carries_the_demo_values(tmp_path):
     path = tmp_path / "aad.toml"
-    path.write_text(demo_config_toml({("train", "max_steps"): 3}), encoding="utf-8")
+    path.write_text(demo_config_toml({("trainer.qlora", "max_steps"): 3}), encoding="utf-8")
     cfg = load_config(path)
-    assert cfg.train.max_steps == 3 and cfg.train.batch_size == 8 and cfg.eval.max_heldout == 24
+    trainer = cfg.component_table("trainer", "qlora")
+    assert trainer["max_steps"] == 3 and trainer["batch_size"] == 8 and cfg.eval.max_heldout == 24
 
 
 def test_demo_workspace_is_ingested_idempotently_with_attribution(tmp_path):

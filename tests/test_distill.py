@@ -12,9 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from aad_core.artifacts import ClusterSelection, ClusterState, EvalReport, RouterState, Selection
 from aad_core.pipeline.distill import QUICK, STAGES, apply_profile, load_distill_state, run_distill
+from aad_core.schema import Cluster
 from aad_core.workspace import Workspace
 from tests.conftest import make_trace
+
+
+def _clusters(size: int, *, routine: bool = True, criterion: str = "") -> ClusterState:
+    cluster = Cluster(id=0, label="c0", size=size, variance=0.1, mean_similarity=0.9, routine=routine, share_calls=1.0)
+    return ClusterState(clusters=[cluster], assignments={}, split={}, dropped={}, criterion=criterion)
 
 
 def _recording_runners(calls: list[str]):
@@ -22,34 +29,36 @@ def _recording_runners(calls: list[str]):
         calls.append("cluster")
         with ws.store() as store:
             n = store.count()
-        ws.write_state("clusters.json", {"clusters": [{"id": 0, "routine": True, "size": n, "share_calls": 1.0}],
-                                         "k": ws.config.cluster.k})
+        _clusters(n, criterion=f"k={ws.config.cluster.k}").save(ws)
         return "1 cluster"
 
     def select(ws, profile, progress):
         calls.append("select")
-        ws.write_state("selection.json", {"fraction": ws.config.select.fraction,
-                                          "clusters": {"0": ws.read_state("clusters.json")["clusters"][0]}})
+        size = ClusterState.load(ws).clusters[0].size
+        Selection(clusters={0: ClusterSelection(selected=[], label=f"size {size}")},
+                  fraction=ws.config.select.fraction).save(ws)
         return "selected"
 
     def train(ws, profile, progress):
         calls.append("train")
         folder = ws.specialists_dir / "cluster-0" / "1"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "adapter_config.json").write_text(json.dumps({"r": ws.config.train.lora_r}))
-        (folder / "adapter_model.safetensors").write_bytes(b"w" * ws.config.train.lora_r)
+        lora_r = ws.config.component_table("trainer", "qlora")["lora_r"]
+        (folder / "adapter_config.json").write_text(json.dumps({"r": lora_r}))
+        (folder / "adapter_model.safetensors").write_bytes(b"w" * lora_r)
         return "trained"
 
     def evaluate(ws, profile, progress):
         calls.append("evaluate")
         adapter = (ws.specialists_dir / "cluster-0" / "1" / "adapter_config.json").read_text()
-        ws.write_state("eval.json", {"clusters": [{"cluster_id": 0, "promoted": True}],
-                                     "n": ws.config.eval.max_heldout, "adapter": adapter})
+        EvalReport(clusters=[{"cluster_id": 0, "promoted": True, "adapter": adapter}],
+                   summary={"n": ws.config.eval.max_heldout}).save(ws)
         return "evaluated"
 
     def route(ws, profile, progress):
         calls.append("route")
-        ws.write_state("router.json", {"q": ws.config.route.threshold_quantile, "eval": ws.read_state("eval.json")["n"]})
+        RouterState(clusters={0: {"threshold": 0.5, "eval_n": EvalReport.load(ws).summary["n"]}},
+                    threshold_quantile=ws.config.route.threshold_quantile).save(ws)
         return "routed"
 
     return {"cluster": cluster, "select": select, "train": train, "evaluate": evaluate, "route": route}
@@ -74,7 +83,7 @@ def test_second_run_skips_every_up_to_date_stage(ws):
     calls.clear()
     second = _run(ws, calls)
     assert calls == [] and [r.status for r in second] == ["skipped"] * 5
-    assert set(load_distill_state(ws)["stages"]) == set(STAGES)
+    assert set(load_distill_state(ws).stages) == set(STAGES)
 
 
 def test_config_change_redoes_that_stage_and_the_ones_after_it(ws):
@@ -105,11 +114,11 @@ def test_a_changed_or_missing_artifact_is_rebuilt(ws):
     calls: list[str] = []
     _run(ws, calls)
     calls.clear()
-    ws.state_path("eval.json").unlink()
+    EvalReport.path(ws).unlink()
     _run(ws, calls)
     assert calls == ["evaluate"]  # rebuilt identically, so the router stays up to date
     calls.clear()
-    ws.write_state("selection.json", {"fraction": 0.9, "clusters": {}})  # e.g. 'aad select' run by hand with other settings
+    Selection(clusters={}, fraction=0.9).save(ws)  # e.g. 'aad select' run by hand with other settings
     _run(ws, calls)
     assert calls[0] == "select" and "cluster" not in calls
 
@@ -132,7 +141,7 @@ def test_interrupted_run_resumes_after_the_last_finished_stage(ws):
 def test_quick_profile_shrinks_but_never_grows_the_run(ws):
     ws.config.eval.max_heldout = 4
     apply_profile(ws, QUICK)
-    assert ws.config.train.max_steps == 8 and ws.config.eval.max_heldout == 4
+    assert ws.config.component_table("trainer", "qlora")["max_steps"] == 8 and ws.config.eval.max_heldout == 4
     calls: list[str] = []
     _run(ws, calls)
     calls.clear()
@@ -146,7 +155,7 @@ def test_without_a_routine_cluster_later_stages_are_skipped_with_the_reason(ws):
 
     def cluster(ws, profile, progress):
         calls.append("cluster")
-        ws.write_state("clusters.json", {"clusters": [{"id": 0, "routine": False, "size": 3}]})
+        _clusters(3, routine=False).save(ws)
         return "1 cluster, 0 routine"
 
     results = run_distill(Workspace(ws.root), runners={**runners, "cluster": cluster}, report=False, show_progress=False)
@@ -169,7 +178,7 @@ def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monk
     monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
     student = make_tiny_student(tmp_path / "student")
     sizes = {"intent": 30, "extract": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
-    config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("train", "max_steps"): 2,
+    config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("trainer.qlora", "max_steps"): 2,
               ("eval", "max_heldout"): 3, ("eval", "max_new_tokens"): 6, ("train", "max_length"): 64}
     ws = create_demo_workspace(tmp_path / "demo", sizes=sizes, config=config, redact=False)
     first = run_distill(Workspace(ws.root), show_progress=False)

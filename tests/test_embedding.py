@@ -59,10 +59,11 @@ def test_embed_texts_cache_means_reruns_do_not_reembed(fake_config, tmp_path) ->
 
 
 def test_get_embedder_is_cached_per_name_and_model(fake_config) -> None:
+    fake_config.set_component_param("embedder", "fake", "batch_size", 16)
     a = get_embedder(fake_config)
     assert get_embedder(fake_config) is a
-    assert a.batch_size == fake_config.embed.batch_size
-    fake_config.embed.model = "other"
+    assert a.batch_size == 16  # [embedder.fake] batch_size
+    fake_config.set_component_param("embedder", "fake", "model", "other")
     b = get_embedder(fake_config)
     assert b is not a and b.model == "other"
 

@@ -43,6 +43,15 @@ def test_choose_evaluator_from_the_answers() -> None:
     assert choose_evaluator([]) == "semantic"
 
 
+def test_every_output_kind_has_a_registered_evaluator() -> None:
+    from aad_core.formats.kinds import OUTPUT_KINDS
+    from aad_core.pipeline.evaluate.choose import EVALUATOR_FOR_KIND
+    from aad_core.plugins import get_registry
+
+    assert set(EVALUATOR_FOR_KIND) == set(OUTPUT_KINDS)
+    assert set(EVALUATOR_FOR_KIND.values()) <= set(get_registry().names("evaluator"))
+
+
 def test_config_overrides_the_choice(workspace: Workspace) -> None:
     cfg = workspace.config
     cluster = Cluster(id=3, label="intents", size=10, variance=0.2, mean_similarity=0.8, routine=True, task="intent")

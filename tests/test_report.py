@@ -120,3 +120,26 @@ def test_cli_eval_without_clusters_says_what_to_run(workspace: Workspace) -> Non
     assert result.exit_code == 1
     assert "aad cluster" in result.output
 
+
+
+def test_the_report_draws_the_cluster_map_the_cluster_stage_projected(workspace: Workspace) -> None:
+    from aad_core.artifacts import ClusterMap, png_path
+    from aad_core.report import render_report
+
+    populate(workspace, evaluation=False, extras=False)
+    assert 'alt="cluster map"' not in render_report(workspace)  # no projection: nothing to draw
+    ClusterMap(points=[(0.0, 0.0), (1.0, 1.0), (2.0, 0.5)], cluster_ids=[0, 1, 2],
+               centroids={0: (0.0, 0.0), 1: (1.0, 1.0), 2: (2.0, 0.5)}).save(workspace)
+    assert 'alt="cluster map"' in render_report(workspace)
+    assert png_path(workspace).read_bytes()[:4] == b"\x89PNG"  # where 'aad cluster' leaves it
+
+
+def test_an_unreadable_artifact_is_named_with_the_command_that_rewrites_it(workspace: Workspace) -> None:
+    from aad_core.report import render_report
+
+    populate(workspace)
+    workspace.state_path("eval.json").write_text("{broken", encoding="utf-8")
+    text = render_report(workspace)
+    _check_self_contained(text)
+    assert "eval.json cannot be read" in text and "Run &#x27;aad eval&#x27; again" in text
+    assert "<h2>Task clusters" in text and "Not run yet: evaluation of the specialists" in text

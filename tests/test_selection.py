@@ -97,9 +97,9 @@ def test_select_then_train_pipeline(workspace, tiny_student: Path) -> None:
     cfg = workspace.config
     cfg.train.student = str(tiny_student)
     cfg.train.max_length = 48
-    cfg.train.batch_size = 2
-    cfg.train.gradient_accumulation = 1
-    cfg.select.batch_size = 4
+    cfg.set_component_param("trainer", "qlora", "batch_size", 2)
+    cfg.set_component_param("trainer", "qlora", "gradient_accumulation", 1)
+    cfg.set_component_param("scorer", "kl-uncertainty", "batch_size", 4)
     artifact = run_select(workspace, fraction=0.5, show_progress=False)
     saved = workspace.read_state("selection.json")
     assert saved["selector"] == "top" and saved["fraction"] == 0.5 and saved["aad_version"]

@@ -93,11 +93,6 @@ def load_banking77(split: str = "train") -> list[IntentExample]:
         return [IntentExample(row["text"].strip(), row["category"].strip()) for row in csv.DictReader(f)]
 
 
-def banking77_labels() -> list[str]:
-    """The 77 intent labels."""
-    return list(json.loads((data_dir() / "banking77" / "categories.json").read_text(encoding="utf-8")))
-
-
 def load_defog_questions(*, with_schema_only: bool = True) -> list[SQLQuestion]:
     """defog sql-eval questions, SQLite dialect (Apache-2.0).
 

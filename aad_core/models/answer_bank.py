@@ -206,12 +206,14 @@ class AnswerHints:
 
 
 def hints_apply(traces: Sequence[Trace]) -> tuple[bool, str]:
-    """Whether answer hints suit these training traces: (yes/no, why)."""
-    from aad_core.pipeline.evaluate.choose import choose_evaluator
+    """Whether answer hints suit these training traces: (yes/no, why). They do when the answers'
+    output kind is ``label`` (:mod:`aad_core.formats.kinds`), the kind the ``classification``
+    evaluator scores."""
+    from aad_core.formats.kinds import output_kind_of
 
-    kind = choose_evaluator(traces)
-    if kind != "classification":
-        return False, f"answers look like '{kind}', not a closed label set"
+    kind = output_kind_of(traces)
+    if kind != "label":
+        return False, f"answers are of kind '{kind}', not a closed label set"
     return True, "answers form a closed label set"
 
 

@@ -16,7 +16,7 @@ and the request vector is the L2-normalised mean of its parts' vectors. Two reas
 from __future__ import annotations
 
 import hashlib
-import inspect
+import json
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -79,22 +79,16 @@ def trace_view(
 
 
 def get_embedder(config: AADSettings) -> Embedder:
-    """The configured embedder, built once per process per ``(name, model, backend)``; the model loads lazily."""
-    from aad_core.plugins import get_registry
+    """The configured embedder (``[embed] embedder`` with its ``[embedder.<name>]`` table), built once per
+    process per name and parameters; the model loads lazily."""
+    from aad_core.plugins.params import build_component
 
-    key = (config.embed.embedder, config.embed.model, config.embed.backend)
+    name = config.embed.embedder
+    key = (name, json.dumps(config.component_table("embedder", name), sort_keys=True, default=repr))
     with _embedders_lock:
         emb = _embedders.get(key)
         if emb is None:
-            factory = get_registry().get("embedder", config.embed.embedder).factory
-            params: dict[str, Any] = {}
-            if config.embed.model is not None:
-                params["model"] = config.embed.model
-            if _accepts(factory, "batch_size"):
-                params["batch_size"] = config.embed.batch_size
-            if _accepts(factory, "backend"):
-                params["backend"] = config.embed.backend
-            emb = factory(**params)
+            emb = build_component("embedder", name, config)
             _embedders[key] = emb
         return emb
 
@@ -119,14 +113,6 @@ def clear_caches() -> None:
         _embedders.clear()
     with _part_lock:
         _part_cache.clear()
-
-
-def _accepts(factory: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _text_key(text: str, model_id: str) -> str:

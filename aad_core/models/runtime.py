@@ -201,7 +201,7 @@ class SpecialistRuntime:
             bank = self._hints.get(adapter)
             if bank is None or not bank.candidates:
                 raise AADError(f"Adapter {adapter!r} has no answer bank with candidates.",
-                               hint="Train it with [train] answer_candidates > 0 on a cluster with a closed label set.")
+                               hint="Train it with [trainer.qlora] answer_candidates > 0 on a cluster with a closed label set.")
             vecs = bank.embed(requests)
             return self._candidate_scores_locked(bank.apply(list(requests), vecs), adapter, bank, vecs)
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
-from aad_core.models.cache import CACHE_ENV, FileLock, cache_base  # noqa: F401 (re-exported)
+from aad_core.models.cache import FileLock, cache_base
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 @dataclass(frozen=True)
 class KnownStudent:
@@ -150,8 +151,3 @@ def load_student(
         model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def student_label(name_or_path: str | Path) -> str:
-    """The name recorded in manifests: the known name, or the path/hub id as given."""
-    return str(name_or_path)

@@ -11,50 +11,22 @@ confusion matrix (routine -> specialist, everything else -> teacher).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from aad_core.artifacts import ClusterState, RouterEval, RouterState, still_teacher_only
 from aad_core.errors import StageError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from aad_core.schema import ChatRequest, Specialist, Trace
+    from aad_core.schema import Specialist, Trace
     from aad_core.workspace import Workspace
 
-ROUTER_STATE = "router.json"
 #: The most the margin rule lowers a cluster's threshold below its quantile cut.
 MAX_MARGIN_DROP = 0.05
-ROUTER_EVAL = "router_eval.json"
-
-
-def load_router_state(ws: Workspace) -> dict[str, Any] | None:
-    """The calibrated router state, or None before the first calibration."""
-    path = ws.state_path(ROUTER_STATE)
-    return ws.read_state(ROUTER_STATE) if path.exists() else None
-
-
-def promoted_specialists(ws: Workspace) -> dict[int, str]:
-    """{cluster id: name of its newest promoted specialist}."""
-    return {cid: spec.name for cid, spec in promoted_specialist_records(ws).items()}
-
-
-def promoted_specialist_records(ws: Workspace) -> dict[int, Specialist]:
-    from aad_core.specialists import SpecialistRegistry
-
-    out: dict[int, Specialist] = {}
-    for spec in SpecialistRegistry(ws).list():
-        if spec.promoted and (spec.cluster_id not in out or spec.version > out[spec.cluster_id].version):
-            out[spec.cluster_id] = spec
-    return out
-
-
-def request_embedder(ws: Workspace) -> Callable[[Sequence[ChatRequest]], np.ndarray]:
-    """The hot-path request embedder: the workspace's embedder and view, as clustering used them."""
-    from aad_core.models.embedding import embed_requests
-
-    config = ws.config
-    return lambda requests: embed_requests(list(requests), config)
+__all__ = ["calibrate_router", "evaluate_router", "routing_confusion", "separation_threshold", "still_teacher_only",
+           "teacher_only_nodes"]
 
 
 def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[int],
@@ -76,16 +48,6 @@ def teacher_only_nodes(ws: Workspace, state: Any, served: set[int] | Sequence[in
         node["clusters"].add(int(state.assignments[trace.id]))
     keep = still_teacher_only(nodes, served, min_calls)
     return {k: {"calls": nodes[k]["calls"], "clusters": sorted(nodes[k]["clusters"])} for k in sorted(keep)}
-
-
-def still_teacher_only(nodes: Mapping[str, Any], served: set[int] | Sequence[int], min_calls: int) -> dict[str, int]:
-    """{node key: calls} of the ``nodes`` ({key: {"calls", "clusters"}}) that may skip the
-    embedding: ``min_calls`` > 0, at least that many calls, and none of their clusters served.
-    The one rule, applied at calibration and again whenever the router loads."""
-    served = set(served)
-    return {k: int(v["calls"]) for k, v in nodes.items()
-            if isinstance(v, dict) and min_calls > 0 and int(v["calls"]) >= min_calls
-            and not set(v.get("clusters", ())) & served}
 
 
 def separation_threshold(own: Sequence[float], intruders: Sequence[float]) -> float | None:
@@ -147,18 +109,18 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
     import numpy as np
 
     from aad_core.models.embedding import embed_requests
-    from aad_core.pipeline.cluster import load_clusters
-    from aad_core.formats.validators import infer_output_kind
+    from aad_core.formats.kinds import output_kind_of
+    from aad_core.specialists import SpecialistRegistry
 
     cfg = ws.config
     rc = cfg.route
-    state = load_clusters(ws)
+    state = ClusterState.load(ws)
     if not state.clusters:
         raise StageError("There are no clusters to route to.", hint="Run 'aad cluster' first.")
     cids = [c.id for c in state.clusters]
     cents = np.asarray([c.centroid for c in state.clusters], dtype=np.float32)
     cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
-    specialists = promoted_specialist_records(ws)
+    specialists = SpecialistRegistry(ws).promoted()
 
     by_cluster_train: dict[int, list[str]] = {c: [] for c in cids}
     for tid, cid in state.assignments.items():
@@ -191,8 +153,6 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
         t_low = t_margin if t_margin is not None else t_q
         t_sep = separation_threshold(own, intruders)
         threshold = max(t_low, t_sep) if t_sep is not None else t_low
-        answers = [(traces[t].answer_text(), bool(traces[t].response and traces[t].response.tool_calls))
-                   for c, t in flat if c == cid]
         spec = specialists.get(cid)
         clusters_out[str(cid)] = {
             "threshold": round(float(threshold), 5),
@@ -204,7 +164,7 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
             "n_intruders": len(intruders),
             "intruders_admitted": sum(1 for s in intruders if s >= threshold),
             "own_rejected": sum(1 for s in own if s < threshold),
-            "output_kind": infer_output_kind(answers),
+            "output_kind": output_kind_of([traces[t] for c, t in flat if c == cid]),
             "routine": bool(next(c.routine for c in state.clusters if c.id == cid)),
             "specialist": spec.name if spec else None,
             "min_logprob": None,
@@ -213,23 +173,22 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
     if confidence and rc.confidence_samples > 0 and specialists:
         _calibrate_confidence(ws, state, specialists, clusters_out, show_progress=show_progress)
 
-    saved = {
-        "router": rc.router,
-        "seed": cfg.seed,
-        "embedder": cfg.embed.embedder,
-        "embed_model": cfg.embed.model,
-        "view": [p for p in cfg.embed.view if p != "answer"],
-        "threshold_quantile": rc.threshold_quantile,
-        "confidence_quantile": rc.confidence_quantile,
-        "clusters": clusters_out,
-        "teacher_nodes": teacher_only_nodes(ws, state, set(specialists), rc.teacher_node_min_calls),
-    }
-    ws.write_state(ROUTER_STATE, saved)
+    RouterState(
+        router=rc.router,
+        seed=cfg.seed,
+        embedder=cfg.embed.embedder,
+        embed_model=cfg.component_table("embedder", cfg.embed.embedder).get("model"),
+        view=[p for p in cfg.embed.view if p != "answer"],
+        threshold_quantile=rc.threshold_quantile,
+        confidence_quantile=rc.confidence_quantile,
+        clusters={int(cid): entry for cid, entry in clusters_out.items()},
+        teacher_nodes=teacher_only_nodes(ws, state, set(specialists), rc.teacher_node_min_calls),
+    ).save(ws)
     evaluation = evaluate_router(ws, state, cents, cids, clusters_out, show_progress=show_progress)
-    ws.write_state(ROUTER_EVAL, evaluation)
-    saved = ws.read_state(ROUTER_STATE)
-    saved["evaluation"] = {k: evaluation[k] for k in ("accuracy", "n") if k in evaluation}
-    return saved
+    RouterEval.from_json(evaluation).save(ws)
+    saved = RouterState.load(ws)
+    return {**saved.stamp, **saved.to_json(),
+            "evaluation": {k: evaluation[k] for k in ("accuracy", "n") if k in evaluation}}
 
 
 def _calibrate_confidence(ws: Workspace, state: Any, specialists: dict[int, Specialist], clusters_out: dict[str, Any],

@@ -1,8 +1,9 @@
 """Stage S2+S3: curate the traces, embed them, find task clusters, flag the routine ones.
 
-Writes ``.aad/state/clusters.json`` (read it back with :func:`load_clusters`) and
-``.aad/state/cluster_map.png``. Cluster ids are stable across re-runs: new centroids are matched
-to the previous run's by a Hungarian assignment on cosine similarity.
+Writes ``.aad/state/clusters.json`` (:class:`~aad_core.artifacts.ClusterState`, read back with
+:func:`load_clusters`) and ``.aad/state/cluster_map.json``, the 2-D projection that ``aad cluster``
+and the report draw as ``cluster_map.png``. Cluster ids are stable across re-runs: new centroids
+are matched to the previous run's by a Hungarian assignment on cosine similarity.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aad_core.artifacts import ClusterMap, ClusterState, load_clusters  # the last two re-exported
 from aad_core.pipeline.curate import curate, split_clusters
 from aad_core.schema import node_key
 from aad_core.models.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, unit_vectors, view_parts
-from aad_core.errors import StageError
+from aad_core.errors import AADError, StageError
 from aad_core.schema import Cluster
 
 if TYPE_CHECKING:
@@ -29,88 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "clusters.json"
-MAP_FILE = "cluster_map.png"
-
-
-@dataclass
-class ClusterState:
-    """The result of ``aad cluster``, as every later stage reads it."""
-
-    clusters: list[Cluster]
-    assignments: dict[str, int]
-    split: dict[str, str]
-    dropped: dict[str, str]
-    seed: int = 0
-    embedder: str = ""
-    model_id: str = ""
-    view: list[str] = field(default_factory=list)
-    k: int = 0
-    criterion: str = ""
-    replaceability: dict[str, Any] = field(default_factory=dict)
-
-    def centroids(self) -> np.ndarray:
-        """Unit centroids, one row per cluster in the order of :attr:`clusters`."""
-        import numpy as np
-
-        return np.asarray([c.centroid for c in self.clusters], dtype=np.float32)
-
-    def cluster(self, cid: int) -> Cluster:
-        for c in self.clusters:
-            if c.id == cid:
-                return c
-        raise KeyError(f"No cluster {cid}; the clusters are {[c.id for c in self.clusters]}.")
-
-    def member_ids(self, cid: int) -> list[str]:
-        return [t for t, c in self.assignments.items() if c == cid]
-
-    def train_ids(self, cid: int) -> list[str]:
-        return [t for t, c in self.assignments.items() if c == cid and self.split.get(t) == "train"]
-
-    def heldout_ids(self, cid: int) -> list[str]:
-        return [t for t, c in self.assignments.items() if c == cid and self.split.get(t) == "heldout"]
-
-    def routine_clusters(self) -> list[Cluster]:
-        return [c for c in self.clusters if c.routine]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "embedder": self.embedder,
-            "model_id": self.model_id,
-            "view": list(self.view),
-            "k": self.k,
-            "criterion": self.criterion,
-            "clusters": [c.model_dump(mode="json") for c in self.clusters],
-            "assignments": self.assignments,
-            "split": self.split,
-            "dropped": self.dropped,
-            "replaceability": self.replaceability,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ClusterState:
-        return cls(
-            clusters=[Cluster.model_validate(c) for c in data["clusters"]],
-            assignments={k: int(v) for k, v in data["assignments"].items()},
-            split=dict(data["split"]),
-            dropped=dict(data.get("dropped", {})),
-            seed=int(data.get("seed", 0)),
-            embedder=str(data.get("embedder", "")),
-            model_id=str(data.get("model_id", "")),
-            view=list(data.get("view", [])),
-            k=int(data.get("k", len(data["clusters"]))),
-            criterion=str(data.get("criterion", "")),
-            replaceability=dict(data.get("replaceability", {})),
-        )
-
-
-def load_clusters(ws: Workspace) -> ClusterState:
-    """The saved clusters of the workspace; :class:`StageError` when 'aad cluster' has not run."""
-    if not ws.state_path(STATE_FILE).exists():
-        raise StageError(f"{ws.state_path(STATE_FILE)} does not exist yet: no task clusters.",
-                         hint="run 'aad cluster' first.")
-    return ClusterState.from_json(ws.read_state(STATE_FILE, stage_hint="aad cluster"))
+__all__ = ["ClusterState", "cluster_variance", "load_clusters", "project_map", "rehome_stray_calls", "run_cluster",
+           "split_mixed_nodes"]
 
 
 def _tokens(t: Trace) -> int:
@@ -123,7 +43,7 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     """Curate, embed and cluster every trace of ``ws``; save and return the :class:`ClusterState`."""
     import numpy as np
 
-    from aad_core.plugins import create_component
+    from aad_core.plugins.params import build_component
 
     cfg = ws.config
     ccfg = cfg.cluster
@@ -148,10 +68,7 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
                          hint="record more successful calls, then run 'aad cluster' again.")
     X = combined[kept_rows]
 
-    clusterer = create_component(
-        "clusterer", ccfg.clusterer, k=k if k is not None else ccfg.k, k_min=ccfg.k_min, k_max=ccfg.k_max,
-        n_init=ccfg.n_init, seed=cfg.seed,
-    )
+    clusterer = build_component("clusterer", ccfg.clusterer, cfg, workspace=ws, k=k)
     with _status(f"clustering {len(X)} traces with {ccfg.clusterer}", show_progress):
         clusterer.fit(X)
     labels = np.asarray(clusterer.labels_)
@@ -185,11 +102,8 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
         criterion=criterion,
         replaceability=replaceability,
     )
-    ws.write_state(STATE_FILE, state.to_json())
-    try:
-        write_cluster_map(ws.state_path(MAP_FILE), X, [id_map[int(lab)] for lab in labels], clusters, seed=cfg.seed)
-    except ImportError as err:  # matplotlib is an optional extra
-        log.warning("cluster map not written (%s); pip install 'aad[eval]'", err)
+    state.save(ws)
+    project_map(X, [id_map[int(lab)] for lab in labels], seed=cfg.seed).save(ws)
     return state
 
 
@@ -272,13 +186,12 @@ def _previous(ws: Workspace, model_id: str, view: list[str], dim: int) -> tuple[
     and the highest cluster id it used (fresh ids start above it)."""
     import numpy as np
 
-    path = ws.state_path(STATE_FILE)
-    if not path.exists():
-        return {}, -1
     try:
-        old = ClusterState.from_json(ws.read_state(STATE_FILE))
-    except Exception as err:  # an unreadable old file only costs id stability
-        log.warning("ignoring unreadable %s: %s", path, err)
+        old = ClusterState.load_optional(ws)
+    except AADError as err:  # an unreadable old file only costs id stability
+        log.warning("ignoring the previous clusters: %s", err)
+        return {}, -1
+    if old is None:
         return {}, -1
     used_max = max((c.id for c in old.clusters), default=-1)
     if old.model_id != model_id or list(old.view) != view:
@@ -403,49 +316,25 @@ def _ctfidf_keywords(
     return out
 
 
-def write_cluster_map(
-    path: Path, X: np.ndarray, cluster_ids: Sequence[int], clusters: Sequence[Cluster], *, seed: int = 0,
-    max_points: int = 5000,
-) -> Path:
-    """A 2-D PCA map of the embeddings coloured by cluster; routine clusters marked with a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def project_map(X: np.ndarray, cluster_ids: Sequence[int], *, seed: int = 0, max_points: int = 5000) -> ClusterMap:
+    """A 2-D PCA projection of the embeddings (a sample of at most ``max_points`` rows) and of each
+    cluster's mean, for :func:`aad_core.report.draw_cluster_map` to draw."""
     import numpy as np
     from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
 
     ids = np.asarray(cluster_ids)
     rng = np.random.default_rng(seed)
     rows = np.arange(len(X)) if len(X) <= max_points else np.sort(rng.choice(len(X), max_points, replace=False))
     n_comp = min(2, X.shape[1], max(len(X) - 1, 1))
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1):  # a 5,000 x 384 PCA gains nothing from threads; spinning costs
         pca = PCA(n_components=n_comp, random_state=seed).fit(X[rows])
     P = pca.transform(X[rows])
     if P.shape[1] == 1:
         P = np.hstack([P, np.zeros_like(P)])
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
-    cmap = plt.get_cmap("tab20")
-    for n, c in enumerate(clusters):
-        mask = ids[rows] == c.id
-        ax.scatter(P[mask, 0], P[mask, 1], s=6, alpha=0.5, color=cmap(n % 20),
-                   label=f"{c.id}{'*' if c.routine else ''} {c.label[:28]} ({c.size})")
-        members = X[ids == c.id]
-        if not len(members):
-            continue
-        cen = pca.transform(members.mean(axis=0, keepdims=True))[0]
-        cy = cen[1] if len(cen) > 1 else 0.0
-        ax.scatter([cen[0]], [cy], s=180 if c.routine else 80, marker="*" if c.routine else "X",
-                   color=cmap(n % 20), edgecolors="black", linewidths=0.8, zorder=3)
-        ax.annotate(str(c.id), (cen[0], cy), xytext=(4, 4), textcoords="offset points", fontsize=8, weight="bold")
-    ax.set_title("aad task clusters (PCA of the embeddings; * = routine)")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.legend(fontsize=6, loc="best", markerscale=2, framealpha=0.8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    centroids = {}
+    for cid in sorted(set(ids.tolist())):
+        cen = pca.transform(X[ids == cid].mean(axis=0, keepdims=True))[0]
+        centroids[int(cid)] = (float(cen[0]), float(cen[1]) if len(cen) > 1 else 0.0)
+    return ClusterMap(points=[(float(x), float(y)) for x, y in P], cluster_ids=[int(c) for c in ids[rows]],
+                      centroids=centroids, seed=seed)

@@ -1,10 +1,11 @@
 """``aad distill``: curate+cluster -> select -> train -> evaluate -> calibrate router -> report.
 
 Every stage is resumable. After a stage finishes, ``.aad/state/distill.json`` records a hash of its
-inputs (the config sections it reads, the seed, the traces, and the fingerprints of what the stages
-before it produced) and a fingerprint of its own output. On the next run a stage is skipped when both still
-match: same inputs, and its artifact untouched since. Change ``[train]`` in ``aad.toml`` and
-distill redoes train, evaluate and route but keeps the clusters and the selection. ``force``
+inputs (the config sections and component tables it reads, the seed, the traces, and the fingerprints
+of what the stages before it produced) and a fingerprint of its own output. On the next run a stage is
+skipped when both still match: same inputs, and its artifact untouched since. Change ``[train]`` or
+``[trainer.qlora]`` in ``aad.toml`` and distill redoes train, evaluate and route but keeps the clusters
+and the selection. ``force``
 redoes everything.
 """
 
@@ -16,12 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
+from aad_core import artifacts
+from aad_core.artifacts import ClusterState, DistillState, Selection
 from aad_core.workspace import Workspace
 
-DISTILL_STATE = "distill.json"
 STAGES: tuple[str, ...] = ("cluster", "select", "train", "evaluate", "route")
 #: Config sections (or ``section.key``) each stage reads (besides ``seed``).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -31,11 +32,21 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("eval",),
     "route": ("route", "eval"),
 }
+#: Component kinds whose ``[<kind>.<name>]`` table (of the component the config picks) each stage reads;
+#: evaluate reads every evaluator's table, as the evaluator is chosen per cluster.
+STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "cluster": ("embedder", "clusterer"),
+    "select": ("scorer", "selector"),
+    "train": ("trainer",),
+    "evaluate": ("evaluator",),
+    "route": ("router",),
+}
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A named set of in-memory config overrides for one distill run."""
+    """A named set of in-memory config overrides for one distill run: ``(section, key)``, where a
+    section is a core one (``"train"``) or a component's table (``"trainer.qlora"``)."""
 
     name: str
     overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -47,7 +58,7 @@ class Profile:
 FULL = Profile("full", description="the workspace's aad.toml as written")
 QUICK = Profile(
     "quick",
-    overrides={("train", "max_steps"): 8, ("train", "max_length"): 128, ("eval", "max_heldout"): 8,
+    overrides={("trainer.qlora", "max_steps"): 8, ("train", "max_length"): 128, ("eval", "max_heldout"): 8,
                ("eval", "max_new_tokens"): 40},
     max_specialists=2,
     description="train at most the 2 routine clusters with most calls, for at most 8 steps each at 128 tokens; evaluate "
@@ -70,25 +81,23 @@ def apply_profile(ws: Workspace, profile: Profile) -> None:
     A value already below the override stays: --quick never makes a run bigger.
     """
     for (section, key), value in profile.overrides.items():
-        current = getattr(getattr(ws.config, section), key)
+        kind, _, name = section.partition(".")
+        if name:
+            current = ws.config.component_table(kind, name).get(key)
+        else:
+            current = getattr(getattr(ws.config, section), key)
         if isinstance(value, (int, float)) and isinstance(current, (int, float)) and current < value:
             continue
-        setattr(getattr(ws.config, section), key, value)
+        if name:
+            ws.config.set_component_param(kind, name, key, value, source=f"the '{profile.name}' distill profile")
+        else:
+            setattr(getattr(ws.config, section), key, value)
 
 
 # -- fingerprints ------------------------------------------------------------------------------
 
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_fp(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict):  # the time stamp alone does not make a new result
-        data = {k: v for k, v in data.items() if k not in ("written_at",)}
-    return _sha(data)
 
 
 def store_fingerprint(ws: Workspace) -> str:
@@ -111,11 +120,11 @@ def specialists_fingerprint(ws: Workspace) -> str | None:
 
 
 OUTPUTS: dict[str, Callable[[Workspace], str | None]] = {
-    "cluster": lambda ws: _file_fp(ws.state_path("clusters.json")),
-    "select": lambda ws: _file_fp(ws.state_path("selection.json")),
+    "cluster": lambda ws: artifacts.fingerprint(ws, artifacts.CLUSTERS),
+    "select": lambda ws: artifacts.fingerprint(ws, artifacts.SELECTION),
     "train": specialists_fingerprint,
-    "evaluate": lambda ws: _file_fp(ws.state_path("eval.json")),
-    "route": lambda ws: _file_fp(ws.state_path("router.json")),
+    "evaluate": lambda ws: artifacts.fingerprint(ws, artifacts.EVAL),
+    "route": lambda ws: artifacts.fingerprint(ws, artifacts.ROUTER),
 }
 
 
@@ -126,40 +135,53 @@ def input_hash(ws: Workspace, stage: str, upstream: str | None, profile: Profile
         section, _, key = name.partition(".")
         dumped = getattr(cfg, section).model_dump(mode="json")
         sections[name] = dumped[key] if key else dumped
+    for kind in STAGE_COMPONENTS[stage]:
+        sections[f"[{kind}]"] = _component_tables(cfg, kind)
     extra = {"max_specialists": profile.max_specialists} if stage == "train" else {}
     return _sha({"stage": stage, "seed": cfg.seed, "config": sections, "upstream": upstream, **extra})
 
 
-def load_distill_state(ws: Workspace) -> dict[str, Any]:
-    path = ws.state_path(DISTILL_STATE)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"stages": {}}
+def _component_tables(cfg: Any, kind: str) -> dict[str, Any]:
+    """The tables of ``kind`` a stage reads: the picked component's (every one for evaluators)."""
+    from aad_core.plugins.params import CHOSEN_BY, component_key
+
+    if kind == "evaluator":
+        return {component_key(name): table for name, table in cfg.evaluator.items()}
+    section, key = CHOSEN_BY[kind]
+    name = getattr(getattr(cfg, section), key)
+    return {component_key(name): cfg.component_table(kind, name)}
+
+
+def load_distill_state(ws: Workspace) -> DistillState:
+    """What the last runs did per stage (empty before the first run)."""
+    return DistillState.load_optional(ws) or DistillState()
 
 
 # -- stages ------------------------------------------------------------------------------------
 
 def _routine_cluster_ids(ws: Workspace, limit: int | None) -> list[int]:
     """Clusters that have a selection (the routine ones), most calls first."""
-    selected = ws.read_state("selection.json", stage_hint="aad select").get("clusters", {})
-    clusters = {int(c["id"]): c for c in ws.read_state("clusters.json", stage_hint="aad cluster").get("clusters", [])}
-    ids = sorted((int(k) for k in selected),
-                 key=lambda i: (-float(clusters.get(i, {}).get("share_calls") or 0), -int(clusters.get(i, {}).get("size") or 0), i))
+    selected = Selection.load(ws).clusters
+    clusters = {c.id: c for c in ClusterState.load(ws).clusters}
+
+    def order(cid: int) -> tuple[float, int, int]:
+        c = clusters.get(cid)
+        return (-c.share_calls, -c.size, cid) if c else (0.0, 0, cid)
+
+    ids = sorted(selected, key=order)
     return ids if limit is None else ids[:limit]
 
 
 def _has_routine_cluster(ws: Workspace) -> bool:
-    path = ws.state_path("clusters.json")
-    if not path.exists():
-        return False
-    return any(c.get("routine") for c in json.loads(path.read_text(encoding="utf-8")).get("clusters", []))
+    state = ClusterState.load_optional(ws)
+    return state is not None and bool(state.routine_clusters())
 
 
 def _run_cluster(ws: Workspace, profile: Profile, progress: bool) -> str:
     from aad_core.pipeline.cluster import run_cluster
 
-    result = run_cluster(ws, show_progress=progress)
-    clusters = getattr(result, "clusters", None) or ws.read_state("clusters.json").get("clusters", [])
-    routine = sum(1 for c in clusters if (c.routine if hasattr(c, "routine") else c.get("routine")))
-    return f"{len(clusters)} clusters, {routine} routine"
+    state = run_cluster(ws, show_progress=progress)
+    return f"{len(state.clusters)} clusters, {len(state.routine_clusters())} routine"
 
 
 def _run_select(ws: Workspace, profile: Profile, progress: bool) -> str:
@@ -235,7 +257,7 @@ def run_distill(
                 on_stage(result)
             continue
         want = input_hash(ws, stage, upstream, profile)
-        prev = state["stages"].get(stage, {})
+        prev = state.stages.get(stage, {})
         current_out = OUTPUTS[stage](ws)
         up_to_date = (not force and prev.get("input_hash") == want and current_out is not None
                       and prev.get("output") == current_out)
@@ -246,11 +268,12 @@ def run_distill(
             detail = runners[stage](ws, profile, show_progress)
             current_out = OUTPUTS[stage](ws)
             result = StageResult(stage, "ran", time.perf_counter() - start, detail)
-            state["stages"][stage] = {
+            state.stages[stage] = {
                 "input_hash": want, "output": current_out, "profile": profile.name, "detail": detail,
                 "seconds": round(result.seconds, 1), "finished_at": datetime.now(timezone.utc).isoformat(),
             }
-            ws.write_state(DISTILL_STATE, {**state, "seed": ws.config.seed})
+            state.seed = ws.config.seed
+            state.save(ws)
         results.append(result)
         if on_stage:
             on_stage(result)

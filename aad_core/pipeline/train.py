@@ -20,20 +20,6 @@ from aad_core.workspace import Workspace
 WORK_DIR = ".work"
 
 
-def _trainer_params(ws: Workspace, epochs: float | None, max_steps: int | None,
-                    answer_hints: int | None = None) -> dict[str, Any]:
-    tc = ws.config.train
-    params = tc.model_dump(exclude={"trainer"})
-    params["seed"] = ws.config.seed
-    if epochs is not None:
-        params["epochs"] = epochs
-    if max_steps is not None:
-        params["max_steps"] = max_steps
-    if answer_hints is not None:
-        params["answer_hints"] = answer_hints
-    return params
-
-
 def run_train(
     ws: Workspace,
     *,
@@ -44,60 +30,61 @@ def run_train(
     show_progress: bool = True,
 ) -> list[Specialist]:
     """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists."""
-    from aad_core.pipeline.select import load_cluster_state, load_selection
-    from aad_core.pipeline.select import _accepted
-    from aad_core.plugins import create_component, get_registry
+    from aad_core.artifacts import ClusterState, Selection
+    from aad_core.plugins.params import component_params
     from aad_core.specialists import SpecialistRegistry
 
     cfg = ws.config
-    selection = load_selection(ws)
-    state = load_cluster_state(ws)
-    clusters = {int(c["id"]): c for c in state["clusters"]}
-    chosen = selection["clusters"]
+    selection = Selection.load(ws)
+    state = ClusterState.load(ws)
+    clusters = {c.id: c for c in state.clusters}
+    chosen = selection.clusters
     if cluster_id is not None:
-        if str(cluster_id) not in chosen:
+        if int(cluster_id) not in chosen:
             raise AADError(
-                f"Cluster {cluster_id} has no selection (selected clusters: {', '.join(sorted(chosen, key=int)) or 'none'}).",
+                f"Cluster {cluster_id} has no selection (selected clusters: {', '.join(map(str, sorted(chosen))) or 'none'}).",
                 hint="Pick a routine cluster from 'aad clusters', or run 'aad select' after 'aad cluster'.",
             )
-        todo = [str(cluster_id)]
+        todo = [int(cluster_id)]
     else:
-        todo = sorted(chosen, key=int)
+        todo = sorted(chosen)
 
-    params = _trainer_params(ws, epochs, max_steps, answer_hints)
-    info = get_registry().get("trainer", cfg.train.trainer)
-    params = _accepted(info, params)
+    # the arguments (aad train --epochs ...) win over [trainer.<name>]; a trainer that lacks one says so
+    given = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps, "answer_hints": answer_hints}.items()
+             if v is not None}
+    trainer_params = component_params("trainer", cfg.train.trainer, cfg, params=given,
+                                      params_source="a run_train() argument (aad train option)", workspace=ws)
+    params = trainer_params.effective
     registry = SpecialistRegistry(ws)
     out: list[Specialist] = []
     with ws.store() as store:
-        for cid_s in todo:
-            cid = int(cid_s)
-            entry = chosen[cid_s]
-            train = [t for t in store.iter_traces(ids=entry["selected"]) if t.response is not None]
-            heldout_ids = sorted(tid for tid, c in state["assignments"].items()
-                                 if c is not None and int(c) == cid and state["split"].get(tid) == "heldout")
+        for cid in todo:
+            entry = chosen[cid]
+            train = [t for t in store.iter_traces(ids=entry.selected) if t.response is not None]
+            heldout_ids = sorted(state.heldout_ids(cid))
             heldout = [t for t in store.iter_traces(ids=heldout_ids) if t.response is not None and t.status == "ok"]
             if not train:
-                raise AADError(f"Cluster {cid}: none of its {len(entry['selected'])} selected traces is in the store.",
+                raise AADError(f"Cluster {cid}: none of its {len(entry.selected)} selected traces is in the store.",
                                hint="Run 'aad select' again.")
-            label = clusters.get(cid, {}).get("label") or entry.get("label") or ""
+            label = (clusters[cid].label if cid in clusters else "") or entry.label
             if show_progress:
                 from rich.console import Console
 
                 Console(stderr=True).print(
                     f"Cluster {cid} ({label}): training on {len(train)} selected traces, {len(heldout)} held out")
-            work = _work_dir(ws, cid, params, entry["selected"])
-            trainer = create_component("trainer", cfg.train.trainer, **params)
+            work = _work_dir(ws, cid, params, entry.selected)
+            trainer = trainer_params.build()
             metrics = trainer.train(train, heldout, work, show_progress=show_progress)
             spec = registry.save(
                 cluster_id=cid,
                 label=label,
                 adapter_dir=work,
                 base_model=str(cfg.train.student),
-                centroid=clusters.get(cid, {}).get("centroid") or [],
-                selection=list(entry["selected"]),
+                centroid=list(clusters[cid].centroid) if cid in clusters else [],
+                selection=list(entry.selected),
                 hyperparameters={"trainer": cfg.train.trainer, **params,
-                                 "selection": {k: selection.get(k) for k in ("fraction", "selector", "scorer")}},
+                                 "selection": {"fraction": selection.fraction, "selector": selection.selector,
+                                               "scorer": selection.scorer}},
                 metrics=metrics,
                 seed=cfg.seed,
             )

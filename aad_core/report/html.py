@@ -11,9 +11,12 @@ import sqlite3
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from aad_core.artifacts import Artifact, ClusterState, EvalReport, RouterEval, SelectionCurve
+from aad_core.errors import AADError
 from aad_core.report import plots
+from aad_core.report.cluster_map import draw_cluster_map
 
 if TYPE_CHECKING:
     from aad_core.workspace import Workspace
@@ -56,15 +59,17 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
         return _e(value)
 
 
-def _state(ws: Workspace, name: str) -> dict[str, Any] | None:
-    path = ws.state_path(name)
-    if not path.exists():
-        return None
+A = TypeVar("A", bound=Artifact)
+
+
+def _load(kind: type[A], ws: Workspace, problems: list[str]) -> A | None:
+    """The artifact, or None when missing; an unreadable one is noted in ``problems`` (the report
+    still renders, showing what to re-run)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return kind.load_optional(ws)
+    except AADError as err:
+        problems.append(str(err))
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _version(dist: str) -> str | None:
@@ -123,43 +128,44 @@ def _header(ws: Workspace, counts: dict[str, Any]) -> str:
     )
 
 
-def _clusters_section(ws: Workspace, clusters: dict[str, Any] | None) -> str:
+def _clusters_section(ws: Workspace, clusters: ClusterState | None) -> str:
     out = ["<h2>Task clusters</h2>"]
     if clusters is None:
         return out[0] + _todo("aad cluster", "task discovery")
-    png = ws.state_path("cluster_map.png")
-    if png.exists():
+    png = draw_cluster_map(ws)
+    if png is not None:
         out.append(_img(plots.png_file(png), "cluster map"))
-    items = clusters.get("clusters") or []
+    items = [c.model_dump(mode="json") for c in clusters.clusters]
     if items:
         out.append(_img(plots.cluster_overview(items, ws.config.cluster.variance_threshold), "cluster size vs variance"))
-    dropped = clusters.get("dropped")
-    if dropped:
-        if isinstance(dropped, dict):  # {trace id: reason}
-            from collections import Counter
+    if clusters.dropped:  # {trace id: reason}
+        from collections import Counter
 
-            kinds = Counter(str(r).split(" of ")[0].split(" (")[0] for r in dropped.values())
-            detail = ", ".join(f"{v} {k}" for k, v in kinds.most_common())
-        else:
-            detail = str(len(dropped) if isinstance(dropped, list) else dropped)
+        kinds = Counter(str(r).split(" of ")[0].split(" (")[0] for r in clusters.dropped.values())
+        detail = ", ".join(f"{v} {k}" for k, v in kinds.most_common())
         out.append(f"<p class=\"muted\">Dropped during curation: {_e(detail)}.</p>")
     return "".join(out)
 
 
-def _cluster_table(clusters: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> str:
+def _parity(evaluation: EvalReport) -> float:
+    return 0.95 if evaluation.parity is None else float(evaluation.parity)
+
+
+def _cluster_table(clusters: ClusterState | None, evaluation: EvalReport | None) -> str:
     out = ["<h2>Per-cluster results</h2>"]
     if clusters is None and evaluation is None:
         return out[0] + _todo("aad cluster", "task discovery")
-    by_id = {r["cluster_id"]: r for r in (evaluation or {}).get("clusters", [])}
-    items = (clusters or {}).get("clusters") or [
+    by_id = {r["cluster_id"]: r for r in (evaluation.clusters if evaluation else [])}
+    items = [c.model_dump(mode="json") for c in clusters.clusters] if clusters else []
+    items = items or [
         {"id": r["cluster_id"], "label": r.get("label"), "size": r.get("size"), "routine": r.get("routine"),
          "task": r.get("task")} for r in by_id.values()
     ]
     if evaluation is None:
         out.append(_todo("aad eval", "evaluation of the specialists"))
     else:
-        out.append(f'<p class="note">{_e(evaluation.get("teacher_score_note", ""))} A specialist is promoted only '
-                   f'when its score reaches {_e(format(evaluation.get("parity", 0.95), ".0%"))} of the teacher\'s '
+        out.append(f'<p class="note">{_e(evaluation.teacher_score_note)} A specialist is promoted only '
+                   f'when its score reaches {_e(format(_parity(evaluation), ".0%"))} of the teacher\'s '
                    "and beats the base student. Scores are agreement with the teacher on each cluster's held-out "
                    "split; the <em>semantic</em> metric (embedding similarity) is the weakest and is marked with *.</p>")
     head = ("<tr><th>cluster</th><th>label</th><th>task</th><th class=num>size</th><th>routine</th><th>metric</th>"
@@ -182,8 +188,8 @@ def _cluster_table(clusters: dict[str, Any] | None, evaluation: dict[str, Any] |
         )
     out.append(f"<table>{head}{''.join(rows)}</table>")
     evaluated_rows = [r for r in by_id.values() if r.get("status") == "evaluated"]
-    if evaluated_rows:
-        out.append(_img(plots.score_bars(evaluated_rows, float(evaluation.get("parity", 0.95))), "held-out scores"))
+    if evaluated_rows and evaluation is not None:
+        out.append(_img(plots.score_bars(evaluated_rows, _parity(evaluation)), "held-out scores"))
         out.append(_examples(evaluated_rows))
     return "".join(out)
 
@@ -202,19 +208,17 @@ def _examples(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _selection_section(curve: dict[str, Any] | None) -> str:
+def _selection_section(curve: SelectionCurve | None) -> str:
     out = ["<h2>Data selection: KL + uncertainty vs random</h2>"]
-    if not curve or not curve.get("budgets"):
+    if not curve or not curve.budgets:
         return out[0] + _todo("python benchmarks/selection_vs_random.py", "the selection experiment")
-    budgets = curve["budgets"]
-    curves = {k: curve[k] for k in ("kl_uncertainty", "random") if isinstance(curve.get(k), list)}
+    budgets = curve.budgets
+    curves = curve.curves()
     if not curves:
         return out[0] + _todo("python benchmarks/selection_vs_random.py", "the selection experiment")
-    base = curve.get("base_accuracy")
-    out.append(_img(plots.learning_curves(budgets, curves, base if isinstance(base, (int, float)) else None),
-                    "selection learning curves"))
-    ratio, ratio_text = curve.get("ratio"), curve.get("ratio_text")
-    at = curve.get("ratio_at", budgets[len(budgets) // 2])
+    out.append(_img(plots.learning_curves(budgets, curves, curve.base_accuracy), "selection learning curves"))
+    ratio, ratio_text = curve.ratio, curve.ratio_text
+    at = curve.ratio_at if curve.ratio_at is not None else budgets[len(budgets) // 2]
     if ratio is None and ratio_text is None and "kl_uncertainty" in curves and "random" in curves and at in budgets:
         from aad_core.pipeline.evaluate.curves import sample_ratio
 
@@ -224,35 +228,34 @@ def _selection_section(curve: dict[str, Any] | None) -> str:
     if ratio_text:
         out.append(f"<p>Random selection needs <b>{_e(ratio_text)}</b> the samples to match the held-out accuracy "
                    f"KL + uncertainty selection reaches with {_e(at)} samples (the seed paper reports about 4&times;).</p>")
-    if curve.get("dataset"):
-        out.append(f"<p class=\"muted\">Data: {_e(curve['dataset'])}</p>")
+    if curve.dataset:
+        out.append(f"<p class=\"muted\">Data: {_e(curve.dataset)}</p>")
     return "".join(out)
 
 
-def _router_section(router_eval: dict[str, Any] | None) -> str:
+def _router_section(router_eval: RouterEval | None) -> str:
     out = ["<h2>Router</h2>"]
-    if not router_eval or "matrix" not in router_eval:
+    if router_eval is None:
         return out[0] + _todo("aad distill", "router calibration")
-    rows = router_eval.get("labels", ["routine", "complex"])
-    cols = router_eval.get("targets", ["specialist", "teacher"])
-    out.append(_img(plots.confusion(router_eval["matrix"], rows, cols, "Held-out routing (promoted specialists)"),
+    rows, cols = router_eval.labels, router_eval.targets
+    out.append(_img(plots.confusion(router_eval.matrix, rows, cols, "Held-out routing (promoted specialists)"),
                     "router confusion matrix"))
-    alt = router_eval.get("if_all_routine_served")
-    if isinstance(alt, dict) and "matrix" in alt:
+    alt = router_eval.if_all_routine_served
+    if alt and "matrix" in alt:
         out.append(_img(plots.confusion(alt["matrix"], rows, cols, "If every routine cluster were served"),
                         "router confusion matrix, all routine clusters served"))
-    out.append(f"<p>Accuracy {_num(router_eval.get('accuracy'))} &middot; routine recall "
-               f"{_num(router_eval.get('routine_recall'))} &middot; complex kept with the teacher "
-               f"{_num(router_eval.get('complex_recall'))} &middot; n = {_e(router_eval.get('n'))}. Rows: requests of "
+    out.append(f"<p>Accuracy {_num(router_eval.accuracy)} &middot; routine recall "
+               f"{_num(router_eval.routine_recall)} &middot; complex kept with the teacher "
+               f"{_num(router_eval.complex_recall)} &middot; n = {_e(router_eval.n)}. Rows: requests of "
                "served (routine) clusters vs everything else; a routine request sent to another cluster's "
                "specialist counts as wrong.</p>")
     return "".join(out)
 
 
-def _latency_cost_section(evaluation: dict[str, Any] | None) -> str:
+def _latency_cost_section(evaluation: EvalReport | None) -> str:
     out = ["<h2>Latency and cost</h2>"]
-    rows = [r for r in (evaluation or {}).get("clusters", []) if r.get("status") == "evaluated"]
-    if not rows:
+    rows = evaluation.evaluated() if evaluation else []
+    if not rows or evaluation is None:
         return out[0] + _todo("aad eval", "evaluation of the specialists")
     out.append(_img(plots.latency_cost_bars(rows), "latency and cost"))
     head = ("<tr><th>cluster</th><th class=num>specialist p50 / p95 ms</th><th class=num>teacher p50 / p95 ms</th>"
@@ -273,26 +276,25 @@ def _latency_cost_section(evaluation: dict[str, Any] | None) -> str:
         f"this machine ({_e(platform.machine())}, {_e(platform.system())}, {_e(os.cpu_count())} CPUs) with held-out "
         "requests; teacher latency "
         "from the recorded traces. Specialist cost = hardware price per hour "
-        f"(USD {_e(evaluation.get('hardware_price_per_hour'))}) &times; measured generation time &divide; tokens "
-        f"processed (prompt + answer); teacher cost = configured price (USD {_e(evaluation.get('teacher_price_per_mtok'))} "
+        f"(USD {_e(evaluation.hardware_price_per_hour)}) &times; measured generation time &divide; tokens "
+        f"processed (prompt + answer); teacher cost = configured price (USD {_e(evaluation.teacher_price_per_mtok)} "
         "per 1M tokens).</p>"
     )
     return "".join(out)
 
 
-def _replaceability_section(clusters: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> str:
+def _replaceability_section(clusters: ClusterState | None, evaluation: EvalReport | None) -> str:
     out = ["<h2>Replaceability estimate</h2>"]
-    rep = (clusters or {}).get("replaceability")
-    if not isinstance(rep, dict):
+    if clusters is None or not clusters.replaceability:
         return out[0] + _todo("aad cluster", "task discovery")
+    rep = clusters.replaceability
     shares: dict[str, dict[str, float]] = {
         "routine clusters (upper bound)": {k: float(rep.get(k) or 0.0) for k in ("calls", "tokens", "cost")}
     }
-    promoted = {r["cluster_id"] for r in (evaluation or {}).get("clusters", []) if r.get("promoted")}
     if evaluation is not None:
-        items = (clusters or {}).get("clusters") or []
+        promoted = evaluation.promoted_ids()
         shares["promoted specialists"] = {
-            m: sum(float(c.get(f"share_{m}") or 0.0) for c in items if c.get("id") in promoted)
+            m: sum(float(getattr(c, f"share_{m}") or 0.0) for c in clusters.clusters if c.id in promoted)
             for m in ("calls", "tokens", "cost")
         }
     out.append(_img(plots.share_bars(shares), "replaceability"))
@@ -320,26 +322,29 @@ def _footer(ws: Workspace, attributions: list[str]) -> str:
 
 def render_report(ws: Workspace) -> str:
     """The report as an HTML string, from whatever artifacts exist."""
-    clusters = _state(ws, "clusters.json")
-    evaluation = _state(ws, "eval.json")
-    summary = (evaluation or {}).get("summary", {})
+    problems: list[str] = []
+    clusters = _load(ClusterState, ws, problems)
+    evaluation = _load(EvalReport, ws, problems)
+    curve = _load(SelectionCurve, ws, problems)
+    router_eval = _load(RouterEval, ws, problems)
+    summary = evaluation.summary if evaluation else {}
     counts = {
         "traces": _trace_count(ws),
-        "clusters": len((clusters or {}).get("clusters") or []) if clusters else None,
-        "routine": sum(bool(c.get("routine")) for c in (clusters or {}).get("clusters") or []) if clusters else None,
+        "clusters": len(clusters.clusters) if clusters else None,
+        "routine": len(clusters.routine_clusters()) if clusters else None,
         "specialists evaluated": summary.get("evaluated"),
         "promoted": summary.get("promoted"),
     }
-    curve = _state(ws, "selection_curve.json")
     attributions = _attributions(ws)
-    if "banking77" in str((curve or {}).get("dataset", "")).lower() and not any("banking77" in a for a in attributions):
+    if curve and "banking77" in curve.dataset.lower() and not any("banking77" in a for a in attributions):
         attributions.insert(0, _BANKING77)
     body = "".join([
         _header(ws, counts),
+        "".join(f'<p class="todo">{_e(p)}</p>' for p in problems),
         _clusters_section(ws, clusters),
         _cluster_table(clusters, evaluation),
         _selection_section(curve),
-        _router_section(_state(ws, "router_eval.json")),
+        _router_section(router_eval),
         _latency_cost_section(evaluation),
         _replaceability_section(clusters, evaluation),
         _footer(ws, attributions),

@@ -5,7 +5,12 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aad_core.artifacts import ClusterMap
+    from aad_core.schema import Cluster
 
 _BLUE, _ORANGE, _GREEN, _GREY, _RED = "#4C72B0", "#DD8452", "#55A868", "#8C8C8C", "#C44E52"
 
@@ -32,6 +37,38 @@ def _png(fig: Any) -> str:
 
 def png_file(path: Any) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_cluster_map(path: Path, cluster_map: ClusterMap, clusters: Sequence[Cluster]) -> Path:
+    """Draw the 2-D PCA map of the embeddings coloured by cluster (routine clusters' centres as
+    stars) to ``path`` as a PNG."""
+    import numpy as np
+
+    fig, ax = _figure(8, 6)
+    import matplotlib.pyplot as plt
+
+    P = np.asarray(cluster_map.points, dtype=np.float64).reshape(-1, 2)
+    ids = np.asarray(cluster_map.cluster_ids)
+    cmap = plt.get_cmap("tab20")
+    for n, c in enumerate(clusters):
+        mask = ids == c.id
+        ax.scatter(P[mask, 0], P[mask, 1], s=6, alpha=0.5, color=cmap(n % 20),
+                   label=f"{c.id}{'*' if c.routine else ''} {c.label[:28]} ({c.size})")
+        if c.id not in cluster_map.centroids:
+            continue
+        cx, cy = cluster_map.centroids[c.id]
+        ax.scatter([cx], [cy], s=180 if c.routine else 80, marker="*" if c.routine else "X",
+                   color=cmap(n % 20), edgecolors="black", linewidths=0.8, zorder=3)
+        ax.annotate(str(c.id), (cx, cy), xytext=(4, 4), textcoords="offset points", fontsize=8, weight="bold")
+    ax.set_title("aad task clusters (PCA of the embeddings; * = routine)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=6, loc="best", markerscale=2, framealpha=0.8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def cluster_overview(clusters: Sequence[dict[str, Any]], variance_threshold: float | None) -> str:

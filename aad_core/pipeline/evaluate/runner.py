@@ -11,8 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from aad_core.artifacts import EVAL as EVAL_STATE
+from aad_core.artifacts import ClusterState, EvalReport
 from aad_core.formats.answers import answer_string, teacher_quality
-from aad_core.pipeline.evaluate.choose import evaluator_name_for, evaluator_params
+from aad_core.pipeline.evaluate.choose import evaluator_name_for
 from aad_core.pipeline.evaluate.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
 from aad_core.pipeline.evaluate.gate import parity_gate
 
@@ -20,7 +22,6 @@ if TYPE_CHECKING:
     from aad_core.schema import Cluster, Trace
     from aad_core.workspace import Workspace
 
-EVAL_STATE = "eval.json"
 _EXAMPLES = 3
 _CLIP = 400
 
@@ -30,17 +31,10 @@ def _clip(text: str) -> str:
 
 
 def _make_evaluator(name: str, ws: Workspace) -> Any:
-    from aad_core.plugins import create_component
+    from aad_core.models.embedding import get_embedder
+    from aad_core.plugins.params import Lazy, build_component
 
-    params = evaluator_params(name, ws.config, ws.root)
-    if name == "semantic":
-        try:  # the workspace's configured embedder (model path included), when that module exists
-            from aad_core.models.embedding import get_embedder
-
-            params["embedder"] = get_embedder(ws.config)
-        except ImportError:
-            pass
-    return create_component("evaluator", name, **params)
+    return build_component("evaluator", name, ws.config, workspace=ws, embedder=Lazy(lambda: get_embedder(ws.config)))
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -179,15 +173,14 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
     from aad_core.errors import StageError
 
     cfg = ws.config
-    if not ws.state_path("clusters.json").exists():
+    if not ClusterState.exists(ws):
         raise StageError(
-            f"{ws.state_path('clusters.json')} does not exist yet: there are no task clusters to evaluate.",
+            f"{ClusterState.path(ws)} does not exist yet: there are no task clusters to evaluate.",
             hint="Run 'aad cluster' then 'aad train' (or 'aad distill' for every stage).",
         )
-    from aad_core.pipeline.cluster import load_clusters
     from aad_core.specialists import SpecialistRegistry
 
-    state = load_clusters(ws)
+    state = ClusterState.load(ws)
     registry = SpecialistRegistry(ws)
     latest = {c.id: registry.latest(c.id) for c in state.clusters}
     if not any(latest.values()):
@@ -241,20 +234,20 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
         store.close()
 
     evaluated = [r for r in results if r["status"] == "evaluated"]
-    report = {
-        "seed": cfg.seed,
-        "parity": cfg.eval.parity,
-        "teacher_price_per_mtok": cfg.eval.teacher_price_per_mtok,
-        "hardware_price_per_hour": cfg.eval.hardware_price_per_hour,
-        "teacher_score_note": "The teacher's recorded answers are the references: the teacher scores 1.0 on itself "
+    report = EvalReport(
+        seed=cfg.seed,
+        parity=cfg.eval.parity,
+        teacher_price_per_mtok=cfg.eval.teacher_price_per_mtok,
+        hardware_price_per_hour=cfg.eval.hardware_price_per_hour,
+        teacher_score_note="The teacher's recorded answers are the references: the teacher scores 1.0 on itself "
         "by definition, lowered only where user feedback marks its answers wrong.",
-        "clusters": results,
-        "summary": {
+        clusters=results,
+        summary={
             "n_clusters": len(results),
             "evaluated": len(evaluated),
             "promoted": sum(r["promoted"] for r in evaluated),
             "promoted_clusters": [r["cluster_id"] for r in evaluated if r["promoted"]],
         },
-    }
-    ws.write_state(EVAL_STATE, report)
-    return report
+    )
+    report.save(ws)
+    return report.to_json()
