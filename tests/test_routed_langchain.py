@@ -160,3 +160,22 @@ def test_chain_end_to_end_on_trained_specialists(routed_workspace: tuple[Workspa
     assert msg.usage_metadata["total_tokens"] > 0
     other = (prompt | llm | StrOutputParser()).invoke({"q": "Write a sonnet about autumn rain and old trains"})
     assert other == "teacher answer"
+
+
+def test_a_teacher_answer_aad_cannot_convert_still_reaches_the_user(workspace: Workspace, monkeypatch) -> None:
+    import aad_langchain.chat_model as chat_model
+
+    real = chat_model.convert_to_openai_messages
+
+    def fails_on_answers(messages, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if any(isinstance(m, AIMessage) for m in messages):
+            raise ValueError("an answer aad cannot read")
+        return real(messages, *args, **kwargs)
+
+    monkeypatch.setattr(chat_model, "convert_to_openai_messages", fails_on_answers)
+    llm = routed(workspace, Scripted("{broken json"))
+    assert llm.invoke([HumanMessage("plan my trip to Japan")]).content == "teacher says hi"
+    escalated = llm.invoke([HumanMessage("my card has not arrived")])
+    assert escalated.content == "teacher says hi" and escalated.response_metadata["aad_route"]["escalated"]
+    llm.routing_engine.flush()
+    assert [t.response.content for t in escalations(workspace)] == ["teacher says hi"]

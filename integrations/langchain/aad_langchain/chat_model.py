@@ -17,6 +17,7 @@ gate within ``timeout``; otherwise the teacher answers and the case is recorded 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +37,8 @@ from aad_core.schema import ChatRequest, Message, Usage
 
 if TYPE_CHECKING:
     from aad_core.serving.routed_call import RoutedCall
+
+log = logging.getLogger(__name__)
 
 _CALL_ONLY = ("tools", "tool_choice", "model", "ls_structured_output_format")
 
@@ -216,11 +219,15 @@ class RoutedChatModel(BaseChatModel):
                                                      total_tokens=prompt_tokens + out)
             update["response_metadata"]["aad_usage_estimated"] = True
         answer = answer.model_copy(update=update)
-        raw = convert_to_openai_messages([answer])[0]
-        message = Message.model_validate({k: v for k, v in raw.items() if v is not None})
-        um = answer.usage_metadata
-        usage = Usage(prompt_tokens=um["input_tokens"], completion_tokens=um["output_tokens"],
-                      total_tokens=um["total_tokens"]) if um else None
+        try:
+            raw = convert_to_openai_messages([answer])[0]
+            message = Message.model_validate({k: v for k, v in raw.items() if v is not None})
+            um = answer.usage_metadata
+            usage = Usage(prompt_tokens=um["input_tokens"], completion_tokens=um["output_tokens"],
+                          total_tokens=um["total_tokens"]) if um else None
+        except Exception as err:  # aad's bookkeeping must never break the teacher's answer
+            log.warning("could not convert the teacher's answer to aad's schema: %s", err)
+            message, usage = Message(role="assistant", content=str(answer.text)), None
         return answer, message, usage
 
     def _finish_teacher(self, call: RoutedCall, answer: BaseMessage) -> AIMessage:

@@ -17,6 +17,7 @@ otherwise the teacher answers and the case is recorded for retraining.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Usage
 
 if TYPE_CHECKING:
     from aad_core.serving.routed_call import RoutedCall
+
+log = logging.getLogger(__name__)
 
 _ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
           "function": "function", "chatbot": "assistant", "model": "assistant"}
@@ -142,9 +145,13 @@ class RoutedLLM(FunctionCallingLLM):
         if usage is not None:
             extra["usage"] = usage
         resp = resp.model_copy(update={"additional_kwargs": extra})
-        message = _to_message(resp.message).model_copy(update={"role": "assistant"})
-        u = Usage.model_validate({k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-                                  if k in usage}) if isinstance(usage, dict) else None
+        try:
+            message = _to_message(resp.message).model_copy(update={"role": "assistant"})
+            u = Usage.model_validate({k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                                      if k in usage}) if isinstance(usage, dict) else None
+        except Exception as err:  # aad's bookkeeping must never break the teacher's answer
+            log.warning("could not convert the teacher's answer to aad's schema: %s", err)
+            message, u = Message(role="assistant", content=str(resp.message.content or "")), None
         return resp, message, u
 
     def _finish_teacher(self, call: RoutedCall, resp: ChatResponse) -> ChatResponse:
