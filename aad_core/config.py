@@ -16,6 +16,7 @@ as written, with where each was set, and checked against the component's signatu
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import tomllib
@@ -30,6 +31,8 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 from aad_core.errors import ConfigError
 from aad_core.plugins.params import CHOSEN_BY, component_key, toml_value
 from aad_core.plugins.registry import KINDS
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "aad.toml"
 ENV_PREFIX = "AAD_"
@@ -341,7 +344,20 @@ class _CoreEnvSource(EnvSettingsSource):
     """``AAD_<SECTION>__<KEY>`` for the core sections; component tables are read by :class:`_ComponentEnvSource`."""
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in super().__call__().items() if k not in KINDS}
+        data = {k: v for k, v in super().__call__().items() if k not in KINDS}
+        for (section, key), (kind, name, new_key) in MOVED.items():
+            values = data.get(section)
+            if isinstance(values, dict) and key in values:
+                var = _env_set(env_var(section, key)) or env_var(section, key)
+                _moved_warning(var, section, key, kind, name, new_key, env_var(kind, name, new_key))
+                table = data.setdefault(kind, {}).setdefault(name, {})
+                table.setdefault(new_key, _Sourced(values.pop(key), var, env=True))
+        return data
+
+
+def _moved_warning(where: str, section: str, key: str, kind: str, name: str, new_key: str, instead: str) -> None:
+    log.warning("%s: [%s] %s moved to [%s.%s] %s; read from its old place for now (%s).",
+                where, section, key, kind, name, new_key, instead)
 
 
 class _ComponentEnvSource(PydanticBaseSettingsSource):
@@ -384,6 +400,19 @@ class _TomlSource(PydanticBaseSettingsSource):
         text = self.path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
         lines = toml_key_lines(text)
+        # Keys an older `aad init` wrote into the core sections go to their component's table (a key
+        # also set in the table keeps the table's value).
+        for (section, key), (kind, name, new_key) in MOVED.items():
+            values = data.get(section)
+            if isinstance(values, dict) and key in values:
+                where = f"{self.path}:{lines.get((section, key), '?')}"
+                _moved_warning(where, section, key, kind, name, new_key, f"write it under [{kind}.{name}]")
+                table = data.setdefault(kind, {}).setdefault(name, {})
+                if isinstance(table, dict) and new_key not in table:
+                    table[new_key] = values.pop(key)
+                    lines[(kind, name, new_key)] = lines.get((section, key), "?")
+                else:
+                    values.pop(key)
         for kind in KINDS:
             if kind not in data:
                 continue

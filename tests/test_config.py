@@ -166,20 +166,29 @@ def test_cross_field_validation_and_unknown_keys(tmp_path: Path) -> None:
 
 # -- old keys ------------------------------------------------------------------------------------
 
-def test_an_old_key_says_where_it_moved(tmp_path: Path, monkeypatch) -> None:
-    path = _write(tmp_path, "[train]\nstudent = 'x'\nlora_r = 8\n\n[eval]\nsql_database = 'db.sqlite'\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    msg = str(err.value)
-    assert f"{path}:3: [train] lora_r moved to [trainer.qlora] lora_r" in msg
-    assert f"{path}:6: [eval] sql_database moved to [evaluator.sql] database" in msg
+def test_an_old_key_moves_to_its_table_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    """An aad.toml written by an older `aad init` keeps loading: each moved key is read into its
+    component's table (the table's own value wins) and a warning names the line and the new place."""
+    path = _write(tmp_path, "[train]\nstudent = 'x'\nlora_r = 8\n\n[eval]\nsql_database = 'db.sqlite'\n"
+                            "\n[trainer.qlora]\nepochs = 3.0\n")
+    with caplog.at_level("WARNING", logger="aad_core.config"):
+        cfg = load_config(path)
+    assert cfg.component_table("trainer", "qlora") == {"epochs": 3.0, "lora_r": 8}
+    assert cfg.component_table("evaluator", "sql") == {"database": "db.sqlite"}
+    assert cfg.param_source("trainer", "qlora", "lora_r") == f"{path}:3"
+    assert f"{path}:3: [train] lora_r moved to [trainer.qlora] lora_r" in caplog.text
+    assert f"{path}:6: [eval] sql_database moved to [evaluator.sql] database" in caplog.text
+    path.write_text("[train]\nepochs = 5.0\n\n[trainer.qlora]\nepochs = 3.0\n")
+    assert load_config(path).component_table("trainer", "qlora") == {"epochs": 3.0}
     path.write_text("")
     monkeypatch.setenv("AAD_TRAIN__EPOCHS", "2")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    msg = str(err.value)
-    assert "environment variable AAD_TRAIN__EPOCHS" in msg and "[trainer.qlora] epochs" in msg
-    assert "AAD_TRAINER__QLORA__EPOCHS" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aad_core.config"):
+        cfg = load_config(path)
+    assert cfg.component_table("trainer", "qlora") == {"epochs": "2"}
+    assert cfg.param_source("trainer", "qlora", "epochs") == "AAD_TRAIN__EPOCHS"
+    assert "AAD_TRAIN__EPOCHS: [train] epochs moved to [trainer.qlora] epochs" in caplog.text
+    assert "AAD_TRAINER__QLORA__EPOCHS" in caplog.text
 
 
 def test_a_component_parameter_in_a_core_section_points_to_the_tables(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ redoes everything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -58,7 +59,7 @@ class Profile:
 FULL = Profile("full", description="the workspace's aad.toml as written")
 QUICK = Profile(
     "quick",
-    overrides={("trainer.qlora", "max_steps"): 8, ("train", "max_length"): 128, ("eval", "max_heldout"): 8,
+    overrides={("trainer.*", "max_steps"): 8, ("train", "max_length"): 128, ("eval", "max_heldout"): 8,
                ("eval", "max_new_tokens"): 40},
     max_specialists=2,
     description="train at most the 2 routine clusters with most calls, for at most 8 steps each at 128 tokens; evaluate "
@@ -75,6 +76,22 @@ class StageResult:
     detail: str = ""
 
 
+def _chosen(ws: Workspace, kind: str) -> str:
+    """The name of the ``kind`` component the workspace uses (e.g. ``[train] trainer``)."""
+    from aad_core.plugins.params import CHOSEN_BY
+
+    section, key = CHOSEN_BY[kind]
+    return str(getattr(getattr(ws.config, section), key))
+
+
+def _accepted_params(kind: str, name: str) -> set[str]:
+    """The keyword parameters the registered ``kind`` component ``name`` takes."""
+    from aad_core.plugins import get_registry
+    from aad_core.plugins.params import signature
+
+    return set(signature(get_registry().get(kind, name).factory).params)
+
+
 def apply_profile(ws: Workspace, profile: Profile) -> None:
     """Apply ``profile``'s overrides to ``ws.config`` in memory (aad.toml is not changed).
 
@@ -82,8 +99,15 @@ def apply_profile(ws: Workspace, profile: Profile) -> None:
     """
     for (section, key), value in profile.overrides.items():
         kind, _, name = section.partition(".")
+        if name == "*":  # the component the workspace uses, e.g. "trainer.*" = [train] trainer
+            name = _chosen(ws, kind)
+            if key not in _accepted_params(kind, name):
+                continue
         if name:
             current = ws.config.component_table(kind, name).get(key)
+            if isinstance(current, str):  # AAD_* values are decoded when the component is built
+                with contextlib.suppress(ValueError):
+                    current = json.loads(current)
         else:
             current = getattr(getattr(ws.config, section), key)
         if isinstance(value, (int, float)) and isinstance(current, (int, float)) and current < value:
