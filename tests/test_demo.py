@@ -99,3 +99,18 @@ def test_refuses_a_folder_that_is_not_a_workspace(tmp_path):
 
     with pytest.raises(WorkspaceError, match="not an aad workspace"):
         create_demo_workspace(tmp_path, sizes=SMALL, redact=False)
+
+
+def test_the_data_folder_defaults_to_shared_beside_the_checkout(monkeypatch) -> None:
+    from pathlib import Path
+
+    from aad_core.demo.datasets import DATA_DIR_ENV, data_dir
+    from aad_core.errors import AADError
+
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    expected = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if expected.is_dir():
+        assert data_dir() == expected
+    else:
+        with pytest.raises(AADError, match=str(expected)):
+            data_dir()

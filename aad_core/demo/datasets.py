@@ -77,7 +77,7 @@ class FunctionCallItem:
 def data_dir() -> Path:
     """The folder with ``banking77/`` and ``defog-sql-eval/``."""
     env = os.environ.get(DATA_DIR_ENV)
-    folder = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    folder = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
     if not folder.is_dir():
         raise AADError(f"The real-data folder {folder} does not exist.",
                        hint=f"Set {DATA_DIR_ENV} to the folder that holds banking77/ and defog-sql-eval/.")
