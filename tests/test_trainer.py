@@ -236,3 +236,57 @@ def test_decoding_restricted_to_a_closed_answer_set(tiny_student: Path) -> None:
     assert not all(g.text in labels for g in free)
     # The confidence is the model's own log-prob of its choice, not renormalised over the allowed tokens.
     assert all(g.mean_logprob < -0.5 for g in closed)
+
+
+def test_a_tiny_task_with_defaults_trains_min_steps_within_its_samples(tiny_student: Path, tmp_path: Path,
+                                                                      caplog) -> None:
+    """9 selected samples at the defaults (16 x 1, min_steps 30): never one step, never a batch of 16."""
+    import logging
+
+    trainer = QLoRATrainer(student=str(tiny_student), max_length=48, quantization="none", device="cpu")
+    assert (trainer.learning_rate, trainer.lr_scheduler, trainer.min_steps) == (1e-3, "cosine", 30)
+    with caplog.at_level(logging.INFO, logger="aad_plugins.qlora"):
+        metrics = trainer.train(_traces(9), _traces(3), tmp_path / "tiny", show_progress=False)
+    plan = metrics["step_plan"]
+    assert metrics["steps"] >= trainer.min_steps and plan["steps"] == 30
+    assert metrics["effective_batch"] == plan["effective_batch"] <= 9 and plan["samples"] == 9
+    assert plan["epochs"] == 30 and "min_steps 30" in plan["reason"] and "fit 9 samples" in plan["reason"]
+    assert len(metrics["eval_history"]) <= 10  # one-step epochs do not mean an eval every step
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert "Step plan: 9 samples, effective batch 9 (9 x 1), 30 steps = 30 epochs" in caplog.text
+
+
+def test_step_plan_follows_the_data() -> None:
+    from aad_plugins.qlora.data import StepPlan
+
+    def plan(n: int, batch: int = 16, accum: int = 1, **kw) -> StepPlan:
+        return StepPlan.for_rows(n, batch_size=batch, accum=accum, epochs=kw.pop("epochs", 1.0),
+                                 min_steps=kw.pop("min_steps", 30), max_steps=kw.pop("max_steps", None), eval_every=None)
+
+    big = plan(1000)  # the configured batch, one epoch (more than min_steps already)
+    assert (big.micro, big.accum, big.steps_per_epoch, big.total_steps, big.epochs, big.reason) == (16, 1, 63, 63, 1.0, "")
+    paper = plan(1000, accum=4)
+    assert (paper.micro, paper.accum, paper.total_steps) == (16, 4, 30) and "min_steps" in paper.reason
+    mid = plan(37, accum=4)  # accumulation shrinks first: 16 x 2 = 32 <= 37
+    assert (mid.micro, mid.accum, mid.steps_per_epoch, mid.total_steps, mid.epochs) == (16, 2, 2, 30, 15.0)
+    small = plan(9, accum=4)  # then the micro-batch
+    assert (small.micro, small.accum, small.effective_batch, small.total_steps) == (9, 1, 9, 30)
+    assert plan(9, max_steps=5).total_steps == 5 and "max_steps 5" in plan(9, max_steps=5).reason  # max_steps caps
+    assert plan(1000, max_steps=5).total_steps == 5
+    assert plan(9, min_steps=1, epochs=2.0).total_steps == 2
+    for n in (1, 2, 9, 15, 16, 17, 37, 63, 64, 65, 200):
+        for batch, accum in ((16, 4), (16, 1), (8, 3), (1, 1)):
+            p = plan(n, batch, accum)
+            assert 1 <= p.effective_batch <= n and p.total_steps >= 30 and p.eval_every >= p.steps_per_epoch
+
+
+def test_max_steps_caps_the_minimum(tiny_student: Path, tmp_path: Path) -> None:
+    metrics = _trainer(tiny_student, max_steps=3, batch_size=16, gradient_accumulation=4).train(
+        _traces(9), [], tmp_path / "capped", show_progress=False)
+    assert metrics["steps"] == metrics["step_plan"]["steps"] == 3
+    assert metrics["step_plan"]["effective_batch"] == 9 and metrics["step_plan"]["min_steps"] == 30
+
+
+def test_min_steps_is_validated() -> None:
+    with pytest.raises(ValueError, match="min_steps"):
+        _trainer(Path("unused"), min_steps=0).train(_traces(2), [], Path("unused"), show_progress=False)

@@ -1,6 +1,8 @@
 """Trainer ``qlora``: one LoRA adapter per cluster, QLoRA (4-bit NF4) on CUDA, fp32 LoRA on CPU.
 
-Paper defaults (r=16, alpha=32, dropout 0.05, lr 2e-4, effective batch 16 x 4 = 64). The loss is
+QLoRA paper defaults (r=16, alpha=32, dropout 0.05, all linear layers) with the rate, schedule and batch
+measured for the 135M default student (lr 1e-3, cosine, 16 x 1); the steps and the effective batch
+follow the task's samples (never a batch larger than the selection, at least ``min_steps``). The loss is
 cross-entropy on the answer tokens; when the teacher's distributions are known (a local white-box
 teacher, or recorded top-k log-probs that align with the student's tokens) it is
 ``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``.

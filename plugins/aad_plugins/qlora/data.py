@@ -40,23 +40,69 @@ def encode(tokenizer: Any, train: Sequence[Trace], eval: Sequence[Trace], *, max
     return TrainingData(train_enc, soft, eval_enc)
 
 
+#: With ``eval_every = None`` a run evaluates once per epoch, but at most this many times (a small
+#: task's ``min_steps`` can take dozens of one-step epochs).
+MAX_DEFAULT_EVALS = 10
+
+
 @dataclass(frozen=True)
 class StepPlan:
-    """Micro-batch size, accumulation, and optimizer steps per epoch / in all / between evals."""
+    """How a task's selected samples become optimizer steps: the micro-batch and accumulation (their
+    product, the effective batch, never exceeds the samples), and the steps per epoch, in all, and
+    between held-out evaluations."""
 
+    samples: int
     micro: int
     accum: int
     steps_per_epoch: int
     total_steps: int
     eval_every: int
+    min_steps: int
+    reason: str  # why the plan differs from the configured batch and epochs ("" when it does not)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro * self.accum
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the samples that the planned steps make."""
+        return round(self.total_steps / self.steps_per_epoch, 2)
 
     @classmethod
-    def for_rows(cls, n_rows: int, *, batch_size: int, accum: int, epochs: float, max_steps: int | None,
-                 eval_every: int | None) -> StepPlan:
-        micro = min(batch_size, n_rows)
-        steps_per_epoch = max(1, math.ceil(math.ceil(n_rows / micro) / accum))
-        total_steps = max_steps or max(1, math.ceil(steps_per_epoch * epochs))
-        return cls(micro, accum, steps_per_epoch, total_steps, eval_every or steps_per_epoch)
+    def for_rows(cls, n_rows: int, *, batch_size: int, accum: int, epochs: float, min_steps: int = 1,
+                 max_steps: int | None, eval_every: int | None) -> StepPlan:
+        n = max(1, n_rows)
+        why = []
+        # The effective batch fits the samples: fewer micro-batches per step first, then smaller ones.
+        fit_accum = max(1, min(accum, n // batch_size))
+        micro = min(batch_size, n)
+        if (micro, fit_accum) != (batch_size, accum):
+            why.append(f"effective batch {micro} x {fit_accum} instead of {batch_size} x {accum} to fit {n} samples")
+        steps_per_epoch = max(1, math.ceil(math.ceil(n / micro) / fit_accum))
+        if max_steps:
+            total_steps = max_steps
+            why.append(f"max_steps {max_steps}")
+        else:
+            total_steps = max(1, math.ceil(steps_per_epoch * epochs))
+            if total_steps < min_steps:
+                why.append(f"{min_steps / steps_per_epoch:g} epochs instead of {epochs:g} to reach min_steps {min_steps}")
+                total_steps = min_steps
+        if eval_every is None:
+            eval_every = max(steps_per_epoch, math.ceil(total_steps / MAX_DEFAULT_EVALS))
+        return cls(n_rows, micro, fit_accum, steps_per_epoch, total_steps, eval_every, min_steps, "; ".join(why))
+
+    def describe(self) -> str:
+        """One line for the log: samples, effective batch, steps, epochs, and why they differ from the config."""
+        line = (f"{self.samples} samples, effective batch {self.effective_batch} ({self.micro} x {self.accum}), "
+                f"{self.total_steps} steps = {self.epochs:g} epochs")
+        return f"{line} ({self.reason})" if self.reason else line
+
+    def as_metrics(self) -> dict[str, Any]:
+        return {"samples": self.samples, "micro_batch": self.micro, "gradient_accumulation": self.accum,
+                "effective_batch": self.effective_batch, "steps_per_epoch": self.steps_per_epoch,
+                "steps": self.total_steps, "epochs": self.epochs, "eval_every": self.eval_every,
+                "min_steps": self.min_steps, "reason": self.reason}
 
 
 def epoch_batches(lengths: Sequence[int], micro: int, seed: int, epoch: int, *, group_by_length: bool) -> list[list[int]]:

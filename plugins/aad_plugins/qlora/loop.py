@@ -220,7 +220,8 @@ class TrainingLoop:
         if record_eval(state, ev):
             self.model.save_pretrained(output_dir)  # the best adapter so far
         save_checkpoint(self.model, self.optimizer, self.scheduler, output_dir / CHECKPOINT_DIR, state)
-        if out_of_patience(state, self.patience):
+        # Early stopping never ends a run before its minimum steps (the best adapter is kept anyway).
+        if state["step"] >= min(self.plan.min_steps, self.plan.total_steps) and out_of_patience(state, self.patience):
             return True
         self.model.train()
         return False
