@@ -17,7 +17,7 @@ __all__ = [
     "Trace", "Message", "ChatRequest", "ToolCall", "FunctionCall", "Usage", "TokenLogprob",
     "Cluster", "Specialist", "RoutingDecision",
     # components and plugins
-    "Embedder", "Clusterer", "Scorer", "Selector", "Trainer", "Evaluator", "Router", "Redactor",
+    "Embedder", "Clusterer", "Scorer", "Selector", "Trainer", "Evaluator", "Router", "Redactor", "Predictor",
     "get_plugin_manager", "get_registry", "create_component",
     # workspace
     "Workspace", "AADSettings", "load_config",
@@ -28,7 +28,7 @@ _LAZY = {
     **{n: "aad_core.schema" for n in ("Trace", "Message", "ChatRequest", "ToolCall", "FunctionCall", "Usage",
                                        "TokenLogprob", "Cluster", "Specialist", "RoutingDecision")},
     **{n: "aad_core.plugins" for n in ("Embedder", "Clusterer", "Scorer", "Selector", "Trainer",
-                                           "Evaluator", "Router", "Redactor")},
+                                           "Evaluator", "Router", "Redactor", "Predictor")},
     **{n: "aad_core.plugins" for n in ("get_plugin_manager", "get_registry", "create_component")},
     "Workspace": "aad_core.workspace",
     "AADSettings": "aad_core.config",
@@ -37,7 +37,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from aad_core.plugins import Clusterer, Embedder, Evaluator, Redactor, Router, Scorer, Selector, Trainer
+    from aad_core.plugins import (Clusterer, Embedder, Evaluator, Predictor, Redactor, Router, Scorer, Selector,
+                                  Trainer)
     from aad_core.config import AADSettings, load_config
     from aad_core.errors import AADError
     from aad_core.plugins import create_component, get_plugin_manager, get_registry

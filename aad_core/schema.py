@@ -165,13 +165,17 @@ class Cluster(_Model):
 
 
 class Specialist(_Model):
-    """A trained adapter for one cluster, as recorded in its manifest."""
+    """A trained specialist for one cluster (a LoRA adapter, a classifier, ...), as recorded in its manifest."""
 
     name: str
     cluster_id: int
     version: int
     base_model: str
     path: str
+    #: The specialist kind (the trainer's ``kind``): "lora" (manifests written before kinds existed), "classifier", ...
+    kind: str = "lora"
+    #: The trainer component that trained it (and serves it, for kinds other than "lora"); None = unknown.
+    trainer: str | None = None
     promoted: bool = False
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=_now)

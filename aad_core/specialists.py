@@ -1,9 +1,10 @@
 """The workspace's specialist registry: ``.aad/specialists/<name>/<version>/``.
 
-Each version folder holds a standard PEFT adapter (``adapter_model.safetensors``,
-``adapter_config.json``) and ``manifest.json``: cluster id and centroid, base model, the selected
-trace ids, hyper-parameters, metrics, seed, library versions, and whether the specialist is
-promoted (and why). Versions are integers counting up from 1; nothing is overwritten.
+Each version folder holds what its trainer saved — a standard PEFT adapter (``adapter_model.safetensors``,
+``adapter_config.json``) for kind ``lora``, ``classifier.npz`` for kind ``classifier``, ... — and
+``manifest.json``: kind and trainer, cluster id and centroid, base model, the trace ids trained on,
+hyper-parameters, metrics, seed, library versions, and whether the specialist is promoted (and why).
+Versions are integers counting up from 1; nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aad_core.errors import AADError
 from aad_core.schema import Specialist
 
 if TYPE_CHECKING:
+    from aad_core.plugins.components import Predictor
     from aad_core.workspace import Workspace
 
 MANIFEST = "manifest.json"
@@ -85,14 +87,20 @@ class SpecialistRegistry:
         seed: int = 0,
         name: str | None = None,
         move: bool = True,
+        kind: str = "lora",
+        trainer: str | None = None,
     ) -> Specialist:
-        """Store the adapter in ``adapter_dir`` as the next version of ``name`` and write its manifest."""
+        """Store the specialist in ``adapter_dir`` (what a trainer of ``kind`` saved) as the next version
+        of ``name`` and write its manifest."""
         from aad_core import __version__
         from aad_core.plugins import get_plugin_manager
 
         adapter_dir = Path(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").exists():
+        if kind == "lora" and not (adapter_dir / "adapter_config.json").exists():
             raise AADError(f"{adapter_dir} holds no PEFT adapter (adapter_config.json is missing).",
+                           hint="Pass the folder the trainer saved into.")
+        if not adapter_dir.is_dir() or not any(adapter_dir.iterdir()):
+            raise AADError(f"{adapter_dir} holds no trained {kind} specialist (the folder is empty or missing).",
                            hint="Pass the folder the trainer saved into.")
         name = name or specialist_name(cluster_id, label)
         version = (self._versions(name) or [0])[-1] + 1
@@ -108,6 +116,8 @@ class SpecialistRegistry:
         now = datetime.now(timezone.utc)
         manifest = {
             "name": name,
+            "kind": kind,
+            "trainer": trainer,
             "cluster_id": int(cluster_id),
             "label": label,
             "version": version,
@@ -174,3 +184,34 @@ class SpecialistRegistry:
         tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.replace(path)
         return self._from_manifest(path.parent)
+
+
+def load_predictor(spec: Specialist, ws: Workspace | None) -> Predictor:
+    """A specialist of a kind other than "lora", ready to answer: its trainer component (built from
+    ``ws``'s config, with ``workspace=ws``) loads it with ``load_predictor``. Kind "lora" specialists
+    are served by :class:`aad_core.models.runtime.SpecialistRuntime`, one base for many adapters."""
+    from aad_core.plugins import get_registry
+    from aad_core.plugins.params import build_component
+
+    name = spec.trainer or _trainer_of_kind(spec.kind)
+    if ws is None:
+        trainer = get_registry().create("trainer", name)
+    else:
+        trainer = build_component("trainer", name, ws.config, workspace=ws)
+    if getattr(trainer, "kind", "lora") != spec.kind:
+        raise AADError(f"Specialist {spec.name!r} is of kind {spec.kind!r}, but trainer {name!r} trains kind "
+                       f"{getattr(trainer, 'kind', 'lora')!r}.",
+                       hint="Install the plugin that trained it, or train the specialist again ('aad train').")
+    return trainer.load_predictor(Path(spec.path))
+
+
+def _trainer_of_kind(kind: str) -> str:
+    """The name of the first registered trainer whose factory declares ``kind`` (manifests without a trainer name)."""
+    from aad_core.plugins import get_registry
+
+    registry = get_registry()
+    for name in registry.names("trainer"):
+        if getattr(registry.get("trainer", name).factory, "kind", "lora") == kind:
+            return name
+    raise AADError(f"No installed trainer serves specialists of kind {kind!r}.",
+                   hint="Install the plugin that trained it ('aad plugins' lists the trainers), or train again.")

@@ -54,7 +54,8 @@ def train_cmd(
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Train one LoRA specialist per routine cluster on its selected traces."""
+    """Train one specialist per routine cluster, of the first kind in \\[train] trainer that fits its task
+    (default: a classifier for closed answer sets, else a LoRA adapter on the selected traces)."""
     from aad_core.pipeline.train import run_train
 
     ws = open_workspace(workspace)
@@ -65,6 +66,11 @@ def train_cmd(
         return
     for s in specs:
         m = s.metrics
+        if s.kind != "lora":
+            acc = m.get("eval_accuracy")
+            console.print(f"[bold]{s.name}[/] v{s.version}: {s.kind} ({s.trainer}) on {m.get('n_train')} traces"
+                          + (f", held-out accuracy {acc:.3f}" if isinstance(acc, float) else "") + f"  ({s.path})")
+            continue
         console.print(
             f"[bold]{s.name}[/] v{s.version}: {m.get('steps')} steps, loss {m.get('train_loss_first')} -> "
             f"{m.get('train_loss_last')}, held-out loss {m.get('best_eval_loss')}, {m.get('tokens_per_s')} tok/s"
@@ -82,11 +88,14 @@ def specialists_cmd(workspace: WorkspaceOption = None, as_json: JsonOption = Fal
         print_json([s.model_dump(mode="json") for s in specs])
         return
     table = Table(title="Specialists")
-    for col in ("name", "version", "cluster", "base model", "promoted", "held-out loss", "path"):
+    for col in ("name", "version", "kind", "cluster", "base model", "promoted", "held-out", "path"):
         table.add_column(col)
     for s in specs:
-        table.add_row(s.name, str(s.version), str(s.cluster_id), s.base_model, "yes" if s.promoted else "no",
-                      str(s.metrics.get("best_eval_loss")), s.path)
+        held_out = (f"loss {s.metrics['best_eval_loss']:.3f}" if isinstance(s.metrics.get("best_eval_loss"), float)
+                    else f"accuracy {s.metrics['eval_accuracy']:.3f}" if isinstance(s.metrics.get("eval_accuracy"), float)
+                    else "-")
+        table.add_row(s.name, str(s.version), s.kind, str(s.cluster_id), s.base_model if s.kind == "lora" else "-",
+                      "yes" if s.promoted else "no", held_out, s.path)
     console.print(table)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
+from aad_core.plugins.components import Predictor
 
 if TYPE_CHECKING:
     from aad_core.schema import ChatRequest, Specialist
@@ -27,6 +28,8 @@ class Generation:
     mean_logprob: float
     n_tokens: int
     latency_ms: float
+    #: The specialist's own confidence in [0, 1] where its kind has one (a classifier's top probability).
+    confidence: float | None = None
 
 
 class SpecialistRuntime:
@@ -270,6 +273,18 @@ class SpecialistRuntime:
                 latency_ms=latency,
             ))
         return results
+
+
+class AdapterPredictor(Predictor):
+    """One adapter of a :class:`SpecialistRuntime` as a :class:`~aad_core.plugins.components.Predictor`
+    (a kind "lora" specialist served on its own; the pool shares one runtime among adapters instead)."""
+
+    def __init__(self, runtime: SpecialistRuntime, adapter: str) -> None:
+        self.runtime = runtime
+        self.adapter = adapter
+
+    def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 128) -> list[Generation]:
+        return self.runtime.generate(requests, adapter=self.adapter, max_new_tokens=max_new_tokens)
 
 
 class _AnswerTrie:

@@ -1,6 +1,14 @@
-"""S5b ``aad train``: one adapter per routine cluster on its selected traces.
+"""S5b ``aad train``: one specialist per routine cluster, of the first kind that fits its task.
 
-The cluster's held-out split drives early stopping. Each run trains in
+``[train] trainer`` names the specialist kinds (trainer components) to try, in order: a name, a list,
+or ``"auto"`` (the cheapest first: ``classifier`` when the task's answers form a closed set, else
+``qlora``). Each trainer says whether its kind fits the task (``Trainer.applies_to``); the first
+that does is trained, on the task's selected traces, or on its whole training split when the
+trainer sets ``uses_selection = False``. The manifest records the kind and every kind considered.
+
+The calibration part of the cluster's held-out split (``[eval] test_fraction`` of it is kept back as
+the risk-coverage gate's test part, which training never sees) drives early stopping and the
+answer bank's vote weights. Each run trains in
 ``.aad/specialists/.work/c<id>/``; an interrupted run with the same inputs resumes from its
 checkpoint there. The finished adapter becomes the next version in the specialist registry.
 """
@@ -10,12 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
 from aad_core.schema import Specialist
 from aad_core.workspace import Workspace
+
+if TYPE_CHECKING:
+    from aad_core.plugins.params import ComponentParams
 
 WORK_DIR = ".work"
 
@@ -31,7 +44,7 @@ def run_train(
 ) -> list[Specialist]:
     """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists."""
     from aad_core.artifacts import ClusterState, Selection
-    from aad_core.plugins.params import component_params
+    from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
     from aad_core.specialists import SpecialistRegistry
 
     cfg = ws.config
@@ -49,47 +62,134 @@ def run_train(
     else:
         todo = sorted(chosen)
 
-    # the arguments (aad train --epochs ...) win over [trainer.<name>]; a trainer that lacks one says so
+    # the arguments (aad train --epochs ...) win over [trainer.<name>]
     given = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps, "answer_hints": answer_hints}.items()
              if v is not None}
-    trainer_params = component_params("trainer", cfg.train.trainer, cfg, params=given,
-                                      params_source="a run_train() argument (aad train option)", workspace=ws)
-    params = trainer_params.effective
+    candidates = _candidate_params(ws, given)
     registry = SpecialistRegistry(ws)
     out: list[Specialist] = []
     with ws.store() as store:
         for cid in todo:
             entry = chosen[cid]
             train = [t for t in store.iter_traces(ids=entry.selected) if t.response is not None]
-            heldout_ids = sorted(state.heldout_ids(cid))
+            # only the calibration part: the gate's test part must stay unseen by training
+            heldout_ids, _ = calibration_test_split(sorted(state.heldout_ids(cid)), cfg.seed, cfg.eval.test_fraction)
             heldout = [t for t in store.iter_traces(ids=heldout_ids) if t.response is not None and t.status == "ok"]
             if not train:
                 raise AADError(f"Cluster {cid}: none of its {len(entry.selected)} selected traces is in the store.",
                                hint="Run 'aad select' again.")
             label = (clusters[cid].label if cid in clusters else "") or entry.label
-            if show_progress:
-                from rich.console import Console
-
-                Console(stderr=True).print(
-                    f"Cluster {cid} ({label}): training on {len(train)} selected traces, {len(heldout)} held out")
-            work = _work_dir(ws, cid, params, entry.selected)
-            trainer = trainer_params.build()
-            metrics = trainer.train(train, heldout, work, show_progress=show_progress)
+            split_ids = list(state.train_ids(cid))
+            picked, considered = _pick_trainer(candidates, train, lambda: [
+                t for t in store.iter_traces(ids=split_ids) if t.response is not None and t.status == "ok"])
+            if picked is None:
+                why = "; ".join(f"{c['trainer']}: {c['why']}" for c in considered)
+                if cluster_id is not None:
+                    raise AADError(f"Cluster {cid}: no configured specialist kind fits its task ({why}).",
+                                   hint='Add a kind that fits to [train] trainer, e.g. trainer = "auto".')
+                _say(show_progress, f"Cluster {cid} ({label}): no configured specialist kind fits ({why})")
+                continue
+            # Hook point for the gate: picked.next lists the later kinds that fit too, in order; when the
+            # gate refuses this specialist, the next of them is the one to train.
+            name, params, trainer, data = picked.name, picked.params, picked.trainer, picked.data
+            _say(show_progress,
+                 f"Cluster {cid} ({label}): {trainer.kind} specialist ({name}) on {len(data)} "
+                 f"{'selected traces' if data is train else 'traces of its training split'}, {len(heldout)} "
+                 f"held-out calibration traces for early stopping")
+            used = list(entry.selected) if data is train else [t.id for t in data]
+            work = _work_dir(ws, cid, {"trainer": name, **params}, used)
+            metrics = trainer.train(data, heldout, work, show_progress=show_progress)
             spec = registry.save(
                 cluster_id=cid,
                 label=label,
                 adapter_dir=work,
                 base_model=str(cfg.train.student),
                 centroid=list(clusters[cid].centroid) if cid in clusters else [],
-                selection=list(entry.selected),
-                hyperparameters={"trainer": cfg.train.trainer, **params,
+                selection=used,
+                hyperparameters={"trainer": name, "kind": trainer.kind, **params,
                                  "selection": {"fraction": selection.fraction, "selector": selection.selector,
-                                               "scorer": selection.scorer}},
+                                               "scorer": selection.scorer, "used": data is train},
+                                 "kinds_considered": considered, "next_kinds": picked.next},
                 metrics=metrics,
                 seed=cfg.seed,
+                kind=trainer.kind,
+                trainer=name,
             )
             out.append(spec)
     return out
+
+
+@dataclass
+class _Picked:
+    name: str
+    params: dict[str, Any]
+    trainer: Any
+    data: list[Any]
+    #: {"trainer", "kind", "fits", "why"} of every kind tried, up to the picked one.
+    considered: list[dict[str, Any]]
+    #: the names of the later kinds that fit too (what to train when the gate refuses this one).
+    next: list[str] = field(default_factory=list)
+
+
+def _candidate_params(ws: Workspace, given: dict[str, Any]) -> list[tuple[str, ComponentParams]]:
+    """Each trainer ``[train] trainer`` lists, with its checked parameters. A ``given`` value (an
+    ``aad train`` option) goes to the trainers that take it; one that no trainer takes is an error."""
+    from aad_core.plugins import get_registry
+    from aad_core.plugins.params import component_params, signature, trainer_names
+
+    names = trainer_names(ws.config)
+    if not names:
+        raise AADError(f"[train] trainer lists no trainer (got {ws.config.train.trainer!r}).",
+                       hint='Set [train] trainer = "auto", a trainer name, or a list of names.')
+    sigs = {name: signature(get_registry().get("trainer", name).factory) for name in names}
+    out = []
+    for i, name in enumerate(names):
+        takes = {k: v for k, v in given.items() if k in sigs[name].params or sigs[name].var_keyword}
+        if i == 0 and any(all(k not in s.params and not s.var_keyword for s in sigs.values()) for k in given):
+            takes = given  # a value no trainer takes: the first trainer's check names the key and the trainer
+        out.append((name, component_params("trainer", name, ws.config, params=takes,
+                                           params_source="a run_train() argument (aad train option)", workspace=ws)))
+    return out
+
+
+def _pick_trainer(candidates: list[tuple[str, ComponentParams]], selected: list[Any],
+                  training_split: Callable[[], list[Any]]) -> tuple[_Picked | None, list[dict[str, Any]]]:
+    """The first candidate whose kind fits the task (judged on the traces it would train on), and
+    ``{"trainer", "kind", "fits", "why"}`` of every candidate up to it."""
+    considered: list[dict[str, Any]] = []
+    picked: _Picked | None = None
+    split: list[Any] | None = None
+    for name, component in candidates:
+        trainer = component.build()
+        if getattr(trainer, "uses_selection", True):
+            data = selected
+        else:
+            split = training_split() if split is None else split
+            data = split
+        fits, why = _fits(trainer, data)
+        if picked is not None:
+            if fits:
+                picked.next.append(name)
+            continue
+        considered.append({"trainer": name, "kind": getattr(trainer, "kind", "lora"), "fits": fits, "why": why})
+        if fits:
+            picked = _Picked(name, component.effective, trainer, data, considered)
+    return picked, considered
+
+
+def _say(show: bool, text: str) -> None:
+    if show:
+        from rich.console import Console
+
+        Console(stderr=True).print(text)
+
+
+def _fits(trainer: Any, data: list[Any]) -> tuple[bool, str]:
+    if not data:
+        return False, "no training trace with an answer"
+    result = trainer.applies_to(data)
+    fits, why = (result, "") if isinstance(result, bool) else result
+    return bool(fits), str(why)
 
 
 def _work_dir(ws: Workspace, cid: int, params: dict[str, Any], selected: list[str]) -> Path:

@@ -2,7 +2,8 @@
 
 * :data:`hookimpl` marks hook implementations; :mod:`aad_core.plugins.hookspecs` documents every hook.
 * The component base classes (:class:`Embedder`, :class:`Clusterer`, :class:`Scorer`,
-  :class:`Selector`, :class:`Trainer`, :class:`Evaluator`, :class:`Router`, :class:`Redactor`).
+  :class:`Selector`, :class:`Trainer`, :class:`Evaluator`, :class:`Router`, :class:`Redactor`), and
+  :class:`Predictor`, what a trainer of a specialist kind other than "lora" serves.
 * :func:`create_component` builds another registered component by kind and name.
 
 The plugin manager (loading, dispatch, the registry) loads lazily on first use.
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aad_core.plugins.components import (Clusterer, Component, Embedder, Evaluator, Redactor, Router, Scorer,
-                                         Selector, Trainer)
+from aad_core.plugins.components import (Clusterer, Component, Embedder, Evaluator, Predictor, Redactor, Router,
+                                         Scorer, Selector, Trainer)
 from aad_core.plugins.hookspecs import Register, hookimpl
 
 __all__ = [
     "hookimpl", "Register",
     "Component", "Embedder", "Clusterer", "Scorer", "Selector", "Trainer", "Evaluator", "Router", "Redactor",
-    "PluginManager", "PluginInfo", "Hooks", "get_plugin_manager", "reset_plugin_manager", "get_registry",
+    "Predictor", "PluginManager", "PluginInfo", "Hooks", "get_plugin_manager", "reset_plugin_manager", "get_registry",
     "create_component",
 ]
 

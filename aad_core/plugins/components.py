@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+    from aad_core.models.runtime import Generation
     from aad_core.schema import ChatRequest, RoutingDecision, Trace
 
 
@@ -88,8 +89,31 @@ class Selector(Component, ABC):
         """Return the chosen ids (``ceil(fraction * len(ids))`` of them, at least one)."""
 
 
+class Predictor(ABC):
+    """A trained specialist that answers requests: what a :class:`Trainer` of a kind other than
+    ``"lora"`` returns from :meth:`Trainer.load_predictor`."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int) -> list[Generation]:
+        """One :class:`aad_core.models.runtime.Generation` per request, in order: ``text`` (the answer as the
+        teacher would write it; tool calls as a JSON list), ``mean_logprob``, ``n_tokens``, ``latency_ms``
+        and, where the kind has one, ``confidence`` (e.g. a classifier's top probability)."""
+
+
 class Trainer(Component, ABC):
-    """S5: fits one specialist adapter on one cluster's selected traces."""
+    """S5: a specialist kind. Fits one specialist on one task's traces, and serves what it trained.
+
+    ``kind`` names what it trains (``"lora"``: a PEFT adapter on the shared base student, served by
+    aad's multi-adapter runtime; any other kind serves through :meth:`load_predictor`).
+    :meth:`applies_to` says whether the kind fits a task; the train stage tries the configured
+    trainers in order and trains the first that fits.
+    """
+
+    #: What the trainer produces: "lora" (a PEFT adapter on the base student), "classifier", ...
+    kind: str = "lora"
+    #: True: train on the task's selected traces (``aad select``); False: on its whole training split
+    #: (for kinds whose cost hardly grows with the data, such as a classifier on embeddings).
+    uses_selection: bool = True
 
     @abstractmethod
     def train(
@@ -100,7 +124,22 @@ class Trainer(Component, ABC):
         *,
         show_progress: bool = True,
     ) -> dict[str, Any]:
-        """Train, save a PEFT adapter in ``output_dir``, return metrics."""
+        """Train, save the specialist in ``output_dir`` (kind "lora": a PEFT adapter), return metrics."""
+
+    def applies_to(self, train: Sequence[Trace]) -> tuple[bool, str]:
+        """Whether this kind fits the task whose training traces are ``train``, and why (shown to users)."""
+        return True, f"the {self.kind} kind fits every task"
+
+    def load_predictor(self, specialist_dir: Path) -> Predictor:
+        """The specialist saved in ``specialist_dir`` (a version folder of the registry), ready to answer.
+
+        Kind "lora" specialists are served by aad's shared-base runtime instead, so a LoRA trainer
+        need not implement this; every other kind must.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} (kind {self.kind!r}) does not implement load_predictor(); a specialist kind "
+            "other than 'lora' must, so that aad can serve what it trained."
+        )
 
 
 class Evaluator(Component, ABC):

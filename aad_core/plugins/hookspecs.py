@@ -111,10 +111,15 @@ def aad_register_selectors(register: Register) -> None:
 
 @hookspec
 def aad_register_trainers(register: Register) -> None:
-    """Register specialist trainers (S5), kind ``"trainer"``.
+    """Register specialist trainers (S5), kind ``"trainer"``: each one is a specialist kind.
 
     A trainer is a :class:`aad_core.plugins.components.Trainer`: ``train(train, eval, output_dir)``
-    fits one adapter and returns its metrics.
+    fits one specialist and returns its metrics. Its ``kind`` names what it trains (``"lora"``, the
+    default: a PEFT adapter served on the shared base student; ``"classifier"``; ...),
+    ``applies_to(train) -> (bool, why)`` says whether the kind fits a task (default: always), and
+    ``load_predictor(specialist_dir)`` returns the :class:`aad_core.plugins.components.Predictor` that
+    serves what it trained (required for every kind but ``"lora"``). ``[train] trainer`` lists the
+    trainers tried per task, in order; the first whose kind fits is trained.
     Called once at plugin-manager start-up. Returns nothing.
     """
 

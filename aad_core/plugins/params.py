@@ -50,6 +50,27 @@ CHOSEN_BY: dict[str, tuple[str, str]] = {
 }
 
 
+#: ``[train] trainer = "auto"``: the specialist kinds tried per task, cheapest first. A kind that does
+#: not fit a task (``Trainer.applies_to``) or is not installed is skipped.
+AUTO_TRAINERS: tuple[str, ...] = ("classifier", "qlora")
+
+
+def trainer_names(config: AADSettings) -> list[str]:
+    """The trainers ``[train] trainer`` lists, in the order the train stage tries them: a name, a list of
+    names, or ``"auto"`` (:data:`AUTO_TRAINERS` that are installed; also allowed inside a list)."""
+    from aad_core.plugins.manager import get_registry
+
+    chosen = config.train.trainer
+    names: list[str] = []
+    for name in [chosen] if isinstance(chosen, str) else list(chosen):
+        if name == "auto":
+            known = set(get_registry().names("trainer"))
+            names.extend(n for n in AUTO_TRAINERS if n in known)
+        else:
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
 def component_key(name: str) -> str:
     """A component name as matched against tables and environment variables: lower case, '-' as '_'."""
     return name.lower().replace("-", "_")
@@ -447,7 +468,8 @@ def _plain(value: Any) -> bool:
 # -- which components a config uses; their tables as TOML ---------------------------------------
 
 def chosen_components(config: AADSettings, kind: str) -> list[str]:
-    """The component names of ``kind`` that ``config`` uses (every registered evaluator under 'auto')."""
+    """The component names of ``kind`` that ``config`` uses (every registered evaluator under 'auto'; every
+    trainer ``[train] trainer`` lists)."""
     from aad_core.plugins.manager import get_registry
 
     section, key = CHOSEN_BY[kind]
@@ -456,6 +478,8 @@ def chosen_components(config: AADSettings, kind: str) -> list[str]:
         extra = sorted(set(config.eval.cluster_evaluators.values()))
         names = get_registry().names("evaluator") if chosen == "auto" else [chosen]
         return list(dict.fromkeys([*names, *extra]))
+    if kind == "trainer":
+        return trainer_names(config)
     return [chosen]
 
 

@@ -28,20 +28,27 @@ class SpecialistBackend(Protocol):
 
 
 class SpecialistPool:
-    """Promoted specialists on shared base models: one :class:`~aad_core.models.runtime.SpecialistRuntime`
-    per base model, every adapter of that base loaded into it (PEFT multi-adapter)."""
+    """Promoted specialists, each served by its kind. Kind "lora": one
+    :class:`~aad_core.models.runtime.SpecialistRuntime` per base model, every adapter of that base
+    loaded into it (PEFT multi-adapter). Any other kind: the predictor its trainer component loads
+    (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`)."""
 
     def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None) -> None:
         self.ws = ws
         self.specialists = {s.name: s for s in specialists}
         self.merge_hot = merge_hot
         self._runtimes: dict[str, Any] = {}
+        self._predictors: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _runtime(self, name: str) -> Any:
+    def _spec(self, name: str) -> Specialist:
         spec = self.specialists.get(name)
         if spec is None:
             raise AADError(f"No promoted specialist named {name!r}.", hint="Run 'aad specialists' to list them.")
+        return spec
+
+    def _runtime(self, name: str) -> Any:
+        spec = self._spec(name)
         with self._lock:
             rt = self._runtimes.get(spec.base_model)
             if rt is None:
@@ -49,10 +56,22 @@ class SpecialistPool:
 
                 rt = SpecialistRuntime(spec.base_model)
                 for s in self.specialists.values():
-                    if s.base_model == spec.base_model:
+                    if s.base_model == spec.base_model and s.kind == "lora":
                         rt.add_specialist(s)
                 self._runtimes[spec.base_model] = rt
             return rt
 
+    def _predictor(self, spec: Specialist) -> Any:
+        with self._lock:
+            predictor = self._predictors.get(spec.name)
+            if predictor is None:
+                from aad_core.specialists import load_predictor
+
+                predictor = self._predictors[spec.name] = load_predictor(spec, self.ws)
+            return predictor
+
     def generate(self, name: str, requests: list[ChatRequest], *, max_new_tokens: int) -> list[GenerationLike]:
+        spec = self._spec(name)
+        if spec.kind != "lora":
+            return self._predictor(spec).generate(requests, max_new_tokens=max_new_tokens)
         return self._runtime(name).generate(requests, adapter=name, max_new_tokens=max_new_tokens)
