@@ -365,6 +365,8 @@ class EvalReport(Artifact):
     teacher_price_per_mtok: float | None = None
     hardware_price_per_hour: float | None = None
     teacher_score_note: str = ""
+    #: The risk-coverage gate's settings (target_agreement, min_coverage, alpha, test_fraction).
+    gate: dict[str, Any] = field(default_factory=dict)
 
     def evaluated(self) -> list[dict[str, Any]]:
         """The entries of clusters whose specialist was evaluated."""
@@ -377,6 +379,7 @@ class EvalReport(Artifact):
         return {
             "seed": self.seed,
             "parity": self.parity,
+            "gate": self.gate,
             "teacher_price_per_mtok": self.teacher_price_per_mtok,
             "hardware_price_per_hour": self.hardware_price_per_hour,
             "teacher_score_note": self.teacher_score_note,
@@ -394,6 +397,7 @@ class EvalReport(Artifact):
             summary=dict(data.get("summary") or {}),
             seed=int(data.get("seed", 0)),
             parity=_opt_float(data.get("parity")),
+            gate=dict(data.get("gate") or {}),
             teacher_price_per_mtok=_opt_float(data.get("teacher_price_per_mtok")),
             hardware_price_per_hour=_opt_float(data.get("hardware_price_per_hour")),
             teacher_score_note=str(data.get("teacher_score_note") or ""),
@@ -416,7 +420,7 @@ def still_teacher_only(nodes: Mapping[str, Any], served: set[int] | Sequence[int
 @dataclass
 class RouterState(Artifact):
     """The calibrated router (``aad route --calibrate``): per cluster its similarity threshold (and
-    the parts it came from), output kind, specialist and confidence cut-off; and the agent nodes
+    the parts it came from), output kind, specialist and confidence threshold (from the eval gate); and the agent nodes
     that go to the teacher without being embedded."""
 
     FILE: ClassVar[str] = ROUTER
@@ -430,7 +434,6 @@ class RouterState(Artifact):
     embed_model: str | None = None
     view: list[str] = field(default_factory=list)
     threshold_quantile: float | None = None
-    confidence_quantile: float | None = None
 
     def thresholds(self) -> dict[int, float]:
         return {cid: float(entry["threshold"]) for cid, entry in self.clusters.items() if "threshold" in entry}
@@ -448,7 +451,6 @@ class RouterState(Artifact):
             "embed_model": self.embed_model,
             "view": list(self.view),
             "threshold_quantile": self.threshold_quantile,
-            "confidence_quantile": self.confidence_quantile,
             "clusters": {str(cid): entry for cid, entry in self.clusters.items()},
             "teacher_nodes": self.teacher_nodes,
         }
@@ -464,7 +466,6 @@ class RouterState(Artifact):
             embed_model=None if data.get("embed_model") is None else str(data["embed_model"]),
             view=list(data.get("view") or []),
             threshold_quantile=_opt_float(data.get("threshold_quantile")),
-            confidence_quantile=_opt_float(data.get("confidence_quantile")),
         )
 
 

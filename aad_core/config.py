@@ -57,6 +57,24 @@ MOVED: dict[tuple[str, str], tuple[str, str, str]] = {
 }
 
 
+#: Keys that no longer exist, and why: an older aad.toml or AAD_* variable that sets one still loads (warned, ignored).
+RETIRED: dict[tuple[str, str], str] = {
+    ("route", "confidence_quantile"): "the confidence threshold is now the one the risk-coverage gate of 'aad eval' "
+    "chooses ([eval] target_agreement)",
+    ("route", "confidence_samples"): "the confidence threshold is now chosen on the held-out calibration calls "
+    "'aad eval' already answers ([eval] test_fraction)",
+}
+
+
+def _drop_retired(data: dict[str, Any], where: Any) -> None:
+    """Remove retired keys from ``data`` (the raw sections), with a warning naming each one."""
+    for (section, key), why in RETIRED.items():
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            values.pop(key)
+            log.warning("%s: [%s] %s is no longer used and is ignored: %s.", where(section, key), section, key, why)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -150,7 +168,11 @@ class TrainConfig(_Section):
         "smollm2-135m", description="Student: a known name (aad models list), a hub id or a local path. Shared by "
         "the scorer, the trainer, evaluation and serving."
     )
-    trainer: str = Field("qlora", description="Trainer component name (its parameters: [trainer.<name>]).")
+    trainer: str | list[str] = Field(
+        "auto", description="The specialist kind(s) trained per task: a trainer component name, a list tried in "
+        "order (the first whose kind fits the task is trained), or 'auto' = the cheapest kind that fits first: "
+        "'classifier' for closed answer sets, else 'qlora' (their parameters: [trainer.<name>])."
+    )
     max_length: int = Field(
         384, ge=16, description="Prompt + answer tokens kept per sample when scoring and training (the prompt is cut "
         "from the left)."
@@ -158,7 +180,29 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    parity: float = Field(0.95, gt=0, le=1, description="Promote a specialist when its score reaches this share of the teacher's.")
+    parity: float = Field(
+        0.95, gt=0, le=1, description="The report's parity figure: the share of the teacher's score a specialist's "
+        "score is compared with (promotion follows the risk-coverage gate: target_agreement, min_coverage)."
+    )
+    target_agreement: float = Field(
+        0.95, gt=0, le=1, description="Risk-coverage gate: a specialist serves only requests whose confidence clears "
+        "a threshold, chosen on the calibration part of the held-out calls as the largest served share whose "
+        "agreement with the teacher has a one-sided Clopper-Pearson lower bound (level gate_alpha) >= this; it is "
+        "promoted when, on the test part, that share's agreement is >= this too."
+    )
+    min_coverage: float = Field(
+        0.2, ge=0, le=1, description="Risk-coverage gate: promote only when the threshold serves at least this share "
+        "of the test part's calls."
+    )
+    gate_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Risk-coverage gate: 1 - the confidence level of the lower bound on agreement "
+        "(0.05 = 95 %; a lower bound of 0.95 then needs at least 59 agreeing calibration calls)."
+    )
+    test_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of each cluster's held-out calls (by a seeded hash of the trace id) kept "
+        "as the gate's test part; the rest calibrate the threshold and are the only held-out calls training sees "
+        "(early stopping, vote weights)."
+    )
     max_new_tokens: int = Field(128, ge=1, description="Generation budget per held-out answer.")
     max_heldout: int | None = Field(200, ge=1, description="Held-out samples evaluated per cluster (None = all).")
     teacher_price_per_mtok: float = Field(10.0, ge=0, description="Teacher price in USD per 1M tokens (blended).")
@@ -185,7 +229,9 @@ class RouteConfig(_Section):
         0.02, ge=0, lt=1, description="Per-cluster threshold = this quantile of the cluster's own held-out similarities."
     )
     min_confidence: float | None = Field(
-        None, description="Escalate when the specialist's mean token log-prob is below this (None = calibrated)."
+        None, description="Escalate when the specialist's confidence (its gate signal: mean token log-prob for a LoRA "
+        "specialist, the probability where a specialist reports one) is below this (None = the threshold the "
+        "risk-coverage gate of 'aad eval' chose for it)."
     )
     timeout_s: float = Field(30.0, gt=0, description="A specialist slower than this escalates to the teacher.")
     default_threshold: float = Field(
@@ -193,13 +239,6 @@ class RouteConfig(_Section):
     )
     max_calibration_samples: int = Field(
         300, ge=10, description="Training-split traces per cluster embedded to calibrate its threshold."
-    )
-    confidence_quantile: float = Field(
-        0.05, ge=0, lt=1, description="Calibrated confidence cut-off = this quantile of the specialist's mean token "
-        "log-prob over held-out requests.",
-    )
-    confidence_samples: int = Field(
-        24, ge=0, description="Held-out requests per specialist generated to calibrate the confidence cut-off (0 = no gate)."
     )
     max_new_tokens: int = Field(256, ge=1, description="Generation budget of a specialist answer (a request's max_tokens wins).")
     teacher_node_min_calls: int = Field(
@@ -345,6 +384,7 @@ class _CoreEnvSource(EnvSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         data = {k: v for k, v in super().__call__().items() if k not in KINDS}
+        _drop_retired(data, lambda section, key: _env_set(env_var(section, key)) or env_var(section, key))
         for (section, key), (kind, name, new_key) in MOVED.items():
             values = data.get(section)
             if isinstance(values, dict) and key in values:
@@ -400,6 +440,7 @@ class _TomlSource(PydanticBaseSettingsSource):
         text = self.path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
         lines = toml_key_lines(text)
+        _drop_retired(data, lambda section, key: f"{self.path}:{lines.get((section, key), '?')}")
         # Keys an older `aad init` wrote into the core sections go to their component's table (a key
         # also set in the table keeps the table's value).
         for (section, key), (kind, name, new_key) in MOVED.items():

@@ -24,6 +24,17 @@ def _eval_entry(cid: int, spec: float, base: float, promoted: bool, metric: str 
         "latency": {"specialist": lat, "base": lat, "teacher": {**lat, "p50_ms": 900.0, "p95_ms": 2000.0}},
         "cost": {"teacher_per_mtok": 10.0, "specialist_per_mtok": 0.05},
         "parity_target": 0.95, "promoted": promoted,
+        "parity": {"target": 0.95, "reached": spec >= 0.95, "reason": "..."},
+        "gate": {"signal": "mean_logprob", "threshold": -0.2, "target_agreement": 0.95, "min_coverage": 0.2,
+                 "alpha": 0.05,
+                 "calibration": {"threshold": -0.2, "coverage": 0.71, "agreement": 0.984, "lower_bound": 0.952,
+                                 "n_served": 128, "n": 180},
+                 "test": {"threshold": -0.2, "coverage": 0.7 if promoted else 0.1, "agreement": 0.976,
+                          "lower_bound": 0.94, "n_served": 126 if promoted else 18, "n": 180}},
+        "risk_coverage": {"signal": "mean_logprob", "calibration": [],
+                          "test": [{"threshold": -0.1, "coverage": 0.5, "agreement": 1.0, "n_served": 90},
+                                   {"threshold": -0.2, "coverage": 0.7, "agreement": 0.976, "n_served": 126},
+                                   {"threshold": -2.0, "coverage": 1.0, "agreement": spec, "n_served": 180}]},
         "reason": "promoted: ..." if promoted else "not promoted: below parity <script>alert(1)</script>",
         "examples": [{"request": "where is my <b>card</b>?", "teacher": "card_arrival", "base": "I think...",
                       "specialist": "card_arrival", "specialist_correct": True}],
@@ -76,11 +87,13 @@ def test_full_report_has_every_section_and_is_self_contained(workspace: Workspac
     assert path == workspace.report_path
     text = path.read_text(encoding="utf-8")
     _check_self_contained(text)
-    for heading in ("Task clusters", "Per-cluster results", "Data selection", "Router", "Latency and cost",
+    for heading in ("Task clusters", "Per-cluster results", "Risk-coverage gate", "Data selection", "Router",
+                    "Latency and cost",
                     "Replaceability estimate", "Reproducibility", "Data attribution"):
         assert f"<h2>{heading}" in text, heading
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) >= 6  # clusters, scores, curves, confusion, latency/cost, replaceability
+    assert len(images) >= 7  # clusters, scores, risk-coverage, curves, confusion, latency/cost, replaceability
+    assert "risk-coverage curves" in text and "0.952" in text  # the gate's figures per cluster
     assert "Not run yet" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "cluster &lt;0&gt;" in text
     assert "CC-BY-4.0" in text and "banking77" in text

@@ -102,15 +102,21 @@ def card_request(**params) -> ChatRequest:  # noqa: ANN003
     return ChatRequest(messages=[Message(role="user", content="my card has not arrived")], params=params)
 
 
+#: What router.json holds for a specialist whose eval gate chose a threshold of -1.0 on its mean token log-prob.
+GATED = {"confidence_threshold": -1.0, "confidence_signal": "mean_logprob", "confidence_label": "mean token log-prob",
+         "confidence_calibration": {"coverage": 0.71, "agreement": 0.978, "lower_bound": 0.951, "n_served": 128,
+                                    "n": 180}}
+
+
 def engine_for(ws: Workspace, backend: Scripted, *, output_kind: str = "json", timeout_s: float = 5.0,
-               min_logprob: float | None = None) -> RoutingEngine:
+               confidence: dict | None = None) -> RoutingEngine:
     # Fast tests skip PII redaction of escalation traces (loading presidio costs seconds); the
     # real-model test keeps it on.
     ws.config_path.write_text(ws.config_path.read_text(encoding="utf-8").replace("redact = true", "redact = false"),
                               encoding="utf-8")
     ws.__dict__.pop("config", None)
     eng = RoutingEngine(ws, teacher, router=make_router(ws), specialists=backend, timeout_s=timeout_s)
-    eng._cluster_info = {0: {"output_kind": output_kind, "min_logprob": min_logprob}, 1: {"output_kind": "sql"}}
+    eng._cluster_info = {0: {"output_kind": output_kind, **(confidence or {})}, 1: {"output_kind": "sql"}}
     return eng
 
 
@@ -265,7 +271,7 @@ def test_a_valid_specialist_answer_is_returned(workspace: Workspace) -> None:
         (Scripted(raises=True), {}, "exception: RuntimeError: CUDA out of memory"),
         (Scripted(sleep_s=1.5), {"timeout_s": 0.2}, "timeout"),
         (Scripted('{"intent": card_arrival'), {}, "validator json: invalid JSON"),
-        (Scripted('{"intent": "card_arrival"}', logprob=-3.0), {"min_logprob": -1.0}, "low confidence"),
+        (Scripted('{"intent": "card_arrival"}', logprob=-3.0), {"confidence": GATED}, "low confidence"),
     ],
     ids=["raises", "times-out", "invalid-json", "low-confidence"],
 )
@@ -283,6 +289,45 @@ def test_a_failed_specialist_is_never_what_the_user_gets(workspace: Workspace, b
     assert trace.response.content == TEACHER_ANSWER and "escalation" in trace.tags
     meta = trace.metadata["aad_escalation"]
     assert reason in meta["reason"] and meta["cluster_id"] == 0 and meta["specialist"] == "cards"
+    eng.close()
+
+
+def test_an_answer_below_the_gate_threshold_escalates_with_the_served_share(workspace: Workspace) -> None:
+    eng = engine_for(workspace, Scripted(logprob=-1.41), confidence=GATED)
+    answer = eng.answer(card_request())
+    assert answer.message.content == TEACHER_ANSWER and answer.decision.escalated
+    assert answer.decision.reason == ("escalated: low confidence: mean token log-prob -1.41 < threshold -1.00 (served "
+                                      "share at -1.00: 71 %, agreement 97.8 % on 180 calibration calls)")
+    eng.close()
+
+    eng = engine_for(workspace, Scripted(logprob=-0.41), confidence=GATED)  # clears the threshold: served
+    assert eng.answer(card_request()).decision.target == "specialist"
+    eng.close()
+
+
+def test_min_confidence_overrides_the_gate_threshold(workspace: Workspace) -> None:
+    eng = engine_for(workspace, Scripted(logprob=-0.41), confidence=GATED)
+    workspace.config.route.min_confidence = -0.2
+    answer = eng.answer(card_request())
+    assert answer.decision.reason == ("escalated: low confidence: mean token log-prob -0.41 < threshold -0.20 "
+                                      "([route] min_confidence)")
+    eng.close()
+
+
+def test_a_specialist_confidence_is_the_signal_when_the_gate_chose_it(workspace: Workspace) -> None:
+    @dataclass
+    class Sure(Gen):
+        confidence: float = 0.41
+
+    class Classifier(Scripted):
+        def generate(self, name, requests, *, max_new_tokens):  # noqa: ANN001, ANN201
+            return [Sure(self.text) for _ in requests]
+
+    gate = {**GATED, "confidence_threshold": 0.63, "confidence_signal": "confidence", "confidence_label": "confidence"}
+    eng = engine_for(workspace, Classifier(), confidence=gate)
+    answer = eng.answer(card_request())
+    assert answer.decision.reason.startswith("escalated: low confidence: confidence 0.41 < threshold 0.63 (served "
+                                             "share at 0.63: 71 %")
     eng.close()
 
 
@@ -493,7 +538,7 @@ def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspac
     ws = Workspace.init(tmp / "ws")
     text = ws.config_path.read_text(encoding="utf-8")
     for old, new in (("min_size = 30", "min_size = 12"), ("k_max = 16", "k_max = 6"),
-                     ("max_new_tokens = 256", "max_new_tokens = 24"), ("confidence_samples = 24", "confidence_samples = 6")):
+                     ("max_new_tokens = 256", "max_new_tokens = 24")):
         text = text.replace(old, new)
     ws.config_path.write_text(text, encoding="utf-8")
     ws = Workspace(ws.root)

@@ -117,7 +117,13 @@ def test_select_then_train_pipeline(workspace, tiny_student: Path) -> None:
     manifest = SpecialistRegistry(workspace).manifest(spec)
     assert manifest["selection"] == artifact["clusters"]["1"]["selected"]
     assert manifest["centroid"] == [0.0, 1.0] and manifest["hyperparameters"]["lora_r"] == 16
-    assert manifest["metrics"]["steps"] == 2 and manifest["metrics"]["n_eval"] == 2
+    # training sees only the calibration part of the held-out split (the gate's test part stays unseen)
+    from aad_core.artifacts import ClusterState
+    from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
+
+    calibration, _ = calibration_test_split(sorted(ClusterState.load(workspace).heldout_ids(1)), cfg.seed,
+                                            cfg.eval.test_fraction)
+    assert manifest["metrics"]["steps"] == 2 and manifest["metrics"]["n_eval"] == len(calibration)
     with pytest.raises(Exception, match="no selection"):
         run_train(workspace, cluster_id=2, max_steps=1, show_progress=False)
 

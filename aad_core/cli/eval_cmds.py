@@ -1,4 +1,4 @@
-"""``aad eval`` (held-out evaluation and the parity gate) and ``aad report`` (the HTML report)."""
+"""``aad eval`` (held-out evaluation and the risk-coverage gate) and ``aad report`` (the HTML report)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,22 @@ def _fmt(part: Any) -> str:
 
 
 def eval_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"Held-out evaluation (parity {result.get('parity', 0.95):.0%} of the teacher)")
-    for col in ("cluster", "label", "routine", "metric", "n", "base", "specialist", "teacher", "p50 ms", "promoted"):
-        table.add_column(col, justify="right" if col in ("n", "base", "specialist", "teacher", "p50 ms") else "left")
+    settings = result.get("gate") or {}
+    table = Table(title=f"Held-out evaluation (gate: agreement >= {settings.get('target_agreement', 0.95):.2f} on >= "
+                  f"{settings.get('min_coverage', 0.2):.0%} of the test calls)")
+    numeric = ("n", "base", "specialist", "teacher", "served", "agreement", "p50 ms")
+    for col in ("cluster", "label", "routine", "metric", "n", "base", "specialist", "teacher", "served", "agreement",
+                "p50 ms", "promoted"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for c in result.get("clusters", []):
+        test = (c.get("gate") or {}).get("test") or {}
         lat = ((c.get("latency") or {}).get("specialist") or {}).get("p50_ms")
         metric = str(c.get("metric", "-")) + ("*" if c.get("weakest_metric") else "")
         promoted = "[green]yes[/]" if c.get("promoted") else ("no" if c.get("status") == "evaluated" else "-")
         table.add_row(
             str(c.get("cluster_id")), str(c.get("label", ""))[:32], "yes" if c.get("routine") else "no", metric,
             str(c.get("n_heldout", "-")), _fmt(c.get("base")), _fmt(c.get("specialist")), _fmt(c.get("teacher")),
+            f"{test['coverage']:.0%}" if test else "-", f"{test['agreement']:.3f}" if test.get("n_served") else "-",
             f"{lat:.0f}" if isinstance(lat, (int, float)) else "-", promoted,
         )
     return table
@@ -34,7 +40,7 @@ def eval_cmd(
     json_out: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Score specialists vs base student vs teacher on held-out traces; promote those at parity.
+    """Score specialists vs base student vs teacher on held-out traces; promote those the risk-coverage gate passes.
 
     Also measures specialist latency (p50/p95) and cost per 1M tokens; writes .aad/state/eval.json.
     """

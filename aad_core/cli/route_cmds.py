@@ -13,7 +13,7 @@ from aad_core.cli.app import JsonOption, WorkspaceOption, console, fail, open_wo
 def _thresholds_table(state: dict[str, Any]) -> Table:
     table = Table(title="Router thresholds (per cluster)")
     for col in ("cluster", "routine", "specialist", "threshold", "quantile", "margin", "separation", "own<thr", "intr>=thr",
-                "output", "min logprob"):
+                "output", "confidence thr."):
         table.add_column(col, justify="right" if col not in ("specialist", "output") else "left")
 
     def fmt(v: Any) -> str:
@@ -24,7 +24,7 @@ def _thresholds_table(state: dict[str, Any]) -> Table:
                       fmt(c.get("quantile_threshold")), fmt(c.get("margin_threshold")), fmt(c.get("separation_threshold")),
                       f"{c.get('own_rejected', 0)}/{c.get('n_own', 0)}",
                       f"{c.get('intruders_admitted', 0)}/{c.get('n_intruders', 0)}",
-                      c.get("output_kind", "text"), fmt(c.get("min_logprob")))
+                      c.get("output_kind", "text"), fmt(c.get("confidence_threshold")))
     return table
 
 
@@ -47,10 +47,10 @@ def route_cmd(
     text: Annotated[str | None, typer.Argument(help="A user message to route (omit with --show / --calibrate).")] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt sent with TEXT.")] = None,
     show: Annotated[bool, typer.Option("--show", "--thresholds", help="Print the per-cluster thresholds.")] = False,
-    calibrate: Annotated[bool, typer.Option("--calibrate", help="Calibrate thresholds (and confidence cut-offs) "
-                                            "from the traces, write router.json and router_eval.json.")] = False,
-    no_confidence: Annotated[bool, typer.Option("--no-confidence", help="With --calibrate: skip generating with "
-                                                "the specialists to calibrate the confidence gate.")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Calibrate thresholds from the traces (confidence "
+                                            "thresholds from the eval gate), write router.json and router_eval.json.")] = False,
+    no_confidence: Annotated[bool, typer.Option("--no-confidence", help="With --calibrate: store no confidence "
+                                                "thresholds (every validated specialist answer is served).")] = False,
     json_out: JsonOption = False,
     workspace: WorkspaceOption = None,
 ) -> None:

@@ -1,11 +1,12 @@
-"""Router calibration: per-cluster similarity thresholds, output kinds and confidence cut-offs.
+"""Router calibration: per-cluster similarity thresholds, output kinds and confidence thresholds.
 
 Thresholds come from the training split (so the held-out split stays unseen for the evaluation):
 a low quantile (``[route] threshold_quantile``) of the cluster's own requests' similarities,
 lowered to the middle of the margin when every other cluster's request stays below it, and
 raised when needed to the cut that best keeps other clusters' requests out. The held-out split is
 then routed with those thresholds and the result written to ``.aad/state/router_eval.json`` as a
-confusion matrix (routine -> specialist, everything else -> teacher).
+confusion matrix (routine -> specialist, everything else -> teacher). Each promoted specialist's
+confidence threshold is the one the risk-coverage gate chose for it in ``eval.json``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def _load(ws: Workspace, ids: Sequence[str]) -> list[Trace]:
 
 
 def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: bool = True) -> dict[str, Any]:
-    """Calibrate every cluster's threshold (and the specialists' confidence cut-offs), evaluate the
+    """Calibrate every cluster's threshold, take each promoted specialist's confidence threshold
+    from the eval gate (``confidence=False``: none, every validated answer is served), evaluate the
     router on the held-out split, and save ``router.json`` and ``router_eval.json``. Returns the
     saved router state."""
     import numpy as np
@@ -167,11 +169,11 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
             "output_kind": output_kind_of([traces[t] for c, t in flat if c == cid]),
             "routine": bool(next(c.routine for c in state.clusters if c.id == cid)),
             "specialist": spec.name if spec else None,
-            "min_logprob": None,
+            "confidence_threshold": None,
         }
 
-    if confidence and rc.confidence_samples > 0 and specialists:
-        _calibrate_confidence(ws, state, specialists, clusters_out, show_progress=show_progress)
+    if confidence and specialists:
+        _confidence_thresholds(ws, specialists, clusters_out)
 
     RouterState(
         router=rc.router,
@@ -180,7 +182,6 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
         embed_model=cfg.component_table("embedder", cfg.embed.embedder).get("model"),
         view=[p for p in cfg.embed.view if p != "answer"],
         threshold_quantile=rc.threshold_quantile,
-        confidence_quantile=rc.confidence_quantile,
         clusters={int(cid): entry for cid, entry in clusters_out.items()},
         teacher_nodes=teacher_only_nodes(ws, state, set(specialists), rc.teacher_node_min_calls),
     ).save(ws)
@@ -191,35 +192,27 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
             "evaluation": {k: evaluation[k] for k in ("accuracy", "n") if k in evaluation}}
 
 
-def _calibrate_confidence(ws: Workspace, state: Any, specialists: dict[int, Specialist], clusters_out: dict[str, Any],
-                          *, show_progress: bool) -> None:
-    """Generate on held-out requests; the cut-off is a low quantile of the valid answers' mean log-prob."""
-    from aad_core.serving.engine import SpecialistPool
-    from aad_core.formats.tool_calls import ToolCallParseError, parse_tool_calls
-    from aad_core.formats.validators import validate_output
+def _confidence_thresholds(ws: Workspace, specialists: dict[int, Specialist], clusters_out: dict[str, Any]) -> None:
+    """Each promoted specialist's confidence threshold, signal and calibration figures: those the
+    risk-coverage gate chose when it evaluated that very specialist version (``eval.json``)."""
+    from aad_core.artifacts import EvalReport
+    from aad_core.pipeline.evaluate.risk_coverage import SIGNAL_LABELS
 
-    rc = ws.config.route
-    pool = SpecialistPool(ws, list(specialists.values()))
+    evaluation = EvalReport.load_optional(ws)
+    entries = {int(r["cluster_id"]): r for r in (evaluation.evaluated() if evaluation else [])}
     for cid, spec in specialists.items():
-        ids = _sample(sorted(state.heldout_ids(cid)), rc.confidence_samples, ws.config.seed)
-        traces = _load(ws, ids)
-        if not traces:
+        entry = entries.get(cid) or {}
+        gate, evaluated = entry.get("gate") or {}, entry.get("specialist") or {}
+        if gate.get("threshold") is None or (evaluated.get("name"), evaluated.get("version")) != (spec.name, spec.version):
             continue
-        requests = [t.request for t in traces]
-        gens = pool.generate(spec.name, requests, max_new_tokens=rc.max_new_tokens)
-        kind = clusters_out[str(cid)]["output_kind"]
-        good = []
-        for req, gen in zip(requests, gens):
-            try:
-                content, calls = parse_tool_calls(gen.text)
-            except ToolCallParseError:
-                continue
-            if validate_output(req, content, calls, output_kind=kind).ok:
-                good.append(float(gen.mean_logprob))
-        entry = clusters_out[str(cid)]
-        entry["confidence_samples"] = len(gens)
-        entry["valid_share"] = round(len(good) / len(gens), 4) if gens else None
-        entry["min_logprob"] = round(_quantile(good, rc.confidence_quantile), 5) if good else None
+        calibration = gate.get("calibration") or {}
+        signal = str(gate.get("signal") or "mean_logprob")
+        clusters_out[str(cid)].update(
+            confidence_threshold=float(gate["threshold"]),
+            confidence_signal=signal,
+            confidence_label=SIGNAL_LABELS.get(signal, signal),
+            confidence_calibration={k: calibration.get(k) for k in ("coverage", "agreement", "lower_bound", "n_served", "n")},
+        )
 
 
 def evaluate_router(ws: Workspace, state: Any, cents: np.ndarray, cids: list[int], clusters_out: dict[str, Any],

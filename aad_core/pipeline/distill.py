@@ -29,7 +29,7 @@ STAGES: tuple[str, ...] = ("cluster", "select", "train", "evaluate", "route")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "cluster": ("capture", "embed", "cluster"),
     "select": ("select", "train.student", "train.max_length"),  # scoring runs the [train] student
-    "train": ("train",),
+    "train": ("train", "eval.test_fraction"),  # training sees only the held-out calibration part
     "evaluate": ("eval",),
     "route": ("route", "eval"),
 }
@@ -76,12 +76,11 @@ class StageResult:
     detail: str = ""
 
 
-def _chosen(ws: Workspace, kind: str) -> str:
-    """The name of the ``kind`` component the workspace uses (e.g. ``[train] trainer``)."""
-    from aad_core.plugins.params import CHOSEN_BY
+def _chosen(ws: Workspace, kind: str) -> list[str]:
+    """The names of the ``kind`` components the workspace uses (e.g. every trainer ``[train] trainer`` lists)."""
+    from aad_core.plugins.params import chosen_components
 
-    section, key = CHOSEN_BY[kind]
-    return str(getattr(getattr(ws.config, section), key))
+    return chosen_components(ws.config, kind)
 
 
 def _accepted_params(kind: str, name: str) -> set[str]:
@@ -99,23 +98,29 @@ def apply_profile(ws: Workspace, profile: Profile) -> None:
     """
     for (section, key), value in profile.overrides.items():
         kind, _, name = section.partition(".")
-        if name == "*":  # the component the workspace uses, e.g. "trainer.*" = [train] trainer
-            name = _chosen(ws, kind)
-            if key not in _accepted_params(kind, name):
-                continue
-        if name:
-            current = ws.config.component_table(kind, name).get(key)
-            if isinstance(current, str):  # AAD_* values are decoded when the component is built
-                with contextlib.suppress(ValueError):
-                    current = json.loads(current)
-        else:
-            current = getattr(getattr(ws.config, section), key)
-        if isinstance(value, (int, float)) and isinstance(current, (int, float)) and current < value:
+        if name == "*":  # the components the workspace uses, e.g. "trainer.*" = [train] trainer
+            for one in _chosen(ws, kind):
+                if key in _accepted_params(kind, one):
+                    _override(ws, profile, kind, one, section, key, value)
             continue
-        if name:
-            ws.config.set_component_param(kind, name, key, value, source=f"the '{profile.name}' distill profile")
-        else:
-            setattr(getattr(ws.config, section), key, value)
+        _override(ws, profile, kind, name, section, key, value)
+
+
+def _override(ws: Workspace, profile: Profile, kind: str, name: str, section: str, key: str, value: Any) -> None:
+    """One override of :func:`apply_profile`: a component's table when ``name`` is set, else a core section."""
+    if name:
+        current = ws.config.component_table(kind, name).get(key)
+        if isinstance(current, str):  # AAD_* values are decoded when the component is built
+            with contextlib.suppress(ValueError):
+                current = json.loads(current)
+    else:
+        current = getattr(getattr(ws.config, section), key)
+    if isinstance(value, (int, float)) and isinstance(current, (int, float)) and current < value:
+        return
+    if name:
+        ws.config.set_component_param(kind, name, key, value, source=f"the '{profile.name}' distill profile")
+    else:
+        setattr(getattr(ws.config, section), key, value)
 
 
 # -- fingerprints ------------------------------------------------------------------------------
@@ -130,16 +135,21 @@ def store_fingerprint(ws: Workspace) -> str:
 
 
 def specialists_fingerprint(ws: Workspace) -> str | None:
-    """The trained adapters on disk (config + weights' size and mtime). Manifests are left out:
-    the evaluate stage writes promotions into them, which does not change what train produced."""
-    folders = sorted({p.parent for p in ws.specialists_dir.rglob("adapter_config.json")}) if ws.specialists_dir.exists() else []
+    """The trained specialists on disk, of every kind: each version folder's adapter config and its
+    other files' size and mtime. Manifests are left out: the evaluate stage writes promotions into
+    them, which does not change what train produced."""
+    root = ws.specialists_dir
+    folders = sorted({p.parent for name in ("adapter_config.json", "manifest.json") for p in root.rglob(name)
+                      if not any(part.startswith(".") for part in p.relative_to(root).parts)}) if root.exists() else []
     if not folders:
         return None
     items = []
     for folder in folders:
-        weights = sorted(folder.glob("adapter_model.*"))
-        items.append([str(folder.relative_to(ws.specialists_dir)), (folder / "adapter_config.json").read_text(encoding="utf-8"),
-                      [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]])
+        config = folder / "adapter_config.json"
+        files = sorted(f for f in folder.iterdir()
+                       if f.is_file() and f.name not in ("manifest.json", "adapter_config.json"))
+        items.append([str(folder.relative_to(root)), config.read_text(encoding="utf-8") if config.exists() else None,
+                      [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
     return _sha(items)
 
 
@@ -171,6 +181,10 @@ def _component_tables(cfg: Any, kind: str) -> dict[str, Any]:
 
     if kind == "evaluator":
         return {component_key(name): table for name, table in cfg.evaluator.items()}
+    if kind == "trainer":  # every trainer [train] trainer lists may train a task
+        from aad_core.plugins.params import trainer_names
+
+        return {component_key(name): cfg.component_table(kind, name) for name in trainer_names(cfg)}
     section, key = CHOSEN_BY[kind]
     name = getattr(getattr(cfg, section), key)
     return {component_key(name): cfg.component_table(kind, name)}
@@ -224,7 +238,7 @@ def _run_train(ws: Workspace, profile: Profile, progress: bool) -> str:
     names = []
     for cid in ids:
         for spec in run_train(ws, cluster_id=cid, show_progress=progress) or []:
-            names.append(spec.name)
+            names.append(f"{spec.name} ({spec.kind})")
     skipped = len(_routine_cluster_ids(ws, None)) - len(ids)
     more = f"; {skipped} more routine cluster(s) left to the teacher by the '{profile.name}' profile" if skipped else ""
     return f"trained {len(names)} specialist(s): {', '.join(names)}{more}"

@@ -164,10 +164,14 @@ def _cluster_table(clusters: ClusterState | None, evaluation: EvalReport | None)
     if evaluation is None:
         out.append(_todo("aad eval", "evaluation of the specialists"))
     else:
-        out.append(f'<p class="note">{_e(evaluation.teacher_score_note)} A specialist is promoted only '
-                   f'when its score reaches {_e(format(_parity(evaluation), ".0%"))} of the teacher\'s '
-                   "and beats the base student. Scores are agreement with the teacher on each cluster's held-out "
-                   "split; the <em>semantic</em> metric (embedding similarity) is the weakest and is marked with *.</p>")
+        gate = evaluation.gate
+        out.append(f'<p class="note">{_e(evaluation.teacher_score_note)} A specialist is promoted by the '
+                   "risk-coverage gate (below): it serves only the calls whose confidence clears its threshold, and "
+                   f"must serve at least {_e(format(float(gate.get('min_coverage', 0.2)), '.0%'))} of the test calls "
+                   f"at agreement {_e(format(float(gate.get('target_agreement', 0.95)), '.2f'))} or more. Scores are "
+                   "agreement with the teacher on each cluster's whole held-out split (the dashed parity line: "
+                   f"{_e(format(_parity(evaluation), '.0%'))} of the teacher's); the <em>semantic</em> metric "
+                   "(embedding similarity) is the weakest and is marked with *.</p>")
     head = ("<tr><th>cluster</th><th>label</th><th>task</th><th class=num>size</th><th>routine</th><th>metric</th>"
             "<th class=num>base student</th><th class=num>specialist</th><th class=num>teacher</th><th>promoted</th>"
             "<th>reason</th></tr>")
@@ -191,6 +195,50 @@ def _cluster_table(clusters: ClusterState | None, evaluation: EvalReport | None)
     if evaluated_rows and evaluation is not None:
         out.append(_img(plots.score_bars(evaluated_rows, _parity(evaluation)), "held-out scores"))
         out.append(_examples(evaluated_rows))
+    return "".join(out)
+
+
+def _pct(value: Any) -> str:
+    return _num(value, "{:.0%}")
+
+
+def _gate_section(evaluation: EvalReport | None) -> str:
+    """Per evaluated cluster: the confidence signal and threshold, what it serves on the calibration
+    and test parts, and the test part's risk-coverage curves."""
+    out = ["<h2>Risk-coverage gate</h2>"]
+    rows = evaluation.evaluated() if evaluation else []
+    if not rows or evaluation is None:
+        return out[0] + _todo("aad eval", "the risk-coverage gate (which specialists take which share of calls)")
+    settings = evaluation.gate
+    out.append(
+        "<p>Each cluster's held-out calls are split by a seeded hash into a calibration part (training saw only this "
+        "part, for early stopping) and a test part. On the calibration part the gate picks the confidence threshold "
+        "with the largest served share whose agreement with the teacher has a one-sided "
+        f"{_e(format(1 - float(settings.get('alpha', 0.05)), '.0%'))} Clopper-Pearson lower bound of at least "
+        f"{_e(settings.get('target_agreement', 0.95))}; the test part then measures that threshold. Requests below "
+        "the threshold go to the teacher.</p>")
+    head = ("<tr><th>cluster</th><th>signal</th><th class=num>threshold</th><th class=num>calibration: served</th>"
+            "<th class=num>agreement</th><th class=num>lower bound</th><th class=num>calls</th>"
+            "<th class=num>test: served</th><th class=num>agreement</th><th class=num>served / calls</th>"
+            "<th>parity</th><th>promoted</th></tr>")
+    body = []
+    for r in rows:
+        gate = r.get("gate") or {}
+        cal, test = gate.get("calibration") or {}, gate.get("test") or {}
+        parity = r.get("parity") or {}
+        promoted = '<span class="yes">yes</span>' if r.get("promoted") else '<span class="no">no</span>'
+        body.append(
+            f"<tr><td>{_e(r['cluster_id'])}</td><td>{_e(gate.get('signal', ''))}</td>"
+            f"<td class=num>{_num(gate.get('threshold'), '{:.4g}')}</td><td class=num>{_pct(cal.get('coverage'))}</td>"
+            f"<td class=num>{_num(cal.get('agreement'))}</td><td class=num>{_num(cal.get('lower_bound'))}</td>"
+            f"<td class=num>{_e(cal.get('n', ''))}</td><td class=num>{_pct(test.get('coverage'))}</td>"
+            f"<td class=num>{_num(test.get('agreement') if test.get('n_served') else None)}</td>"
+            f"<td class=num>{_e(test.get('n_served', ''))} / {_e(test.get('n', ''))}</td>"
+            f"<td>{'' if 'reached' not in parity else 'reached' if parity['reached'] else 'not reached'}</td>"
+            f"<td>{promoted}</td></tr>")
+    out.append(f"<table>{head}{''.join(body)}</table>")
+    if any((r.get("risk_coverage") or {}).get("test") for r in rows):
+        out.append(_img(plots.risk_coverage(rows), "risk-coverage curves"))
     return "".join(out)
 
 
@@ -283,6 +331,13 @@ def _latency_cost_section(evaluation: EvalReport | None) -> str:
     return "".join(out)
 
 
+def _served_share(entry: dict[str, Any]) -> float:
+    """The share of a promoted cluster's calls its specialist serves: the gate's test coverage (1.0 for
+    an entry from before the gate)."""
+    test = (entry.get("gate") or {}).get("test") or {}
+    return float(test["coverage"]) if test.get("coverage") is not None else 1.0
+
+
 def _replaceability_section(clusters: ClusterState | None, evaluation: EvalReport | None) -> str:
     out = ["<h2>Replaceability estimate</h2>"]
     if clusters is None or not clusters.replaceability:
@@ -292,9 +347,10 @@ def _replaceability_section(clusters: ClusterState | None, evaluation: EvalRepor
         "routine clusters (upper bound)": {k: float(rep.get(k) or 0.0) for k in ("calls", "tokens", "cost")}
     }
     if evaluation is not None:
-        promoted = evaluation.promoted_ids()
+        # a promoted specialist takes only the share of its cluster's calls that clears its threshold
+        served = {int(r["cluster_id"]): _served_share(r) for r in evaluation.clusters if r.get("promoted")}
         shares["promoted specialists"] = {
-            m: sum(float(getattr(c, f"share_{m}") or 0.0) for c in clusters.clusters if c.id in promoted)
+            m: sum(float(getattr(c, f"share_{m}") or 0.0) * served[c.id] for c in clusters.clusters if c.id in served)
             for m in ("calls", "tokens", "cost")
         }
     out.append(_img(plots.share_bars(shares), "replaceability"))
@@ -305,7 +361,7 @@ def _replaceability_section(clusters: ClusterState | None, evaluation: EvalRepor
     )
     out.append(f"<ul>{lines}</ul>")
     if evaluation is None:
-        out.append(_todo("aad eval", "the parity gate (which routine clusters actually get a specialist)"))
+        out.append(_todo("aad eval", "the risk-coverage gate (which routine clusters actually get a specialist)"))
     return "".join(out)
 
 
@@ -343,6 +399,7 @@ def render_report(ws: Workspace) -> str:
         "".join(f'<p class="todo">{_e(p)}</p>' for p in problems),
         _clusters_section(ws, clusters),
         _cluster_table(clusters, evaluation),
+        _gate_section(evaluation),
         _selection_section(curve),
         _router_section(router_eval),
         _latency_cost_section(evaluation),

@@ -95,7 +95,7 @@ def score_bars(rows: Sequence[dict[str, Any]], parity: float) -> str:
     fig, ax = _figure(width=max(6.0, 1.3 * len(rows) + 2))
     x = np.arange(len(rows))
     w = 0.26
-    base = [r["base"]["score"] for r in rows]
+    base = [r["base"]["score"] if r["base"].get("score") is not None else float("nan") for r in rows]  # nan: not run
     spec = [r["specialist"]["score"] for r in rows]
     teacher = [r["teacher"]["score"] for r in rows]
     ax.bar(x - w, base, w, label="base student", color=_GREY)
@@ -109,6 +109,36 @@ def score_bars(rows: Sequence[dict[str, Any]], parity: float) -> str:
     ax.set_ylabel("held-out score")
     ax.set_title(f"Held-out score (dashed: parity {parity:.0%} of teacher)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def risk_coverage(rows: Sequence[dict[str, Any]]) -> str:
+    """Agreement of the served share vs the share served (the test part's risk-coverage curve) per
+    evaluated cluster; a dot where its gate threshold lands, the target agreement dashed."""
+    fig, ax = _figure()
+    colors = [_GREEN, _BLUE, _ORANGE, _RED, _GREY, "#8172B3", "#937860", "#DA8BC3"]
+    targets = set()
+    for n, r in enumerate(rows):
+        curve = (r.get("risk_coverage") or {}).get("test") or []
+        gate = r.get("gate") or {}
+        targets.add(gate.get("target_agreement"))
+        if not curve:
+            continue
+        color = colors[n % len(colors)]
+        style = "-" if r.get("promoted") else ":"
+        ax.plot([p["coverage"] for p in curve], [p["agreement"] for p in curve], style, color=color, linewidth=1.4,
+                label=f"{r['cluster_id']}: {str(r.get('label') or '')[:24]}{' (promoted)' if r.get('promoted') else ''}")
+        test = gate.get("test") or {}
+        if test.get("n_served"):
+            ax.scatter([test["coverage"]], [test["agreement"]], color=color, edgecolor="black", zorder=3, s=36)
+    for target in targets - {None}:
+        ax.axhline(float(target), color=_RED, linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("share of test calls served (coverage)")
+    ax.set_ylabel("agreement on the served share")
+    ax.set_title("Risk-coverage on the test part (dot: the gate's threshold; dashed: target)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 

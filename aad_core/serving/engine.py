@@ -1,7 +1,8 @@
 """The escalation loop: decide -> specialist -> checks -> (teacher on any failure) -> answer.
 
 A specialist's answer reaches the user only when it arrived within ``[route] timeout_s``, parsed
-(tool calls included), passed the output validators and cleared the confidence cut-off. Anything
+(tool calls included), passed the output validators and cleared the confidence threshold that the
+risk-coverage gate of ``aad eval`` chose for that specialist (``router.json``). Anything
 else — an exception, a timeout, invalid JSON or SQL, an unbound tool, low confidence — sends the
 request to the teacher, the teacher's answer is returned, and the case is stored as a trace
 (source ``router``, ``metadata["aad_escalation"]``) for the next training round.
@@ -139,7 +140,9 @@ class RoutingEngine:
                                      latency_ms=(time.perf_counter() - start) * 1000)
         latency = (time.perf_counter() - start) * 1000
         text = gen.text
+        confidence = getattr(gen, "confidence", None)
         out = SpecialistOutcome(False, text=text, mean_logprob=float(gen.mean_logprob), latency_ms=latency,
+                                confidence=None if confidence is None else float(confidence),
                                 usage=Usage(prompt_tokens=0, completion_tokens=int(gen.n_tokens), total_tokens=int(gen.n_tokens)))
         stop = request.params.get("stop")
         for s in [stop] if isinstance(stop, str) else (stop or []):
@@ -155,11 +158,9 @@ class RoutingEngine:
         if not check.ok:
             out.reason = f"validator {check.check}: {check.reason}"
             return out
-        cut = self.ws.config.route.min_confidence
-        if cut is None:
-            cut = info.get("min_logprob")
-        if cut is not None and out.mean_logprob is not None and out.mean_logprob < float(cut):
-            out.reason = f"low confidence: mean token log-prob {out.mean_logprob:.3f} < cut-off {float(cut):.3f}"
+        low = _low_confidence(out, info, self.ws.config.route.min_confidence)
+        if low:
+            out.reason = low
             return out
         out.ok = True
         out.message = Message(role="assistant", content=content if (content or not calls) else None,
@@ -205,7 +206,7 @@ class RoutingEngine:
             metadata={"aad_escalation": {
                 "reason": outcome.reason, "cluster_id": decision.cluster_id, "specialist": decision.specialist,
                 "specialist_output": outcome.text, "similarity": decision.similarity,
-                "mean_logprob": outcome.mean_logprob,
+                "mean_logprob": outcome.mean_logprob, "confidence": outcome.confidence,
             }},
         )
         try:
@@ -246,6 +247,36 @@ class RoutingEngine:
         raw = teacher_call(request)
         message, usage, model = teacher_result(raw)
         return call.finish_teacher(message, usage, model, raw)
+
+
+def _figures(value: float, threshold: float) -> tuple[str, str]:
+    """Both numbers at the fewest decimals (2 to 6) that tell them apart."""
+    for digits in range(2, 7):
+        a, b = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
+        if a != b:
+            break
+    return a, b
+
+
+def _low_confidence(out: SpecialistOutcome, info: dict[str, Any], override: float | None) -> str:
+    """Why the answer's confidence is too low to serve ("" when it clears the threshold): the eval
+    gate's threshold for this specialist (``router.json``), or ``[route] min_confidence``."""
+    signal = str(info.get("confidence_signal") or "mean_logprob")
+    threshold = override if override is not None else info.get("confidence_threshold")
+    value = out.confidence if signal == "confidence" else out.mean_logprob
+    label = str(info.get("confidence_label") or ("confidence" if signal == "confidence" else "mean token log-prob"))
+    if threshold is not None and value is None:
+        return f"low confidence: the specialist reported no {label} to compare with the threshold {float(threshold):g}"
+    if threshold is None or value is None or float(value) >= float(threshold):
+        return ""
+    shown, cut = _figures(float(value), float(threshold))
+    if override is not None:
+        return f"low confidence: {label} {shown} < threshold {cut} ([route] min_confidence)"
+    cal = info.get("confidence_calibration") or {}
+    if cal.get("coverage") is None or cal.get("agreement") is None:
+        return f"low confidence: {label} {shown} < threshold {cut}"
+    return (f"low confidence: {label} {shown} < threshold {cut} (served share at {cut}: {100 * cal['coverage']:.0f} %, "
+            f"agreement {100 * cal['agreement']:.1f} % on {cal.get('n')} calibration calls)")
 
 
 _engines: dict[str, RoutingEngine] = {}

@@ -30,6 +30,8 @@ class SpecialistOutcome:
     message: Message | None = None
     text: str = ""
     mean_logprob: float | None = None
+    #: The specialist's own confidence, when its generation reports one (e.g. a classifier's probability).
+    confidence: float | None = None
     usage: Usage | None = None
     latency_ms: float = 0.0
 

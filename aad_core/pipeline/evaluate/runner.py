@@ -1,5 +1,8 @@
 """Per-cluster evaluation on the held-out split: base student vs specialist vs teacher, latency,
-cost, and the parity gate. Writes ``.aad/state/eval.json`` and records promotions.
+cost, and the risk-coverage gate. Writes ``.aad/state/eval.json`` and records promotions.
+
+The gate splits the held-out calls into a calibration part (the confidence threshold is chosen on
+it; training saw only this part, for early stopping) and a test part (promotion is decided on it).
 
 The teacher's answers are the references, so the teacher scores 1.0 on itself by definition;
 user feedback on a trace (``feedback={"correct": False}`` etc.) lowers that item's teacher score.
@@ -7,8 +10,9 @@ user feedback on a trace (``feedback={"correct": False}`` etc.) lowers that item
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aad_core.artifacts import EVAL as EVAL_STATE
@@ -16,7 +20,8 @@ from aad_core.artifacts import ClusterState, EvalReport
 from aad_core.formats.answers import answer_string, teacher_quality
 from aad_core.pipeline.evaluate.choose import evaluator_name_for
 from aad_core.pipeline.evaluate.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
-from aad_core.pipeline.evaluate.gate import parity_gate
+from aad_core.pipeline.evaluate.gate import CoverageGate, GateResult, coverage_gate, parity_gate
+from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split, risk_coverage_curve
 
 if TYPE_CHECKING:
     from aad_core.schema import Cluster, Trace
@@ -53,9 +58,15 @@ def _teacher(traces: Sequence[Trace]) -> dict[str, Any]:
     return {"score": score, "source": source, "n_feedback": len(rated)}
 
 
-def _generate(runtime: Any, requests: list[Any], adapter: str | None, max_new_tokens: int) -> tuple[list[Any], float]:
+#: Why eval.json has no base-student figures for a specialist that is not a LoRA adapter.
+BASE_SKIPPED = ("not run: a {kind} specialist does not run on the base student, so the base student is no "
+                "baseline for it; it is judged against the teacher only")
+
+
+def _generate(generate: Callable[..., Sequence[Any]], requests: list[Any], max_new_tokens: int
+              ) -> tuple[list[Any], float]:
     start = time.perf_counter()
-    gens = runtime.generate(requests, adapter=adapter, max_new_tokens=max_new_tokens)
+    gens = generate(requests, max_new_tokens=max_new_tokens)
     return list(gens), time.perf_counter() - start
 
 
@@ -77,8 +88,15 @@ def evaluate_cluster(
     heldout: Sequence[Trace],
     runtime: Any,
     specialist: Any,
+    *,
+    predictor: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate one cluster's specialist against the base student and the teacher."""
+    """Evaluate one cluster's specialist against the base student and the teacher.
+
+    A kind "lora" specialist generates through ``runtime`` (its adapter on the shared base, which also
+    gives the base student's answers); any other kind through its ``predictor``
+    (``Trainer.load_predictor``), and the base student is not run (``runtime`` may be None).
+    """
     cfg = ws.config.eval
     entry = _status_entry(cluster)
     name, why = evaluator_name_for(ws.config, cluster, heldout)
@@ -86,15 +104,21 @@ def evaluate_cluster(
     references = [answer_string(t) for t in heldout]
     requests = [t.request for t in heldout]
 
-    base_gens, base_s = _generate(runtime, requests, None, cfg.max_new_tokens)
-    spec_gens, spec_s = _generate(runtime, requests, specialist.name, cfg.max_new_tokens)
-    single = [runtime.generate([r], adapter=specialist.name, max_new_tokens=cfg.max_new_tokens)[0]
-              for r in requests[: cfg.latency_samples]]
+    generate = (predictor.generate if predictor is not None
+                else functools.partial(runtime.generate, adapter=specialist.name))
+    base_gens, base_s = (_generate(functools.partial(runtime.generate, adapter=None), requests, cfg.max_new_tokens)
+                         if predictor is None else (None, None))
+    spec_gens, spec_s = _generate(generate, requests, cfg.max_new_tokens)
+    single = [generate([r], max_new_tokens=cfg.max_new_tokens)[0] for r in requests[: cfg.latency_samples]]
     context = _context(ws, name, heldout)
-    base_m = evaluator.evaluate([g.text for g in base_gens], references, **context)
+    base_m = (evaluator.evaluate([g.text for g in base_gens], references, **context) if base_gens is not None
+              else {"score": None, "skipped": BASE_SKIPPED.format(kind=getattr(specialist, "kind", "lora"))})
     spec_m = evaluator.evaluate([g.text for g in spec_gens], references, **context)
     teacher = _teacher(heldout)
-    gate = parity_gate(spec_m["score"], base_m["score"], teacher["score"], cfg.parity)
+    parity = parity_gate(spec_m["score"], base_m["score"], teacher["score"], cfg.parity)
+    gate, curves = _risk_coverage(ws, name, heldout, spec_gens, spec_m.get("per_item"),
+                                  calibration=(getattr(specialist, "metrics", None) or {}).get("calibration"),
+                                  parity=parity)
 
     prompt_tokens = sum((t.usage.prompt_tokens if t.usage else 0) for t in heldout)
     spec_tokens = prompt_tokens + sum(int(g.n_tokens) for g in spec_gens)
@@ -106,9 +130,10 @@ def evaluate_cluster(
         metric=spec_m.get("metric", name),
         weakest_metric=bool(spec_m.get("weakest_metric", False)),
         n_heldout=len(heldout),
-        specialist={"name": specialist.name, "version": specialist.version, **_public(spec_m),
+        specialist={"name": specialist.name, "version": specialist.version,
+                    "kind": getattr(specialist, "kind", "lora"), **_public(spec_m),
                     "mean_logprob": _mean([g.mean_logprob for g in spec_gens])},
-        base={**_public(base_m), "mean_logprob": _mean([g.mean_logprob for g in base_gens])},
+        base={**_public(base_m), "mean_logprob": _mean([g.mean_logprob for g in base_gens or []])},
         teacher=teacher,
         latency={
             "specialist": {
@@ -118,7 +143,8 @@ def evaluate_cluster(
             },
             "specialist_batched": {**latency_summary([g.latency_ms for g in spec_gens]),
                                    "source": "measured, amortised over batches"},
-            "base": {**latency_summary([g.latency_ms for g in base_gens]), "source": "measured, amortised over batches"},
+            "base": ({**latency_summary([g.latency_ms for g in base_gens]), "source": "measured, amortised over batches"}
+                     if base_gens is not None else {"source": base_m["skipped"]}),
             "teacher": {**latency_summary([t.latency_ms for t in heldout]), "source": "recorded traces"},
             "specialist_wall_s": spec_s,
             "base_wall_s": base_s,
@@ -130,22 +156,82 @@ def evaluate_cluster(
             "specialist_tokens": spec_tokens,
             "specialist_seconds": spec_s,
         },
-        parity_target=gate.target,
+        parity_target=parity.target,
+        parity={"target": parity.target, "reached": parity.promoted, "reason": parity.reason},
+        gate=gate.gate,
+        risk_coverage=curves,
         promoted=gate.promoted,
         reason=gate.reason,
         examples=[
             {
                 "request": _clip(t.request.last_user_message()),
                 "teacher": _clip(ref),
-                "base": _clip(b.text),
+                "base": _clip(b.text) if b is not None else "",
                 "specialist": _clip(s.text),
                 "specialist_correct": bool(spec_m.get("per_item", [0.0] * len(heldout))[i]),
             }
-            for i, (t, ref, b, s) in enumerate(zip(heldout, references, base_gens, spec_gens))
+            for i, (t, ref, b, s) in enumerate(zip(heldout, references, base_gens or [None] * len(heldout), spec_gens))
             if i < _EXAMPLES
         ],
     )
     return entry
+
+
+def _confidence_signal(gens: Sequence[Any]) -> tuple[str, list[float | None]]:
+    """The generations' confidence signal: their ``confidence`` when every one carries it (e.g. a
+    classifier's probability), else their mean token log-prob."""
+    if gens and all(getattr(g, "confidence", None) is not None for g in gens):
+        return "confidence", [float(g.confidence) for g in gens]
+    values = [getattr(g, "mean_logprob", None) for g in gens]
+    return "mean_logprob", [None if v is None else float(v) for v in values]
+
+
+def _risk_coverage(ws: Workspace, evaluator: str, heldout: Sequence[Trace], gens: Sequence[Any],
+                   per_item: Sequence[float] | None, *, calibration: dict[str, Any] | None = None,
+                   parity: GateResult | None = None) -> tuple[CoverageGate, dict[str, Any]]:
+    """The risk-coverage gate and its curves. The threshold is chosen on a calibration part: the
+    trainer's own out-of-fold pairs when it reports them for this signal (``metrics["calibration"]``,
+    e.g. the classifier's), and every held-out call is then a test call; otherwise a seeded share of
+    the held-out calls. When the calibration part is too small for any threshold to show the target
+    agreement, the parity rule decides and the reason says so."""
+    from aad_core.pipeline.evaluate.risk_coverage import min_calls_for
+
+    cfg = ws.config.eval
+    signal, confidences = _confidence_signal(gens)
+    if per_item is None or len(per_item) != len(heldout):
+        gate = {"signal": signal, "threshold": None, "calibration": None, "test": None,
+                "target_agreement": cfg.target_agreement, "min_coverage": cfg.min_coverage, "alpha": cfg.gate_alpha}
+        reason = (f"not promoted: the '{evaluator}' evaluator gave no per-call verdicts, which the risk-coverage "
+                  "gate needs")
+        return CoverageGate(False, reason, gate), {"signal": signal, "calibration": [], "test": []}
+    parts: dict[str, tuple[list[float | None], list[float]]] = {"calibration": ([], []), "test": ([], [])}
+    source = f"{1 - cfg.test_fraction:.0%} of the held-out calls"
+    if calibration and calibration.get("signal") == signal and calibration.get("confidence"):
+        parts["calibration"] = (list(calibration["confidence"]), [float(a) for a in calibration["agreement"]])
+        parts["test"] = (list(confidences), [float(ok) for ok in per_item])
+        source = str(calibration.get("source", "the trainer's calibration pairs"))
+    else:
+        in_cal = set(calibration_test_split([t.id for t in heldout], ws.config.seed, cfg.test_fraction)[0])
+        for trace, conf, ok in zip(heldout, confidences, per_item):
+            part = parts["calibration" if trace.id in in_cal else "test"]
+            part[0].append(conf)
+            part[1].append(float(ok))
+    curves = {"signal": signal, "calibration_source": source,
+              **{k: risk_coverage_curve(*v) for k, v in parts.items()}}
+    n_cal, need = len(parts["calibration"][0]), min_calls_for(cfg.target_agreement, cfg.gate_alpha)
+    if parity is not None and 0 < need and n_cal < need:
+        gate = {"signal": signal, "threshold": None, "calibration": {"n": n_cal, "source": source}, "test": None,
+                "target_agreement": cfg.target_agreement, "min_coverage": cfg.min_coverage, "alpha": cfg.gate_alpha,
+                "mode": "parity-fallback", "calibration_source": source}
+        why = (f"{n_cal} calibration calls cannot show agreement {cfg.target_agreement:.2f} with "
+               f"{1 - cfg.gate_alpha:.0%} confidence (that needs at least {need}): the parity rule decides, and a "
+               "promoted specialist serves without a confidence threshold")
+        verdict, _, figures = parity.reason.partition(": ")
+        return CoverageGate(parity.promoted, f"{verdict} by parity, {why}: {figures}", gate), curves
+    gate = coverage_gate(parts["calibration"], parts["test"], signal=signal, target_agreement=cfg.target_agreement,
+                         min_coverage=cfg.min_coverage, alpha=cfg.gate_alpha)
+    gate.gate.update(mode="risk-coverage", calibration_source=source)
+    return gate, curves
 
 
 def _context(ws: Workspace, evaluator: str, traces: Sequence[Trace]) -> dict[str, Any]:
@@ -166,7 +252,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate every cluster's latest specialist on its held-out split, apply the parity gate,
+    """Evaluate every cluster's latest specialist on its held-out split, apply the risk-coverage gate,
     record promotions in the specialist registry, and write ``.aad/state/eval.json``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -220,13 +306,18 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
                     results.append(entry)
                     progress.advance(task)
                     continue
-                if spec.base_model not in runtimes:
-                    from aad_core.models.runtime import SpecialistRuntime
+                if spec.kind != "lora":  # served by its trainer's predictor: no base student to load
+                    from aad_core.specialists import load_predictor
 
-                    runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
-                runtime = runtimes[spec.base_model]
-                runtime.add_specialist(spec)
-                entry = evaluate_cluster(ws, cluster, heldout, runtime, spec)
+                    entry = evaluate_cluster(ws, cluster, heldout, None, spec, predictor=load_predictor(spec, ws))
+                else:
+                    if spec.base_model not in runtimes:
+                        from aad_core.models.runtime import SpecialistRuntime
+
+                        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
+                    runtime = runtimes[spec.base_model]
+                    runtime.add_specialist(spec)
+                    entry = evaluate_cluster(ws, cluster, heldout, runtime, spec)
                 registry.set_promoted(spec.name, spec.version, entry["promoted"], entry["reason"])
                 results.append(entry)
                 progress.advance(task)
@@ -237,6 +328,8 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
     report = EvalReport(
         seed=cfg.seed,
         parity=cfg.eval.parity,
+        gate={"target_agreement": cfg.eval.target_agreement, "min_coverage": cfg.eval.min_coverage,
+              "alpha": cfg.eval.gate_alpha, "test_fraction": cfg.eval.test_fraction},
         teacher_price_per_mtok=cfg.eval.teacher_price_per_mtok,
         hardware_price_per_hour=cfg.eval.hardware_price_per_hour,
         teacher_score_note="The teacher's recorded answers are the references: the teacher scores 1.0 on itself "
