@@ -1,6 +1,6 @@
 """Distil a Banking77 intent specialist from SmolLM2-135M on CPU and compare it with the base student.
 
-Data: ../shared/data/banking77 (PolyAI, CC-BY-4.0). Each query becomes a recorded "teacher call":
+Data: aad_core/demo/data/banking77 (PolyAI, CC-BY-4.0). Each query becomes a recorded "teacher call":
 a short system prompt + the query as the user message, the gold intent label as the teacher's
 answer. The specialist trains on at most ``--n-train`` (<= 1,000) training queries, stratified
 over the 77 intents, with aad's ``qlora`` trainer (fp32 LoRA on CPU), and is scored on held-out
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "banking77"
+DATA = ROOT / "aad_core" / "demo" / "data" / "banking77"  # the copy that ships with aad
 SYSTEM = "Reply with the banking intent label only."
 
 

@@ -1,7 +1,7 @@
 """The seed paper's selection experiment (its Fig. 2) on real data: held-out accuracy vs the number
 of training samples, for KL+uncertainty selection and for random selection, with the same seeds.
 
-Data: banking77 (PolyAI, CC-BY-4.0) from ../shared/data/banking77: customer messages -> intent
+Data: banking77 (PolyAI, CC-BY-4.0) from aad_core/demo/data/banking77: customer messages -> intent
 label, recorded as teacher traces (system prompt listing the intents + message -> label). A pool of
 training traces is scored once with the ``kl-uncertainty`` scorer (the student SmolLM2-135M);
 for each budget (a fraction of the pool) the ``top`` selector and the ``random`` selector pick
@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "banking77"
+DEFAULT_DATA = ROOT / "aad_core" / "demo" / "data" / "banking77"  # the copy that ships with aad
 
 
 def load_rows(folder: Path, split: str) -> list[tuple[str, str]]:

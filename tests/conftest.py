@@ -17,7 +17,8 @@ from aad_core.plugins import reset_plugin_manager  # noqa: E402
 from aad_core.schema import ChatRequest, Message, Trace, Usage  # noqa: E402
 from aad_core.workspace import Workspace  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: A folder whose data/ holds the real data sets: the copy that ships with aad (aad_core/demo/data).
+SHARED = Path(__file__).resolve().parents[1] / "aad_core" / "demo"
 
 
 @pytest.fixture
@@ -52,5 +53,5 @@ def make_trace(user: str, answer: str, *, system: str = "You are a helpful assis
 @pytest.fixture
 def shared_dir() -> Path:
     if not SHARED.exists():
-        pytest.skip(f"{SHARED} (the project's shared data) is not present")
+        pytest.skip(f"{SHARED / 'data'} (the packaged real data) is not present")
     return SHARED

@@ -101,16 +101,21 @@ def test_refuses_a_folder_that_is_not_a_workspace(tmp_path):
         create_demo_workspace(tmp_path, sizes=SMALL, redact=False)
 
 
-def test_the_data_folder_defaults_to_shared_beside_the_checkout(monkeypatch) -> None:
+def test_the_data_ships_with_aad_and_aad_data_dir_overrides_it(monkeypatch, tmp_path) -> None:
+    """A clone with nothing beside it (no ../shared) has the demo's data: it is package data."""
     from pathlib import Path
 
-    from aad_core.demo.datasets import DATA_DIR_ENV, data_dir
+    import aad_core
+    from aad_core.demo.datasets import DATA_DIR_ENV, data_dir, load_banking77, load_defog_questions
     from aad_core.errors import AADError
 
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    expected = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if expected.is_dir():
-        assert data_dir() == expected
-    else:
-        with pytest.raises(AADError, match=str(expected)):
-            data_dir()
+    packaged = Path(aad_core.__file__).parent / "demo" / "data"
+    assert data_dir() == packaged
+    for folder in ("banking77", "defog-sql-eval"):
+        assert (packaged / folder / "LICENSE").is_file() and (packaged / folder / "README.md").is_file()
+    assert len(load_banking77("train")) == 10_003 and len(load_banking77("test")) == 3_080
+    assert len(load_defog_questions(with_schema_only=False)) > 200  # 236 rows, some without a usable query
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(AADError, match="nowhere"):
+        data_dir()

@@ -1,20 +1,21 @@
 """Loaders for the real public data sets used by the demo workload, tests and benchmarks.
 
-Nothing is downloaded; nothing is copied into the repository. Sources and licenses (keep the
-attribution wherever the data or anything derived from it is shown):
+Nothing is downloaded. Banking77 and the defog questions ship with aad in ``aad_core/demo/data/``
+(1.2 MB, each folder with its LICENSE and a README naming its source and commit). Sources and
+licenses (keep the attribution wherever the data or anything derived from it is shown):
 
 * **Banking77** — PolyAI, "Efficient Intent Detection with Dual Sentence Encoders" (Casanueva et
   al., 2020), CC-BY-4.0. 13,083 online-banking queries, 77 intents. Read from
-  ``<shared>/data/banking77/{train,test}.csv``.
+  ``<data>/banking77/{train,test}.csv``.
 * **defog sql-eval** — defog-ai/sql-eval, Apache-2.0. 236 questions with gold SQL (SQLite dialect)
-  over seven databases, read from ``<shared>/data/defog-sql-eval/questions_gen_sqlite.csv``; the
+  over seven databases, read from ``<data>/defog-sql-eval/questions_gen_sqlite.csv``; the
   database schemas come from the PyPI package ``defog-data`` (Apache-2.0).
 * **BFCL v4** — Berkeley Function Calling Leaderboard (gorilla-llm), Apache-2.0, from the PyPI
   package ``bfcl-eval`` (install with ``--no-deps``): function-calling questions with the functions
   offered and the gold calls.
 
-``<shared>`` is ``$AAD_DATA_DIR`` (the folder holding ``banking77/``...) or, in a source
-checkout, ``../shared/data`` beside the repository. Only the standard library is used.
+``<data>`` is ``$AAD_DATA_DIR`` (a folder holding ``banking77/`` and ``defog-sql-eval/``) or the
+packaged ``aad_core/demo/data``. Only the standard library is used.
 """
 
 from __future__ import annotations
@@ -74,10 +75,14 @@ class FunctionCallItem:
     ground_truth: list[dict[str, Any]] | None = field(default=None)
 
 
+#: The data that ships with aad (Banking77, CC-BY-4.0; defog sql-eval questions, Apache-2.0).
+PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+
+
 def data_dir() -> Path:
-    """The folder with ``banking77/`` and ``defog-sql-eval/``."""
+    """The folder with ``banking77/`` and ``defog-sql-eval/``: ``$AAD_DATA_DIR``, else the packaged copy."""
     env = os.environ.get(DATA_DIR_ENV)
-    folder = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    folder = Path(env) if env else PACKAGED_DATA
     if not folder.is_dir():
         raise AADError(f"The real-data folder {folder} does not exist.",
                        hint=f"Set {DATA_DIR_ENV} to the folder that holds banking77/ and defog-sql-eval/.")
