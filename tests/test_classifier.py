@@ -329,3 +329,30 @@ def test_out_of_fold_calibration_covers_every_training_call_and_feeds_the_gate(w
     assert entry["gate"]["mode"] == "risk-coverage" and entry["gate"]["calibration"]["n"] == 75
     assert entry["gate"]["test"]["n"] == len(heldout) == 12
     assert entry["promoted"] is True and entry["gate"]["threshold"] is not None
+
+
+def test_the_select_stage_does_not_score_a_task_the_classifier_takes(ws: Workspace) -> None:
+    from aad_core.pipeline.select import run_select
+
+    _two_tasks(ws)
+    scored: list[int] = []
+
+    class CountingScorer:
+        def __init__(self, **_: Any) -> None: ...
+
+        def score(self, traces, *, show_progress=False):  # noqa: ANN001, ANN201
+            scored.append(len(traces))
+            return [{"score": float(i)} for i in range(len(traces))]
+
+    class _Plugin:
+        @hookimpl
+        def aad_register_scorers(self, register):  # noqa: ANN001, ANN201
+            register("counting", CountingScorer)
+
+    get_plugin_manager().add_plugin(_Plugin(), name="counting-scorer")
+    ws.config.select.scorer = "counting"
+    artifact = run_select(ws, fraction=0.5, show_progress=False)
+    labels, orders = artifact["clusters"]["0"], artifact["clusters"]["1"]
+    assert scored == [12]  # only the JSON task (12 training traces) was scored
+    assert labels["scores"] == {} and len(labels["selected"]) == labels["n_train"] == 14
+    assert len(orders["scores"]) == 12 and len(orders["selected"]) == 6

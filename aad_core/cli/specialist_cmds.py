@@ -28,9 +28,12 @@ def select_cmd(
     for cid, entry in sorted(artifact["clusters"].items(), key=lambda kv: int(kv[0])):
         scores = entry["scores"]
         sel = entry["selected"]
-        mean = lambda ids, k: sum(scores[i][k] for i in ids) / max(len(ids), 1)  # noqa: E731
+        def mean(ids: list[str]) -> float | None:
+            values = [scores[i]["score"] for i in ids if i in scores]
+            return sum(values) / len(values) if values else None  # None: not scored (e.g. a classifier task)
+
         rows.append({"cluster": int(cid), "label": entry["label"], "train": entry["n_train"], "selected": len(sel),
-                     "mean_score_selected": mean(sel, "score"), "mean_score_all": mean(list(scores), "score")})
+                     "mean_score_selected": mean(sel), "mean_score_all": mean(list(scores))})
     if as_json:
         print_json({"fraction": artifact["fraction"], "selector": artifact["selector"], "clusters": rows})
         return
@@ -38,8 +41,8 @@ def select_cmd(
     for col in ("cluster", "label", "train", "selected", "score (selected)", "score (all)"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["cluster"]), r["label"], str(r["train"]), str(r["selected"]),
-                      f"{r['mean_score_selected']:.3f}", f"{r['mean_score_all']:.3f}")
+        shown = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("mean_score_selected", "mean_score_all")]
+        table.add_row(str(r["cluster"]), r["label"], str(r["train"]), str(r["selected"]), *shown)
     console.print(table)
     console.print(f"Saved {Selection.path(ws)}. Next: [bold]aad train[/]")
 

@@ -32,6 +32,7 @@ def run_select(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Score and select; returns (and writes) the selection artifact."""
+    from aad_core.pipeline.train import kind_for
     from aad_core.plugins.params import build_component, component_params
 
     cfg = ws.config
@@ -56,12 +57,23 @@ def run_select(
             traces = [t for t in store.iter_traces(ids=ids) if t.response is not None and t.status == "ok"]
             if not traces:
                 continue
+            kept_ids = [t.id for t in traces]
+            trainer = kind_for(ws, traces)
+            if trainer is not None and not getattr(trainer, "uses_selection", True):
+                # e.g. the classifier: it trains on the whole split, so scoring with the student is wasted
+                if show_progress:
+                    from rich.console import Console
+
+                    Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): a {trainer.kind} specialist "
+                                               f"trains on all {len(traces)} training traces; not scored")
+                out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=kept_ids,
+                                            scores={})
+                continue
             if show_progress:
                 from rich.console import Console
 
                 Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): scoring {len(traces)} training traces")
             scores = scorer.score(traces, show_progress=show_progress)
-            kept_ids = [t.id for t in traces]
             embeddings = None
             if getattr(chooser, "needs_embeddings", False):
                 from aad_core.models.embedding import embed_texts, get_embedder

@@ -177,6 +177,14 @@ def _pick_trainer(candidates: list[tuple[str, ComponentParams]], selected: list[
     return picked, considered
 
 
+def kind_for(ws: Workspace, training_split: list[Any]) -> Any:
+    """The trainer ``[train] trainer`` would pick for a task, judged on its training split (None
+    when no listed kind fits). The select stage asks it to skip scoring tasks whose kind trains on
+    the whole split (``uses_selection = False``)."""
+    picked, _ = _pick_trainer(_candidate_params(ws, {}), training_split, lambda: training_split)
+    return None if picked is None else picked.trainer
+
+
 def _say(show: bool, text: str) -> None:
     if show:
         from rich.console import Console
