@@ -7,14 +7,14 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import make_trace
+from conftest import SHARED, make_trace
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
 def real_traces() -> list:
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77" / "train.csv"
+    path = SHARED / "data" / "banking77" / "train.csv"  # the copy that ships with aad
     if not path.exists():
         pytest.skip(f"{path} is not present")
     with path.open(encoding="utf-8", newline="") as f:
