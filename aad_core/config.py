@@ -229,9 +229,9 @@ class RouteConfig(_Section):
         0.02, ge=0, lt=1, description="Per-cluster threshold = this quantile of the cluster's own held-out similarities."
     )
     min_confidence: float | None = Field(
-        None, description="Escalate when the specialist's confidence (its gate signal: mean token log-prob for a LoRA "
-        "specialist, the probability where a specialist reports one) is below this (None = the threshold the "
-        "risk-coverage gate of 'aad eval' chose for it)."
+        None, description="Escalate a specialist's answer when its mean token log-prob is below this: a manual "
+        "cut-off for specialists whose gate signal is the log-prob (LoRA). Specialists with a probability signal "
+        "(the classifier) keep their gate threshold. None = the threshold the risk-coverage gate of 'aad eval' chose."
     )
     timeout_s: float = Field(30.0, gt=0, description="A specialist slower than this escalates to the teacher.")
     default_threshold: float = Field(

@@ -159,10 +159,17 @@ def test_evaluate_cluster_reports_parity_but_the_gate_decides(workspace: Workspa
     assert entry["cost"]["specialist_per_mtok"] > 0 and entry["cost"]["teacher_per_mtok"] == 10.0
     assert len(entry["examples"]) == 3
 
-    workspace.config.eval.parity = 0.95  # 0.8 < 0.95
+    # the fallback judges parity on the test part only (the calibration part may have tuned the specialist)
+    from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
+
+    cal, test = calibration_test_split([t.id for t in heldout], workspace.config.seed, 0.5)
+    assert entry["gate"]["test"]["n"] == len(test) >= 1
+    wrong_on_test = [("exchange_rate" if t.id == test[0] else lab) for t, lab in zip(heldout, labels)]
+    runtime = _ScriptedRuntime({None: ["I think it is about a card."] * 5, "c0-intents": wrong_on_test})
+    workspace.config.eval.parity = 0.95
     entry = evaluate_cluster(workspace, cluster, heldout, runtime, spec)
-    assert entry["promoted"] is False and "below parity" in entry["parity"]["reason"]
-    assert entry["reason"].startswith("not promoted by parity")
+    assert entry["promoted"] is False and entry["reason"].startswith("not promoted by parity")
+    assert entry["gate"]["test"]["agreement"] == pytest.approx(1 - 1 / len(test))
     workspace.config.eval.parity = 0.75
     workspace.config.eval.test_fraction = 0.99  # no calibration call: the gate can only refuse or fall back
     assert evaluate_cluster(workspace, cluster, heldout, runtime, spec)["gate"]["mode"] == "parity-fallback"

@@ -577,3 +577,35 @@ def routed_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspac
             "intent_system": INTENT_SYSTEM, "json_system": JSON_SYSTEM}
     _ROUTED["built"] = (ws, info)
     return ws, info
+
+
+class _OddPredictor(Scripted):
+    """A third-party predictor whose Generation carries an unreadable confidence."""
+
+    def generate(self, name, requests, *, max_new_tokens):  # noqa: ANN001, ANN201
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(text="card_arrival", mean_logprob=None, confidence="very sure", n_tokens=None)
+                for _ in requests]
+
+
+def test_an_unreadable_specialist_answer_escalates_instead_of_raising(workspace: Workspace) -> None:
+    engine = engine_for(workspace, _OddPredictor(), output_kind="text")
+    decision, outcome = engine.attempt(card_request())
+    assert decision.target == "teacher" and decision.escalated
+    assert outcome is not None and "unreadable answer" in outcome.reason
+    assert engine.answer(card_request()).message.content == TEACHER_ANSWER
+    engine.close()
+
+
+def test_min_confidence_is_a_log_prob_cut_off_and_leaves_probability_thresholds_alone() -> None:
+    from aad_core.serving.engine import _low_confidence
+    from aad_core.serving.routed_call import SpecialistOutcome
+
+    answer = SpecialistOutcome(True, text="x", mean_logprob=-0.9, confidence=0.41)
+    lora = {"confidence_signal": "mean_logprob", "confidence_threshold": -2.0}
+    classifier = {"confidence_signal": "confidence", "confidence_threshold": 0.63}
+    assert _low_confidence(answer, lora, None) == ""
+    assert "([route] min_confidence)" in _low_confidence(answer, lora, -0.5)
+    # -0.5 is a log-prob: it must not replace the classifier's probability threshold
+    assert _low_confidence(answer, classifier, -0.5).startswith("low confidence: confidence 0.41 < threshold 0.63")

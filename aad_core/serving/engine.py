@@ -139,11 +139,17 @@ class RoutingEngine:
             return SpecialistOutcome(False, f"exception: {type(err).__name__}: {err}",
                                      latency_ms=(time.perf_counter() - start) * 1000)
         latency = (time.perf_counter() - start) * 1000
-        text = gen.text
-        confidence = getattr(gen, "confidence", None)
-        out = SpecialistOutcome(False, text=text, mean_logprob=float(gen.mean_logprob), latency_ms=latency,
-                                confidence=None if confidence is None else float(confidence),
-                                usage=Usage(prompt_tokens=0, completion_tokens=int(gen.n_tokens), total_tokens=int(gen.n_tokens)))
+        try:  # a third-party predictor's Generation may be odd: that is an escalation, never an error
+            text = str(gen.text)
+            logprob, confidence = getattr(gen, "mean_logprob", None), getattr(gen, "confidence", None)
+            n_tokens = int(getattr(gen, "n_tokens", 0) or 0)
+            out = SpecialistOutcome(False, text=text, mean_logprob=None if logprob is None else float(logprob),
+                                    latency_ms=latency, confidence=None if confidence is None else float(confidence),
+                                    usage=Usage(prompt_tokens=0, completion_tokens=n_tokens, total_tokens=n_tokens))
+        except Exception as err:
+            log.warning("specialist %s returned an unreadable answer: %s", name, err)
+            return SpecialistOutcome(False, f"exception: unreadable answer: {type(err).__name__}: {err}",
+                                     latency_ms=latency)
         stop = request.params.get("stop")
         for s in [stop] if isinstance(stop, str) else (stop or []):
             if s and s in text:
@@ -262,6 +268,8 @@ def _low_confidence(out: SpecialistOutcome, info: dict[str, Any], override: floa
     """Why the answer's confidence is too low to serve ("" when it clears the threshold): the eval
     gate's threshold for this specialist (``router.json``), or ``[route] min_confidence``."""
     signal = str(info.get("confidence_signal") or "mean_logprob")
+    if signal != "mean_logprob":  # [route] min_confidence is a mean token log-prob cut-off
+        override = None
     threshold = override if override is not None else info.get("confidence_threshold")
     value = out.confidence if signal == "confidence" else out.mean_logprob
     label = str(info.get("confidence_label") or ("confidence" if signal == "confidence" else "mean token log-prob"))

@@ -204,7 +204,7 @@ class ClassifierTrainer(Trainer):
             confidence[held] = probs.max(axis=1)
             agree[held] = present[probs.argmax(axis=1)] == y[held]
         return {"signal": "confidence", "source": f"{folds}-fold out-of-fold predictions on the training split",
-                "confidence": [round(float(c), 5) for c in confidence], "agreement": [int(a) for a in agree]}
+                "confidence": [float(c) for c in confidence], "agreement": [int(a) for a in agree]}
 
     def _eval_metrics(self, eval: Sequence[Trace], config: Any, coef: np.ndarray, intercept: np.ndarray,
                       class_keys: list[str], label: bool) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from aad_core.artifacts import ClusterState, EvalReport
 from aad_core.formats.answers import answer_string, teacher_quality
 from aad_core.pipeline.evaluate.choose import evaluator_name_for
 from aad_core.pipeline.evaluate.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
-from aad_core.pipeline.evaluate.gate import CoverageGate, GateResult, coverage_gate, parity_gate
+from aad_core.pipeline.evaluate.gate import CoverageGate, coverage_gate, parity_gate
 from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split, risk_coverage_curve
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def evaluate_cluster(
     parity = parity_gate(spec_m["score"], base_m["score"], teacher["score"], cfg.parity)
     gate, curves = _risk_coverage(ws, name, heldout, spec_gens, spec_m.get("per_item"),
                                   calibration=(getattr(specialist, "metrics", None) or {}).get("calibration"),
-                                  parity=parity)
+                                  base_per_item=base_m.get("per_item"), teacher_score=teacher["score"])
 
     prompt_tokens = sum((t.usage.prompt_tokens if t.usage else 0) for t in heldout)
     spec_tokens = prompt_tokens + sum(int(g.n_tokens) for g in spec_gens)
@@ -188,12 +188,14 @@ def _confidence_signal(gens: Sequence[Any]) -> tuple[str, list[float | None]]:
 
 def _risk_coverage(ws: Workspace, evaluator: str, heldout: Sequence[Trace], gens: Sequence[Any],
                    per_item: Sequence[float] | None, *, calibration: dict[str, Any] | None = None,
-                   parity: GateResult | None = None) -> tuple[CoverageGate, dict[str, Any]]:
+                   base_per_item: Sequence[float] | None = None,
+                   teacher_score: float | None = None) -> tuple[CoverageGate, dict[str, Any]]:
     """The risk-coverage gate and its curves. The threshold is chosen on a calibration part: the
     trainer's own out-of-fold pairs when it reports them for this signal (``metrics["calibration"]``,
     e.g. the classifier's), and every held-out call is then a test call; otherwise a seeded share of
     the held-out calls. When the calibration part is too small for any threshold to show the target
-    agreement, the parity rule decides and the reason says so."""
+    agreement, the parity rule decides on the test part alone (the calibration part may have tuned
+    the specialist: early stopping, vote weights) and the reason says so."""
     from aad_core.pipeline.evaluate.risk_coverage import min_calls_for
 
     cfg = ws.config.eval
@@ -206,26 +208,40 @@ def _risk_coverage(ws: Workspace, evaluator: str, heldout: Sequence[Trace], gens
         return CoverageGate(False, reason, gate), {"signal": signal, "calibration": [], "test": []}
     parts: dict[str, tuple[list[float | None], list[float]]] = {"calibration": ([], []), "test": ([], [])}
     source = f"{1 - cfg.test_fraction:.0%} of the held-out calls"
+    test_items: list[int] = []  # indices of the held-out calls in the test part
     if calibration and calibration.get("signal") == signal and calibration.get("confidence"):
         parts["calibration"] = (list(calibration["confidence"]), [float(a) for a in calibration["agreement"]])
         parts["test"] = (list(confidences), [float(ok) for ok in per_item])
+        test_items = list(range(len(heldout)))
         source = str(calibration.get("source", "the trainer's calibration pairs"))
     else:
         in_cal = set(calibration_test_split([t.id for t in heldout], ws.config.seed, cfg.test_fraction)[0])
-        for trace, conf, ok in zip(heldout, confidences, per_item):
+        for i, (trace, conf, ok) in enumerate(zip(heldout, confidences, per_item)):
             part = parts["calibration" if trace.id in in_cal else "test"]
             part[0].append(conf)
             part[1].append(float(ok))
+            if trace.id not in in_cal:
+                test_items.append(i)
     curves = {"signal": signal, "calibration_source": source,
               **{k: risk_coverage_curve(*v) for k, v in parts.items()}}
     n_cal, need = len(parts["calibration"][0]), min_calls_for(cfg.target_agreement, cfg.gate_alpha)
-    if parity is not None and 0 < need and n_cal < need:
+    if teacher_score is not None and 0 < need and n_cal < need:
+        if not test_items:
+            gate = {"signal": signal, "threshold": None, "calibration": {"n": n_cal, "source": source}, "test": None,
+                    "target_agreement": cfg.target_agreement, "min_coverage": cfg.min_coverage,
+                    "alpha": cfg.gate_alpha, "mode": "parity-fallback", "calibration_source": source}
+            return CoverageGate(False, f"not promoted: {n_cal} calibration calls and no test call", gate), curves
+        spec_test = sum(float(per_item[i]) for i in test_items) / len(test_items)
+        base_test = (None if base_per_item is None or len(base_per_item) != len(heldout)
+                     else sum(float(base_per_item[i]) for i in test_items) / len(test_items))
+        parity = parity_gate(spec_test, base_test, teacher_score, cfg.parity)
         gate = {"signal": signal, "threshold": None, "calibration": {"n": n_cal, "source": source}, "test": None,
                 "target_agreement": cfg.target_agreement, "min_coverage": cfg.min_coverage, "alpha": cfg.gate_alpha,
                 "mode": "parity-fallback", "calibration_source": source}
+        gate["test"] = {"n": len(test_items), "agreement": spec_test}
         why = (f"{n_cal} calibration calls cannot show agreement {cfg.target_agreement:.2f} with "
-               f"{1 - cfg.gate_alpha:.0%} confidence (that needs at least {need}): the parity rule decides, and a "
-               "promoted specialist serves without a confidence threshold")
+               f"{1 - cfg.gate_alpha:.0%} confidence (that needs at least {need}): the parity rule decides on the "
+               f"{len(test_items)} test calls, and a promoted specialist serves without a confidence threshold")
         verdict, _, figures = parity.reason.partition(": ")
         return CoverageGate(parity.promoted, f"{verdict} by parity, {why}: {figures}", gate), curves
     gate = coverage_gate(parts["calibration"], parts["test"], signal=signal, target_agreement=cfg.target_agreement,
