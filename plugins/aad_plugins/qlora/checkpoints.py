@@ -51,7 +51,7 @@ def load_checkpoint(model: Any, optimizer: Any, scheduler: Any, ckpt: Path, stat
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-    saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)  # tensors and plain values only: no pickle
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
