@@ -179,3 +179,23 @@ def test_a_teacher_answer_aad_cannot_convert_still_reaches_the_user(workspace: W
     assert escalated.content == "teacher says hi" and escalated.response_metadata["aad_route"]["escalated"]
     llm.routing_engine.flush()
     assert [t.response.content for t in escalations(workspace)] == ["teacher says hi"]
+
+
+def test_a_callback_handler_never_records_the_routed_models_own_answers(workspace: Workspace) -> None:
+    """With AADCallbackHandler and RoutedChatModel in one agent, a specialist's answer never becomes a
+    teacher trace: the routed model's runs are skipped; the teacher call it makes is recorded as itself."""
+    from aad_langchain import AADCallbackHandler
+
+    handler = AADCallbackHandler(workspace=workspace, redact=False, task="intent")
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    served = llm.invoke([HumanMessage("my card has not arrived")], config={"callbacks": [handler]})
+    assert served.response_metadata["aad_route"]["target"] == "specialist"
+    taught = llm.invoke([HumanMessage("plan my trip to Japan")], config={"callbacks": [handler]})
+    assert taught.response_metadata["aad_route"]["target"] == "teacher"
+    handler.flush()
+    handler.close()
+    llm.routing_engine.flush()
+    with workspace.store() as store:
+        captured = [t for t in store.iter_traces() if t.source == "langchain"]
+    assert [t.response.content for t in captured] == ["teacher says hi"]  # the teacher's call, once
+    assert all(t.model != "aad-routed" for t in captured)

@@ -21,6 +21,7 @@ from test_router import (SLOW_SPECIALIST_S, SLOW_TEACHER_S, Scripted, engine_for
 
 from aad_core.workspace import Workspace  # noqa: E402
 from aad_llamaindex import RoutedLLM  # noqa: E402
+from aad_llamaindex.events import ROUTED_CLASS_NAME  # noqa: E402
 
 
 TEACHER_USAGE = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
@@ -181,3 +182,25 @@ def test_chat_engine_end_to_end_on_trained_specialists(routed_workspace: tuple[W
     assert route["cluster_id"] == info["intent_cluster"] and route["specialist"] == info["intent_specialist"]
     assert route["target"] == "specialist" or route["escalated"], route["reason"]
     assert isinstance(last, ChatResponse) and last.message.content
+
+
+def test_an_attached_event_handler_never_records_the_routed_llms_own_answers(workspace: Workspace) -> None:
+    """RoutedLLM inside an agent whose calls aad records: a specialist's answer never becomes a teacher
+    trace; the teacher call the routed LLM makes is recorded as itself, once."""
+    from aad_llamaindex import attach, detach
+
+    handler = attach(workspace=workspace, redact=False, task="intent")
+    try:
+        llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+        served = llm.chat([ChatMessage(role="user", content="my card has not arrived")])
+        assert served.additional_kwargs["aad_route"]["target"] == "specialist"
+        taught = llm.chat([ChatMessage(role="user", content="plan my trip to Japan")])
+        assert taught.additional_kwargs["aad_route"]["target"] == "teacher"
+        handler.flush()
+    finally:
+        detach(handler)
+    llm.routing_engine.flush()
+    with workspace.store() as store:
+        captured = [t for t in store.iter_traces() if t.source == "llamaindex"]
+    assert [t.response.content for t in captured] == ["teacher says hi"]
+    assert captured[0].model != ROUTED_CLASS_NAME

@@ -71,6 +71,9 @@ class _Run:
     chunks: list[Any] = field(default_factory=list)
 
 
+#: ``_llm_type`` of :class:`aad_langchain.RoutedChatModel` (its runs are not recorded).
+ROUTED_LLM_TYPE = "aad-routed-chat"
+
 class AADCallbackHandler(BaseCallbackHandler):
     """Records LangChain chat-model and LLM calls into an aad trace store.
 
@@ -201,6 +204,10 @@ class AADCallbackHandler(BaseCallbackHandler):
         start = time.perf_counter()
         metadata = metadata or {}
         inv = kwargs.get("invocation_params") or {}
+        if inv.get("_type") == ROUTED_LLM_TYPE:
+            # aad's own RoutedChatModel: its answer may be a specialist's, which must never become training
+            # data. The teacher call it makes runs as a child run and is recorded as itself.
+            return
         tools = inv.get("tools")
         params = {k: v for k, v in inv.items() if k not in _PARAM_SKIP}
         if "tool_choice" in inv:

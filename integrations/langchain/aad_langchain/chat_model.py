@@ -34,6 +34,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from aad_core.schema import ChatRequest, Message, Usage
+from aad_langchain.callback import ROUTED_LLM_TYPE
 
 if TYPE_CHECKING:
     from aad_core.serving.routed_call import RoutedCall
@@ -50,10 +51,12 @@ def _child_config(run_manager: Any) -> dict[str, Any]:
     from langchain_core.callbacks import AsyncCallbackManager, CallbackManager
 
     cls = AsyncCallbackManager if isinstance(run_manager, AsyncCallbackManagerForLLMRun) else CallbackManager
+    # The routed model's own ls_* tracing parameters (ls_model_name="aad-routed", ...) describe it, not the
+    # teacher: the teacher's run gets its own.
+    metadata = {k: v for k, v in (run_manager.inheritable_metadata or {}).items() if not k.startswith("ls_")}
     manager = cls(handlers=run_manager.inheritable_handlers, inheritable_handlers=run_manager.inheritable_handlers,
                   parent_run_id=run_manager.run_id, tags=run_manager.inheritable_tags,
-                  inheritable_tags=run_manager.inheritable_tags, metadata=run_manager.inheritable_metadata,
-                  inheritable_metadata=run_manager.inheritable_metadata)
+                  inheritable_tags=run_manager.inheritable_tags, metadata=metadata, inheritable_metadata=metadata)
     return {"callbacks": manager}
 
 
@@ -99,7 +102,7 @@ class RoutedChatModel(BaseChatModel):
     # -- identity -----------------------------------------------------------------------------
     @property
     def _llm_type(self) -> str:
-        return "aad-routed-chat"
+        return ROUTED_LLM_TYPE
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

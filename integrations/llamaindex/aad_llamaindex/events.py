@@ -211,6 +211,9 @@ def _is_llm(instance: Any) -> bool:
     return isinstance(instance, BaseLLM)
 
 
+#: ``class_name()`` of :class:`aad_llamaindex.RoutedLLM` (its calls are not recorded).
+ROUTED_CLASS_NAME = "AAD_RoutedLLM"
+
 class AADEventHandler(BaseEventHandler):
     """Records LlamaIndex LLM calls into an aad trace store (use :func:`attach`).
 
@@ -304,6 +307,10 @@ class AADEventHandler(BaseEventHandler):
             self._fail(err)
 
     def _start(self, event: LLMChatStartEvent | LLMCompletionStartEvent, messages: list[Message]) -> None:
+        if (event.model_dict or {}).get("class_name") == ROUTED_CLASS_NAME:
+            # aad's own RoutedLLM: its answer may be a specialist's, which must never become training data;
+            # the teacher call it makes is a call of its own and is recorded as itself.
+            return
         span = event.span_id or event.id_
         parent = self._spans.parent(span)
         ancestor = parent

@@ -32,6 +32,7 @@ from llama_index.core.llms.llm import LLM, ToolSelection
 from llama_index.core.tools import BaseTool
 
 from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Usage
+from aad_llamaindex.events import ROUTED_CLASS_NAME
 
 if TYPE_CHECKING:
     from aad_core.serving.routed_call import RoutedCall
@@ -85,7 +86,7 @@ class RoutedLLM(FunctionCallingLLM):
 
     @classmethod
     def class_name(cls) -> str:
-        return "AAD_RoutedLLM"
+        return ROUTED_CLASS_NAME
 
     @property
     def metadata(self) -> LLMMetadata:
