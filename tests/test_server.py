@@ -105,3 +105,24 @@ def test_cli_route_and_serve_are_registered() -> None:
     assert "OpenAI-compatible" in runner.invoke(app, ["serve", "--help"]).output
     out = runner.invoke(app, ["route", "--help"]).output
     assert "--calibrate" in out and "--show" in out
+
+
+def test_every_teacher_answer_the_server_proxies_is_captured_once(workspace: Workspace) -> None:
+    """The server sees every teacher call: teacher-routed answers are stored (source 'serve'),
+    escalations once (source 'router'), specialist answers never."""
+    with client(workspace, Scripted('{"intent": "card_arrival"}')) as c:
+        for text in ("plan my trip", "book a table for two", "my card has not arrived"):
+            c.post("/v1/chat/completions", json=body(text))
+    with workspace.store() as store:
+        stored = list(store.iter_traces())
+    served = [t for t in stored if t.source == "serve"]
+    assert sorted(t.request.last_user_message() for t in served) == ["book a table for two", "plan my trip"]
+    assert all(t.response.content == "teacher says hi" and t.model == "big-teacher" for t in served)
+    assert all(t.metadata["aad_route"]["reason"] for t in served) and escalations(workspace) == []
+    assert not any("card_arrival" in (t.response.content or "") for t in stored)  # no specialist answer
+
+    app = create_app(workspace, teacher=upstream([]), engine=engine_for(workspace, Scripted("x")), capture=False)
+    with TestClient(app) as c:
+        c.post("/v1/chat/completions", json=body("plan a second trip"))
+    with workspace.store() as store:
+        assert sum(t.source == "serve" for t in store.iter_traces()) == 2  # capture=False stores nothing new

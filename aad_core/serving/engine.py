@@ -58,8 +58,13 @@ class RoutingEngine:
 
     def __init__(self, ws: Workspace, teacher_call: TeacherCall | None = None, *, router: Router | None = None,
                  specialists: SpecialistBackend | None = None, record: bool | None = None,
-                 timeout_s: float | None = None, teacher_model: str | None = None) -> None:
+                 timeout_s: float | None = None, teacher_model: str | None = None,
+                 capture_teacher: bool = False) -> None:
         self.ws = ws
+        #: Store every answer the router sent to the teacher as a trace (source ``serve``): on for
+        #: ``aad serve``, which is the only place that sees those calls; off for the integrations, whose
+        #: capture handlers record them already.
+        self.capture_teacher = capture_teacher
         self.teacher_call = teacher_call
         self.teacher_model = teacher_model
         self._router = self._given_router = router
@@ -219,6 +224,22 @@ class RoutingEngine:
             self._write(trace)
         except Exception:  # recording must never break the user's call
             log.exception("could not record the escalation trace")
+            return None
+        return trace
+
+    def record_teacher_answer(self, request: ChatRequest, teacher_message: Message, decision: RoutingDecision, *,
+                              usage: Usage | None = None, model: str | None = None,
+                              latency_ms: float | None = None) -> Trace | None:
+        """Store a teacher answer the router chose (no specialist was tried): training data like any
+        captured call, redacted by the capture writer. Never raises."""
+        trace = Trace(source="serve", model=model or self.teacher_model, request=request, response=teacher_message,
+                      usage=usage, latency_ms=latency_ms, metadata={"aad_route": {
+                          "reason": decision.reason, "cluster_id": decision.cluster_id,
+                          "similarity": decision.similarity}})
+        try:
+            self._write(trace)
+        except Exception:  # recording must never break the user's call
+            log.exception("could not record the teacher's answer")
             return None
         return trace
 

@@ -135,4 +135,7 @@ class RoutedCall:
         if self.outcome is not None:
             self.engine.record_escalation(self.request, message, self.decision, self.outcome, usage=usage,
                                           model=model, latency_ms=teacher_ms)
+        elif self.engine.capture_teacher:
+            self.engine.record_teacher_answer(self.request, message, self.decision, usage=usage, model=model,
+                                              latency_ms=teacher_ms)
         return self._teacher_answer

@@ -133,9 +133,12 @@ def create_app(
     *,
     teacher: Callable[..., dict[str, Any]] | None = None,
     engine: RoutingEngine | None = None,
+    capture: bool = True,
 ) -> FastAPI:
     """The FastAPI app. ``teacher(body, authorization)`` returns an OpenAI chat completion dict
-    (default: none — requests the router sends to the teacher then fail with HTTP 503)."""
+    (default: none — requests the router sends to the teacher then fail with HTTP 503). With
+    ``capture`` (default) every teacher answer the server proxies is stored as a trace (source
+    ``serve``), as escalations are: the server is the only place that sees those calls."""
     from aad_core import __version__
     from aad_core.serving.engine import RoutingEngine
 
@@ -145,10 +148,11 @@ def create_app(
 
             ws = Workspace.find()
         engine = RoutingEngine(ws)
+    engine.capture_teacher = capture
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.flush()  # escalation traces reach the store before the process ends
+        engine.flush()  # escalation and teacher traces reach the store before the process ends
 
     app = FastAPI(title="aad router", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions routed between distilled specialists and a teacher.")
