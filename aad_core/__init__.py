@@ -5,10 +5,16 @@ Importing this package is cheap: no torch, transformers or sentence-transformers
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from aad_core.__about__ import __version__
 from aad_core.plugins.hookspecs import hookimpl
+
+# bitsandbytes (imported by peft and sentence-transformers) logs a warning about an optional CPU kernel
+# package on import, with no handler of its own, so Python prints it to stderr in the user's agent. A
+# NullHandler keeps it quiet unless the application configures logging.
+logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
 
 __all__ = [
     "__version__",

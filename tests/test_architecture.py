@@ -62,3 +62,14 @@ def test_type_checking_imports_do_not_count(graph_tool, tmp_path, monkeypatch):
     g = graph_tool.imports(graph_tool.modules())
     assert g["aad_core.schema"] == set()
     assert g["aad_core.cli"] == {"aad_core.schema"}
+
+
+def test_importing_aad_keeps_bitsandbytes_quiet() -> None:
+    """bitsandbytes' import-time warning about an optional CPU kernel package must not reach the
+    stderr of an agent that uses aad (it prints wherever the CPU has avx512-bf16)."""
+    import subprocess
+
+    code = "import aad_core, bitsandbytes, logging; logging.getLogger('bitsandbytes.x').warning('loud')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "gemm_4bit_forward" not in run.stderr and "loud" not in run.stderr
