@@ -220,12 +220,7 @@ class RoutingEngine:
                 "mean_logprob": outcome.mean_logprob, "confidence": outcome.confidence,
             }},
         )
-        try:
-            self._write(trace)
-        except Exception:  # recording must never break the user's call
-            log.exception("could not record the escalation trace")
-            return None
-        return trace
+        return self._record(trace, "the escalation trace")
 
     def record_teacher_answer(self, request: ChatRequest, teacher_message: Message, decision: RoutingDecision, *,
                               usage: Usage | None = None, model: str | None = None,
@@ -236,10 +231,15 @@ class RoutingEngine:
                       usage=usage, latency_ms=latency_ms, metadata={"aad_route": {
                           "reason": decision.reason, "cluster_id": decision.cluster_id,
                           "similarity": decision.similarity}})
+        return self._record(trace, "the teacher's answer")
+
+    def _record(self, trace: Trace, what: str) -> Trace | None:
+        """Hand ``trace`` to the capture writer; None when that failed (logged: recording must never
+        break the user's call)."""
         try:
             self._write(trace)
-        except Exception:  # recording must never break the user's call
-            log.exception("could not record the teacher's answer")
+        except Exception:
+            log.exception("could not record %s", what)
             return None
         return trace
 
