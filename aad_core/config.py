@@ -80,11 +80,23 @@ class _Section(BaseModel):
 
 
 class CaptureConfig(_Section):
+    enabled: bool = Field(
+        True, description="Record LLM calls at all. AAD_CAPTURE=0 (or off/false) turns capture off in a process "
+        "without touching aad.toml: handlers and writers then record nothing."
+    )
+    sample_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of calls recorded, decided per trace id (a hash, not a coin: the same id "
+        "is always kept or always dropped, in every process)."
+    )
     redact: bool = Field(True, description="Remove PII before a trace is written (S2).")
     redactor: str = Field("presidio", description="Redactor component name (its parameters: [redactor.<name>]).")
-    queue_size: int = Field(10_000, ge=1, description="Bound of the background write queue.")
+    queue_size: int = Field(
+        10_000, ge=1, description="Bound of the background write queue: traces held in memory until they are redacted."
+    )
     full_policy: Literal["block", "spool"] = Field(
-        "spool", description="When the queue is full: block the caller briefly, then spool; or spool at once."
+        "spool", description="When the queue is full: 'block' waits up to block_timeout_s for room first; then (and "
+        "at once with 'spool') the trace is counted and logged as lost. It is never redacted on the caller's thread "
+        "nor written unredacted."
     )
     block_timeout_s: float = Field(0.5, ge=0, description="How long 'block' waits for room in the queue.")
     batch_size: int = Field(256, ge=1, description="Traces written per transaction.")
@@ -99,6 +111,14 @@ class CaptureConfig(_Section):
     )
 
 
+class StoreConfig(_Section):
+    url: str | None = Field(
+        None, description="Where the traces are stored. None = the workspace's SQLite file (.aad/traces.db); "
+        "'sqlite:///path/traces.db' another SQLite file; 'postgresql://user:pass@host:5432/db' a PostgreSQL "
+        "database shared by many processes and hosts (pip install 'aad[postgres]'). AAD_STORE__URL overrides it."
+    )
+
+
 class EmbedConfig(_Section):
     embedder: str = Field("minilm", description="Embedder component name (its parameters: [embedder.<name>]).")
     view: list[Literal["system", "tools", "last_user", "all_user", "answer"]] = Field(
@@ -110,6 +130,21 @@ class EmbedConfig(_Section):
 
 
 class ClusterConfig(_Section):
+    unit: Literal["task", "topic"] = Field(
+        "task",
+        description="What a specialist is for. 'task' (default): one per agent node (system prompt) and answer "
+        "space (tool calls, JSON, SQL, text); a node splits only where its answers show distinct sub-tasks, and "
+        "the calls of nodes smaller than min_size pool by answer space. Every task with min_size calls and a "
+        "distillability estimate >= min_estimate is a candidate; the gate of 'aad eval' decides. 'topic': the "
+        "clusterer's embedding clusters, routine when their variance is below variance_threshold (the seed "
+        "paper's S3; one intent node of 150 intents became 16 topic clusters that each trained on too few calls).",
+    )
+    min_estimate: float = Field(
+        0.2, ge=0, le=1,
+        description="unit='task': a task whose distillability estimate (aad_core/pipeline/distillability.py) is "
+        "below this stays with the teacher without training. Measured on the demo: labels 0.97, JSON extraction "
+        "0.89, single function calls 0.6, text-to-SQL over seven schemas 0.1, multi-step plans 0.05.",
+    )
     clusterer: str = Field("kmeans", description="Clusterer component name (its parameters: [clusterer.<name>]).")
     k: int | None = Field(None, ge=1, description="Number of clusters; None = chosen by silhouette over [k_min, k_max].")
     k_min: int = Field(2, ge=2, description="Smallest K tried when k is None.")
@@ -117,7 +152,7 @@ class ClusterConfig(_Section):
     variance_threshold: float = Field(
         0.35,
         gt=0,
-        description="tau: a cluster is routine when its variance (mean squared distance of its unit "
+        description="unit='topic' only. tau: a cluster is routine when its variance (mean squared distance of its unit "
         "embeddings to their mean) is below this. Measured with all-MiniLM-L6-v2 and the default view "
         "(benchmarks/cluster_quality.py data): one text-to-SQL node 0.20-0.25, one intent-classification "
         "node over 77 intents 0.32, a single intent 0.14; function calling with different tools per call "
@@ -280,6 +315,7 @@ class AADSettings(BaseSettings):
 
     seed: int = Field(0, description="Seed for every random step (splits, clustering, selection, training).")
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -379,11 +415,33 @@ class AADSettings(BaseSettings):
 
 # -- settings sources --------------------------------------------------------------------------
 
+#: ``AAD_CAPTURE``: the capture on/off switch ([capture] enabled), a plain word rather than a section.
+CAPTURE_SWITCH_ENV = "AAD_CAPTURE"
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
 class _CoreEnvSource(EnvSettingsSource):
     """``AAD_<SECTION>__<KEY>`` for the core sections; component tables are read by :class:`_ComponentEnvSource`."""
 
+    def _load_env_vars(self) -> Any:
+        env = dict(super()._load_env_vars())
+        # AAD_CAPTURE would be read as the whole [capture] section: it is the switch, [capture] enabled.
+        self._capture_switch = next(((k, env.pop(k)) for k in list(env) if k.upper() == CAPTURE_SWITCH_ENV), None)
+        return env
+
     def __call__(self) -> dict[str, Any]:
         data = {k: v for k, v in super().__call__().items() if k not in KINDS}
+        switch = getattr(self, "_capture_switch", None)
+        if switch is not None and switch[1] is not None and switch[1].strip():
+            word = switch[1].strip().lower()
+            if word not in _ON + _OFF:
+                raise ConfigError(
+                    f"environment variable {_env_set(CAPTURE_SWITCH_ENV) or CAPTURE_SWITCH_ENV}={switch[1]!r}: "
+                    f"capture is switched with one of {', '.join(_ON)} (on) or {', '.join(_OFF)} (off).",
+                    hint=f"e.g. {CAPTURE_SWITCH_ENV}=0 records nothing; unset it to follow [capture] enabled.",
+                )
+            section = data.get("capture")
+            data["capture"] = {**(section if isinstance(section, dict) else {}), "enabled": word in _ON}
         _drop_retired(data, lambda section, key: _env_set(env_var(section, key)) or env_var(section, key))
         for (section, key), (kind, name, new_key) in MOVED.items():
             values = data.get(section)

@@ -52,17 +52,45 @@ class Workspace:
         return ws
 
     @classmethod
-    def find(cls, start: Path | str | None = None) -> Workspace:
-        """The workspace at ``start`` / ``$AAD_WORKSPACE`` / the nearest parent with ``aad.toml``."""
-        if start is None and os.environ.get(WORKSPACE_ENV):
-            start = os.environ[WORKSPACE_ENV]
-        here = Path(start or Path.cwd()).resolve()
+    def find(cls, start: Path | str | None = None, *, create: bool = False) -> Workspace:
+        """The workspace of a folder named by ``start`` (``workspace=``, ``--workspace``) or ``$AAD_WORKSPACE``.
+
+        One rule, whichever of the three names the folder (``start`` wins over the variable):
+
+        * a named folder is the workspace itself (its parents are not searched); when it holds no
+          ``aad.toml`` it is created (``aad.toml`` and ``.aad/``, parents included) if ``create`` —
+          what recording does: the capture handlers, :class:`~aad_core.capture.writer.CaptureWriter`
+          and ``aad ingest`` — and refused otherwise (every other command and API: there would be
+          nothing in it to read), with the fix in the error;
+        * no folder named: the nearest folder at or above the current one with ``aad.toml``; none is
+          an error (nothing is created in an arbitrary current folder).
+        """
+        source = None
+        if start is not None and str(start) != "":
+            source = "named by --workspace or workspace="
+        elif os.environ.get(WORKSPACE_ENV):
+            start, source = os.environ[WORKSPACE_ENV], f"${WORKSPACE_ENV}"
+        if source is not None:
+            folder = Path(str(start)).expanduser().resolve()
+            if (folder / CONFIG_FILE).exists():
+                return cls(folder)
+            if create:
+                return cls.init(folder)
+            what = "does not exist" if not folder.exists() else f"has no {CONFIG_FILE}"
+            if folder.exists() and not folder.is_dir():
+                what = "is a file, not a folder"
+            raise WorkspaceError(
+                f"The workspace folder {folder} ({source}) {what}: it is not an aad workspace.",
+                hint=f"Run 'aad init {folder}' to create it (capture and 'aad ingest' create it themselves), "
+                f"or name another folder.",
+            )
+        here = Path.cwd().resolve()
         for folder in (here, *here.parents):
             if (folder / CONFIG_FILE).exists():
                 return cls(folder)
         raise WorkspaceError(
             f"No aad workspace at or above {here} (no {CONFIG_FILE}).",
-            hint=f"Run 'aad init {start or '.'}' first, or pass --workspace / set {WORKSPACE_ENV}.",
+            hint=f"Run 'aad init .' first, or pass --workspace / set {WORKSPACE_ENV}.",
         )
 
     # -- paths -------------------------------------------------------------------------------
@@ -103,11 +131,17 @@ class Workspace:
     def config(self) -> AADSettings:
         return load_config(self.config_path if self.config_path.exists() else None)
 
-    def store(self):  # -> SQLiteTraceStore (import kept lazy for the type)
-        from aad_core.store.sqlite import SQLiteTraceStore
+    @property
+    def store_url(self) -> str | None:
+        """``[store] url`` (None: the SQLite file ``.aad/traces.db``)."""
+        return self.config.store.url
+
+    def store(self, *, timeout_s: float = 60.0):  # -> TraceStore (SQLite or PostgreSQL; imports kept lazy)
+        """The workspace's trace store: ``[store] url``, else SQLite in ``.aad/traces.db``."""
+        from aad_core.store import open_store
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        return SQLiteTraceStore(self.db_path)
+        return open_store(self.store_url, default_path=self.db_path, timeout_s=timeout_s)
 
     # -- stage artifacts ---------------------------------------------------------------------
     def state_path(self, name: str) -> Path:

@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "aad_core.plugins": 1,
     "aad_core.artifacts": 2, "aad_core.specialists": 2, "aad_core.models": 2, "aad_core.capture": 2,
     "aad_plugins": 2.5,
-    "aad_core.pipeline": 3, "aad_core.serving": 3, "aad_core.report": 3,
+    "aad_core.pipeline": 3, "aad_core.serving": 3, "aad_core.report": 3, "aad_core.traces": 3,
     "aad_core.demo": 4, "aad_core.cli": 4, "aad_core.__main__": 4,
     "aad_langchain": 5, "aad_llamaindex": 5,
 }

@@ -55,3 +55,38 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip(f"{SHARED / 'data'} (the packaged real data) is not present")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (the ``pgserver`` wheel: a bundled server, started in a
+    temporary folder, stopped at the end). Skipped only outside CI when pgserver is not installed."""
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        try:
+            import pgserver
+        except ImportError:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip("pgserver is not installed (pip install 'aad[test]')")
+        # Not under pytest's tmp_path: as root, pgserver runs the server as another user, who cannot enter
+        # pytest's private folder.
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="aad-pg-")
+        server = pgserver.get_server(folder, cleanup_mode="stop")
+    yield server
+    server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a fresh, empty schema on the session's PostgreSQL server (``aad_schema=`` parameter)."""
+    import uuid
+
+    sep = "&" if "?" in postgres_server.get_uri() else "?"
+    return f"{postgres_server.get_uri()}{sep}aad_schema=t_{uuid.uuid4().hex[:12]}"

@@ -150,3 +150,73 @@ def test_spooled_traces_are_redacted_too(workspace):
     assert w.flush(30)
     assert w.store.count() == 1 and EMAIL not in next(w.store.iter_traces()).model_dump_json()
     w.close()
+
+
+def test_every_field_is_redacted_refusal_reasoning_tools_and_tool_call_logprobs(redactor):
+    """Issue 15: refusal, reasoning_content, tool (parameter) descriptions and the log-probs of a
+    tool-call answer were stored raw."""
+    tools = [{"type": "function", "function": {
+        "name": "send_sms", "description": f"Text the on-call phone {PHONE} or mail {EMAIL}",
+        "parameters": {"type": "object", "required": ["to"], "properties": {
+            "to": {"type": "string", "description": f"e.g. {PHONE}", "enum": [PHONE, "+1 212-555-0188"]}}}}}]
+    t = Trace(
+        request=ChatRequest(messages=[Message(role="user", content="text the on-call phone"),
+                                      Message(role="assistant", content=None, refusal=f"I cannot call {PHONE}")],
+                            tools=tools),
+        response=Message(role="assistant", content=None, refusal=f"Not sending to {EMAIL}",
+                         reasoning_content=f"The user {EMAIL} wants {PHONE}",
+                         tool_calls=[tool_call({"to": PHONE})]),
+        teacher_logprobs=[TokenLogprob(token=tok, logprob=-0.1)
+                          for tok in ['{"', "to", '":"', "+", "1", " ", "415", "-", "555", "-", "0123", '"}']],
+        feedback={"by": EMAIL},
+    )
+    (out,) = redactor.redact([t])
+    dumped = out.model_dump_json()
+    for raw in (EMAIL, PHONE, "212-555-0188", "0123"):
+        assert raw not in dumped, raw
+    fn = out.request.tools[0]["function"]
+    assert fn["name"] == "send_sms" and fn["parameters"]["required"] == ["to"]  # identifiers kept
+    assert fn["parameters"]["properties"]["to"]["type"] == "string"
+    assert "<PHONE_NUMBER_1>" in fn["description"] and "<EMAIL_ADDRESS_1>" in fn["description"]
+    assert out.response.reasoning_content == "The user <EMAIL_ADDRESS_1> wants <PHONE_NUMBER_1>"
+    assert out.response.refusal == "Not sending to <EMAIL_ADDRESS_1>"
+    assert out.request.messages[1].refusal == "I cannot call <PHONE_NUMBER_1>"
+    assert out.teacher_logprobs is None and out.metadata["teacher_logprobs_dropped"]
+
+
+def test_logprobs_whose_tokens_spell_pii_are_dropped_even_when_the_answer_text_has_none(redactor):
+    t = Trace(request=ChatRequest(messages=[Message(role="user", content="q")]),
+              response=Message(role="assistant", content="ok"),
+              teacher_logprobs=[TokenLogprob(token=x, logprob=-0.1) for x in ["jane", ".roe", "@example", ".com"]])
+    (out,) = redactor.redact([t])
+    assert out.teacher_logprobs is None
+
+
+def _luhn_ok(number: str) -> bool:
+    digits = [int(c) for c in reversed(number)]
+    return sum(d if i % 2 == 0 else (2 * d - 9 if d > 4 else 2 * d) for i, d in enumerate(digits)) % 10 == 0
+
+
+def _luhn_complete(prefix: str, length: int) -> str:
+    body = (prefix + "3141592653589793238")[: length - 1]
+    return next(body + str(d) for d in range(10) if _luhn_ok(body + str(d)))
+
+
+@pytest.mark.parametrize("prefix,length", [
+    ("2221", 16), ("2500", 16), ("2720", 16),  # Mastercard 2-series: Presidio's own pattern misses it
+    ("51", 16), ("4", 16), ("37", 15), ("6011", 16), ("3530", 16), ("62", 19), ("2200", 16), ("6759", 16),
+])
+def test_card_numbers_of_every_issuer_range(redactor, prefix, length):
+    number = _luhn_complete(prefix, length)
+    for shown in (number, " ".join(number[i:i + 4] for i in range(0, len(number), 4))):
+        out = redactor.redact_text(f"Please charge my card {shown} now")
+        assert shown not in out and "<CREDIT_CARD_1>" in out
+
+
+def test_card_lookalikes_are_kept(redactor):
+    from aad_plugins.presidio_redactor import card_number_ok
+
+    bad_luhn = _luhn_complete("2221", 16)[:-1] + str((int(_luhn_complete("2221", 16)[-1]) + 1) % 10)
+    assert not card_number_ok(bad_luhn) and not card_number_ok(_luhn_complete("2721", 16))
+    for text in ("order 2024 0101 1200 shipped", "SELECT * FROM t WHERE year = 2024 LIMIT 100"):
+        assert redactor.redact_text(text) == text

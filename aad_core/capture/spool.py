@@ -1,8 +1,11 @@
 """The spool: JSONL files of traces that could not be written to the store yet (``.aad/spool/``).
 
-A file appears complete or not at all (written as ``.part``, then renamed). Before a file is
-loaded back it is claimed by an atomic rename, so concurrent writers never load the same file
-twice; a claim left by a process that died while loading is given back.
+A file appears complete or not at all (written as ``.part``, flushed to disk, then renamed); a
+``.part`` file whose write failed (disk full) is removed, and one left by a process that died
+while writing it is recovered by the next writer (its complete lines are loaded, a cut last line
+is kept aside in a ``.bad`` file). Before a file is loaded back it is claimed by an atomic rename,
+so concurrent writers never load the same file twice; a claim left by a process that died while
+loading is given back. The spool only ever holds redacted traces.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from aad_core.schema import Trace
 
 SPOOL_SUFFIX = ".jsonl"
 CLAIM_SUFFIX = ".loading"
+PART_SUFFIX = ".part"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -46,13 +50,14 @@ class SpoolClaim:
         """The traces in the file, and the lines that are not a valid trace."""
         traces: list[Trace] = []
         bad: list[str] = []
-        with self.claim.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
+        with self.claim.open("rb") as fh:
+            for raw in fh:
+                if not raw.strip():
                     continue
+                line = raw.decode("utf-8", errors="replace")
                 try:
-                    traces.append(Trace.model_validate_json(line))
-                except ValueError:
+                    traces.append(Trace.model_validate_json(raw))
+                except (ValueError, RecursionError):  # invalid UTF-8, a cut line, not a trace
                     bad.append(line if line.endswith("\n") else line + "\n")
         return traces, bad
 
@@ -78,11 +83,20 @@ class Spool:
         """Write ``traces`` as one new spool file; raises when the folder cannot be written."""
         name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        part = self.folder / (name + ".part")
-        with part.open("w", encoding="utf-8") as fh:
-            for t in traces:
-                fh.write(t.model_dump_json(exclude_none=True) + "\n")
-        part.replace(self.folder / (name + SPOOL_SUFFIX))  # complete files only
+        part = self.folder / (name + PART_SUFFIX)
+        data = b"".join(t.model_dump_json(exclude_none=True).encode("utf-8") + b"\n" for t in traces)
+        try:
+            with part.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            part.replace(self.folder / (name + SPOOL_SUFFIX))  # complete files only
+        except BaseException:
+            try:  # disk full, permissions: leave no empty or partial file behind
+                part.unlink()
+            except OSError:
+                pass
+            raise
 
     def exists(self) -> bool:
         return self.folder.is_dir()
@@ -106,7 +120,19 @@ class Spool:
             yield SpoolClaim(path, claim)
 
     def _release_stale_claims(self) -> None:
-        """Give back files claimed by a process that died while loading them."""
+        """Give back files claimed by a process that died while loading them, and recover the
+        files a process that died was writing (empty ones are removed)."""
+        for part in self.folder.glob("*" + PART_SUFFIX):
+            fields = part.name.split("-")
+            if len(fields) < 3 or not fields[1].isdigit() or _pid_alive(int(fields[1])):
+                continue
+            try:
+                if part.stat().st_size == 0:
+                    part.unlink()
+                else:
+                    part.replace(part.with_name(part.name[: -len(PART_SUFFIX)] + SPOOL_SUFFIX))
+            except OSError:
+                pass
         for claim in self.folder.glob("*" + CLAIM_SUFFIX):
             pid_text = claim.name[: -len(CLAIM_SUFFIX)].rsplit(".", 1)[-1]
             if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):

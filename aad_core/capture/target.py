@@ -28,13 +28,9 @@ def resolve_workspace(workspace: Workspace | str | Path | None, store: TraceStor
             "The 'workspace' parameter of CaptureWriter must be a Workspace, a folder path or None. "
             f"Got {workspace!r} instead."
         )
-    if isinstance(workspace, (str, Path)):
-        from aad_core.config import CONFIG_FILE
-
-        root = Path(workspace)
-        return Workspace(root) if (root / CONFIG_FILE).exists() else Workspace.init(root)
-    if workspace is None and store is None:
-        return Workspace.find()
+    if isinstance(workspace, (str, Path)) or (workspace is None and store is None):
+        # One rule for workspace=, --workspace and $AAD_WORKSPACE (Workspace.find): recording creates a named folder.
+        return Workspace.find(workspace, create=True)
     return workspace
 
 
@@ -62,10 +58,8 @@ class StoreTarget:
         self._retry_interval_s = retry_interval_s
 
     def open(self) -> Any:
-        from aad_core.store.sqlite import SQLiteTraceStore
-
         assert self.workspace is not None
-        return SQLiteTraceStore(self.workspace.db_path, timeout_s=self._write_timeout_s)
+        return self.workspace.store(timeout_s=self._write_timeout_s)  # [store] url: SQLite or PostgreSQL
 
     def check(self) -> None:
         """Open the store if it is not open; raise :class:`StoreGone` when its file was deleted."""

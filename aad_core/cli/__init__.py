@@ -9,6 +9,7 @@ from aad_core.cli.app import app, main
 # One module per command group; each defines ``register(app)``.
 _COMMAND_MODULES = (
     "aad_core.cli.core_cmds",
+    "aad_core.cli.traces_cmds",
     "aad_core.cli.cluster_cmds",
     "aad_core.cli.specialist_cmds",
     "aad_core.cli.eval_cmds",

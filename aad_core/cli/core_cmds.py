@@ -1,8 +1,7 @@
-"""Foundation commands: init, ingest, traces stats/export, plugins, config."""
+"""Foundation commands: init, ingest, plugins, config (the traces group: traces_cmds)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,9 +9,6 @@ import typer
 from rich.table import Table
 
 from aad_core.cli.app import JsonOption, WorkspaceOption, console, err_console, fail, open_workspace, print_json
-
-traces_app = typer.Typer(help="Inspect and export the recorded traces.", no_args_is_help=True)
-
 
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder of the new workspace.")] = Path("."),
@@ -28,7 +24,8 @@ def init(
 
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="JSONL files or folders of *.jsonl files.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="openai-chat | openai-ft | aad")] = "openai-chat",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="openai-chat | openai-ft | aad | otlp-json (OpenTelemetry "
+                                     "spans, OpenInference or GenAI conventions; alias otel)")] = "openai-chat",
     skip_invalid: Annotated[
         bool, typer.Option("--skip-invalid", help="Store the valid lines, list the rejected ones, exit non-zero.")
     ] = False,
@@ -39,22 +36,27 @@ def ingest(
 ) -> None:
     """Import recorded LLM calls. All-or-nothing unless --skip-invalid; re-importing adds nothing."""
     from aad_core.capture.ingest import FORMATS, iter_paths, read_jsonl
+    from aad_core.capture.otel import FORMAT_NAMES as OTEL_FORMATS
+    from aad_core.capture.otel import read_otlp_json
 
-    if fmt not in FORMATS:
-        raise fail(f"The '--format' option must be one of {', '.join(FORMATS)}. Got {fmt!r} instead.")
-    ws = open_workspace(workspace)
+    if fmt not in FORMATS + OTEL_FORMATS:
+        raise fail(f"The '--format' option must be one of {', '.join(FORMATS + OTEL_FORMATS)}. Got {fmt!r} instead.")
+    otel = fmt in OTEL_FORMATS
     traces, errors, lines = [], [], 0
     files = list(iter_paths(paths))
+    if otel:  # OTLP JSON files are often *.json: a folder gives those too
+        files += sorted(f for p in paths if p.is_dir() for f in p.rglob("*.json"))
     if not files:
         raise fail(f"No JSONL files found in {', '.join(map(str, paths))}.")
     for path in files:
-        result = read_jsonl(path, fmt)
+        result = read_otlp_json(path) if otel else read_jsonl(path, fmt)
         traces += result.traces
         errors += result.errors
         lines += result.lines
     if errors and not skip_invalid:
         more = f" ({len(errors) - 1} more invalid line(s) after it)" if len(errors) > 1 else ""
         raise fail(f"{errors[0].message}{more}. Nothing was imported.", errors[0].hint)
+    ws = open_workspace(workspace, create=True)  # a named folder is created once the files are known to be valid
     do_redact = ws.config.capture.redact if redact is None else redact
     if do_redact and traces:
         from aad_core.capture.redaction import redact_traces
@@ -66,7 +68,7 @@ def ingest(
     finally:
         store.close()
     console.print(
-        f"Read {lines} line(s) from {len(files)} file(s): stored {added} new trace(s), "
+        f"Read {lines} {'span' if otel else 'line'}(s) from {len(files)} file(s): stored {added} new trace(s), "
         f"{len(traces) - added} already present, {len(errors)} rejected."
     )
     if errors:
@@ -75,61 +77,6 @@ def ingest(
         if len(errors) > 20:
             err_console.print(f"  ... and {len(errors) - 20} more")
         raise typer.Exit(1)
-
-
-@traces_app.command("stats")
-def traces_stats(json_out: JsonOption = False, workspace: WorkspaceOption = None) -> None:
-    """Counts by source, task, model and status; tokens; time span."""
-    ws = open_workspace(workspace)
-    store = ws.store()
-    try:
-        stats = store.stats()
-    finally:
-        store.close()
-    if json_out:
-        print_json(stats)
-        return
-    console.print(f"[bold]{stats['traces']}[/] traces, {stats['redacted']} redacted, from {stats['first']} to {stats['last']}")
-    tok = stats["tokens"]
-    console.print(f"tokens: {tok['prompt']:,} prompt + {tok['completion']:,} completion = {tok['total']:,}")
-    if stats["cost"] is not None:
-        console.print(f"recorded cost: ${stats['cost']:.4f}")
-    for key in ("by_source", "by_task", "by_model", "by_status"):
-        table = Table(title=key.replace("_", " "), title_justify="left")
-        table.add_column(key[3:])
-        table.add_column("traces", justify="right")
-        for k, v in stats[key].items():
-            table.add_row(k, str(v))
-        console.print(table)
-
-
-@traces_app.command("export")
-def traces_export(
-    out: Annotated[Path, typer.Argument(help="Output JSONL file ('-' for stdout).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="openai-ft | aad")] = "aad",
-    workspace: WorkspaceOption = None,
-) -> None:
-    """Write the traces as JSONL; the file imports again with 'aad ingest --format FORMAT'."""
-    import sys
-
-    from aad_core.capture.ingest import EXPORTERS
-
-    if fmt not in EXPORTERS:
-        raise fail(f"The '--format' option must be one of {', '.join(EXPORTERS)}. Got {fmt!r} instead.")
-    ws = open_workspace(workspace)
-    convert = EXPORTERS[fmt]
-    store = ws.store()
-    n = 0
-    handle = sys.stdout if str(out) == "-" else out.open("w", encoding="utf-8")
-    try:
-        for trace in store.iter_traces(status="ok" if fmt == "openai-ft" else None):
-            handle.write(json.dumps(convert(trace), ensure_ascii=False) + "\n")
-            n += 1
-    finally:
-        store.close()
-        if handle is not sys.stdout:
-            handle.close()
-    err_console.print(f"Exported {n} trace(s) as {fmt} to {out}")
 
 
 def plugins(json_out: JsonOption = False) -> None:
@@ -211,6 +158,5 @@ def _component_kinds() -> tuple[str, ...]:
 def register(app: typer.Typer) -> None:
     app.command()(init)
     app.command()(ingest)
-    app.add_typer(traces_app, name="traces")
     app.command()(plugins)
     app.command()(config)

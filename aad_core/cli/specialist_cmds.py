@@ -131,7 +131,7 @@ def models_pull(
     if name not in KNOWN_STUDENTS:
         raise AADError(f"Unknown student {name!r}. Known: {', '.join(KNOWN_STUDENTS)}.",
                        hint="Other models need no pull: set [train] student to a local folder or hub id.")
-    console.print(f"{name}: ready at {resolve_student(name)}")
+    console.print(f"{name}: ready at {resolve_student(name, show_progress=True)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ Any other Hugging Face causal LM works by hub id or local folder (``trust_remote
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
 from aad_core.models.cache import FileLock, cache_base
+from aad_core.models.quiet import quiet_loading
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,11 @@ def _package_folder(student: KnownStudent) -> Path:
     return folder
 
 
-def materialise(name: str, *, show_progress: bool = True) -> Path:
-    """Convert a known student's GGUF into an fp32 safetensors folder in the cache (once)."""
+def materialise(name: str, *, show_progress: bool = False) -> Path:
+    """Convert a known student's GGUF into an fp32 safetensors folder in the cache (once).
+
+    The one-time conversion is logged at INFO (``AAD_LOG_LEVEL=INFO`` shows it); ``show_progress``
+    also prints it on stderr (``aad models pull``)."""
     student = KNOWN_STUDENTS[name]
     target = student_cache_dir(name)
     if is_materialised(name):
@@ -81,22 +88,25 @@ def materialise(name: str, *, show_progress: bool = True) -> Path:
         if is_materialised(name):  # another process finished while we waited
             return target
         folder = _package_folder(student)
+        message = f"Preparing student {name!r} once: {student.gguf_file} -> {target} (fp32 safetensors)"
+        log.info(message)
         if show_progress:
             from rich.console import Console
 
-            Console(stderr=True).print(f"Preparing student {name!r} once: {student.gguf_file} -> {target} (fp32 safetensors)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=student.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=student.gguf_file)
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:  # otherwise save_pretrained says "quantized with gguf, not serializable"
-            quantizer.remove_quantization_config(model)
+            Console(stderr=True).print(message, highlight=False)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            with quiet_loading():
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=student.gguf_file)
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=student.gguf_file)
+                quantizer = getattr(model, "hf_quantizer", None)
+                if quantizer is not None:  # otherwise save_pretrained says "quantized with gguf, not serializable"
+                    quantizer.remove_quantization_config(model)
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
             (tmp / "AAD_SOURCE.txt").write_text(f"{student.description}\nlicense: {student.license}\n", encoding="utf-8")
             if target.exists():
                 shutil.rmtree(target)
@@ -108,7 +118,7 @@ def materialise(name: str, *, show_progress: bool = True) -> Path:
     return target
 
 
-def resolve_student(name_or_path: str | Path, *, show_progress: bool = True) -> Path | str:
+def resolve_student(name_or_path: str | Path, *, show_progress: bool = False) -> Path | str:
     """A local folder for a known name or a path; hub ids are returned unchanged (as str)."""
     key = str(name_or_path)
     if key in KNOWN_STUDENTS:
@@ -130,15 +140,16 @@ def load_student(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a student model and its tokenizer (``trust_remote_code`` off). The tokenizer gets a
     pad token and left padding (generation and scoring batches use it)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = resolve_student(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=False, dtype=dtype or torch.float32
-        )
+        with quiet_loading():
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, trust_remote_code=False, dtype=dtype or torch.float32
+            )
     except OSError as err:
         raise AADError(
             f"Could not load the student {name_or_path!r}: {err}",

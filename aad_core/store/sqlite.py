@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aad_core.schema import Trace
+from aad_core.store.base import TraceFilter
 
 SCHEMA_VERSION = 1
 
@@ -96,7 +97,13 @@ class SQLiteTraceStore:
             added = conn.total_changes - before
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may already have rolled back (disk full, I/O error): a second ROLLBACK would
+            # raise "cannot rollback - no transaction is active" and hide the real cause.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
         return added
 
@@ -116,8 +123,10 @@ class SQLiteTraceStore:
         task: str | None = None,
         status: str | None = None,
         limit: int | None = None,
+        **filters: Any,
     ) -> Iterator[Trace]:
-        """Traces in insertion order (``created_at``, then id), filtered."""
+        """Traces in insertion order (``created_at``, then id), filtered (aad_core.store.base: ``since``,
+        ``until``, ``where``, ``min_score``, ``max_score`` too)."""
         if ids is not None:
             id_list = list(ids)
             for start in range(0, len(id_list), 500):
@@ -128,19 +137,30 @@ class SQLiteTraceStore:
                     if i in found:
                         yield Trace.model_validate_json(found[i])
             return
-        where, args = [], []
-        for col, val in (("source", source), ("task", task), ("status", status)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
+        flt = TraceFilter.of(source=source, task=task, status=status, **filters)
+        where, args = [f"{col} = ?" for col, _ in flt.columns()], [v for _, v in flt.columns()]
+        low, high = flt.text_window()
+        if low is not None:
+            where.append("created_at >= ?")
+            args.append(low)
+        if high is not None:
+            where.append("created_at < ?")
+            args.append(high)
         q = "SELECT data FROM traces"
         if where:
             q += " WHERE " + " AND ".join(where)
         q += " ORDER BY created_at, rowid"
-        if limit is not None:
+        if limit is not None and not flt.needs_trace:
             q += f" LIMIT {int(limit)}"
+        n = 0
         for (data,) in self._conn().execute(q, args):
-            yield Trace.model_validate_json(data)
+            if limit is not None and n >= limit:
+                return
+            trace = Trace.model_validate_json(data)
+            if flt.needs_trace and not flt.matches_rest(trace):
+                continue
+            n += 1
+            yield trace
 
     def ids(self) -> list[str]:
         return [r[0] for r in self._conn().execute("SELECT id FROM traces ORDER BY created_at, rowid")]
@@ -172,6 +192,54 @@ class SQLiteTraceStore:
             "first": first,
             "last": last,
         }
+
+    # -- feedback and deletion (aad traces feedback / delete) ---------------------------------
+    def set_feedback(self, trace_id: str, feedback: dict[str, Any] | None) -> bool:
+        """Replace the feedback of the trace ``trace_id`` (stored in its data); False when it is not stored."""
+        conn = self._conn()
+        conn.execute("PRAGMA secure_delete = ON")  # the old version of the row is overwritten, not left behind
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT data FROM traces WHERE id = ?", (trace_id,)).fetchone()
+            if row is not None:
+                trace = Trace.model_validate_json(row[0])
+                trace.feedback = feedback
+                conn.execute("UPDATE traces SET data = ? WHERE id = ?", (trace.model_dump_json(exclude_none=True), trace_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.execute("PRAGMA secure_delete = OFF")
+        return row is not None
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Delete the traces ``ids``. Their bytes are overwritten (``secure_delete``) and the WAL is
+        checkpointed and truncated, so no copy stays in the database's files."""
+        id_list = list(dict.fromkeys(ids))
+        if not id_list:
+            return 0
+        conn = self._conn()
+        conn.execute("PRAGMA secure_delete = ON")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = conn.total_changes
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start : start + 500]
+                conn.execute(f"DELETE FROM traces WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+            deleted = conn.total_changes - before
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.execute("PRAGMA secure_delete = OFF")
+        # Old page images of the deleted rows live on in the WAL until a checkpoint copies the
+        # pages back and the WAL is truncated.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
 
     def close(self) -> None:
         with self._lock:

@@ -90,13 +90,15 @@ class MiniLMEmbedder(Embedder):
             raise param_error("batch_size", name, "a positive int", self.batch_size)
         if self.backend not in BACKENDS:
             raise param_error("backend", name, f"one of {BACKENDS}", self.backend)
-        from sentence_transformers import SentenceTransformer
-
+        from aad_core.models.quiet import quiet_loading
         from aad_plugins.onnx_encoder import OnnxTransformer, onnx_available
 
         source = str(packaged_model_dir()) if self.model is None else str(self.model)
         try:
-            st_model = SentenceTransformer(source, device=self.device)
+            with quiet_loading():  # no progress bars or third-party warnings in the user's process
+                from sentence_transformers import SentenceTransformer
+
+                st_model = SentenceTransformer(source, device=self.device)
         except OSError as err:
             raise AADError(
                 f"Could not load the sentence-transformers model {source!r}: {err}",
@@ -110,7 +112,8 @@ class MiniLMEmbedder(Embedder):
                 raise AADError(f"{name}(backend='onnx') needs onnxruntime and onnx, which are not installed.",
                                hint="pip install 'aad[embed]'  (or set [embedder.minilm] backend = 'torch')")
             try:
-                self.onnx_ = OnnxTransformer(st_model, source)
+                with quiet_loading():
+                    self.onnx_ = OnnxTransformer(st_model, source)
             except Exception as err:  # noqa: BLE001 - any export failure falls back to torch under "auto"
                 if self.backend == "onnx":
                     raise AADError(f"Could not run {source!r} with ONNX Runtime: {err}",

@@ -28,8 +28,40 @@ from aad_core.schema import Message, Trace
 DEFAULT_ENTITIES: tuple[str, ...] = (
     "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "CRYPTO", "MAC_ADDRESS",
 )
-_MAYBE_PII = re.compile(r"[0-9@]")  # every default pattern entity has a digit or an '@' (bar letter-only MACs)
+#: Per entity, a cheap test that every match of its recognisers passes (a superset: a text that
+#: fails it cannot hold that entity), so Presidio runs only the recognisers that can find something.
+#: The phone recogniser (libphonenumber over eight regions) is most of the cost; it runs only on
+#: texts with five digits close together.
+_CANDIDATE = {
+    "EMAIL_ADDRESS": re.compile(r"@"),
+    "PHONE_NUMBER": re.compile(r"\d(?:\D{0,4}\d){4}"),
+    "CREDIT_CARD": re.compile(r"\d(?:[ -]?\d){11}"),
+    "IBAN_CODE": re.compile(r"[A-Za-z]{2}[0-9]{2}"),
+    "IP_ADDRESS": re.compile(r"\d\.\d|:[0-9A-Fa-f:]|[0-9A-Fa-f]:"),
+    "US_SSN": re.compile(r"\d(?:[ .\-]?\d){8}"),
+    "CRYPTO": re.compile(r"(?:bc1|[13])[a-z0-9]{25}", re.IGNORECASE),
+    "MAC_ADDRESS": re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-]|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\."),
+}
+#: Analysis results are cached per text (system prompts, tool schemas and earlier turns repeat),
+#: up to this many characters of text in all (the cache is emptied when it is full).
+_CACHE_CHARS = 2_000_000
 _SPACY_DEFAULT = "en_core_web_sm"
+#: Keys of a tool's JSON schema whose string values are identifiers, not prose: kept as they are.
+_SCHEMA_KEYS_KEPT = frozenset({"type", "name", "required", "$ref", "$schema", "format", "pattern", "strict"})
+#: Card numbers of every current IIN range, as (first digits low, high, allowed lengths); Presidio's
+#: own pattern misses Mastercard's 2-series (2221-2720), Mir (2200-2204), Maestro 56-69 and Troy.
+_CARD_RANGES: tuple[tuple[int, int, frozenset[int]], ...] = (
+    (4, 4, frozenset({13, 16, 19})),                 # Visa
+    (51, 55, frozenset({16})), (2221, 2720, frozenset({16})),  # Mastercard
+    (34, 34, frozenset({15})), (37, 37, frozenset({15})),  # American Express
+    (300, 305, frozenset(range(14, 20))), (36, 36, frozenset(range(14, 20))), (38, 39, frozenset(range(14, 20))),  # Diners
+    (6011, 6011, frozenset(range(16, 20))), (644, 649, frozenset(range(16, 20))), (65, 65, frozenset(range(16, 20))),
+    (3528, 3589, frozenset(range(16, 20))),          # JCB
+    (62, 62, frozenset(range(16, 20))),              # UnionPay
+    (2200, 2204, frozenset(range(16, 20))),          # Mir
+    (50, 50, frozenset(range(12, 20))), (56, 69, frozenset(range(12, 20))),  # Maestro
+    (9792, 9792, frozenset({16})),                   # Troy
+)
 
 _ENGINES: dict[tuple[str, str | None], tuple[Any, Any]] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -63,9 +95,48 @@ def _engines(language: str, spacy_model: str | None) -> tuple[Any, Any]:
             nlp.load()
             registry = RecognizerRegistry(supported_languages=[language])
             registry.load_predefined_recognizers(languages=[language], nlp_engine=nlp)
+            registry.add_recognizer(_card_recognizer(language))
             analyzer = AnalyzerEngine(nlp_engine=nlp, registry=registry, supported_languages=[language])
             _ENGINES[key] = (analyzer, AnonymizerEngine())
         return _ENGINES[key]
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def card_number_ok(text: str) -> bool:
+    """Whether ``text`` (digits with optional spaces or dashes) is a card number: an issuer range
+    of :data:`_CARD_RANGES` with its length, and a valid Luhn check digit."""
+    digits = re.sub(r"[ -]", "", text)
+    if not digits.isdigit() or not 12 <= len(digits) <= 19 or not _luhn_ok(digits):
+        return False
+    for low, high, lengths in _CARD_RANGES:
+        width = len(str(low))
+        if low <= int(digits[:width]) <= high and len(digits) in lengths:
+            return True
+    return False
+
+
+def _card_recognizer(language: str) -> Any:
+    """A CREDIT_CARD recogniser for every current issuer range (Luhn-checked), beside Presidio's."""
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    class IinCardRecognizer(PatternRecognizer):
+        def validate_result(self, pattern_text: str) -> bool:
+            return card_number_ok(pattern_text)
+
+    return IinCardRecognizer(
+        supported_entity="CREDIT_CARD", supported_language=language, name="IinCardRecognizer",
+        patterns=[Pattern("card number of any issuer range", r"(?<![\d-])\d{4}(?:[ -]?\d{2,7}){1,4}(?![\d-])", 0.3)],
+        context=["card", "credit", "debit", "visa", "mastercard", "amex", "maestro", "cc"],
+    )
 
 
 class PresidioRedactor(Redactor):
@@ -130,7 +201,6 @@ class PresidioRedactor(Redactor):
                 f"({', '.join(sorted(supported))}). Got unknown {unknown} instead."
             )
         self.entities_ = entities
-        self.prefilter_ = "PERSON" not in entities and set(entities) <= set(DEFAULT_ENTITIES)
 
     # -- redaction ---------------------------------------------------------------------------
     def redact(self, traces: Sequence[Trace]) -> list[Trace]:
@@ -143,12 +213,33 @@ class PresidioRedactor(Redactor):
         self._setup()
         return self._text(text, {} if mapping is None else mapping)
 
+    def _analyze(self, text: str) -> list[Any]:
+        """Presidio's findings in ``text`` (cached per text), for the entities that can occur in it."""
+        cache: dict[str, tuple[tuple[str, int, int, float], ...]] = self.__dict__.setdefault("cache_", {})
+        found = cache.get(text)
+        if found is None:
+            entities = [e for e in self.entities_ if e not in _CANDIDATE or _CANDIDATE[e].search(text)]
+            results = self.analyzer_.analyze(
+                text=text, language=self.language, entities=entities, score_threshold=self.score_threshold
+            ) if entities else []
+            found = tuple((r.entity_type, r.start, r.end, r.score) for r in results)
+            size = self.__dict__.get("cache_chars_", 0) + len(text)
+            if size > _CACHE_CHARS:
+                cache.clear()
+                size = len(text)
+            if size <= _CACHE_CHARS:
+                cache[text] = found
+                self.cache_chars_ = size
+        if not found:
+            return []
+        from presidio_analyzer import RecognizerResult
+
+        return [RecognizerResult(entity_type=e, start=a, end=b, score=sc) for e, a, b, sc in found]
+
     def _text(self, text: str, mapping: dict[tuple[str, str], str]) -> str:
-        if not text or (self.prefilter_ and not _MAYBE_PII.search(text)):
+        if not text:
             return text
-        results = self.analyzer_.analyze(
-            text=text, language=self.language, entities=self.entities_, score_threshold=self.score_threshold
-        )
+        results = self._analyze(text)
         if not results:
             return text
         from presidio_anonymizer.entities import OperatorConfig
@@ -166,20 +257,21 @@ class PresidioRedactor(Redactor):
         operators = {r.entity_type: OperatorConfig("custom", {"lambda": placeholder(r.entity_type)}) for r in results}
         return self.anonymizer_.anonymize(text=text, analyzer_results=results, operators=operators).text
 
-    def _walk(self, node: Any, mapping: dict[tuple[str, str], str]) -> Any:
-        """``node`` (JSON-like) with every string value redacted; keys are kept."""
+    def _walk(self, node: Any, mapping: dict[tuple[str, str], str], keep: frozenset[str] = frozenset()) -> Any:
+        """``node`` (JSON-like) with every string value redacted; keys are kept, and so are the
+        string values of the keys in ``keep`` (identifiers such as a tool's name)."""
         if isinstance(node, str):
             return self._text(node, mapping)
-        if isinstance(node, list):
-            return [self._walk(v, mapping) for v in node]
+        if isinstance(node, (list, tuple)):
+            return [self._walk(v, mapping, keep) for v in node]
         if isinstance(node, dict):
-            return {k: self._walk(v, mapping) for k, v in node.items()}
+            return {k: v if (k in keep and isinstance(v, str)) else self._walk(v, mapping, keep) for k, v in node.items()}
         return node
 
     def _json_args(self, arguments: str, mapping: dict[tuple[str, str], str]) -> str:
         try:
             obj = json.loads(arguments)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # not JSON, or nested too deep to parse: redact it as text
             return self._text(arguments, mapping)
         new = self._walk(obj, mapping)
         return json.dumps(new, ensure_ascii=False) if new != obj else arguments
@@ -188,28 +280,55 @@ class PresidioRedactor(Redactor):
         if isinstance(msg.content, str):
             msg.content = self._text(msg.content, mapping)
         elif isinstance(msg.content, list):
-            for part in msg.content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    part["text"] = self._text(part["text"], mapping)
+            msg.content = [self._part(part, mapping) for part in msg.content]
+        if msg.name:
+            msg.name = self._text(msg.name, mapping)
         for call in msg.tool_calls or []:
             call.function.arguments = self._json_args(call.function.arguments, mapping)
+        # Every other field of the message: refusal, reasoning_content, audio transcripts, annotations, ...
+        for key, value in list((msg.model_extra or {}).items()):
+            setattr(msg, key, self._walk(value, mapping, _SCHEMA_KEYS_KEPT))
+
+    def _part(self, part: Any, mapping: dict[tuple[str, str], str]) -> Any:
+        """A content part with its strings redacted (its ``type`` and inline base64 data kept)."""
+        if not isinstance(part, dict):
+            return self._walk(part, mapping)
+        out = {}
+        for k, v in part.items():
+            if k == "type" or (isinstance(v, str) and v.startswith("data:")):
+                out[k] = v
+            elif isinstance(v, dict):
+                out[k] = {kk: vv if isinstance(vv, str) and vv.startswith("data:") else self._walk(vv, mapping)
+                          for kk, vv in v.items()}
+            else:
+                out[k] = self._walk(v, mapping)
+        return out
 
     def _redact_trace(self, trace: Trace) -> Trace:
-        out = trace.model_copy(deep=True)
+        try:  # a deep copy through JSON: several times faster than copy.deepcopy
+            out = Trace.model_validate_json(trace.model_dump_json())
+        except (ValueError, RecursionError):  # e.g. a lone surrogate: not JSON-serialisable
+            out = trace.model_copy(deep=True)
         mapping: dict[tuple[str, str], str] = {}
         for msg in out.request.messages:
             self._message(msg, mapping)
-        answer_before = out.answer_text()
+        # Tool descriptions and parameter descriptions, enums, defaults, examples (names kept).
+        if out.request.tools:
+            out.request.tools = self._walk(out.request.tools, mapping, _SCHEMA_KEYS_KEPT)
+        answer_before = out.response.model_dump_json() if out.response is not None else ""
         if out.response is not None:
             self._message(out.response, mapping)
+        answer_changed = out.response is not None and out.response.model_dump_json() != answer_before
         if out.error:
             out.error = self._text(out.error, mapping)
-        # Parameters (e.g. OpenAI's "user"), metadata and tags often carry user ids and e-mails.
+        # Parameters (e.g. OpenAI's "user"), metadata, tags and feedback often carry user ids and e-mails.
         out.request.params = self._walk(out.request.params, mapping)
         out.tags = [self._text(t, mapping) for t in out.tags]
+        if out.feedback:
+            out.feedback = self._walk(out.feedback, mapping)
         meta = self._walk(dict(out.metadata), mapping)
-        if out.teacher_logprobs and out.answer_text() != answer_before:
-            # The tokens would spell the removed value out again.
+        if out.teacher_logprobs and (answer_changed or self._tokens_leak(out, mapping)):
+            # The tokens would spell the removed value out again (in text or in tool-call arguments).
             out.teacher_logprobs = None
             meta["teacher_logprobs_dropped"] = "pii in the answer"
         if mapping:
@@ -220,6 +339,16 @@ class PresidioRedactor(Redactor):
         out.metadata = meta
         out.redacted = True
         return out
+
+    def _tokens_leak(self, trace: Trace, mapping: dict[tuple[str, str], str]) -> bool:
+        """Whether the answer's tokens, joined, contain personal data (a value redacted anywhere in
+        the trace, or one the recognisers find in the joined text)."""
+        joined = "".join(t.token for t in trace.teacher_logprobs or [])
+        squeezed = re.sub(r"\s+", "", joined)
+        for _, value in mapping:
+            if value in joined or (len(value) > 3 and re.sub(r"\s+", "", value) in squeezed):
+                return True
+        return self._text(joined, {}) != joined
 
 
 @hookimpl

@@ -153,6 +153,14 @@ class AADCallbackHandler(BaseCallbackHandler):
         finally:
             _ACTIVE.reset(token)
 
+    def feedback(self, run_id: UUID | str, score: float, *, comment: str | None = None,
+                 name: str = "user") -> dict[str, Any]:
+        """Attach a score (and a comment) to the recorded call of LangChain run ``run_id`` (its trace id):
+        stored as ``Trace.feedback``, filtered on by ``aad traces list --min-score`` (aad_core.traces)."""
+        from aad_core.traces import record_feedback
+
+        return record_feedback(self.writer, str(run_id), score, comment=comment, name=name)
+
     def stats(self) -> dict[str, int]:
         """The writer's counters plus ``handler_errors`` and ``in_flight`` (calls not finished)."""
         return {**self.writer.stats(), "handler_errors": self._handler_errors, "in_flight": len(self._runs)}

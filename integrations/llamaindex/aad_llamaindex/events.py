@@ -285,6 +285,16 @@ class AADEventHandler(BaseEventHandler):
         else:
             self._writer.flush(timeout)
 
+    def feedback(self, span_id: str, score: float, *, comment: str | None = None, name: str = "user") -> dict[str, Any]:
+        """Attach a score (and a comment) to the recorded call of LLM span ``span_id`` (or its trace id):
+        stored as ``Trace.feedback`` (aad_core.traces.record_feedback)."""
+        from aad_core.traces import record_feedback
+
+        self._writer.flush()
+        store = self._writer.store
+        trace_id = span_id if store is not None and store.get(span_id) else str(uuid.uuid5(_ID_NAMESPACE, span_id))
+        return record_feedback(self._writer, trace_id, score, comment=comment, name=name)
+
     def stats(self) -> dict[str, int]:
         return {**self._writer.stats(), "handler_errors": self._errors, "in_flight": len(self._calls)}
 

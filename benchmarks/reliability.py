@@ -1,0 +1,468 @@
+"""Capture reliability under faults (issue 15): what is lost, what is kept, what leaks.
+
+Each case prints one line with its figures; the last line is the headline. Cases:
+
+* ``kill9-full``   kill -9 while the agent submits as fast as it can (a child process)
+* ``kill9-paced``  kill -9 while the agent submits 160 calls/s
+* ``disk-full``    the workspace on a tiny tmpfs (root) -- else ENOSPC injected in the store and the spool
+* ``poison``       one batch of 256 with a lone surrogate, deeply nested tool-call arguments and metadata
+* ``queue-16x500`` 16 threads x 500 calls: exactly 8,000 stored
+* ``queue-full``   16 threads x 1,500 calls with the default queue (10,000): agent-side latency, counts
+* ``exit``         a child exits without close(): kept, tracebacks printed
+* ``pii-fields``   PII in every field (messages, refusal, reasoning, tool descriptions, tool-call
+                   arguments and their log-probs, params, metadata, tags, error), all entities, every file
+                   under .aad/ scanned for the raw values
+
+    python benchmarks/reliability.py               # all cases (~2-4 min on 2 cores)
+    python benchmarks/reliability.py --only poison,exit --n-pii 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from aad_core.capture import CaptureWriter  # noqa: E402
+from aad_core.config import AADSettings  # noqa: E402
+from aad_core.schema import ChatRequest, FunctionCall, Message, TokenLogprob, ToolCall, Trace, Usage  # noqa: E402
+from aad_core.store.sqlite import SQLiteTraceStore  # noqa: E402
+from aad_core.workspace import Workspace  # noqa: E402
+
+RESULTS: list[tuple[str, bool, str]] = []
+
+
+def report(case: str, ok: bool, figures: str) -> None:
+    RESULTS.append((case, ok, figures))
+    print(f"{case:<13} {'holds' if ok else 'FAILS'}  {figures}", flush=True)
+
+
+def trace(i: int, user: str | None = None, **kw: object) -> Trace:
+    user = user or f"Where is order {i}? Mail me at user{i}@example.com"
+    return Trace(id=f"t-{i}", source="bench", model="teacher",
+                 request=ChatRequest(messages=[Message(role="system", content="You are a support agent."),
+                                               Message(role="user", content=user)]),
+                 response=Message(role="assistant", content=f"Order {i} ships tomorrow."),
+                 usage=Usage(prompt_tokens=20, completion_tokens=6, total_tokens=26), **kw)  # type: ignore[arg-type]
+
+
+def stored_ids(ws_root: Path) -> set[str]:
+    """Ids in the store after a fresh writer loaded any spool left behind (what a later run recovers)."""
+    w = CaptureWriter(workspace=ws_root)
+    w.flush(300)
+    ids = set(w.store.ids())
+    w.close(60)
+    return ids
+
+
+def raw_on_disk(folder: Path, values: list[str]) -> int:
+    db = folder / "traces.db"
+    if db.exists():
+        conn = sqlite3.connect(db)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+    blob = b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+    return sum(1 for v in values if v.encode() in blob)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+# -- kill -9 -----------------------------------------------------------------------------------
+_CHILD = r"""
+import os, sys, time
+sys.path.insert(0, {bench!r})
+from reliability import trace
+from aad_core.capture import CaptureWriter
+w = CaptureWriter(workspace={ws!r})
+rate = {rate}
+w._redactor_ready.wait(120)  # an agent that has been running a while: the redactor is built
+print("ready", flush=True)
+t0 = time.perf_counter()
+i = 0
+while True:
+    w.submit(trace(i))
+    i += 1
+    if i % 20 == 0:
+        print(i, time.perf_counter(), w._counts["overflowed"], flush=True)
+    if rate:
+        time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+"""
+
+
+def kill9(case: str, seconds: float, rate: float) -> tuple[int, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp) / "ws"
+        code = _CHILD.format(bench=str(Path(__file__).parent), ws=str(ws), rate=rate)
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        progress: list[tuple[int, float, int]] = []
+        start = time.perf_counter()
+
+        def read() -> None:
+            for line in child.stdout:  # type: ignore[union-attr]
+                fields = line.split()
+                if len(fields) == 3 and fields[0].isdigit():
+                    progress.append((int(fields[0]), float(fields[1]), int(fields[2])))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(seconds)
+        killed_at = time.perf_counter()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        reader.join(5)
+        submitted = progress[-1][0] + 19 if progress else 0  # at most 19 more than the last report
+        overflowed = progress[-1][2] if progress else 0  # dropped at submit (queue full): counted and logged
+        last_200ms = submitted - max((n for n, t, _ in progress if t <= killed_at - 0.2), default=0)
+        kept = len(stored_ids(ws))
+        lost = max(0, submitted - kept)
+        by_kill = max(0, lost - overflowed)
+        report(case, by_kill <= last_200ms,
+               f"submitted ~{submitted} in {killed_at - start:.1f} s, kept {kept}, lost {lost} ({overflowed} dropped "
+               f"and counted at submit as the queue was full, {by_kill} by the kill); submitted in the last 200 ms: "
+               f"{last_200ms}")
+        return lost, submitted
+
+
+# -- disk full -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def small_disk(size_kb: int) -> Iterator[Path | None]:
+    """A tmpfs of ``size_kb`` (needs root); None when it cannot be mounted."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mnt = Path(tmp) / "disk"
+        mnt.mkdir()
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)],
+                                  capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            done = None
+        if done is None or done.returncode != 0:
+            yield None
+            return
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+class _Logs(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[_Logs]:
+    h = _Logs()
+    logger = logging.getLogger("aad_core.capture")
+    logger.addHandler(h)
+    old = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield h
+    finally:
+        logger.removeHandler(h)
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+
+
+def disk_full(n: int) -> None:
+    cfg = AADSettings(capture={"queue_size": 500, "retry_interval_s": 0.2, "write_timeout_s": 0.5})
+    with small_disk(4096) as mnt, captured_logs() as logs:
+        how = "tmpfs of 4 MiB" if mnt is not None else "simulated ENOSPC"
+        root = (mnt or Path(tempfile.mkdtemp())) / "ws"
+        ws = Workspace.init(root)
+        undo = None
+        if mnt is None:  # inject ENOSPC in the store and the spool after ~200 traces, until trace 1000
+            undo = _inject_enospc(after=200)
+        filler = root / "filler.bin"
+        w = CaptureWriter(workspace=ws, config=cfg)
+        held_max = 0
+        for i in range(n):
+            w.submit(trace(i, f"Order {i}: " + "lorem ipsum dolor sit amet " * 20))
+            if i % 100 == 99:
+                w.flush(60)
+                held_max = max(held_max, w.stats()["held"])
+            if i == 150 and mnt is not None:  # the disk fills up (another program's file)
+                with contextlib.suppress(OSError), filler.open("wb") as fh:
+                    while True:
+                        fh.write(b"\0" * 65536)
+            if i == 1000:  # and is freed again
+                filler.unlink(missing_ok=True)
+                if undo:
+                    undo()
+                    undo = None
+                time.sleep(0.3)
+        w.flush(60)
+        parts = len(list(ws.spool_dir.glob("*.part")))
+        empty = sum(1 for p in ws.spool_dir.glob("*") if p.is_file() and p.stat().st_size == 0)
+        w.close(30)
+        after = w.stats()
+        if undo:
+            undo()
+        in_db = SQLiteTraceStore(ws.db_path).count() if ws.db_path.exists() else 0
+        in_spool = sum(sum(1 for _ in p.open("rb")) for p in ws.spool_dir.glob("*.jsonl")) if ws.spool_dir.exists() else 0
+        rollback = sum("cannot rollback" in line for line in logs.lines)
+        logged_lost = max((int(re.search(r"(\d+) lost", line).group(1)) for line in logs.lines  # type: ignore[union-attr]
+                           if line.startswith("aad capture closed:")), default=0)
+        causes = sorted({c for c in ("No space left on device", "database or disk is full", "disk I/O error")
+                         if any(c in line for line in logs.lines)})
+        honest = in_db + in_spool + after["lost"] == n and logged_lost == after["lost"]
+        report("disk-full", honest and rollback == 0 and parts == 0 and empty == 0 and bool(causes),
+               f"{how}, full from trace 150 to 1000: {n} submitted, {in_db} in the store, {in_spool} spooled, {after['lost']} lost "
+               f"(log says {logged_lost}; at most {held_max} held in memory while full); cause in log: "
+               f"{', '.join(causes) or 'none'}; 'cannot rollback' lines {rollback}; .part files {parts}, empty files {empty}")
+
+
+def _inject_enospc(after: int):  # type: ignore[no-untyped-def]
+    from aad_core.capture import spool as spool_mod
+
+    real_add, real_write = SQLiteTraceStore.add, spool_mod.Spool.write
+    seen = {"n": 0}
+
+    def add(self, traces):  # type: ignore[no-untyped-def]
+        seen["n"] += len(traces)
+        if seen["n"] > after:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_add(self, traces)
+
+    def write(self, traces):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    SQLiteTraceStore.add, spool_mod.Spool.write = add, write  # type: ignore[method-assign]
+
+    def undo() -> None:
+        SQLiteTraceStore.add, spool_mod.Spool.write = real_add, real_write  # type: ignore[method-assign]
+
+    return undo
+
+
+# -- poison --------------------------------------------------------------------------------------
+def poison() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.init(Path(tmp) / "ws")
+        w = CaptureWriter(workspace=ws, config=AADSettings(capture={"linger_s": 2.0, "batch_size": 256}))
+        w._redactor_ready.wait(120)
+        emails = [f"person{i}@example.com" for i in range(256)]
+        traces = [trace(i, f"Mail {emails[i]} about order {i}") for i in range(256)]
+        deep = '{"to": "' + emails[7] + '", "x": ' + "[" * 5000 + "]" * 5000 + "}"
+        traces[7].response = Message(role="assistant", tool_calls=[ToolCall(function=FunctionCall(name="f", arguments=deep))])
+        traces[8] = trace(8, f"Mail {emails[8]} \ud800 lone surrogate")
+        nested: dict = {"email": emails[9]}
+        for _ in range(3000):
+            nested = {"a": nested}
+        traces[9].metadata = {"deep": nested}
+        t0 = time.perf_counter()
+        for t in traces:
+            w.submit(t)
+        w.flush(300)
+        elapsed = time.perf_counter() - t0
+        s = w.stats()
+        w.close(60)
+        kept = SQLiteTraceStore(ws.db_path).count()
+        raw = raw_on_disk(ws.data_dir, emails)
+        report("poison", kept >= 255 and raw == 0 and s["spool_files"] == 0,
+               f"batch of 256 with 3 poison traces: {kept} stored ({s['repaired']} repaired, {s['dropped']} dropped), "
+               f"raw e-mails on disk {raw}, spool files {s['spool_files']}, {elapsed:.1f} s")
+
+
+# -- queue ---------------------------------------------------------------------------------------
+def queue_case(case: str, threads: int, per_thread: int, expect_all: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.init(Path(tmp) / "ws")
+        w = CaptureWriter(workspace=ws)
+        w._redactor_ready.wait(120)
+        lat: list[list[float]] = [[] for _ in range(threads)]
+
+        def agent(k: int) -> None:
+            for i in range(per_thread):
+                t = trace(k * per_thread + i)
+                t0 = time.perf_counter()
+                w.submit(t)
+                lat[k].append((time.perf_counter() - t0) * 1000)
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=agent, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        agent_s = time.perf_counter() - t0
+        flushed = w.flush(900)
+        drain_s = time.perf_counter() - t0
+        s = w.stats()
+        w.close(60)
+        kept = SQLiteTraceStore(ws.db_path).count()
+        total = threads * per_thread
+        all_lat = [v for xs in lat for v in xs]
+        p50, p95, worst = statistics.median(all_lat), pct(all_lat, 0.95), max(all_lat)
+        counted = kept + s["lost"] == total
+        ok = counted and flushed and p95 <= 2.0 and (kept == total if expect_all else True) and s["spool_files"] == 0
+        report(case, ok, f"{threads} threads x {per_thread}: {kept} stored, {s['lost']} lost (queue full "
+               f"{s['overflowed']}), counts add up: {counted}; submit() p50 {p50:.3f} ms, p95 {p95:.3f} ms, "
+               f"max {worst:.1f} ms; agent {agent_s:.1f} s, all stored after {drain_s:.1f} s")
+        return p95
+
+
+# -- exit without close ----------------------------------------------------------------------------
+def exit_without_close() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp) / "ws"
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                "from reliability import trace\nfrom aad_core.capture import CaptureWriter\n"
+                f"w = CaptureWriter(workspace={str(ws)!r})\n"
+                "for i in range(200): w.submit(trace(i))\n")
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        elapsed = time.perf_counter() - t0
+        kept = SQLiteTraceStore(ws / ".aad" / "traces.db").count()
+        tracebacks = done.stderr.count("Traceback") + done.stderr.count("Exception ignored")
+        raw = raw_on_disk(ws / ".aad", [f"user{i}@example.com" for i in range(200)])
+        report("exit", kept == 200 and tracebacks == 0 and raw == 0 and done.returncode == 0,
+               f"200 submitted, no close(): {kept} kept, {tracebacks} tracebacks, raw e-mails on disk {raw}, "
+               f"exit code {done.returncode}, process took {elapsed:.1f} s (redaction engine built at start)")
+
+
+# -- PII in every field ----------------------------------------------------------------------------
+def _luhn_digit(body: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(body + "0")):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def _card(rng: random.Random) -> str:
+    prefix = rng.choice([str(rng.randint(2221, 2720)), "4" + str(rng.randint(100, 999)), str(rng.randint(51, 55)) + "00"])
+    body = prefix + "".join(str(rng.randint(0, 9)) for _ in range(15 - len(prefix)))
+    n = body + _luhn_digit(body)
+    return rng.choice([n, " ".join(n[i:i + 4] for i in range(0, 16, 4)), "-".join(n[i:i + 4] for i in range(0, 16, 4))])
+
+
+def _values(entity: str, rng: random.Random) -> str:
+    if entity == "email":
+        return f"{rng.choice(['ana', 'li.wei', 'j_smith', 'omar'])}{rng.randint(1, 99999)}@{rng.choice(['example.com', 'mail.org', 'corp.co.uk'])}"
+    if entity == "phone":  # numbers that can exist (a valid area code): an unassigned number is nobody's
+        import phonenumbers
+
+        while True:
+            a, b, c = rng.randint(201, 989), rng.randint(200, 999), rng.randint(1000, 9999)
+            v = rng.choice([f"+1 {a}-{b}-{c}", f"({a}) {b}-{c}", f"{a}.{b}.{c}", f"+44 20 {rng.choice('378')}{b} {c}"])
+            if phonenumbers.is_valid_number(phonenumbers.parse(v, "US")):
+                return v
+    if entity == "card":
+        return _card(rng)
+    if entity == "iban":
+        return rng.choice(["DE89370400440532013000", "GB82WEST12345698765432", "FR1420041010050500013M02606"])
+    if entity == "ssn":
+        return f"{rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}"
+    return f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+
+
+def _pii_trace(i: int, v: str) -> Trace:
+    tokens = [v[k:k + 3] for k in range(0, len(v), 3)]
+    return Trace(
+        id=f"pii-{i}", source="bench",
+        request=ChatRequest(
+            messages=[Message(role="system", content=f"Escalate to {v} when stuck."),
+                      Message(role="user", content=f"My details: {v}. Please help."),
+                      Message(role="assistant", content=None, refusal=f"I cannot share {v}",
+                              reasoning_content=f"The user gave {v}"),
+                      Message(role="tool", tool_call_id="c1", content=json.dumps({"contact": v}))],
+            tools=[{"type": "function", "function": {
+                "name": "notify", "description": f"Notify the owner ({v})",
+                "parameters": {"type": "object", "properties": {"to": {"type": "string", "description": f"for example {v}"}}}}}],
+            params={"user": v, "temperature": 0}),
+        response=Message(role="assistant", content=None, refusal=f"Will not call {v}", reasoning_content=f"thinking about {v}",
+                         tool_calls=[ToolCall(id="c2", function=FunctionCall(name="notify", arguments=json.dumps({"to": v})))]),
+        teacher_logprobs=[TokenLogprob(token=t, logprob=-0.1) for t in ['{"to": "', *tokens, '"}']],
+        metadata={"customer": v}, tags=[f"owner:{v}"], error=None)
+
+
+def pii_fields(n: int) -> tuple[int, int]:
+    rng = random.Random(15)
+    entities = ["email", "phone", "card", "iban", "ssn", "ip"]
+    per: dict[str, list[str]] = {e: [_values(e, rng) for _ in range(n)] for e in entities}
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.init(Path(tmp) / "ws")
+        w = CaptureWriter(workspace=ws)
+        k = 0
+        for e in entities:
+            for v in per[e]:
+                w.submit(_pii_trace(k, v))
+                k += 1
+        w.flush(900)
+        w.close(60)
+        found = {e: raw_on_disk(ws.data_dir, per[e]) for e in entities}
+        total_raw = sum(found.values())
+        report("pii-fields", total_raw == 0,
+               f"{n} values per entity in 13 fields each, raw values found under .aad/: "
+               + ", ".join(f"{e} {found[e]}" for e in entities))
+        return total_raw, n * len(entities)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--n-pii", type=int, default=300, help="values per entity for pii-fields")
+    ap.add_argument("--kill-after", type=float, default=3.0, help="seconds of submitting before kill -9")
+    args = ap.parse_args()
+    only = set(filter(None, args.only.split(",")))
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
+    logging.basicConfig(level=logging.CRITICAL)  # the cases count what they lose; keep the output to one line per case
+    kill = (0, 0)
+    raw = (0, 0)
+    if want("kill9-full"):
+        kill = kill9("kill9-full", args.kill_after, rate=0)
+    if want("kill9-paced"):
+        kill9("kill9-paced", args.kill_after, rate=160)
+    if want("disk-full"):
+        disk_full(1500)
+    if want("poison"):
+        poison()
+    if want("queue-16x500"):
+        queue_case("queue-16x500", 16, 500, expect_all=True)
+    if want("queue-full"):
+        queue_case("queue-full", 16, 1500, expect_all=False)
+    if want("exit"):
+        exit_without_close()
+    if want("pii-fields"):
+        raw = pii_fields(args.n_pii)
+    held = sum(ok for _, ok, _ in RESULTS)
+    print(f"reliability: lost {kill[0]} of {kill[1]} under kill -9 at full speed; raw PII on disk {raw[0]} "
+          f"(of {raw[1]} values); {held} of {len(RESULTS)} cases hold")
+
+
+if __name__ == "__main__":
+    main()
