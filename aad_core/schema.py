@@ -162,6 +162,10 @@ class Cluster(_Model):
     centroid: list[float] = Field(default_factory=list)
     #: Dominant task tag among the members, when traces carry one.
     task: str | None = None
+    #: The task's output kind (aad_core.formats.kinds) and its distillability estimate with the figures
+    #: it is made of (aad_core.pipeline.distillability); None for topic clusters and older files.
+    answer_kind: str | None = None
+    estimate: dict[str, Any] | None = None
 
 
 class Specialist(_Model):

@@ -1,4 +1,4 @@
-"""Distil a Banking77 intent specialist from SmolLM2-135M on CPU and compare it with the base student.
+"""A LoRA study: distil a Banking77 intent specialist from SmolLM2-135M on CPU and compare it with the base student.
 
 Data: aad_core/demo/data/banking77 (PolyAI, CC-BY-4.0). Each query becomes a recorded "teacher call":
 a short system prompt + the query as the user message, the gold intent label as the teacher's
@@ -12,8 +12,8 @@ decodes freely. The script also prints the nearest-neighbour label's accuracy al
 The base student gets the same short prompt, and (``--base-with-labels N``) a prompt that lists
 all 77 labels on N test queries, so it is not judged on labels it could not know.
 
-    nice .venv/bin/python benchmarks/distill_banking77.py            # ~36 min on 2 cores
-    nice .venv/bin/python benchmarks/distill_banking77.py --n-train 300 --n-test 100 --epochs 1   # quick look
+    nice .venv/bin/python benchmarks/lora_banking77.py            # ~36 min on 2 cores
+    nice .venv/bin/python benchmarks/lora_banking77.py --n-train 300 --n-test 100 --epochs 1   # quick look
 """
 
 from __future__ import annotations

@@ -149,6 +149,7 @@ def test_run_cluster_chooses_k_and_drops_near_duplicates(workspace) -> None:
     base = _traces("intent", 40) + _traces("sql", 40)
     copy = make_trace(base[0].request.last_user_message() + " ", "x", system=GROUPS["intent"][0])
     _add(workspace, base + [copy])
+    workspace.config.cluster.unit = "topic"
     state = run_cluster(workspace, show_progress=False)
     assert state.criterion == "silhouette" and state.k == 2
     assert state.dropped[copy.id].startswith(f"near-duplicate of {base[0].id}")
@@ -319,3 +320,84 @@ def test_run_cluster_splits_a_given_k_that_merges_two_nodes(workspace) -> None:
     assert len(state.clusters) == 3 and "split by agent node" in state.criterion
     tasks = {c.task for c in state.clusters}
     assert tasks == {"intent", "sql", "weather"}
+
+
+# -- tasks, not topics ----------------------------------------------------------------------------
+def _labelled(system: str, answers: list[str], *, prefix: str, tools: list | None = None) -> list:
+    out = []
+    for i, answer in enumerate(answers):
+        t = make_trace(f"{prefix} request number {i} about {answer}", answer, system=system)
+        if tools:
+            t.request.tools = tools
+        out.append(t)
+    return out
+
+
+def test_one_node_with_one_answer_space_is_one_task_however_many_topics(workspace) -> None:
+    """150 intents under one system prompt are one task (the old topic clustering made 16 clusters)."""
+    _use_fake(workspace)
+    labels = [f"intent_{i % 25}" for i in range(100)]
+    _add(workspace, _labelled("Classify the banking query. Answer with one label.", labels, prefix="q"))
+    state = run_cluster(workspace, show_progress=False)
+    assert len(state.clusters) == 1 and state.clusters[0].routine
+    c = state.clusters[0]
+    assert c.answer_kind == "label" and c.estimate is not None and 0 <= c.estimate["estimate"] <= 1
+    assert state.criterion.startswith("tasks: 1 agent node")
+
+
+def test_small_nodes_pool_by_answer_space_and_big_nodes_split_only_by_answer_space(workspace) -> None:
+    from aad_core.pipeline.cluster import group_tasks
+    from aad_core.schema import node_key
+
+    sql = [t for db in range(4) for t in _labelled(f"Write SQLite for database {db}.",
+                                                 [f"SELECT name FROM t{db} WHERE id = {i}" for i in range(12)],
+                                                 prefix=f"db{db}")]
+    mixed = (_labelled("Support agent.", ['{"order": %d}' % i for i in range(40)], prefix="json")
+             + _labelled("Support agent.", [f"SELECT * FROM orders WHERE id = {i}" for i in range(40)], prefix="sql"))
+    labels, what = group_tasks(sql + mixed, [node_key(t) for t in sql + mixed], min_calls=30)
+    assert len(set(labels[:48].tolist())) == 1  # four 12-call SQL nodes: one pooled task
+    assert len(set(labels[48:88].tolist())) == 1 and len(set(labels[88:].tolist())) == 1
+    assert labels[48] != labels[88] and labels[0] not in (labels[48], labels[88])  # one node, two answer spaces
+    assert "1 split by answer space" in what and "1 pool(s)" in what
+
+
+def test_tool_nodes_keep_their_text_answers_in_the_tool_call_task(workspace) -> None:
+    from aad_core.pipeline.cluster import group_tasks
+    from aad_core.schema import ToolCall, node_key
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    traces = _labelled("Weather agent.", ["no tool fits"] * 40, prefix="w", tools=tools)
+    for t in traces[:25]:
+        t.response.content = None
+        t.response.tool_calls = [ToolCall.model_validate(
+            {"id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}})]
+    labels, _ = group_tasks(traces, [node_key(t) for t in traces], min_calls=10)
+    assert len(set(labels.tolist())) == 1
+
+
+def test_a_task_below_min_estimate_stays_with_the_teacher(workspace) -> None:
+    _use_fake(workspace)
+    rng = random.Random(0)
+    free = [" ".join(f"w{rng.randrange(10**6)}" for _ in range(60)) for _ in range(60)]
+    traces = [make_trace(f"essay number {i}", answer, system="Write a long essay.") for i, answer in enumerate(free)]
+    _add(workspace, traces)
+    workspace.config.cluster.min_estimate = 0.5
+    state = run_cluster(workspace, show_progress=False)
+    assert len(state.clusters) == 1 and not state.clusters[0].routine
+    assert state.clusters[0].estimate["estimate"] < 0.5
+
+
+def test_distillability_estimate_ranks_closed_answers_above_free_text() -> None:
+    from aad_core.pipeline.distillability import estimate_distillability
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 16))
+    y = np.repeat(np.arange(5), 12)
+    X = centers[y] + 0.05 * rng.normal(size=(60, 16))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    closed = [make_trace(f"q {i}", f"label_{y[i]}") for i in range(60)]
+    essays = [make_trace(f"q {i}", " ".join(f"w{rng.integers(1000)}" for _ in range(80))) for i in range(60)]
+    a = estimate_distillability(closed, X, "label")
+    b = estimate_distillability(essays, X, "text")
+    assert a.nn_agreement == 1.0 and a.estimate == 1.0
+    assert b.estimate < 0.1 and b.copy_rate < 0.2 and b.answer_tokens > 50

@@ -46,7 +46,7 @@ def pm() -> PluginManager:
 @pytest.fixture
 def ws(workspace, monkeypatch):  # noqa: ANN001, ANN201
     """A workspace whose pipeline uses the hook-tester components, tuned for a few dozen traces."""
-    for key, value in {"EMBED__EMBEDDER": NAME, "EMBED__VIEW": '["last_user"]', "CLUSTER__CLUSTERER": NAME,
+    for key, value in {"EMBED__EMBEDDER": NAME, "EMBED__VIEW": '["last_user"]', "CLUSTER__CLUSTERER": NAME, "CLUSTER__UNIT": "topic",
                        "CLUSTER__MIN_SIZE": "4", "CLUSTER__VARIANCE_THRESHOLD": "0.9",
                        "SELECT__SCORER": NAME, "SELECT__SELECTOR": NAME, "TRAIN__TRAINER": NAME,
                        "ROUTE__ROUTER": NAME, "CAPTURE__REDACT": "false"}.items():

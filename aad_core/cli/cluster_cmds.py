@@ -41,13 +41,16 @@ def cluster(
         print_json(data)
         return
     cfg = ws.config.cluster
+    by_task = any(c.estimate is not None for c in state.clusters)
+    rule = (f"candidate = size >= {cfg.min_size} and distillability estimate >= {cfg.min_estimate}" if by_task
+            else f"routine = variance < {cfg.variance_threshold} and size >= {cfg.min_size}")
     table = Table(
-        title=f"{len(state.clusters)} task clusters (K by {state.criterion or 'config'}; routine = "
-        f"variance < {cfg.variance_threshold} and size >= {cfg.min_size})",
+        title=f"{len(state.clusters)} task clusters ({state.criterion or 'K by config'}; {rule})",
         title_justify="left",
     )
     for col, just in (("id", "right"), ("label", "left"), ("task", "left"), ("size", "right"),
-                      ("variance", "right"), ("routine", "center"), ("calls", "right"), ("tokens", "right"),
+                      ("variance", "right"), ("estimate", "right"), ("routine", "center"), ("calls", "right"),
+                      ("tokens", "right"),
                       ("cost", "right")):
         if col == "label":
             table.add_column(col, max_width=40)
@@ -56,6 +59,7 @@ def cluster(
     for c in state.clusters:
         table.add_row(
             str(c.id), c.label, c.task or "-", str(c.size), f"{c.variance:.3f}",
+            f"{c.estimate['estimate']:.2f}" if c.estimate else "-",
             "[green]yes[/]" if c.routine else "no", _pct(c.share_calls), _pct(c.share_tokens),
             _pct(c.share_cost) if state.replaceability.get("cost") is not None else "-",
         )

@@ -15,15 +15,10 @@ TRACES_FILE = "demo-traces.jsonl"
 
 #: Config the demo workspace is written with, sized for ~13 minutes of install + `aad distill` on 2
 #: CPU cores (SmolLM2-135M, LoRA on all linear layers: ~7 s per step at batch 8 x ~130 tokens).
-#: The agent has six nodes, and the SQL node's prompts (one per database) spread over two regions of
-#: the embedding space, so K is set to 7 (silhouette alone merges the nodes that share tools). With
-#: K = 6 one cluster mixed five SQL databases with a plan suite and router accuracy by task suffered;
-#: with K = 7 the unredacted workload gives one node per cluster (the redacted demo still has one
-#: SQL + travel-plan cluster, not routine). tau = 0.35 keeps the narrow label and JSON nodes routine
-#: and leaves the varied tool-call, SQL and multi-step plan nodes to the teacher.
+#: Tasks come from the defaults ([cluster] unit = "task"): one per agent node and answer space, the
+#: seven per-database SQL prompts and the small plan suites pooled by answer space; the distillability
+#: estimate leaves text-to-SQL and the multi-step plans to the teacher.
 DEMO_CONFIG: dict[tuple[str, str], Any] = {
-    ("cluster", "k"): 7,
-    ("cluster", "variance_threshold"): 0.35,
     # Plain top-30 % by KL keeps a few intent labels and drops the rest (the base student's surprise
     # is a function of the label): the diversity-aware selector keeps every label. The demo's routine
     # clusters are small (~130 training traces), so 60 % rather than the paper's 30 %: 30 % leaves

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClusterState", "cluster_variance", "load_clusters", "project_map", "rehome_stray_calls", "run_cluster",
+__all__ = ["ClusterState", "answer_space", "cluster_variance", "group_tasks", "load_clusters", "project_map", "rehome_stray_calls", "run_cluster",
            "split_mixed_nodes"]
 
 
@@ -68,17 +68,22 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
                          hint="record more successful calls, then run 'aad cluster' again.")
     X = combined[kept_rows]
 
-    clusterer = build_component("clusterer", ccfg.clusterer, cfg, workspace=ws, k=k)
-    with _status(f"clustering {len(X)} traces with {ccfg.clusterer}", show_progress):
-        clusterer.fit(X)
-    labels = np.asarray(clusterer.labels_)
-    criterion = str(getattr(clusterer, "criterion_", "given" if (k or ccfg.k) else ""))
-    if ccfg.split_by_node:
-        nodes = [node_key(traces[index[tid]]) for tid in cur.kept]
-        labels, n_split = split_mixed_nodes(labels, nodes, X, min_calls=ccfg.min_size,
-                                            variance_threshold=ccfg.variance_threshold)
-        if n_split:
-            criterion += f" + {n_split} split by agent node"
+    nodes = [node_key(traces[index[tid]]) for tid in cur.kept]
+    by_task = ccfg.unit == "task" and k is None and ccfg.k is None  # a given K asks for topic clusters
+    if by_task:
+        kept_traces = [traces[index[tid]] for tid in cur.kept]
+        labels, criterion = group_tasks(kept_traces, nodes, min_calls=ccfg.min_size)
+    else:
+        clusterer = build_component("clusterer", ccfg.clusterer, cfg, workspace=ws, k=k)
+        with _status(f"clustering {len(X)} traces with {ccfg.clusterer}", show_progress):
+            clusterer.fit(X)
+        labels = np.asarray(clusterer.labels_)
+        criterion = str(getattr(clusterer, "criterion_", "given" if (k or ccfg.k) else ""))
+        if ccfg.split_by_node:
+            labels, n_split = split_mixed_nodes(labels, nodes, X, min_calls=ccfg.min_size,
+                                                variance_threshold=ccfg.variance_threshold)
+            if n_split:
+                criterion += f" + {n_split} split by agent node"
     local_ids = sorted(set(labels.tolist()))
 
     previous, used_max = _previous(ws, embedder.model_id, view, X.shape[1])
@@ -86,8 +91,10 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     id_map = _stable_ids(centroids, previous, used_max, ccfg.min_match_similarity)
 
     assignments = {cur.kept[r]: id_map[int(lab)] for r, lab in enumerate(labels)}
-    clusters = _describe(traces, index, cur.kept, labels, X, id_map, cur.representative, cfg)
+    clusters = _describe(traces, index, cur.kept, labels, X, id_map, cur.representative, cfg, by_task=by_task)
     split = split_clusters(assignments, heldout_fraction=ccfg.heldout_fraction, seed=cfg.seed)
+    if by_task:
+        clusters = _with_estimates(clusters, traces, index, cur.kept, labels, X, id_map, split, cfg)
     routine = [c for c in clusters if c.routine]
     total_cost = sum(t.cost or 0.0 for t in traces)
     replaceability = {
@@ -105,6 +112,96 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     state.save(ws)
     project_map(X, [id_map[int(lab)] for lab in labels], seed=cfg.seed).save(ws)
     return state
+
+
+ANSWER_SPACE_MIN_SHARE = 0.2
+
+
+def answer_space(trace: Trace) -> str:
+    """The answer space of one call: ``tool_calls``, ``json``, ``sql`` or ``text`` (labels and free text)."""
+    from aad_core.formats.answers import answer_pairs
+    from aad_core.formats.kinds import output_kind
+
+    pairs = answer_pairs([trace])
+    kind = output_kind(pairs) if pairs else "text"
+    return kind if kind in ("tool_calls", "json", "sql") else "text"
+
+
+def group_tasks(traces: Sequence[Trace], nodes: Sequence[str], *, min_calls: int) -> tuple[np.ndarray, str]:
+    """Tasks, not topics: one task per agent node (system prompt) with one answer space.
+
+    A node with ``min_calls`` calls or more is one task, split only where its answers show distinct
+    sub-tasks: answer spaces (tool calls, JSON, SQL, text) that each hold ``min_calls`` calls and
+    :data:`ANSWER_SPACE_MIN_SHARE` of the node's calls (a text answer counts as a tool-call answer
+    in a node whose calls bind tools: "no tool fits" is one of its answers). The calls of smaller
+    nodes are pooled by answer space (say, one text-to-SQL prompt per database): one task per space.
+    Returns the labels (0..T-1, in the order of ``traces``) and a description of the grouping.
+    """
+    import numpy as np
+
+    spaces = [answer_space(t) for t in traces]
+    by_node: dict[str, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        by_node[node].append(i)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    n_split = 0
+    for node, rows in sorted(by_node.items(), key=lambda kv: kv[1][0]):
+        counts = Counter(spaces[i] for i in rows)
+        binds_tools = any(traces[i].request.tools for i in rows)
+        if binds_tools and "tool_calls" in counts:
+            counts["tool_calls"] += counts.pop("text", 0)
+        space_of = {s: s for s in counts}
+        if binds_tools and "tool_calls" in counts:
+            space_of["text"] = "tool_calls"
+        if len(rows) < min_calls:  # pooled with the other small nodes of its answer space
+            for i in rows:
+                groups[("pool", counts.most_common(1)[0][0])].append(i)
+            continue
+        own = [s for s, c in counts.items() if c >= min_calls and c >= ANSWER_SPACE_MIN_SHARE * len(rows)]
+        main = counts.most_common(1)[0][0]
+        if len(own) > 1:
+            n_split += 1
+        for i in rows:
+            space = space_of.get(spaces[i], spaces[i])
+            groups[(node, space if space in own else main)].append(i)
+    labels = np.empty(len(traces), dtype=np.int64)
+    for lid, (_, rows) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0])):
+        labels[rows] = lid
+    n_nodes = sum(len(r) >= min_calls for r in by_node.values())
+    pools = sum(key[0] == "pool" for key in groups)
+    what = f"tasks: {n_nodes} agent node(s) with >= {min_calls} calls"
+    if n_split:
+        what += f" ({n_split} split by answer space)"
+    if pools:
+        what += f" + {pools} pool(s) of smaller nodes by answer space"
+    return labels, what
+
+
+def _with_estimates(clusters: list[Cluster], traces: Sequence[Trace], index: dict[str, int], kept: list[str],
+                    labels: np.ndarray, X: np.ndarray, id_map: dict[int, int], split: dict[str, str],
+                    cfg: Any) -> list[Cluster]:
+    """Each task's distillability estimate on its training split; a task is a candidate (``routine``)
+    when it has ``[cluster] min_size`` calls and an estimate of at least ``[cluster] min_estimate``."""
+    import numpy as np
+
+    from aad_core.formats.kinds import output_kind_of
+    from aad_core.pipeline.distillability import estimate_distillability
+
+    ccfg = cfg.cluster
+    rows_of: dict[int, list[int]] = defaultdict(list)
+    for r, tid in enumerate(kept):
+        if split.get(tid) == "train":
+            rows_of[id_map[int(labels[r])]].append(r)
+    out = []
+    for c in clusters:
+        rows = rows_of.get(c.id, [])
+        members = [traces[index[kept[r]]] for r in rows]
+        kind = output_kind_of(members)
+        est = estimate_distillability(members, X[np.asarray(rows, dtype=np.int64)] if rows else X[:0], kind,
+                                      seed=cfg.seed)
+        routine = c.size >= ccfg.min_size and est.estimate >= ccfg.min_estimate
+        out.append(c.model_copy(update={"routine": routine, "estimate": est.to_json(), "answer_kind": kind}))
+    return out
 
 
 def cluster_variance(members: np.ndarray) -> float:
@@ -232,6 +329,8 @@ def _describe(
     id_map: dict[int, int],
     representative: dict[str, str],
     cfg: Any,
+    *,
+    by_task: bool = False,
 ) -> list[Cluster]:
     import numpy as np
 
@@ -268,7 +367,7 @@ def _describe(
                 size=size,
                 variance=round(variance, 6),
                 mean_similarity=round(mean_sim, 6),
-                routine=bool(variance < ccfg.variance_threshold and size >= ccfg.min_size),
+                routine=bool(size >= ccfg.min_size and (by_task or variance < ccfg.variance_threshold)),
                 share_calls=round(len(calls) / total_calls, 6) if total_calls else 0.0,
                 share_tokens=round(sum(_tokens(t) for t in calls) / total_tokens, 6) if total_tokens else 0.0,
                 share_cost=round(sum(t.cost or 0.0 for t in calls) / total_cost, 6) if total_cost else 0.0,

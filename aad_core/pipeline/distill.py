@@ -51,7 +51,7 @@ class Profile:
 
     name: str
     overrides: dict[tuple[str, str], Any] = field(default_factory=dict)
-    #: Train at most this many routine clusters (largest share of calls first); None = all.
+    #: Train at most this many routine clusters (largest share of calls x distillability estimate first); None = all.
     max_specialists: int | None = None
     description: str = ""
 
@@ -204,9 +204,13 @@ def _routine_cluster_ids(ws: Workspace, limit: int | None) -> list[int]:
     selected = Selection.load(ws).clusters
     clusters = {c.id: c for c in ClusterState.load(ws).clusters}
 
-    def order(cid: int) -> tuple[float, int, int]:
+    def order(cid: int) -> tuple[float, float, int, int]:
+        # the expected served share first: share of calls x distillability estimate (1 for topic clusters)
         c = clusters.get(cid)
-        return (-c.share_calls, -c.size, cid) if c else (0.0, 0, cid)
+        if c is None:
+            return (0.0, 0.0, 0, cid)
+        estimate = float((c.estimate or {}).get("estimate", 1.0))
+        return (-c.share_calls * estimate, -c.share_calls, -c.size, cid)
 
     ids = sorted(selected, key=order)
     return ids if limit is None else ids[:limit]

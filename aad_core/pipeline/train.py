@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ def run_train(
     """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists."""
     from aad_core.artifacts import ClusterState, Selection
     from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
+    from aad_core.pipeline.evaluate.runner import candidate_summary, evaluate_specialist
     from aad_core.specialists import SpecialistRegistry
 
     cfg = ws.config
@@ -67,6 +68,7 @@ def run_train(
              if v is not None}
     candidates = _candidate_params(ws, given)
     registry = SpecialistRegistry(ws)
+    runtimes: dict[str, Any] = {}  # the auditions' LoRA runtimes, one per base model
     out: list[Specialist] = []
     with ws.store() as store:
         for cid in todo:
@@ -80,42 +82,56 @@ def run_train(
                                hint="Run 'aad select' again.")
             label = (clusters[cid].label if cid in clusters else "") or entry.label
             split_ids = list(state.train_ids(cid))
-            picked, considered = _pick_trainer(candidates, train, lambda: [
+            fitting, considered = _fitting_trainers(candidates, train, lambda: [
                 t for t in store.iter_traces(ids=split_ids) if t.response is not None and t.status == "ok"])
-            if picked is None:
+            if not fitting:
                 why = "; ".join(f"{c['trainer']}: {c['why']}" for c in considered)
                 if cluster_id is not None:
                     raise AADError(f"Cluster {cid}: no configured specialist kind fits its task ({why}).",
                                    hint='Add a kind that fits to [train] trainer, e.g. trainer = "auto".')
                 _say(show_progress, f"Cluster {cid} ({label}): no configured specialist kind fits ({why})")
                 continue
-            # Hook point for the gate: picked.next lists the later kinds that fit too, in order; when the
-            # gate refuses this specialist, the next of them is the one to train.
-            name, params, trainer, data = picked.name, picked.params, picked.trainer, picked.data
-            _say(show_progress,
-                 f"Cluster {cid} ({label}): {trainer.kind} specialist ({name}) on {len(data)} "
-                 f"{'selected traces' if data is train else 'traces of its training split'}, {len(heldout)} "
-                 f"held-out calibration traces for early stopping")
-            used = list(entry.selected) if data is train else [t.id for t in data]
-            work = _work_dir(ws, cid, {"trainer": name, **params}, used)
-            metrics = trainer.train(data, heldout, work, show_progress=show_progress)
-            spec = registry.save(
-                cluster_id=cid,
-                label=label,
-                adapter_dir=work,
-                base_model=str(cfg.train.student),
-                centroid=list(clusters[cid].centroid) if cid in clusters else [],
-                selection=used,
-                hyperparameters={"trainer": name, "kind": trainer.kind, **params,
-                                 "selection": {"fraction": selection.fraction, "selector": selection.selector,
-                                               "scorer": selection.scorer, "used": data is train},
-                                 "kinds_considered": considered, "next_kinds": picked.next},
-                metrics=metrics,
-                seed=cfg.seed,
-                kind=trainer.kind,
-                trainer=name,
-            )
-            out.append(spec)
+            # The cheapest kind first; a later kind trains only when the gate refuses the one before
+            # (an audition on the held-out calls, as 'aad eval' runs it), so every candidate tried is kept.
+            before: list[dict[str, Any]] = []
+            for i, picked in enumerate(fitting):
+                name, params, trainer, data = picked.name, picked.params, picked.trainer, picked.data
+                _say(show_progress,
+                     f"Cluster {cid} ({label}): {trainer.kind} specialist ({name}) on {len(data)} "
+                     f"{'selected traces' if data is train else 'traces of its training split'}, {len(heldout)} "
+                     f"held-out calibration traces for early stopping")
+                used = list(entry.selected) if data is train else [t.id for t in data]
+                work = _work_dir(ws, cid, {"trainer": name, **params}, used)
+                metrics = trainer.train(data, heldout, work, show_progress=show_progress)
+                spec = registry.save(
+                    cluster_id=cid,
+                    label=label,
+                    adapter_dir=work,
+                    base_model=str(cfg.train.student),
+                    centroid=list(clusters[cid].centroid) if cid in clusters else [],
+                    selection=used,
+                    hyperparameters={"trainer": name, "kind": trainer.kind, **params,
+                                     "selection": {"fraction": selection.fraction, "selector": selection.selector,
+                                                   "scorer": selection.scorer, "used": data is train},
+                                     "kinds_considered": considered,
+                                     "next_kinds": [p.name for p in fitting[i + 1:]],
+                                     "candidates_before": list(before)},
+                    metrics=metrics,
+                    seed=cfg.seed,
+                    kind=trainer.kind,
+                    trainer=name,
+                )
+                out.append(spec)
+                if i == len(fitting) - 1 or cid not in clusters:
+                    break
+                audition = evaluate_specialist(ws, state, clusters[cid], spec, store, runtimes)
+                registry.set_promoted(spec.name, spec.version, bool(audition.get("promoted")),
+                                      str(audition.get("reason", "")))
+                if audition.get("status") != "evaluated" or audition.get("promoted"):
+                    break
+                before.append(candidate_summary(audition))
+                _say(show_progress, f"Cluster {cid} ({label}): the gate refused the {trainer.kind} specialist "
+                     f"({audition.get('reason')}); trying the next kind, {fitting[i + 1].name}")
     return out
 
 
@@ -125,10 +141,6 @@ class _Picked:
     params: dict[str, Any]
     trainer: Any
     data: list[Any]
-    #: {"trainer", "kind", "fits", "why"} of every kind tried, up to the picked one.
-    considered: list[dict[str, Any]]
-    #: the names of the later kinds that fit too (what to train when the gate refuses this one).
-    next: list[str] = field(default_factory=list)
 
 
 def _candidate_params(ws: Workspace, given: dict[str, Any]) -> list[tuple[str, ComponentParams]]:
@@ -152,12 +164,12 @@ def _candidate_params(ws: Workspace, given: dict[str, Any]) -> list[tuple[str, C
     return out
 
 
-def _pick_trainer(candidates: list[tuple[str, ComponentParams]], selected: list[Any],
-                  training_split: Callable[[], list[Any]]) -> tuple[_Picked | None, list[dict[str, Any]]]:
-    """The first candidate whose kind fits the task (judged on the traces it would train on), and
-    ``{"trainer", "kind", "fits", "why"}`` of every candidate up to it."""
+def _fitting_trainers(candidates: list[tuple[str, ComponentParams]], selected: list[Any],
+                      training_split: Callable[[], list[Any]]) -> tuple[list[_Picked], list[dict[str, Any]]]:
+    """The candidates whose kind fits the task (judged on the traces each would train on), in order,
+    and ``{"trainer", "kind", "fits", "why"}`` of every candidate."""
     considered: list[dict[str, Any]] = []
-    picked: _Picked | None = None
+    fitting: list[_Picked] = []
     split: list[Any] | None = None
     for name, component in candidates:
         trainer = component.build()
@@ -167,22 +179,18 @@ def _pick_trainer(candidates: list[tuple[str, ComponentParams]], selected: list[
             split = training_split() if split is None else split
             data = split
         fits, why = _fits(trainer, data)
-        if picked is not None:
-            if fits:
-                picked.next.append(name)
-            continue
         considered.append({"trainer": name, "kind": getattr(trainer, "kind", "lora"), "fits": fits, "why": why})
         if fits:
-            picked = _Picked(name, component.effective, trainer, data, considered)
-    return picked, considered
+            fitting.append(_Picked(name, component.effective, trainer, data))
+    return fitting, considered
 
 
 def kind_for(ws: Workspace, training_split: list[Any]) -> Any:
     """The trainer ``[train] trainer`` would pick for a task, judged on its training split (None
     when no listed kind fits). The select stage asks it to skip scoring tasks whose kind trains on
     the whole split (``uses_selection = False``)."""
-    picked, _ = _pick_trainer(_candidate_params(ws, {}), training_split, lambda: training_split)
-    return None if picked is None else picked.trainer
+    fitting, _ = _fitting_trainers(_candidate_params(ws, {}), training_split, lambda: training_split)
+    return fitting[0].trainer if fitting else None
 
 
 def _say(show: bool, text: str) -> None:

@@ -172,7 +172,8 @@ def _cluster_table(clusters: ClusterState | None, evaluation: EvalReport | None)
                    "agreement with the teacher on each cluster's whole held-out split (the dashed parity line: "
                    f"{_e(format(_parity(evaluation), '.0%'))} of the teacher's); the <em>semantic</em> metric "
                    "(embedding similarity) is the weakest and is marked with *.</p>")
-    head = ("<tr><th>cluster</th><th>label</th><th>task</th><th class=num>size</th><th>routine</th><th>metric</th>"
+    head = ("<tr><th>cluster</th><th>label</th><th>task</th><th class=num>size</th><th>answers</th>"
+            "<th class=num>estimate</th><th>candidate</th><th>metric</th>"
             "<th class=num>base student</th><th class=num>specialist</th><th class=num>teacher</th><th>promoted</th>"
             "<th>reason</th></tr>")
     rows = []
@@ -183,19 +184,50 @@ def _cluster_table(clusters: ClusterState | None, evaluation: EvalReport | None)
         promoted = ('<span class="yes">yes</span>' if r.get("promoted") else '<span class="no">no</span>') if r else ""
         rows.append(
             f"<tr><td>{_e(c.get('id'))}</td><td>{_e(c.get('label'))}</td><td>{_e(c.get('task') or '')}</td>"
-            f"<td class=num>{_e(c.get('size'))}</td><td>{'yes' if c.get('routine') else 'no'}</td>"
-            f"<td>{_e(metric)}</td>"
+            f"<td class=num>{_e(c.get('size'))}</td><td>{_e(c.get('answer_kind') or '')}</td>"
+            f"<td class=num>{_num((c.get('estimate') or {}).get('estimate'))}</td>"
+            f"<td>{'yes' if c.get('routine') else 'no'}</td><td>{_e(metric)}</td>"
             f"<td class=num>{_num(r['base']['score']) if evaluated else ''}</td>"
             f"<td class=num>{_num(r['specialist']['score']) if evaluated else ''}</td>"
             f"<td class=num>{_num(r['teacher']['score']) if evaluated else ''}</td>"
             f"<td>{promoted}</td><td>{_e(r.get('reason', ''))}</td></tr>"
         )
     out.append(f"<table>{head}{''.join(rows)}</table>")
+    out.append('<p class="note">estimate: the distillability estimate computed before training (nearest-neighbour '
+               "answer agreement, answer structure, copy rate and length; aad_core/pipeline/distillability.py); a task "
+               "below [cluster] min_estimate is no candidate and stays with the teacher.</p>")
+    out.append(_candidates_table(list(by_id.values())))
     evaluated_rows = [r for r in by_id.values() if r.get("status") == "evaluated"]
     if evaluated_rows and evaluation is not None:
         out.append(_img(plots.score_bars(evaluated_rows, _parity(evaluation)), "held-out scores"))
         out.append(_examples(evaluated_rows))
     return "".join(out)
+
+
+def _candidates_table(rows: list[dict[str, Any]]) -> str:
+    """Per task, every specialist kind tried, cheapest first: score, coverage at target, latency, cost."""
+    lines = []
+    for r in rows:
+        for c in r.get("candidates") or []:
+            coverage = c.get("coverage")
+            if coverage is None and c.get("mode") == "parity-fallback":
+                coverage = 1.0 if c.get("promoted") else None
+            lines.append(
+                f"<tr><td>{_e(r.get('cluster_id'))}</td><td>{_e(r.get('label'))}</td><td>{_e(c.get('kind'))}</td>"
+                f"<td>{_e(c.get('name'))} v{_e(c.get('version'))}</td><td class=num>{_num(c.get('score'))}</td>"
+                f"<td class=num>{_pct(coverage) if coverage is not None else ''}</td>"
+                f"<td class=num>{_num(c.get('agreement'))}</td>"
+                f"<td class=num>{_num(c.get('latency_p50_ms'), '{:.1f}')}</td>"
+                f"<td class=num>{_num(c.get('cost_per_mtok'), '{:.4f}')}</td>"
+                f"<td>{'<span class=yes>yes</span>' if c.get('promoted') else '<span class=no>no</span>'}</td></tr>")
+    if not lines:
+        return ""
+    head = ("<tr><th>cluster</th><th>label</th><th>kind</th><th>specialist</th><th class=num>score</th>"
+            "<th class=num>coverage at target</th><th class=num>agreement served</th><th class=num>p50 ms</th>"
+            "<th class=num>USD / 1M tok</th><th>promoted</th></tr>")
+    return ("<h3>Specialist candidates per task</h3><p class=note>Kinds are tried cheapest first (a classifier on "
+            "the routing embedding, then a LoRA student); a later kind trains only when the gate refuses the one "
+            f"before.</p><table>{head}{''.join(lines)}</table>")
 
 
 def _pct(value: Any) -> str:

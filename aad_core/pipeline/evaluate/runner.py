@@ -267,6 +267,49 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def evaluate_specialist(ws: Workspace, state: ClusterState, cluster: Cluster, spec: Any, store: Any,
+                        runtimes: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate one specialist of ``cluster`` on the cluster's held-out calls (at most ``[eval] max_heldout``)
+    and apply the gate; ``runtimes`` caches one LoRA runtime per base model across calls. The caller
+    records the promotion (``SpecialistRegistry.set_promoted``)."""
+    cfg = ws.config
+    ids = list(state.heldout_ids(cluster.id))
+    if cfg.eval.max_heldout is not None:
+        ids = ids[: cfg.eval.max_heldout]
+    heldout = [t for t in store.iter_traces(ids=ids) if t.response is not None]
+    if not heldout:
+        entry = _status_entry(cluster)
+        entry.update(status="no held-out", reason="not promoted: no held-out traces to evaluate on")
+        return entry
+    if spec.kind != "lora":  # served by its trainer's predictor: no base student to load
+        from aad_core.specialists import load_predictor
+
+        return evaluate_cluster(ws, cluster, heldout, None, spec, predictor=load_predictor(spec, ws))
+    if spec.base_model not in runtimes:
+        from aad_core.models.runtime import SpecialistRuntime
+
+        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
+    runtime = runtimes[spec.base_model]
+    runtime.add_specialist(spec)
+    return evaluate_cluster(ws, cluster, heldout, runtime, spec)
+
+
+def candidate_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """One row of a task's candidates table: what the gate measured of one specialist kind."""
+    spec = entry.get("specialist") or {}
+    gate = entry.get("gate") or {}
+    test = gate.get("test") or {}
+    latency = (entry.get("latency") or {}).get("specialist") or {}
+    return {
+        "name": spec.get("name"), "version": spec.get("version"), "kind": spec.get("kind"),
+        "score": spec.get("score"), "threshold": gate.get("threshold"), "mode": gate.get("mode"),
+        "coverage": test.get("coverage"), "agreement": test.get("agreement"), "n_test": test.get("n"),
+        "latency_p50_ms": latency.get("p50_ms"),
+        "cost_per_mtok": (entry.get("cost") or {}).get("specialist_per_mtok"),
+        "promoted": bool(entry.get("promoted")), "reason": entry.get("reason"),
+    }
+
+
 def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate every cluster's latest specialist on its held-out split, apply the risk-coverage gate,
     record promotions in the specialist registry, and write ``.aad/state/eval.json``."""
@@ -312,28 +355,10 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
                     results.append(entry)
                     progress.advance(task)
                     continue
-                ids = list(state.heldout_ids(cluster.id))
-                if cfg.eval.max_heldout is not None:
-                    ids = ids[: cfg.eval.max_heldout]
-                heldout = [t for t in store.iter_traces(ids=ids) if t.response is not None]
-                if not heldout:
-                    entry.update(status="no held-out", reason="not promoted: no held-out traces to evaluate on")
-                    registry.set_promoted(spec.name, spec.version, False, entry["reason"])
-                    results.append(entry)
-                    progress.advance(task)
-                    continue
-                if spec.kind != "lora":  # served by its trainer's predictor: no base student to load
-                    from aad_core.specialists import load_predictor
-
-                    entry = evaluate_cluster(ws, cluster, heldout, None, spec, predictor=load_predictor(spec, ws))
-                else:
-                    if spec.base_model not in runtimes:
-                        from aad_core.models.runtime import SpecialistRuntime
-
-                        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
-                    runtime = runtimes[spec.base_model]
-                    runtime.add_specialist(spec)
-                    entry = evaluate_cluster(ws, cluster, heldout, runtime, spec)
+                entry = evaluate_specialist(ws, state, cluster, spec, store, runtimes)
+                if entry["status"] == "evaluated":
+                    before = (registry.manifest(spec).get("hyperparameters") or {}).get("candidates_before") or []
+                    entry["candidates"] = [*before, candidate_summary(entry)]
                 registry.set_promoted(spec.name, spec.version, entry["promoted"], entry["reason"])
                 results.append(entry)
                 progress.advance(task)

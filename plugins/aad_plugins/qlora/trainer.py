@@ -51,7 +51,7 @@ class QLoRATrainer(Trainer):
         Learning rate after the warm-up: a 'cosine' or 'linear' decay towards zero at the last step, or
         'constant' (as in the QLoRA paper). 'cosine' because it measured best: on Banking77 (1,000
         samples, SmolLM2-135M, 3 epochs at lr 1e-3) cosine 78.0 % vs constant 70.3 % test accuracy, linear
-        78.7 % vs cosine 81.7 % at 128 tokens (benchmarks/distill_banking77.py).
+        78.7 % vs cosine 81.7 % at 128 tokens (benchmarks/lora_banking77.py).
     warmup_ratio : float
         Share of the steps over which the learning rate rises linearly from 0.
     group_by_length : bool
@@ -196,6 +196,13 @@ class QLoRATrainer(Trainer):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from aad_core.models.quiet import quiet_loading
+
+        with quiet_loading():  # transformers' load bars and deprecation warnings are not the user's business
+            return self._load_quietly(torch, AutoModelForCausalLM, AutoTokenizer, four_bit, device)
+
+    def _load_quietly(self, torch: Any, AutoModelForCausalLM: Any, AutoTokenizer: Any, four_bit: bool,
+                      device: Any) -> tuple[Any, Any, str]:
         from aad_core.models.students import resolve_student
 
         source = str(resolve_student(self.student))
@@ -225,7 +232,10 @@ class QLoRATrainer(Trainer):
             target_modules=self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
             bias="none", task_type="CAUSAL_LM",
         )
-        return get_peft_model(base, config)
+        from aad_core.models.quiet import quiet_loading
+
+        with quiet_loading():  # peft's wrap asks transformers a deprecated question (FutureWarning)
+            return get_peft_model(base, config)
 
     # -- training ----------------------------------------------------------------------------
     def train(
