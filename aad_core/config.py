@@ -285,6 +285,32 @@ class RouteConfig(_Section):
     record_escalations: bool = Field(
         True, description="Store each escalation (teacher answer + reason) as a trace with source 'router'."
     )
+    shadow_rate: float = Field(
+        0.05, ge=0, le=1, description="Shadow evaluation: the share of specialist-served requests (chosen by a hash "
+        "of the request, so the same request always is or is not shadowed) that the teacher also answers in the "
+        "background, never delaying the user's answer; the pair is scored by the task's evaluator and logged "
+        "(.aad/state/shadow.jsonl, the teacher's answer as a trace with source 'shadow'). 0 = off."
+    )
+    shadow_budget_usd_per_day: float | None = Field(
+        1.0, ge=0, description="Shadow evaluation: at most this many USD of teacher calls per UTC day, estimated "
+        "from the tokens at [eval] teacher_price_per_mtok; later requests are not shadowed that day. None = no cap."
+    )
+    shadow_max_concurrency: int = Field(
+        2, ge=1, description="Shadow evaluation: teacher calls in flight at once; a request arriving while all are "
+        "busy is not shadowed (the queue never grows)."
+    )
+    shadow_min_pairs: int = Field(
+        60, ge=1, description="Automatic demotion: a specialist is demoted when, over at least this many shadow pairs "
+        "since its promotion (never fewer than the [eval] target_agreement bound needs: 59 at 0.95), the one-sided "
+        "Clopper-Pearson lower bound (level [eval] gate_alpha) of its live agreement falls below [eval] target_agreement."
+    )
+    shadow_window: int = Field(
+        300, ge=1, description="Automatic demotion: live agreement is measured over a specialist's most recent this "
+        "many shadow pairs."
+    )
+    shadow_demote: bool = Field(
+        True, description="Automatic demotion on: off = live agreement is only measured and shown ('aad monitor')."
+    )
 
 
 #: The parameters of the components of one kind, by component name: ``{"qlora": {"lora_r": 8}}``.

@@ -285,3 +285,39 @@ def test_spool_is_loaded_on_next_start(workspace):
     assert h2.flush(10)
     assert h2.writer.store.count() == 10 and h2.stats()["reloaded"] == 10
     h2.close()
+
+
+def test_calls_of_one_pipeline_share_a_root_and_every_parent_resolves(workspace, handler):
+    """The run tree (issue 15): the calls of one chain invocation carry its root run id; each call's parent run
+    is recorded (with its name) in metadata["aad_run_path"]; LangChain's internal tags (seq:step:N) are dropped;
+    a second invocation gets another root."""
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+
+    from aad_langchain.callback import ROOT_RUN_METADATA_KEY, RUN_PATH_METADATA_KEY
+
+    model = ToolFakeChatModel(messages=iter([AIMessage(f"answer {i}") for i in range(4)]))
+    ask = ChatPromptTemplate.from_messages([("human", "{q}")])
+    follow = ChatPromptTemplate.from_messages([("human", "Rephrase: {text}")])
+    pipeline = ask | model | StrOutputParser() | (lambda text: {"text": text}) | follow | model | StrOutputParser()
+    pipeline.invoke({"q": "first"}, config={"callbacks": [handler], "tags": ["bank"]})
+    pipeline.invoke({"q": "second"}, config={"callbacks": [handler]})
+    assert handler.flush(10) and handler.stats()["handler_errors"] == 0
+    traces = sorted(handler.writer.store.iter_traces(), key=lambda t: t.response.content)
+    assert len(traces) == 4
+    roots = [t.metadata[ROOT_RUN_METADATA_KEY] for t in traces]
+    assert roots[0] == roots[1] != roots[2] == roots[3]  # one root per invocation
+    for t in traces:
+        path = t.metadata[RUN_PATH_METADATA_KEY]
+        assert path[0]["run_id"] == t.metadata[ROOT_RUN_METADATA_KEY] and path[0]["name"] == "RunnableSequence"
+        assert path[-1]["run_id"] == t.parent_run_id  # the parent resolves to a recorded run
+        assert not any(tag.startswith("seq:step:") for tag in t.tags)
+    assert "bank" in traces[0].tags
+    assert handler._parents == {}  # finished runs are forgotten
+
+
+def test_a_lone_call_is_its_own_root(handler):
+    ToolFakeChatModel(messages=iter([AIMessage("hi")])).invoke("hello", config={"callbacks": [handler]})
+    assert handler.flush(10)
+    (trace,) = handler.writer.store.iter_traces()
+    assert trace.metadata["aad_root_run_id"] == trace.run_id and trace.metadata["aad_run_path"] == []

@@ -169,3 +169,38 @@ async def test_async_calls_are_recorded(handler):
     traces = traces_of(handler)
     assert out.text == "echo question" and len(traces) == 2
     assert sorted(t.answer_text() for t in traces) == sorted(["echo question", chat.message.content])
+
+
+class StreamUsageLLM(EchoLLM):
+    """An LLM with settings that describe the object (context window, system prompt, retries) and a stream
+    whose provider reports usage on one chunk before the last (as OpenAI's include_usage chunk can be)."""
+
+    context_window: int = 4096
+    system_prompt: str | None = "You are terse."
+    max_retries: int = 3
+    max_tokens: int = 64
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        def gen() -> Any:
+            yield CompletionResponse(text="The ", delta="The ")
+            yield CompletionResponse(text="The answer", delta="answer",
+                                     raw={"usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}})
+            yield CompletionResponse(text="The answer.", delta=".", raw={"choices": []})
+        return gen()
+
+
+def test_params_are_the_calls_parameters_and_streamed_usage_is_kept(handler):
+    """Issue 15: ``params`` hold the call's parameters (temperature, max_tokens, ...), not the LLM's metadata;
+    a streamed call carries the usage its provider reported."""
+    llm = StreamUsageLLM()
+    assert "".join(r.delta for r in llm.stream_complete("q", top_p=0.9)) == "The answer."
+    (t,) = traces_of(handler)
+    params = t.request.params
+    assert params["temperature"] == 0.1 and params["max_tokens"] == 64 and params["top_p"] == 0.9
+    assert params["model_name"] == "echo-teacher"
+    for meta in ("context_window", "system_prompt", "max_retries", "is_chat_model", "output_parser",
+                 "pydantic_program_mode", "query_wrapper_prompt", "completion_to_prompt", "messages_to_prompt"):
+        assert meta not in params, meta
+    assert t.answer_text() == "The answer."
+    assert (t.usage.prompt_tokens, t.usage.completion_tokens, t.usage.total_tokens) == (4, 2, 6)

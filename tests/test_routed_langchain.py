@@ -34,9 +34,9 @@ class ToolTeacher(GenericFakeChatModel):
         return self
 
 
-def routed(ws: Workspace, backend: Scripted, teacher: Any = None, **kw: Any) -> RoutedChatModel:
+def routed(ws: Workspace, backend: Scripted, teacher: Any = None, callbacks: Any = None, **kw: Any) -> RoutedChatModel:
     teacher = teacher or FakeListChatModel(responses=["teacher says hi"])
-    return RoutedChatModel(teacher=teacher, routing_engine=engine_for(ws, backend, **kw))
+    return RoutedChatModel(teacher=teacher, routing_engine=engine_for(ws, backend, **kw), callbacks=callbacks)
 
 
 def test_chain_uses_the_specialist_for_routine_requests(workspace: Workspace) -> None:
@@ -199,3 +199,86 @@ def test_a_callback_handler_never_records_the_routed_models_own_answers(workspac
         captured = [t for t in store.iter_traces() if t.source == "langchain"]
     assert [t.response.content for t in captured] == ["teacher says hi"]  # the teacher's call, once
     assert all(t.model != "aad-routed" for t in captured)
+
+
+def test_binding_the_tasks_own_tools_keeps_the_route_and_other_tools_reach_the_teacher(workspace: Workspace) -> None:
+    """bind_tools / with_structured_output with the tools the task was trained with do not change the route;
+    a tool the task never bound sends the request to the teacher with the reason (issue 15)."""
+    from pydantic import BaseModel
+
+    class Intent(BaseModel):
+        """The customer's intent."""
+
+        intent: str
+
+    @tool
+    def lookup_card(card_id: int) -> str:
+        """Look up the delivery status of a card."""
+        return "shipped"
+
+    @tool
+    def block_card(card_id: int) -> str:
+        """Block a card."""
+        return "blocked"
+
+    backend = Scripted('<tool_call>{"name": "Intent", "arguments": {"intent": "card_arrival"}}</tool_call>')
+    llm = routed(workspace, backend, output_kind="tool_calls")
+    llm.routing_engine._cluster_info[0]["request_shape"] = {
+        "max_user_turns": 1, "max_messages": 1, "tool_messages": False, "tools": ["Intent", "lookup_card"],
+        "response_formats": [], "n": 50}
+    structured = llm.with_structured_output(Intent).invoke("my card has not arrived")
+    assert structured == Intent(intent="card_arrival") and backend.calls == ["cards"]
+    bound = llm.bind_tools([Intent, lookup_card]).invoke("my card has not arrived")
+    assert bound.response_metadata["aad_route"]["target"] == "specialist"
+    other = llm.bind_tools([lookup_card, block_card]).invoke("my card has not arrived")
+    route = other.response_metadata["aad_route"]
+    assert route["target"] == "teacher" and other.content == "teacher says hi"
+    assert route["reason"] == ("the request binds tools its specialist never saw (block_card); it was trained with "
+                               "Intent, lookup_card")
+    assert backend.calls == ["cards", "cards"]  # the specialist never saw the request with a foreign tool
+
+
+@pytest.mark.parametrize("attach", ["callbacks", "activate", "stream"])
+def test_an_escalated_teacher_call_is_stored_once_with_a_callback_handler(workspace: Workspace, attach: str) -> None:
+    """RoutedChatModel escalates to the teacher while AADCallbackHandler records the agent: the teacher call is
+    stored exactly once, as the handler's trace of the teacher run, carrying the escalation's reason and the
+    specialist's rejected output (issue 15)."""
+    from aad_langchain import AADCallbackHandler
+
+    handler = AADCallbackHandler(workspace=workspace, redact=False, task="intent")
+    llm = routed(workspace, Scripted("{broken json"))
+    if attach == "callbacks":
+        out = llm.invoke([HumanMessage("my card has not arrived")], config={"callbacks": [handler]})
+    elif attach == "stream":
+        out = _joined(list(llm.stream([HumanMessage("my card has not arrived")], config={"callbacks": [handler]})))
+    else:
+        with handler.activate():
+            out = llm.invoke([HumanMessage("my card has not arrived")])
+    assert out.content == "teacher says hi" and out.response_metadata["aad_route"]["escalated"]
+    handler.close()
+    llm.routing_engine.flush()
+    with workspace.store() as store:
+        stored = list(store.iter_traces())
+    assert [t.response.content for t in stored] == ["teacher says hi"]
+    (trace,) = stored
+    # LangChain's stream() gives the routed model no run manager, so the teacher's run is no child run the
+    # handler sees: the engine's escalation trace is the one copy there.
+    assert trace.source == ("router" if attach == "stream" else "langchain") and trace.model != "aad-routed"
+    escalation = trace.metadata["aad_escalation"]
+    assert escalation["specialist_output"] == "{broken json" and escalation["specialist"] == "cards"
+    assert escalation["reason"].startswith("validator")
+
+
+def test_without_a_handler_on_the_teacher_run_the_engine_records_the_escalation(workspace: Workspace) -> None:
+    """A handler bound to the routed model alone (not inherited by its teacher run) does not record the teacher
+    call, so the engine still stores the escalation: once."""
+    from aad_langchain import AADCallbackHandler
+
+    handler = AADCallbackHandler(workspace=workspace, redact=False)
+    llm = routed(workspace, Scripted("{broken json"), callbacks=[handler])  # the model's own: not inherited
+    assert llm.invoke([HumanMessage("my card has not arrived")]).content == "teacher says hi"
+    handler.close()
+    llm.routing_engine.flush()
+    with workspace.store() as store:
+        stored = list(store.iter_traces())
+    assert len(stored) == 1 and stored[0].response.content == "teacher says hi"

@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "aad_core.cli.eval_cmds",
     "aad_core.cli.distill_cmds",
     "aad_core.cli.route_cmds",
+    "aad_core.cli.monitor_cmds",
 )
 
 for _name in _COMMAND_MODULES:

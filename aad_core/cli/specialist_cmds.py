@@ -9,6 +9,8 @@ from rich.table import Table
 
 from aad_core.cli.app import JsonOption, WorkspaceOption, console, open_workspace, print_json
 
+specialists_app = typer.Typer(
+    help="List the trained specialists (every version); promote, demote or roll back one.", invoke_without_command=True)
 models_app = typer.Typer(help="Student models: list the known ones, prepare one for offline use.", no_args_is_help=True)
 
 
@@ -82,9 +84,13 @@ def train_cmd(
     console.print("Next: [bold]aad eval[/]")
 
 
-def specialists_cmd(workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
+@specialists_app.callback()
+def specialists_cmd(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
     """List the trained specialists (every version) and whether they are promoted."""
     from aad_core.specialists import SpecialistRegistry
+
+    if ctx.invoked_subcommand is not None:
+        return
 
     specs = SpecialistRegistry(open_workspace(workspace)).list()
     if as_json:
@@ -100,6 +106,109 @@ def specialists_cmd(workspace: WorkspaceOption = None, as_json: JsonOption = Fal
         table.add_row(s.name, str(s.version), s.kind, str(s.cluster_id), s.base_model if s.kind == "lora" else "-",
                       "yes" if s.promoted else "no", held_out, s.path)
     console.print(table)
+    registry = SpecialistRegistry(open_workspace(workspace))
+    for s in specs:
+        reason = str(registry.manifest(s).get("promotion_reason") or "") if not s.promoted else ""
+        if reason.startswith("demoted by shadow"):
+            console.print(f"[yellow]{s.name} v{s.version}[/]: {reason}. "
+                          f"Undo: [bold]aad specialists promote {s.name} --version {s.version}[/]")
+
+
+@specialists_app.command("promote")
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="The specialist's name (see 'aad specialists').")],
+    version: Annotated[int | None, typer.Option("--version", help="The version (default: the newest).")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Promote a specialist by hand (e.g. undo an automatic demotion): the router serves it again
+    (restart 'aad serve', or the engine's reload(), to pick it up)."""
+    from aad_core.specialists import SpecialistRegistry
+
+    registry = SpecialistRegistry(open_workspace(workspace))
+    spec = registry.get(name, version)
+    spec = registry.set_promoted(spec.name, spec.version, True, "promoted by hand ('aad specialists promote')")
+    served = registry.promoted().get(spec.cluster_id)
+    _say_promotion(spec, served, as_json)
+
+
+@specialists_app.command("demote")
+def demote_cmd(
+    name: Annotated[str, typer.Argument(help="The specialist's name (see 'aad specialists').")],
+    version: Annotated[int | None, typer.Option("--version", help="The version (default: the one served).")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Demote a specialist by hand: its task goes back to an earlier promoted version, or to the teacher."""
+    from aad_core.specialists import SpecialistRegistry
+
+    registry = SpecialistRegistry(open_workspace(workspace))
+    spec = registry.get(name, version)
+    if version is None:
+        promoted = [s for s in registry.list() if s.name == name and s.promoted]
+        spec = promoted[-1] if promoted else spec
+    spec = registry.set_promoted(spec.name, spec.version, False, "demoted by hand ('aad specialists demote')")
+    _say_promotion(spec, registry.promoted().get(spec.cluster_id), as_json)
+
+
+@specialists_app.command("rollback")
+def rollback_cmd(
+    task: Annotated[str, typer.Argument(help="The task: its cluster id, label, task tag or specialist name.")],
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Return a task to its previous promoted version: the served version is demoted and the newest
+    earlier version that is still promoted serves instead."""
+    from aad_core.errors import AADError
+    from aad_core.specialists import SpecialistRegistry
+
+    registry = SpecialistRegistry(open_workspace(workspace))
+    cluster_id = _task_cluster(registry, task)
+    current = registry.promoted().get(cluster_id)
+    if current is None:
+        raise AADError(f"Task {task!r} (cluster {cluster_id}) has no promoted specialist to roll back.",
+                       hint="'aad specialists' lists them; 'aad specialists promote NAME --version V' promotes one.")
+    earlier = [s for s in registry.list() if s.cluster_id == cluster_id and s.promoted and s.path != current.path]
+    if not earlier:
+        raise AADError(f"Task {task!r} has no earlier promoted version than {current.name} v{current.version}.",
+                       hint=f"'aad specialists demote {current.name}' sends the task to the teacher; "
+                       "'aad specialists promote NAME --version V' promotes a given version.")
+    spec = registry.set_promoted(current.name, current.version, False,
+                                 "rolled back ('aad specialists rollback')")
+    _say_promotion(spec, registry.promoted().get(cluster_id), as_json)
+
+
+def _task_cluster(registry, task: str) -> int:  # noqa: ANN001
+    from aad_core.errors import AADError
+
+    specs = registry.list()
+    if task.lstrip("-").isdigit():
+        return int(task)
+    for s in specs:
+        if task in (s.name, registry.manifest(s).get("label")):
+            return int(s.cluster_id)
+    from aad_core.artifacts import ClusterState
+
+    state = ClusterState.load_optional(registry.ws)
+    for c in state.clusters if state else []:
+        if task in (c.task, c.label):
+            return int(c.id)
+    raise AADError(f"No task {task!r} among the specialists.",
+                   hint="Give a cluster id, a task label or a specialist name ('aad specialists' lists them).")
+
+
+def _say_promotion(spec, served, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        print_json({"specialist": spec.model_dump(mode="json"),
+                    "served": served.model_dump(mode="json") if served is not None else None})
+        return
+    state = "promoted" if spec.promoted else "demoted"
+    console.print(f"[bold]{spec.name}[/] v{spec.version}: {state}.")
+    if served is None:
+        console.print(f"Cluster {spec.cluster_id} now goes to the teacher.")
+    elif served.path != spec.path:
+        console.print(f"Cluster {spec.cluster_id} is served by {served.name} v{served.version}.")
+    console.print("A running 'aad serve' picks this up when restarted (or on RoutingEngine.reload()).")
 
 
 @models_app.command("list")
@@ -137,5 +246,5 @@ def models_pull(
 def register(app: typer.Typer) -> None:
     app.command("select")(select_cmd)
     app.command("train")(train_cmd)
-    app.command("specialists")(specialists_cmd)
+    app.add_typer(specialists_app, name="specialists")
     app.add_typer(models_app, name="models")

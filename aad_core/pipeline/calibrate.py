@@ -137,6 +137,7 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
     nearest = sims.argmax(axis=1) if len(flat) else np.zeros(0, dtype=int)
     flat_clusters = np.asarray([c for c, _ in flat], dtype=np.int64)
 
+    shapes = _request_shapes(ws, by_cluster_train)
     clusters_out: dict[str, Any] = {}
     for j, cid in enumerate(cids):
         own = [float(sims[i, j]) for i, (c, _) in enumerate(flat) if c == cid and nearest[i] == j]
@@ -170,6 +171,7 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
             "routine": bool(next(c.routine for c in state.clusters if c.id == cid)),
             "specialist": spec.name if spec else None,
             "confidence_threshold": None,
+            "request_shape": shapes.get(cid),
         }
 
     if confidence and specialists:
@@ -190,6 +192,22 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
     saved = RouterState.load(ws)
     return {**saved.stamp, **saved.to_json(),
             "evaluation": {k: evaluation[k] for k in ("accuracy", "n") if k in evaluation}}
+
+
+def _request_shapes(ws: Workspace, by_cluster: dict[int, list[str]]) -> dict[int, dict[str, Any] | None]:
+    """Each cluster's training shape (most user turns and messages, tool results, bound tools) over every
+    call of its training split: the routing engine sends a request outside it to the teacher."""
+    from aad_core.serving.request_shape import request_shape, shape_envelope
+
+    owner = {t: c for c, ids in by_cluster.items() for t in ids}
+    shapes: dict[int, list[dict[str, Any]]] = {c: [] for c in by_cluster}
+    store = ws.store()
+    try:
+        for trace in store.iter_traces(ids=sorted(owner)):
+            shapes[owner[trace.id]].append(request_shape(trace.request))
+    finally:
+        store.close()
+    return {c: shape_envelope(s) for c, s in shapes.items()}
 
 
 def _confidence_thresholds(ws: Workspace, specialists: dict[int, Specialist], clusters_out: dict[str, Any]) -> None:

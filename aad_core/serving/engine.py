@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
 from aad_core.schema import ChatRequest, Message, RoutingDecision, Trace, Usage
-from aad_core.serving.routed_call import RoutedAnswer, RoutedCall, SpecialistOutcome, teacher_result
+from aad_core.serving.routed_call import (RoutedAnswer, RoutedCall, SpecialistOutcome, escalation_info,
+                                         teacher_result)
 from aad_core.serving.specialists import GenerationLike, SpecialistBackend, SpecialistPool
 
 __all__ = ["GenerationLike", "RoutedAnswer", "RoutedCall", "RoutingEngine", "SpecialistBackend", "SpecialistOutcome",
@@ -75,6 +76,9 @@ class RoutingEngine:
         self._writer: Any = None
         self._lock = threading.Lock()
         self._cluster_info: dict[int, dict[str, Any]] | None = None
+        #: Specialists demoted while this engine runs (name -> reason): sent to the teacher at once.
+        self.demoted: dict[str, str] = {}
+        self._shadow: Any = None
 
     # -- lazily built parts -------------------------------------------------------------------
     @property
@@ -110,16 +114,44 @@ class RoutingEngine:
             self._router = self._given_router
             self._specialists = self._given_specialists
             self._cluster_info = None
+            self.demoted = {}
+
+    @property
+    def shadow(self) -> Any:
+        """The :class:`~aad_core.serving.shadow.ShadowEvaluator`: shadow evaluation of the
+        specialists' answers (``[route] shadow_rate``) and the serving counters of ``aad monitor``."""
+        with self._lock:
+            if self._shadow is None:
+                from aad_core.serving.shadow import ShadowEvaluator
+
+                self._shadow = ShadowEvaluator(self)
+            return self._shadow
+
+    @shadow.setter
+    def shadow(self, value: Any) -> None:
+        self._shadow = value
 
     # -- the loop -----------------------------------------------------------------------------
     def decide(self, requests: Sequence[ChatRequest]) -> list[RoutingDecision]:
-        """The router's decisions; observers get them through ``aad_request_routed`` whatever the router."""
-        decisions = self.router.route(list(requests))
+        """The router's decisions; observers get them through ``aad_request_routed`` whatever the router.
+        A request whose shape (turns, tool results, bound tools) exceeds what its specialist was trained
+        on goes to the teacher (:mod:`aad_core.serving.request_shape`)."""
+        requests = list(requests)
+        decisions = [self._shape_checked(r, d) for r, d in zip(requests, self.router.route(requests))]
         if decisions:
             from aad_core.plugins import get_plugin_manager
 
             get_plugin_manager().hooks.request_routed(decisions)
         return decisions
+
+    def _shape_checked(self, request: ChatRequest, decision: RoutingDecision) -> RoutingDecision:
+        """``decision``, sent to the teacher when the request's shape is one its specialist never saw."""
+        if decision.target != "specialist":
+            return decision
+        from aad_core.serving.request_shape import shape_mismatch
+
+        why = shape_mismatch(request, self.cluster_info(decision.cluster_id).get("request_shape"))
+        return decision.model_copy(update={"target": "teacher", "reason": why}) if why else decision
 
     def try_specialist(self, request: ChatRequest, decision: RoutingDecision, *,
                        timeout_s: float | None = None) -> SpecialistOutcome:
@@ -183,6 +215,9 @@ class RoutingEngine:
         """Decide and, for a specialist decision, try it. Returns (decision, outcome): ``outcome`` is
         None when the router chose the teacher; on a failed check the decision is marked escalated."""
         decision = self.decide([request])[0]
+        if decision.target == "specialist" and decision.specialist in self.demoted:
+            decision = decision.model_copy(update={
+                "target": "teacher", "reason": f"demoted: {decision.specialist}: {self.demoted[decision.specialist]}"})
         if decision.target != "specialist":
             return decision, None
         outcome = self.try_specialist(request, decision, timeout_s=timeout_s)
@@ -190,12 +225,17 @@ class RoutingEngine:
             return decision, outcome
         return self.escalated_decision(decision, outcome), outcome
 
-    def route_call(self, request: ChatRequest, *, timeout_s: float | None = None) -> RoutedCall:
+    def route_call(self, request: ChatRequest, *, timeout_s: float | None = None,
+                   teacher_call: TeacherCall | None = None) -> RoutedCall:
         """Decide and try the specialist; the returned :class:`RoutedCall` holds the specialist's
-        answer or takes the teacher's (:meth:`RoutedCall.finish_teacher` times and records it)."""
+        answer or takes the teacher's (:meth:`RoutedCall.finish_teacher` times and records it).
+        ``teacher_call`` (default: the engine's) answers the shadow call when a specialist's answer
+        is picked for shadow evaluation (in the background, never delaying this call)."""
         started = time.perf_counter()
         decision, outcome = self.attempt(request, timeout_s=timeout_s)
-        return RoutedCall(self, request, decision, outcome, started=started)
+        call = RoutedCall(self, request, decision, outcome, started=started)
+        self.shadow.observe(call, teacher_call)  # counters; a background shadow teacher call (never waits)
+        return call
 
     async def aroute_call(self, request: ChatRequest, *, timeout_s: float | None = None) -> RoutedCall:
         """:meth:`route_call` for async callers (routing and generation run in a worker thread)."""
@@ -214,11 +254,7 @@ class RoutingEngine:
         trace = Trace(
             source="router", model=model or self.teacher_model, request=request, response=teacher_message,
             usage=usage, latency_ms=latency_ms, tags=["escalation"],
-            metadata={"aad_escalation": {
-                "reason": outcome.reason, "cluster_id": decision.cluster_id, "specialist": decision.specialist,
-                "specialist_output": outcome.text, "similarity": decision.similarity,
-                "mean_logprob": outcome.mean_logprob, "confidence": outcome.confidence,
-            }},
+            metadata={"aad_escalation": escalation_info(decision, outcome)},
         )
         return self._record(trace, "the escalation trace")
 
@@ -252,10 +288,14 @@ class RoutingEngine:
         self._writer.submit(trace)
 
     def flush(self) -> None:
+        if self._shadow is not None:
+            self._shadow.flush_stats()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        if self._shadow is not None:
+            self._shadow.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -263,7 +303,7 @@ class RoutingEngine:
 
     def answer(self, request: ChatRequest, teacher_call: TeacherCall | None = None) -> RoutedAnswer:
         """Route one request end to end and return the answer the user should get."""
-        call = self.route_call(request)
+        call = self.route_call(request, teacher_call=teacher_call)
         if call.specialist_answer is not None:
             return call.specialist_answer
         teacher_call = teacher_call or self.teacher_call

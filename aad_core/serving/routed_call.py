@@ -51,6 +51,14 @@ class RoutedAnswer:
     teacher_latency_ms: float | None = None
 
 
+def escalation_info(decision: RoutingDecision, outcome: SpecialistOutcome) -> dict[str, Any]:
+    """Why a specialist's answer was rejected, with that answer: ``metadata["aad_escalation"]`` of the
+    trace that stores the teacher's answer instead."""
+    return {"reason": outcome.reason, "cluster_id": decision.cluster_id, "specialist": decision.specialist,
+            "specialist_output": outcome.text, "similarity": decision.similarity,
+            "mean_logprob": outcome.mean_logprob, "confidence": outcome.confidence}
+
+
 def teacher_result(result: Any) -> tuple[Message, Usage | None, str | None]:
     """(message, usage, model) of a teacher call's result: a Message, an OpenAI chat-completion
     dict, a string, or (Message, Usage)."""
@@ -90,6 +98,9 @@ class RoutedCall:
         self._teacher_started = ready
         self._teacher_answer: RoutedAnswer | None = None
         self.specialist_answer: RoutedAnswer | None = None
+        #: Set by an integration whose capture handler records the teacher call itself (with
+        #: :meth:`escalation_info` in its metadata): finishing then stores no second trace of it.
+        self.captured_by_caller = False
         if outcome is not None and outcome.ok and outcome.message is not None:
             self.specialist_answer = RoutedAnswer(outcome.message, decision, outcome.usage or Usage(),
                                                   model=decision.specialist or "", latency_ms=(ready - started) * 1000)
@@ -102,6 +113,12 @@ class RoutedCall:
     def escalated(self) -> bool:
         """A specialist was tried and its answer rejected."""
         return self.outcome is not None and self.specialist_answer is None
+
+    def escalation_info(self) -> dict[str, Any] | None:
+        """What an escalation trace's ``metadata["aad_escalation"]`` holds (None: no escalation)."""
+        if self.outcome is None or self.specialist_answer is not None:
+            return None
+        return escalation_info(self.decision, self.outcome)
 
     def start_teacher(self) -> None:
         """Mark the start of the teacher call (default: the end of the specialist's attempt)."""
@@ -132,7 +149,9 @@ class RoutedCall:
                                             model=model or self.engine.teacher_model or "teacher",
                                             latency_ms=(ended - self.started) * 1000, teacher_raw=raw,
                                             teacher_latency_ms=teacher_ms)
-        if self.outcome is not None:
+        if self.captured_by_caller:
+            pass  # the caller's capture handler stores this teacher call, once
+        elif self.outcome is not None:
             self.engine.record_escalation(self.request, message, self.decision, self.outcome, usage=usage,
                                           model=model, latency_ms=teacher_ms)
         elif self.engine.capture_teacher:

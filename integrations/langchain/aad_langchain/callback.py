@@ -15,6 +15,7 @@ logged once.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_METADATA_KEY = "aad_task"
+#: Metadata of a teacher run that RoutedChatModel made because its specialist's answer was rejected.
+ESCALATION_METADATA_KEY = "aad_escalation"
+#: Metadata keys of the run tree: the root run of the invocation and the runs above the call.
+ROOT_RUN_METADATA_KEY = "aad_root_run_id"
+RUN_PATH_METADATA_KEY = "aad_run_path"
+#: LangChain's own bookkeeping tags (position in a sequence or map, LangGraph steps, LangSmith flags).
+_INTERNAL_TAG = re.compile(r"^(seq:step:|map:key:|graph:step:|langsmith:)")
 _PARAM_SKIP = {"tools", "_type"}
 
 _ACTIVE: ContextVar[AADCallbackHandler | None] = ContextVar("aad_langchain_active_handler", default=None)
@@ -97,7 +105,7 @@ class AADCallbackHandler(BaseCallbackHandler):
 
     raise_error: bool = False
     run_inline: bool = True  # cheap and thread-safe: no executor hop in async runs
-    ignore_chain: bool = True
+    ignore_chain: bool = False  # chain runs are followed (not stored) for the run tree: root id and path
     ignore_agent: bool = True
     ignore_retriever: bool = True
     ignore_retry: bool = True
@@ -123,6 +131,8 @@ class AADCallbackHandler(BaseCallbackHandler):
         self._owns_writer = writer is None
         self.writer = writer or CaptureWriter(workspace=workspace, store=store, redact=redact, config=config)
         self._runs: dict[UUID, _Run] = {}
+        #: Open chain / tool / routed-model runs: run id -> (parent run id, name), for the run tree.
+        self._parents: dict[UUID, tuple[UUID | None, str]] = {}
         self._handler_errors = 0
         self._logged_error = False
 
@@ -215,6 +225,7 @@ class AADCallbackHandler(BaseCallbackHandler):
         if inv.get("_type") == ROUTED_LLM_TYPE:
             # aad's own RoutedChatModel: its answer may be a specialist's, which must never become training
             # data. The teacher call it makes runs as a child run and is recorded as itself.
+            self._parents[run_id] = (parent_run_id, str(kwargs.get("name") or "RoutedChatModel"))
             return
         tools = inv.get("tools")
         params = {k: v for k, v in inv.items() if k not in _PARAM_SKIP}
@@ -235,9 +246,52 @@ class AADCallbackHandler(BaseCallbackHandler):
             model=str(model) if model is not None else None,
             task=str(task) if task is not None else None,
             parent_run_id=str(parent_run_id) if parent_run_id else None,
-            tags=list(tags or []),
-            metadata=json_safe(metadata),
+            tags=[t for t in tags or [] if not _INTERNAL_TAG.match(str(t))]
+            + (["escalation"] if ESCALATION_METADATA_KEY in metadata else []),
+            metadata=json_safe({**metadata, **self._tree(run_id, parent_run_id)}),
         )
+
+    # -- the run tree: chain and tool runs are followed, not stored ----------------------------
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
+                       parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        self._open(run_id, parent_run_id, serialized, kwargs)
+
+    def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
+                      parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        self._open(run_id, parent_run_id, serialized, kwargs)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._parents.pop(run_id, None)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._parents.pop(run_id, None)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._parents.pop(run_id, None)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._parents.pop(run_id, None)
+
+    def _open(self, run_id: UUID, parent_run_id: UUID | None, serialized: dict[str, Any] | None,
+              kwargs: dict[str, Any]) -> None:
+        try:
+            ident = (serialized or {}).get("id")
+            name = kwargs.get("name") or (serialized or {}).get("name") or (ident[-1] if ident else "") or "run"
+            self._parents[run_id] = (parent_run_id, str(name))
+        except Exception as err:
+            self._fail(err)
+
+    def _path(self, parent_run_id: UUID | None) -> list[dict[str, str]]:
+        """The open runs above a call, root first: ``[{"run_id", "name"}, ...]`` (an untracked parent ends it)."""
+        path: list[dict[str, str]] = []
+        seen: set[UUID] = set()
+        current = parent_run_id
+        while current is not None and current not in seen:
+            seen.add(current)
+            parent, name = self._parents.get(current, (None, ""))
+            path.append({"run_id": str(current), "name": name} if name else {"run_id": str(current)})
+            current = parent
+        return path[::-1]
 
     # -- streaming ---------------------------------------------------------------------------
     def on_llm_new_token(
@@ -253,8 +307,15 @@ class AADCallbackHandler(BaseCallbackHandler):
         if run is not None:
             run.chunks.append(chunk if chunk is not None else token)
 
+    def _tree(self, run_id: UUID, parent_run_id: UUID | None) -> dict[str, Any]:
+        """``aad_root_run_id`` (the agent invocation's root run: every call of one pipeline shares it) and
+        ``aad_run_path`` (the chain / tool runs from the root down to the call's parent, with their names)."""
+        path = self._path(parent_run_id)
+        return {ROOT_RUN_METADATA_KEY: path[0]["run_id"] if path else str(run_id), RUN_PATH_METADATA_KEY: path}
+
     # -- end ---------------------------------------------------------------------------------
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        self._parents.pop(run_id, None)
         try:
             run = self._runs.pop(run_id, None)
             if run is None:
@@ -272,6 +333,7 @@ class AADCallbackHandler(BaseCallbackHandler):
     def on_llm_error(
         self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
+        self._parents.pop(run_id, None)
         try:
             run = self._runs.pop(run_id, None)
             if run is None:

@@ -34,7 +34,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from aad_core.schema import ChatRequest, Message, Usage
-from aad_langchain.callback import ROUTED_LLM_TYPE
+from aad_langchain.callback import ESCALATION_METADATA_KEY, ROUTED_LLM_TYPE, AADCallbackHandler
 
 if TYPE_CHECKING:
     from aad_core.serving.routed_call import RoutedCall
@@ -44,8 +44,12 @@ log = logging.getLogger(__name__)
 _CALL_ONLY = ("tools", "tool_choice", "model", "ls_structured_output_format")
 
 
-def _child_config(run_manager: Any) -> dict[str, Any]:
-    """Run config that makes the teacher call a child run of the routed call (same handlers)."""
+def _child_config(run_manager: Any, call: RoutedCall | None = None) -> dict[str, Any]:
+    """Run config that makes the teacher call a child run of the routed call (same handlers).
+
+    On an escalation the teacher's run carries ``metadata["aad_escalation"]`` (the reason and the
+    specialist's rejected answer); when an :class:`AADCallbackHandler` will record that run, it is the
+    one trace of the teacher call and the routing engine stores none of its own."""
     if run_manager is None:
         return {}
     from langchain_core.callbacks import AsyncCallbackManager, CallbackManager
@@ -54,6 +58,11 @@ def _child_config(run_manager: Any) -> dict[str, Any]:
     # The routed model's own ls_* tracing parameters (ls_model_name="aad-routed", ...) describe it, not the
     # teacher: the teacher's run gets its own.
     metadata = {k: v for k, v in (run_manager.inheritable_metadata or {}).items() if not k.startswith("ls_")}
+    escalation = call.escalation_info() if call is not None else None
+    if escalation is not None:
+        metadata[ESCALATION_METADATA_KEY] = escalation
+        if any(isinstance(h, AADCallbackHandler) for h in run_manager.inheritable_handlers or []):
+            call.captured_by_caller = True
     manager = cls(handlers=run_manager.inheritable_handlers, inheritable_handlers=run_manager.inheritable_handlers,
                   parent_run_id=run_manager.run_id, tags=run_manager.inheritable_tags,
                   inheritable_tags=run_manager.inheritable_tags, metadata=metadata, inheritable_metadata=metadata)
@@ -288,7 +297,7 @@ class RoutedChatModel(BaseChatModel):
         call = self.engine().route_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
         if call.specialist_answer is not None:
             return self._result(call, self._specialist_message(call))
-        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
         call.start_teacher()
         answer = teacher.invoke(messages, config=config, stop=stop or self.stop)
         return self._result(call, self._finish_teacher(call, answer))
@@ -298,7 +307,7 @@ class RoutedChatModel(BaseChatModel):
         call = await self.engine().aroute_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
         if call.specialist_answer is not None:
             return self._result(call, self._specialist_message(call))
-        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
         call.start_teacher()
         answer = await teacher.ainvoke(messages, config=config, stop=stop or self.stop)
         return self._result(call, await self._afinish_teacher(call, answer))
@@ -312,7 +321,7 @@ class RoutedChatModel(BaseChatModel):
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
         collected: AIMessageChunk | None = None
         call.start_teacher()
         for part in teacher.stream(messages, config=config, stop=stop or self.stop):
@@ -335,7 +344,7 @@ class RoutedChatModel(BaseChatModel):
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
         collected: AIMessageChunk | None = None
         call.start_teacher()
         async for part in teacher.astream(messages, config=config, stop=stop or self.stop):

@@ -68,6 +68,8 @@ class _Call:
     parent: str | None
     tags: dict[str, Any]
     last: ChatResponse | CompletionResponse | None = None
+    #: The last usage a streamed response reported (providers send it on one chunk, often not the last).
+    usage: Usage | None = None
 
 
 # -- conversions -------------------------------------------------------------------------------
@@ -129,6 +131,31 @@ def _raw_dict(raw: Any) -> dict[str, Any]:
         return {}
 
 
+#: The LLM's settings that are parameters of the call it makes (the rest of ``model_dict`` describes
+#: the LLM object: context window, system prompt, output parser, retries, client options, ...).
+_CALL_PARAMS = ("model", "model_name", "temperature", "max_tokens", "max_new_tokens", "max_completion_tokens",
+                "top_p", "top_k", "min_p", "stop", "seed", "frequency_penalty", "presence_penalty",
+                "repetition_penalty", "n", "logprobs", "top_logprobs", "response_format", "tool_choice",
+                "reasoning_effort", "parallel_tool_calls", "user")
+
+
+def _call_params(model_dict: dict[str, Any], llm: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's parameters: the model name, the LLM object's sampling settings and ``additional_kwargs``
+    (extra request parameters, e.g. OpenAI's) and the call's own keyword arguments (tools are recorded
+    apart). The event's ``model_dict`` is the LLM's metadata (context window, num_output, ...): only its
+    model name is a parameter of the call."""
+    params = {k: model_dict[k] for k in ("model", "model_name") if model_dict.get(k) is not None}
+    for k in _CALL_PARAMS:
+        value = getattr(llm, k, None) if llm is not None else None
+        if value is not None and isinstance(value, (str, int, float, bool, list, dict, tuple)):
+            params[k] = value
+    extra = getattr(llm, "additional_kwargs", None) if llm is not None else None
+    if isinstance(extra, dict):
+        params.update({k: v for k, v in extra.items() if v is not None})
+    params.update({k: v for k, v in call_kwargs.items() if k not in ("tools", "functions") and v is not None})
+    return params
+
+
 def _usage(resp: ChatResponse | CompletionResponse) -> Usage | None:
     raw = _raw_dict(resp.raw)
     return (
@@ -172,6 +199,7 @@ class _LLMSpans(BaseSpanHandler[Any]):
 
     _owner: AADEventHandler = PrivateAttr()
     _parents: dict[str, str | None] = PrivateAttr(default_factory=dict)
+    _instances: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def class_name(cls) -> str:
@@ -181,19 +209,26 @@ class _LLMSpans(BaseSpanHandler[Any]):
                    parent_id: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if instance is not None and _is_llm(instance):
             self._parents[id_] = parent_id
+            self._instances[id_] = instance
 
     def span_exit(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
                   result: Any = None, **kwargs: Any) -> None:
         self._parents.pop(id_, None)
+        self._instances.pop(id_, None)
 
     def span_drop(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
                   err: BaseException | None = None, **kwargs: Any) -> None:
         self._parents.pop(id_, None)
+        self._instances.pop(id_, None)
         if err is not None:
             self._owner._fail_call(id_, err)
 
     def parent(self, span_id: str | None) -> str | None:
         return self._parents.get(span_id) if span_id else None
+
+    def llm(self, span_id: str | None) -> Any:
+        """The LLM object whose call opened span ``span_id`` (None when unknown)."""
+        return self._instances.get(span_id) if span_id else None
 
     def new_span(self, *args: Any, **kwargs: Any) -> None:  # spans are not kept
         return None
@@ -305,6 +340,7 @@ class AADEventHandler(BaseEventHandler):
                 call = self._calls.get(event.span_id or "")
                 if call is not None:
                     call.last = event.response
+                    call.usage = _usage(event.response) or call.usage
             elif isinstance(event, LLMChatStartEvent):
                 self._start(event, [to_openai_message(m) for m in event.messages])
             elif isinstance(event, LLMCompletionStartEvent):
@@ -333,8 +369,7 @@ class AADEventHandler(BaseEventHandler):
         model_dict = event.model_dict or {}
         kw = dict(event.additional_kwargs or {})
         model = model_dict.get("model") or model_dict.get("model_name") or model_dict.get("class_name")
-        params = {k: v for k, v in model_dict.items() if k not in ("class_name", "api_key", "callback_manager")}
-        params.update({k: v for k, v in kw.items() if k not in ("tools", "functions")})
+        params = _call_params(model_dict, self._spans.llm(span), kw)
         tags = json_safe(event.tags or {})
         task = tags.get(TASK_TAG) or self.task
         self._calls[span] = _Call(
@@ -380,7 +415,7 @@ class AADEventHandler(BaseEventHandler):
             model=call.model,
             request=call.request,
             response=_answer(resp),
-            usage=_usage(resp) if resp is not None else None,
+            usage=(_usage(resp) if resp is not None else None) or call.usage,
             latency_ms=(time.perf_counter() - call.start) * 1000,
             teacher_logprobs=_logprobs(resp) if resp is not None else None,
             status="error" if error else "ok",

@@ -1,0 +1,123 @@
+"""What ``aad monitor`` shows: per task, from the routing engine's logs (``.aad/state/serving.jsonl``
+and ``shadow.jsonl``, written by :class:`~aad_core.serving.shadow.ShadowEvaluator`).
+
+- **served share**: requests the specialist answered / requests routed to the task's cluster;
+- **live agreement**: agreeing shadow pairs / pairs of the served specialist version (its last
+  ``[route] shadow_window`` pairs), with the one-sided Clopper-Pearson lower bound at ``[eval] gate_alpha``;
+- **escalations by reason**: the kind of each rejected specialist answer (timeout, exception,
+  validator ..., low confidence);
+- **drift**: the share of the task's requests below its similarity threshold, against the share of
+  the task's own training calls below it when the router was calibrated (``router.json``:
+  ``own_rejected / n_own``); flagged when the recent share is at least twice that and 10 points
+  above it, over at least ``MIN_DRIFT_REQUESTS`` requests. A changed teacher model name in the
+  shadow pairs is flagged too (a new teacher calls for re-distillation);
+- **cost saved vs teacher-only**: the tokens of the specialist-served requests (prompt estimated at
+  4 characters per token, plus the answer) at ``[eval] teacher_price_per_mtok``, minus the
+  specialist's time at ``[eval] hardware_price_per_hour``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any
+
+from aad_core.serving.shadow import SERVING_LOG, SHADOW_LOG, live_agreement, read_jsonl
+
+if TYPE_CHECKING:
+    from aad_core.workspace import Workspace
+
+#: Fewest requests of a task before its below-threshold share is judged for drift.
+MIN_DRIFT_REQUESTS = 20
+
+
+def _merge(total: dict[str, Any], row: dict[str, Any]) -> None:
+    for key, value in row.items():
+        if key in ("day", "cluster_id"):
+            continue
+        if isinstance(value, dict):
+            sub = total.setdefault(key, {})
+            for k, v in value.items():
+                sub[k] = sub.get(k, 0) + v
+        elif isinstance(value, (int, float)):
+            total[key] = total.get(key, 0) + value
+
+
+def monitor_summary(ws: Workspace, days: int | None = 7) -> dict[str, Any]:
+    """Per task (cluster) figures over the last ``days`` UTC days (None = everything logged)."""
+    from aad_core.artifacts import ClusterState, RouterState
+    from aad_core.specialists import SpecialistRegistry
+
+    cfg = ws.config
+    since = None if days is None else (date.today() - timedelta(days=max(0, days - 1))).isoformat()
+    serving = [r for r in read_jsonl(ws.state_dir / SERVING_LOG) if since is None or str(r.get("day")) >= since]
+    shadow = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if since is None or str(r.get("day")) >= since]
+    state = ClusterState.load_optional(ws)
+    labels = {c.id: (c.task or c.label) for c in state.clusters} if state else {}
+    router = RouterState.load_optional(ws)
+    calibrated = dict(router.clusters) if router else {}
+    registry = SpecialistRegistry(ws)
+    promoted = registry.promoted()
+    specs = registry.list()
+
+    totals: dict[Any, dict[str, Any]] = {}
+    for row in serving:
+        _merge(totals.setdefault(row.get("cluster_id"), {}), row)
+    cluster_ids = sorted({*totals, *(r.get("cluster_id") for r in shadow)}, key=lambda c: (c is None, c if c is not None else 0))
+    price, hw = cfg.eval.teacher_price_per_mtok, cfg.eval.hardware_price_per_hour
+    tasks = []
+    for cid in cluster_ids:
+        t = totals.get(cid, {})
+        n = int(t.get("requests", 0))
+        served = int(t.get("specialist", 0))
+        spec = promoted.get(cid) if cid is not None else None
+        own = [r for r in shadow if r.get("cluster_id") == cid and r.get("event", "pair") == "pair"]
+        if spec is None and own:  # the version the pairs were about (e.g. demoted since)
+            last = own[-1]
+            spec_name, spec_version = last.get("specialist"), last.get("version")
+        else:
+            spec_name, spec_version = (spec.name, spec.version) if spec else (None, None)
+        pairs = [r for r in own if r.get("specialist") == spec_name and r.get("version") == spec_version]
+        live = live_agreement(pairs, cfg.route.shadow_window, cfg.eval.gate_alpha)
+        demotions = [r for r in shadow if r.get("event") == "demoted" and r.get("specialist") == spec_name]
+        saved = int(t.get("served_tokens", 0)) * price / 1e6 - float(t.get("specialist_ms", 0.0)) / 3.6e6 * hw
+        below = int(t.get("below_threshold", 0))
+        cal = calibrated.get(cid, {}) if cid is not None else {}
+        expected = (cal["own_rejected"] / cal["n_own"]) if cal.get("n_own") else None
+        share_below = below / n if n else None
+        drift = (share_below is not None and n >= MIN_DRIFT_REQUESTS and expected is not None
+                 and share_below >= 2 * expected and share_below >= expected + 0.10)
+        models = list(dict.fromkeys(str(r.get("teacher_model")) for r in own if r.get("teacher_model")))
+        version_state = None
+        if spec_name is not None:
+            match = [s for s in specs if s.name == spec_name and s.version == spec_version]
+            version_state = "promoted" if match and match[0].promoted else "demoted" if match else None
+        tasks.append({
+            "cluster_id": cid,
+            "task": labels.get(cid, "-" if cid is None else f"cluster {cid}"),
+            "specialist": spec_name, "version": spec_version, "state": version_state,
+            "requests": n, "served": served, "served_share": served / n if n else None,
+            "teacher": int(t.get("teacher", 0)),
+            "escalations": dict(sorted((t.get("escalations") or {}).items(), key=lambda kv: -kv[1])),
+            "live_agreement": live["agreement"], "lower_bound": live["lower_bound"],
+            "agreeing_pairs": live["k"], "shadow_pairs": len(own), "window_pairs": live["n"],
+            "shadow_skipped": t.get("shadow_skipped") or {},
+            "demotions": [{"time": r.get("time"), "version": r.get("version"), "reason": r.get("reason")}
+                          for r in demotions],
+            "below_threshold_share": share_below, "calibration_below_share": expected, "drift": bool(drift),
+            "mean_similarity": (t["similarity_sum"] / t["similarity_n"]) if t.get("similarity_n") else None,
+            "threshold": cal.get("threshold"),
+            "teacher_models": models, "teacher_model_changed": len(models) > 1,
+            "saved_usd": saved,
+        })
+    n_all = sum(t["requests"] for t in tasks)
+    served_all = sum(t["served"] for t in tasks)
+    return {
+        "since": since, "days": days, "target_agreement": cfg.eval.target_agreement, "alpha": cfg.eval.gate_alpha,
+        "teacher_price_per_mtok": price, "tasks": tasks,
+        "total": {"requests": n_all, "served": served_all, "served_share": served_all / n_all if n_all else None,
+                  "shadow_pairs": sum(t["shadow_pairs"] for t in tasks),
+                  "saved_usd": sum(t["saved_usd"] for t in tasks)},
+    }
+
+
+__all__ = ["MIN_DRIFT_REQUESTS", "monitor_summary"]
