@@ -148,3 +148,19 @@ def test_routed_chat_model_multi_turn_history(workspace: Workspace, turns: int) 
     else:
         assert route["target"] == "teacher" and out.content == "teacher says hi"
         assert route["reason"] == "2 prior turns; the specialist was trained on single-turn requests"
+
+
+def test_a_task_whose_calls_bind_different_tools_accepts_any_tools() -> None:
+    from aad_core.schema import ChatRequest
+    from aad_core.serving.request_shape import shape_mismatch, training_shape
+
+    def req(tool: str) -> ChatRequest:
+        return ChatRequest.model_validate({
+            "messages": [{"role": "system", "content": "Call the right function."}, {"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": tool, "parameters": {"type": "object"}}}]})
+
+    varying = training_shape([req("get_weather"), req("add_to_cart"), req("compress_file")])
+    assert varying is not None and varying["tools"] is None
+    assert shape_mismatch(req("board_game_moves"), varying) == ""
+    fixed = training_shape([req("get_weather"), req("get_weather")])
+    assert "never saw (board_game_moves)" in shape_mismatch(req("board_game_moves"), fixed)

@@ -88,12 +88,15 @@ class SpecialistRuntime:
             if self._merged is not None:
                 raise AADError(f"Adapter {self._merged!r} is merged into the base; no more adapters can be added.",
                                hint="Create another SpecialistRuntime for more adapters.")
-            if isinstance(self._model, PeftModel):
-                if name in self._model.peft_config:
-                    self._model.delete_adapter(name)
-                self._model.load_adapter(str(path), adapter_name=name)
-            else:
-                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+            from aad_core.models.quiet import quiet_loading
+
+            with quiet_loading():  # peft asks transformers a deprecated question (a FutureWarning in the user's agent)
+                if isinstance(self._model, PeftModel):
+                    if name in self._model.peft_config:
+                        self._model.delete_adapter(name)
+                    self._model.load_adapter(str(path), adapter_name=name)
+                else:
+                    self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
             self._model.eval()
             self._adapters[name] = str(path)
             from aad_core.models.answer_bank import AnswerHints

@@ -55,10 +55,13 @@ def training_shape(requests: Iterable[ChatRequest]) -> dict[str, Any] | None:
 
 
 def shape_envelope(shapes: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """:func:`training_shape` of requests already reduced to their :func:`request_shape`."""
+    """:func:`training_shape` of requests already reduced to their :func:`request_shape`. ``tools`` is the
+    tool set every training call bound, or None when the calls bound different tool sets."""
     n, turns, msgs, tool_msgs, tools, formats = 0, 0, 0, False, set(), set()
+    tool_sets: set[tuple[str, ...]] = set()
     for shape in shapes:
         n += 1
+        tool_sets.add(tuple(shape["tools"]))
         if shape.get("response_format"):
             formats.add(str(shape["response_format"]))
         turns, msgs = max(turns, shape["user_turns"]), max(msgs, shape["messages"])
@@ -66,8 +69,11 @@ def shape_envelope(shapes: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None
         tools.update(shape["tools"])
     if not n:
         return None
-    return {"max_user_turns": turns, "max_messages": msgs, "tool_messages": tool_msgs, "tools": sorted(tools),
-            "response_formats": sorted(formats), "n": n}
+    # A task whose calls bind different tools each time (a function-calling node handed each request's own
+    # tools) learned to use whatever is bound: only a fixed tool set is enforced (None = any tools).
+    fixed = len(tool_sets - {()}) <= 1
+    return {"max_user_turns": turns, "max_messages": msgs, "tool_messages": tool_msgs,
+            "tools": sorted(tools) if fixed else None, "response_formats": sorted(formats), "n": n}
 
 
 def _turns(n: int) -> str:
