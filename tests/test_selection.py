@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,105 @@ def test_diverse_keeps_every_label_when_scores_follow_the_label() -> None:
     assert set(DiverseSelector(score_weight=1.0).select(ids, scores, 0.3, embeddings=emb)) == set(top)
     with pytest.raises(ValueError, match="'score_weight' parameter of DiverseSelector must be a float in \\[0, 1\\]"):
         DiverseSelector(score_weight=2.0).select(ids, scores, 0.3, embeddings=emb)
+
+
+# -- the answer-aware selector ---------------------------------------------------------------------
+
+def _label_case(n: int = 40, n_labels: int = 4):
+    """Scores that follow the label (labels 2 and 3 are "hard"), embeddings clustered by label."""
+    rng = np.random.default_rng(0)
+    labels = [i % n_labels for i in range(n)]
+    emb = np.stack([np.eye(8)[g] + 0.05 * rng.standard_normal(8) for g in labels])
+    scores = [float(g >= 2) * 3 + 0.01 * i for i, g in enumerate(labels)]
+    ids = [f"t{i}" for i in range(n)]
+    answers = [f"intent_{g}" for g in labels]
+    return ids, scores, emb, answers, labels
+
+
+def test_stratified_keeps_every_label_where_top_keeps_one() -> None:
+    from aad_plugins.selectors import StratifiedSelector
+
+    ids = [f"t{i}" for i in range(30)]
+    answers = ["card_arrival"] * 10 + ["exchange_rate"] * 10 + ["lost_card"] * 10
+    scores = [5.0 + 0.01 * i for i in range(10)] + [0.1] * 10 + [0.2] * 10  # one label is "hard" everywhere
+    top = TopSelector().select(ids, scores, 0.3)
+    assert {answers[int(i[1:])] for i in top} == {"card_arrival"}
+    for emb in (None, np.eye(30)):
+        chosen = StratifiedSelector().select(ids, scores, 0.3, embeddings=emb, answers=answers, seed=0)
+        kept = [answers[int(i[1:])] for i in chosen]
+        assert sorted(kept) == ["card_arrival"] * 3 + ["exchange_rate"] * 3 + ["lost_card"] * 3
+    # inside a group the score still counts: without embeddings the group's highest score comes first
+    assert "t9" in StratifiedSelector().select(ids, scores, 0.3, answers=answers)
+
+
+def test_stratified_covers_groups_respects_budget_and_is_deterministic() -> None:
+    from aad_plugins.selectors import StratifiedSelector
+
+    ids, scores, emb, answers, labels = _label_case()
+    sel = StratifiedSelector()
+    for fraction in (0.1, 0.3, 0.55, 1.0):
+        chosen = sel.select(ids, scores, fraction, embeddings=emb, answers=answers, seed=3)
+        assert len(chosen) == n_selected(len(ids), fraction) == len(set(chosen))
+        assert set(chosen) <= set(ids)
+        assert {labels[int(i[1:])] for i in chosen} == {0, 1, 2, 3}  # every answer group
+        assert chosen == sel.select(ids, scores, fraction, embeddings=emb, answers=answers, seed=3)
+    # proportional (ideal shares 8, 1.75, 0.25 of 10), and a group of one still gets one
+    answers = ["big"] * 32 + ["mid"] * 7 + ["one"]
+    chosen = sel.select(ids, scores, 0.25, embeddings=emb, answers=answers)
+    assert Counter(answers[int(i[1:])] for i in chosen) == {"big": 8, "mid": 1, "one": 1}
+    # fewer picks than groups: the larger groups first, ties in a seeded order; never more than asked
+    answers = [f"a{i}" for i in range(40)]
+    assert len(sel.select(ids, scores, 0.1, answers=answers, seed=0)) == 4
+    assert sel.select(ids, scores, 0.1, answers=answers, seed=0) == sel.select(ids, scores, 0.1, answers=answers, seed=0)
+    assert sel.select(ids, scores, 0.1, answers=answers, seed=0) != sel.select(ids, scores, 0.1, answers=answers, seed=1)
+    # without answers it is one group: the diverse selector's choice
+    assert set(sel.select(ids, scores, 0.3, embeddings=emb)) == set(DiverseSelector().select(ids, scores, 0.3, embeddings=emb))
+    with pytest.raises(ValueError, match="'answers' parameter"):
+        sel.select(ids, scores, 0.3, answers=answers[:3])
+    with pytest.raises(ValueError, match="'score_weight' parameter"):
+        StratifiedSelector(score_weight=-1).select(ids, scores, 0.3, answers=answers)
+
+
+def test_answer_keys_per_output_kind() -> None:
+    import json
+
+    from aad_plugins.selectors import NO_TOOL, allocate, answer_keys
+
+    assert answer_keys(["Card_Arrival ", "card_arrival", "lost_card"]) == ["label:card_arrival"] * 2 + ["label:lost_card"]
+    call = lambda name: json.dumps([{"name": name, "arguments": {"q": 1}}])  # noqa: E731  (answer_string's form)
+    assert answer_keys([call("search"), call("search"), call("book"), "No tool fits this request, sorry."]) == \
+        ["tools:search", "tools:search", "tools:book", NO_TOOL]
+    assert answer_keys(['{"a": 1, "b": 2}', '{"b": 5, "a": 0}', '{"a": 1}']) == ["json:{a,b}", "json:{a,b}", "json:{a}"]
+    sql = answer_keys(["SELECT name FROM users WHERE age > 3", "select name from users where age > 40",
+                       "SELECT COUNT(*) FROM orders GROUP BY day"])
+    assert sql[0] == sql[1] != sql[2]
+    assert len(set(answer_keys(["A long free-text answer, one of many words.", "Another free-text answer here."]))) == 1
+    assert allocate([10, 10, 10, 10], 12) == [3, 3, 3, 3]
+    assert allocate([50, 5, 5], 10) == [8, 1, 1] and allocate([1, 1, 100], 5) == [1, 1, 3]
+    assert allocate([3, 3], 6) == [3, 3] and sum(allocate([50, 5, 5], 2)) == 2
+
+
+def test_select_stage_gives_answers_to_answer_aware_selectors(workspace, tiny_student: Path, monkeypatch) -> None:
+    from aad_core.pipeline.select import run_select
+    from aad_plugins.selectors import StratifiedSelector
+
+    traces = _populate(workspace)
+    cfg = workspace.config
+    cfg.train.student = str(tiny_student)
+    cfg.train.max_length = 48
+    cfg.set_component_param("scorer", "kl-uncertainty", "batch_size", 4)
+    seen: list[tuple[list[str], list[str] | None, bool]] = []
+    select = StratifiedSelector.select
+
+    def spy(self, ids, scores, fraction, *, embeddings=None, seed=0, answers=None):
+        seen.append((list(ids), None if answers is None else list(answers), embeddings is not None))
+        return select(self, ids, scores, fraction, embeddings=embeddings, seed=seed, answers=answers)
+
+    monkeypatch.setattr(StratifiedSelector, "select", spy)
+    artifact = run_select(workspace, fraction=0.5, selector="stratified", show_progress=False)
+    assert workspace.read_state("selection.json")["selector"] == "stratified"
+    assert len(seen) == 2
+    for ids, answers, with_embeddings in seen:
+        assert answers == [traces[i].answer_text() for i in ids] and with_embeddings
+    for entry in artifact["clusters"].values():
+        assert len(entry["selected"]) == 4 and set(entry["selected"]) <= set(traces)

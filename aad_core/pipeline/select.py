@@ -80,7 +80,13 @@ def run_select(
 
                 texts = [f"{t.request.last_user_message()}\n{t.answer_text()}" for t in traces]
                 embeddings = embed_texts(texts, get_embedder(cfg), cache_dir=ws.cache_dir)
-            chosen = chooser.select(kept_ids, [s["score"] for s in scores], fraction, embeddings=embeddings, seed=cfg.seed)
+            extra: dict[str, Any] = {}
+            if getattr(chooser, "needs_answers", False):  # answer-aware selectors (e.g. 'stratified')
+                from aad_core.formats.answers import answer_string
+
+                extra["answers"] = [answer_string(t) for t in traces]
+            chosen = chooser.select(kept_ids, [s["score"] for s in scores], fraction, embeddings=embeddings,
+                                    seed=cfg.seed, **extra)
             out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=list(chosen),
                                         scores={tid: s for tid, s in zip(kept_ids, scores)})
     selection = Selection(clusters=out, fraction=fraction, selector=selector_name, scorer=cfg.select.scorer,
