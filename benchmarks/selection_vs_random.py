@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             picked = picks[name]
             if picked not in trained:  # at 100 % every pick is the whole pool: train once
-                tag = f"{name}-{n}"
+                tag = "".join(c if c.isalnum() else "_" for c in name) + f"-{n}"  # an adapter name: no '.' or ':'
                 out = work / tag
                 trainer = create_component(
                     "trainer", "qlora", student=args.student, batch_size=8, gradient_accumulation=1,
