@@ -271,3 +271,20 @@ def test_select_stage_gives_answers_to_answer_aware_selectors(workspace, tiny_st
         assert answers == [traces[i].answer_text() for i in ids] and with_embeddings
     for entry in artifact["clusters"].values():
         assert len(entry["selected"]) == 4 and set(entry["selected"]) <= set(traces)
+
+
+def test_a_fraction_of_one_keeps_every_trace_without_scoring(workspace, monkeypatch) -> None:
+    """Scoring is a forward pass of the student per trace: wasted when the selection keeps them all."""
+    from aad_core.pipeline.select import run_select
+    from aad_plugins.kl_uncertainty import KLUncertaintyScorer
+
+    _populate(workspace)
+    workspace.config.train.trainer = "qlora"  # a kind that uses the selection
+
+    def refuse(self, traces, show_progress=False):  # noqa: ANN001, ANN202
+        raise AssertionError("scored although fraction 1 keeps every trace")
+
+    monkeypatch.setattr(KLUncertaintyScorer, "score", refuse)
+    artifact = run_select(workspace, fraction=1.0, show_progress=False)
+    for entry in artifact["clusters"].values():
+        assert len(entry["selected"]) == entry["n_train"] == 8 and entry["scores"] == {}
