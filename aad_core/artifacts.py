@@ -48,6 +48,8 @@ ROUTER = "router.json"
 ROUTER_EVAL = "router_eval.json"
 DISTILL = "distill.json"
 SELECTION_CURVE = "selection_curve.json"
+#: ``{cluster id: why}`` for the routine tasks no configured specialist kind fits (the train stage writes it).
+UNFIT = "unfit.json"
 
 #: The command that writes each file (the hint of every "missing" or "unreadable" error).
 MAKERS: dict[str, str] = {
@@ -599,3 +601,17 @@ __all__ = [
     "RouterState", "Selection", "SelectionCurve", "fingerprint", "load_clusters", "png_path", "read_json",
     "still_teacher_only",
 ]
+
+
+def read_unfit(ws: Workspace) -> dict[str, str]:
+    """``{cluster id: why}`` of the routine tasks the train stage found no fitting specialist kind for."""
+    try:
+        data = ws.read_state(UNFIT)
+    except (StageError, OSError, ValueError):  # absent or unreadable: nothing recorded yet
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def unfit_reason(ws: Workspace, cluster_id: int) -> str | None:
+    """Why no specialist kind fits the routine task ``cluster_id`` (None when one fits or it was not tried)."""
+    return read_unfit(ws).get(str(cluster_id))

@@ -155,7 +155,7 @@ def test_the_train_stage_picks_classifier_for_labels_and_lora_for_json(
     cfg = ws.config
     assert cfg.train.trainer == "auto"
     cfg.train.student = str(tiny_student)
-    cfg.train.max_length = 48
+    cfg.train.max_length = 160
     cfg.set_component_param("trainer", "qlora", "batch_size", 2)
     specs = {s.cluster_id: s for s in run_train(ws, max_steps=1, show_progress=False)}
     assert (specs[0].kind, specs[0].trainer) == ("classifier", "classifier")

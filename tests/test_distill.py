@@ -179,7 +179,7 @@ def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monk
     student = make_tiny_student(tmp_path / "student")
     sizes = {"intent": 30, "extract": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
     config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("trainer.qlora", "max_steps"): 2,
-              ("eval", "max_heldout"): 3, ("eval", "max_new_tokens"): 6, ("train", "max_length"): 64}
+              ("eval", "max_heldout"): 3, ("eval", "max_new_tokens"): 6, ("train", "max_length"): 400}
     ws = create_demo_workspace(tmp_path / "demo", sizes=sizes, config=config, redact=False)
     first = run_distill(Workspace(ws.root), show_progress=False)
     assert [r.stage for r in first] == [*STAGES, "report"]
@@ -189,5 +189,7 @@ def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monk
     assert ws.report_path.exists()
     evaluation = json.loads(ws.state_path("eval.json").read_text())
     assert any(c["status"] == "evaluated" for c in evaluation["clusters"])
+    kinds = {c["specialist"]["kind"] for c in evaluation["clusters"] if c["status"] == "evaluated"}
+    assert "lora" in kinds  # the JSON extraction task trains a LoRA adapter (its calls fit max_length)
     second = run_distill(Workspace(ws.root), show_progress=False)
     assert [r.status for r in second[:-1]] == ["skipped"] * len(STAGES)

@@ -97,7 +97,7 @@ def test_select_then_train_pipeline(workspace, tiny_student: Path) -> None:
     _populate(workspace)
     cfg = workspace.config
     cfg.train.student = str(tiny_student)
-    cfg.train.max_length = 48
+    cfg.train.max_length = 160  # the tiny tokenizer spells the prompt out: a LoRA adapter fits only above its length
     cfg.set_component_param("trainer", "qlora", "batch_size", 2)
     cfg.set_component_param("trainer", "qlora", "gradient_accumulation", 1)
     cfg.set_component_param("scorer", "kl-uncertainty", "batch_size", 4)
@@ -138,7 +138,7 @@ def test_cli_select_and_train(workspace, tiny_student: Path, monkeypatch) -> Non
 
     _populate(workspace, n_per_cluster=6)
     monkeypatch.setenv("AAD_TRAIN__STUDENT", str(tiny_student))
-    monkeypatch.setenv("AAD_TRAIN__MAX_LENGTH", "48")
+    monkeypatch.setenv("AAD_TRAIN__MAX_LENGTH", "160")
     runner = CliRunner()
     res = runner.invoke(app, ["select", "--selector", "random", "--fraction", "0.5", "-w", str(workspace.root), "--json"])
     assert res.exit_code == 0, res.output
@@ -254,7 +254,7 @@ def test_select_stage_gives_answers_to_answer_aware_selectors(workspace, tiny_st
     traces = _populate(workspace)
     cfg = workspace.config
     cfg.train.student = str(tiny_student)
-    cfg.train.max_length = 48
+    cfg.train.max_length = 160
     cfg.set_component_param("scorer", "kl-uncertainty", "batch_size", 4)
     seen: list[tuple[list[str], list[str] | None, bool]] = []
     select = StratifiedSelector.select

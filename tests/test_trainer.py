@@ -290,3 +290,15 @@ def test_max_steps_caps_the_minimum(tiny_student: Path, tmp_path: Path) -> None:
 def test_min_steps_is_validated() -> None:
     with pytest.raises(ValueError, match="min_steps"):
         _trainer(Path("unused"), min_steps=0).train(_traces(2), [], Path("unused"), show_progress=False)
+
+
+def test_a_task_whose_calls_are_mostly_longer_than_max_length_does_not_fit_a_lora_adapter(tiny_student: Path) -> None:
+    """Training would cut the prompts from the left (the system prompt and tools lost) while serving sees
+    them whole: the kind declines the task and says which max_length would fit it."""
+    long = [make_trace("a long request " + "about the weather in many cities " * 12, f"answer {i}") for i in range(9)]
+    short = [make_trace("short", "yes")]
+    fits, why = QLoRATrainer(student=str(tiny_student), max_length=48).applies_to(long + short)
+    assert not fits
+    assert "longer than max_length 48 tokens" in why and "raise [train] max_length" in why
+    fits, why = QLoRATrainer(student=str(tiny_student), max_length=1024).applies_to(long + short)
+    assert fits and "<= max_length 1024" in why

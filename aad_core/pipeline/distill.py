@@ -241,12 +241,17 @@ def _run_train(ws: Workspace, profile: Profile, progress: bool) -> str:
     ids = _routine_cluster_ids(ws, profile.max_specialists)
     if not ids:
         return "no routine cluster: nothing to train, every request stays with the teacher"
+    from aad_core.artifacts import read_unfit
+
     names = []
     for cid in ids:
-        for spec in run_train(ws, cluster_id=cid, show_progress=progress) or []:
+        for spec in run_train(ws, cluster_id=cid, show_progress=progress, skip_unfit=True) or []:
             names.append(f"{spec.name} ({spec.kind})")
     skipped = len(_routine_cluster_ids(ws, None)) - len(ids)
     more = f"; {skipped} more routine cluster(s) left to the teacher by the '{profile.name}' profile" if skipped else ""
+    unfit = [cid for cid in ids if str(cid) in read_unfit(ws)]
+    if unfit:
+        more += f"; no specialist kind fits cluster(s) {', '.join(map(str, unfit))} (see the report)"
     return f"trained {len(names)} specialist(s): {', '.join(names)}{more}"
 
 

@@ -59,14 +59,23 @@ def run_select(
                 continue
             kept_ids = [t.id for t in traces]
             trainer = kind_for(ws, traces)
-            keeps_all = trainer is not None and not getattr(trainer, "uses_selection", True)
+            if trainer is None:  # no configured kind fits the task (the train stage says why): nothing to score
+                if show_progress:
+                    from rich.console import Console
+
+                    Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): no configured specialist "
+                                               "kind fits its task; not scored")
+                out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=kept_ids,
+                                            scores={})
+                continue
+            keeps_all = not getattr(trainer, "uses_selection", True)
             if keeps_all or fraction >= 1:
                 # e.g. the classifier trains on the whole split, and a fraction of 1 keeps every trace:
                 # scoring with the student (a forward pass per trace) would be wasted
                 if show_progress:
                     from rich.console import Console
 
-                    who = (f"a {trainer.kind} specialist trains on" if keeps_all and trainer is not None
+                    who = (f"a {trainer.kind} specialist trains on" if keeps_all
                            else "the selection (fraction 1) keeps")
                     Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): {who} all {len(traces)} "
                                                "training traces; not scored")

@@ -41,9 +41,13 @@ def run_train(
     max_steps: int | None = None,
     answer_hints: int | None = None,
     show_progress: bool = True,
+    skip_unfit: bool = False,
 ) -> list[Specialist]:
-    """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists."""
-    from aad_core.artifacts import ClusterState, Selection
+    """Train the routine clusters in ``selection.json`` (or only ``cluster_id``); return the new specialists.
+
+    A task no configured kind fits is skipped (the reason recorded for the report), except that asking
+    for that one ``cluster_id`` is an error unless ``skip_unfit``."""
+    from aad_core.artifacts import UNFIT, ClusterState, Selection, read_unfit
     from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
     from aad_core.pipeline.evaluate.runner import candidate_summary, evaluate_specialist
     from aad_core.specialists import SpecialistRegistry
@@ -70,6 +74,7 @@ def run_train(
     registry = SpecialistRegistry(ws)
     runtimes: dict[str, Any] = {}  # the auditions' LoRA runtimes, one per base model
     out: list[Specialist] = []
+    unfit = read_unfit(ws)
     with ws.store() as store:
         for cid in todo:
             entry = chosen[cid]
@@ -86,11 +91,13 @@ def run_train(
                 t for t in store.iter_traces(ids=split_ids) if t.response is not None and t.status == "ok"])
             if not fitting:
                 why = "; ".join(f"{c['trainer']}: {c['why']}" for c in considered)
-                if cluster_id is not None:
+                if cluster_id is not None and not skip_unfit:
                     raise AADError(f"Cluster {cid}: no configured specialist kind fits its task ({why}).",
                                    hint='Add a kind that fits to [train] trainer, e.g. trainer = "auto".')
                 _say(show_progress, f"Cluster {cid} ({label}): no configured specialist kind fits ({why})")
+                unfit[str(cid)] = why
                 continue
+            unfit.pop(str(cid), None)
             # The cheapest kind first; a later kind trains only when the gate refuses the one before
             # (an audition on the held-out calls, as 'aad eval' runs it), so every candidate tried is kept.
             before: list[dict[str, Any]] = []
@@ -132,7 +139,9 @@ def run_train(
                 before.append(candidate_summary(audition))
                 _say(show_progress, f"Cluster {cid} ({label}): the gate refused the {trainer.kind} specialist "
                      f"({audition.get('reason')}); trying the next kind, {fitting[i + 1].name}")
+    ws.write_state(UNFIT, unfit)
     return out
+
 
 
 @dataclass

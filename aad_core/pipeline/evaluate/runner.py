@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aad_core.artifacts import EVAL as EVAL_STATE
-from aad_core.artifacts import ClusterState, EvalReport
+from aad_core.artifacts import ClusterState, EvalReport, unfit_reason
 from aad_core.formats.answers import answer_string, teacher_quality
 from aad_core.pipeline.evaluate.choose import evaluator_name_for
 from aad_core.pipeline.evaluate.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
@@ -347,10 +347,12 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
                 spec = latest[cluster.id]
                 entry = _status_entry(cluster)
                 if spec is None:
+                    unfit = unfit_reason(ws, cluster.id) if cluster.routine else None
                     entry.update(
                         status="no specialist",
-                        reason=("routine, but no specialist trained yet: run 'aad train'" if cluster.routine
-                                else "not routine: stays with the teacher"),
+                        reason=(f"routine, but no specialist kind fits its task ({unfit}): stays with the teacher"
+                                if unfit else "routine, but no specialist trained yet: run 'aad train'"
+                                if cluster.routine else "not routine: stays with the teacher"),
                     )
                     results.append(entry)
                     progress.advance(task)

@@ -169,6 +169,32 @@ class QLoRATrainer(Trainer):
         self.answer_candidates = answer_candidates
         self.hint_embedder = hint_embedder
 
+    def applies_to(self, train: Sequence[Trace]) -> tuple[bool, str]:
+        """Fits a task unless most of its calls are longer than ``max_length``: the adapter would learn
+        from prompts cut from the left (the system prompt and tools lost) while serving sees them whole."""
+        from aad_core.models.chat_format import answer_text, prompt_text
+        from aad_core.models.students import resolve_student
+
+        if not train:
+            return False, "no training trace"
+        from transformers import AutoTokenizer
+
+        from aad_core.models.quiet import quiet_loading
+
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(str(resolve_student(self.student)))
+        sample = list(train)[:: max(1, len(train) // 64)]  # a spread of up to ~64 calls is enough for a median
+        lengths = sorted(len(tok(prompt_text(tok, t.request) + answer_text(tok, t.request, t.response),
+                                 add_special_tokens=False)["input_ids"]) for t in sample if t.response is not None)
+        if not lengths:
+            return False, "no training trace with an answer"
+        median, p90 = lengths[len(lengths) // 2], lengths[(9 * (len(lengths) - 1)) // 10]
+        if median > self.max_length:
+            return False, (f"half its calls are longer than max_length {self.max_length} tokens (median {median}): "
+                           "a LoRA specialist would learn from prompts cut from the left; raise [train] max_length "
+                           f"to about {p90} (90 % of its calls) to train one")
+        return True, f"a LoRA adapter fits free-form answers (median call {median} tokens <= max_length {self.max_length})"
+
     # -- setup -------------------------------------------------------------------------------
     def _validate(self) -> None:
         owner = type(self).__name__
