@@ -276,6 +276,16 @@ class RouteConfig(_Section):
         300, ge=10, description="Training-split traces per cluster embedded to calibrate its threshold."
     )
     max_new_tokens: int = Field(256, ge=1, description="Generation budget of a specialist answer (a request's max_tokens wins).")
+    prefix_cache: int = Field(
+        8, ge=0, description="LoRA specialists: key/value caches of shared prompt prefixes (an agent node's system "
+        "prompt and tools, as the chat template renders them) kept per runtime, least recently used dropped first; "
+        "a request starting with a cached prefix encodes only the rest, with the same answer. 0 = off."
+    )
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="LoRA specialists: how long a request waits for concurrent requests to the same "
+        "specialist to join one batched forward pass (requests arriving while a batch runs join the next one). "
+        "0 = no micro-batching."
+    )
     teacher_node_min_calls: int = Field(
         10, ge=0, description="An agent node (system prompt) with at least this many training calls, all in clusters "
         "without a promoted specialist, is sent to the teacher without embedding its requests: the decision costs "

@@ -99,8 +99,10 @@ def test_trainer_and_runtime_add_the_same_hints(fake_embedder, tiny_student: Pat
     req = ChatRequest(messages=[Message(role="system", content="Reply with the intent label."),
                                 Message(role="user", content="exchange rate for dollars")])
     runtime.generate([req], adapter="intent", max_new_tokens=2)
+    assert prompts and all(HINT_PREFIX + "exchange_rate; " in p for p in prompts)
+    prompts.clear()
     runtime.generate([req], adapter=None, max_new_tokens=2)  # the base student gets no hints
-    assert HINT_PREFIX + "exchange_rate; " in prompts[0] and HINT_PREFIX not in prompts[1]
+    assert prompts and not any(HINT_PREFIX in p for p in prompts)
 
 
 def test_trainer_leaves_hints_off_for_free_text_answers(fake_embedder, tiny_student: Path, tmp_path: Path) -> None:

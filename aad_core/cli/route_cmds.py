@@ -108,6 +108,8 @@ def serve_cmd(
                                                     "e.g. https://api.openai.com/v1 (key: $AAD_TEACHER_API_KEY).")] = None,
     teacher_model: Annotated[str | None, typer.Option("--teacher-model", help="Model name sent to the teacher "
                                                       "(default: the client's 'model').")] = None,
+    preload: Annotated[bool, typer.Option(help="Load and warm the router and every promoted specialist before "
+                                          "accepting requests, so that the first one is not cold.")] = True,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions that routes between specialists and the teacher."""
@@ -117,7 +119,7 @@ def serve_cmd(
     if not teacher_url:
         console.print("[yellow]No --teacher-url: requests the router sends to the teacher will fail with HTTP 503.[/]")
     console.print(f"aad router on http://{host}:{port}/v1/chat/completions (workspace {ws.root})")
-    serve(ws, host=host, port=port, teacher_url=teacher_url, teacher_model=teacher_model)
+    serve(ws, host=host, port=port, teacher_url=teacher_url, teacher_model=teacher_model, preload=preload)
 
 
 def register(app: typer.Typer) -> None:

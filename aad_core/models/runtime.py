@@ -3,14 +3,28 @@
 :class:`SpecialistRuntime` loads the base once, adds adapters with PEFT's multi-adapter API
 (``load_adapter`` / ``set_adapter``; adapters disabled = the plain base student), and generates
 greedily in left-padded batches. A lock serialises access: adapter switching mutates the model.
+
+Two things make it fast on CPU (docs/routing.md, "Serving speed"):
+
+- **Prefix reuse.** Requests of one agent node share a long prefix (system prompt and tools, rendered
+  by the chat template exactly as in training). The key/value cache of that token prefix is kept per
+  adapter in a small LRU (``prefix_cache`` entries); a request whose prompt token ids start with a
+  cached prefix encodes only the rest (``generate(cache=copy.deepcopy(prefix))``, transformers'
+  "re-use a cache" pattern). The token sequence the model sees is the same as without the cache.
+- **Micro-batching.** Concurrent :meth:`SpecialistRuntime.generate` calls that arrive within
+  ``batch_window_ms`` of each other (or while a batch is running) are answered by one batched
+  forward pass per adapter instead of one after another.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,21 +46,68 @@ class Generation:
     confidence: float | None = None
 
 
+@dataclass
+class _Prefix:
+    """The key/value cache of a shared token prefix under one adapter."""
+
+    adapter: str | None
+    ids: tuple[int, ...]
+    cache: Any
+
+
+@dataclass
+class _Pending:
+    """One caller's :meth:`SpecialistRuntime.generate` waiting for a micro-batch."""
+
+    requests: list[ChatRequest]
+    adapter: str | None
+    max_new_tokens: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[Generation] | None = None
+    error: BaseException | None = None
+
+
 class SpecialistRuntime:
-    """A base student plus named adapters. ``generate(..., adapter=None)`` uses the base student."""
+    """A base student plus named adapters. ``generate(..., adapter=None)`` uses the base student.
+
+    ``prefix_cache``: shared-prefix key/value caches kept (LRU; 0 = off); a prefix shorter than
+    ``min_prefix_tokens`` is not cached. ``batch_window_ms``: how long a ``generate()`` call waits for
+    concurrent calls to join its batch (0 = no micro-batching).
+    """
 
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, prefix_cache: int = 8, min_prefix_tokens: int = 16,
+                 batch_window_ms: float = 5.0) -> None:
         self.base_model = base_model
         self.device = device
         self.batch_size = batch_size
         self.warmup = warmup
+        self.prefix_cache = prefix_cache
+        self.min_prefix_tokens = min_prefix_tokens
+        self.batch_window_ms = batch_window_ms
         self._lock = threading.RLock()
         self._model: Any = None
         self._tokenizer: Any = None
         self._adapters: dict[str, str] = {}
         self._hints: dict[str, Any] = {}  # adapter name -> AnswerHints saved beside it
         self._merged: str | None = None
+        self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], _Prefix] = OrderedDict()
+        self._pending: list[_Pending] = []
+        self._pending_lock = threading.Lock()
+        self._count_tokenizer: Any = None
+        self._count_lock = threading.Lock()
+        #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
+        self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0}
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the base student is in memory (and warmed up, when ``warmup``)."""
+        return self._model is not None
+
+    def load(self) -> None:
+        """Load (and warm up) the base student now, so that the first request is not the cold one."""
+        with self._lock:
+            self._ensure_loaded()
 
     # -- loading -----------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
@@ -99,6 +160,7 @@ class SpecialistRuntime:
                     self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
             self._model.eval()
             self._adapters[name] = str(path)
+            self._drop_prefixes(name)
             from aad_core.models.answer_bank import AnswerHints
 
             bank = AnswerHints.load(path)
@@ -118,6 +180,12 @@ class SpecialistRuntime:
             self._model.set_adapter(adapter)
             self._model = self._model.merge_and_unload()
             self._merged = adapter
+            self._drop_prefixes(None, every=True)
+
+    def _drop_prefixes(self, adapter: str | None, *, every: bool = False) -> None:
+        """Forget the cached prefixes of ``adapter`` (all of them with ``every``): its weights changed."""
+        for key in [k for k in self._prefixes if every or k[0] == adapter]:
+            del self._prefixes[key]
 
     def _check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self._adapters:
@@ -138,6 +206,8 @@ class SpecialistRuntime:
         decoding to exactly one of those strings; ``mean_logprob`` stays the model's own, unconstrained
         log-prob of the tokens it chose, so a confidence gate still sees how unsure it was.
         """
+        if self.batch_window_ms > 0 and not allowed_answers and self._hints.get(adapter) is None and requests:
+            return self._generate_batched(list(requests), adapter, max_new_tokens)
         with self._lock:
             self._ensure_loaded()
             self._check_adapter(adapter)
@@ -148,10 +218,42 @@ class SpecialistRuntime:
                 requests = bank.apply(list(requests), vecs)
                 if bank.candidates:
                     return self._choose_locked(requests, adapter, bank, vecs)
-            out: list[Generation] = []
-            for i in range(0, len(requests), self.batch_size):
-                out.extend(self._generate_locked(list(requests[i : i + self.batch_size]), adapter, max_new_tokens, trie))
-            return out
+            return self._generate_locked(list(requests), adapter, max_new_tokens, trie)
+
+    def _generate_batched(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int) -> list[Generation]:
+        """Join a micro-batch: wait ``batch_window_ms`` for concurrent calls, then whoever holds the
+        model lock first answers every waiting call of each (adapter, max_new_tokens) in one pass."""
+        item = _Pending(requests, adapter, max_new_tokens)
+        with self._pending_lock:
+            self._pending.append(item)
+        time.sleep(self.batch_window_ms / 1000)
+        with self._lock:
+            if not item.done.is_set():
+                with self._pending_lock:
+                    taken, self._pending = self._pending, []
+                groups: dict[tuple[str | None, int], list[_Pending]] = {}
+                for p in taken:
+                    groups.setdefault((p.adapter, p.max_new_tokens), []).append(p)
+                for (name, max_new), members in groups.items():
+                    try:
+                        self._ensure_loaded()
+                        self._check_adapter(name)
+                        gens = self._generate_locked([r for p in members for r in p.requests], name, max_new)
+                        self.stats["batches"] += 1
+                        start = 0
+                        for p in members:
+                            p.result = gens[start : start + len(p.requests)]
+                            start += len(p.requests)
+                    except BaseException as err:  # every caller of the failed batch gets the error
+                        for p in members:
+                            p.error = err
+                    for p in members:
+                        p.done.set()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
 
     def _adapter_context(self, adapter: str | None) -> Any:
         """A context in which the model runs as ``adapter`` (None = the base student)."""
@@ -235,47 +337,146 @@ class SpecialistRuntime:
 
     def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
                          trie: _AnswerTrie | None = None) -> list[Generation]:
-        import torch
-
+        """Greedy answers, ``batch_size`` at a time; requests that share a cached prefix batch together."""
         from aad_core.models.chat_format import prompt_text
 
+        tok = self._tokenizer
+        ids = [list(x) for x in tok([prompt_text(tok, r) for r in requests], add_special_tokens=False)["input_ids"]]
+        prefixes = [self._prefix_for(r, row, adapter) for r, row in zip(requests, ids)]
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prefixes):
+            groups.setdefault(id(p) if p is not None else 0, []).append(i)
+        out: list[Generation | None] = [None] * len(requests)
+        for rows in groups.values():
+            prefix = prefixes[rows[0]]
+            for i in range(0, len(rows), self.batch_size):
+                chunk = rows[i : i + self.batch_size]
+                for row, gen in zip(chunk, self._generate_ids([ids[j] for j in chunk], prefix, adapter,
+                                                              max_new_tokens, trie)):
+                    out[row] = gen
+        return [g for g in out if g is not None]
+
+    def _prefix_for(self, request: ChatRequest, ids: list[int], adapter: str | None) -> _Prefix | None:
+        """The cached prefix ``ids`` start with (the longest), else one built now from the request's
+        context (system messages and tools); None when prefix reuse is off or the prefix is too short."""
+        if self.prefix_cache <= 0:
+            return None
+        best: _Prefix | None = None
+        for p in self._prefixes.values():
+            n = len(p.ids)
+            if p.adapter == adapter and n < len(ids) and (best is None or n > len(best.ids)) and tuple(ids[:n]) == p.ids:
+                best = p
+        if best is not None:
+            self._prefixes.move_to_end((adapter, best.ids))
+            self.stats["prefix_hits"] += 1
+            return best
+        n = self._context_length(request, ids)
+        if n < self.min_prefix_tokens:
+            return None
+        prefix = _Prefix(adapter, tuple(ids[:n]), self._encode_prefix(ids[:n], adapter))
+        self._prefixes[(adapter, prefix.ids)] = prefix
+        while len(self._prefixes) > self.prefix_cache:
+            self._prefixes.popitem(last=False)
+        self.stats["prefix_builds"] += 1
+        return prefix
+
+    def _context_length(self, request: ChatRequest, ids: list[int]) -> int:
+        """How many of ``ids`` (the request's prompt) belong to its shared context: the longest common
+        token prefix with the rendering of its leading system messages and tools alone (at least one
+        prompt token is always left to encode)."""
+        from aad_core.models.chat_format import prompt_text
+        from aad_core.schema import ChatRequest as Request
+
+        context = []
+        for m in request.messages:
+            if m.role not in ("system", "developer"):
+                break
+            context.append(m)
+        if not context and not request.tools:
+            return 0
+        rendered = prompt_text(self._tokenizer, Request(messages=context, tools=request.tools))
+        ctx = self._tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        n = 0
+        for a, b in zip(ids[:-1], ctx):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _encode_prefix(self, ids: list[int], adapter: str | None) -> Any:
+        """The key/value cache of ``ids`` under ``adapter``: one forward pass."""
+        import torch
+
+        with self._adapter_context(adapter), torch.no_grad():
+            out = self._model(input_ids=torch.tensor([ids], device=self.device_), use_cache=True)
+        return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+
+    def _generate_ids(self, ids: list[list[int]], prefix: _Prefix | None, adapter: str | None, max_new_tokens: int,
+                      trie: _AnswerTrie | None) -> list[Generation]:
+        """Greedy answers for prompts given as token ids. With ``prefix``, every prompt starts with its
+        ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded."""
+        import torch
+
         model, tok = self._model, self._tokenizer
-        ctx = self._adapter_context(adapter)
-        prompts = [prompt_text(tok, r) for r in requests]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device_)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        skip = len(prefix.ids) if prefix is not None else 0
+        rest = [row[skip:] for row in ids]
+        width = max(len(r) for r in rest)
+        input_ids = torch.tensor([list(prefix.ids if prefix else ()) + [pad] * (width - len(r)) + r for r in rest],
+                                 device=self.device_)
+        mask = torch.tensor([[1] * skip + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device_)
+        extra: dict[str, Any] = {}
+        if prefix is not None:
+            cache = copy.deepcopy(prefix.cache)  # generate() extends the cache it is given
+            if len(ids) > 1:
+                cache.batch_repeat_interleave(len(ids))
+            extra[_cache_kwarg()] = cache
+            self.stats["reused_tokens"] += skip * len(ids)
+        self.stats["prompt_tokens"] += sum(len(r) for r in rest)
         eos_ids = {tok.eos_token_id}
         started = time.perf_counter()
-        prompt_len = enc["input_ids"].shape[1]
-        constraint = {}
+        prompt_len = input_ids.shape[1]
         if trie is not None:
-            constraint["prefix_allowed_tokens_fn"] = lambda _row, ids: trie.allowed(ids[prompt_len:].tolist())
+            extra["prefix_allowed_tokens_fn"] = lambda _row, seq: trie.allowed(seq[prompt_len:].tolist())
             max_new_tokens = trie.max_len  # room for the longest answer, so that none is cut off
-        with ctx, torch.no_grad():
+        with self._adapter_context(adapter), torch.no_grad():
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True, **constraint,
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+                return_dict_in_generate=True, **extra,
             )
-        latency = (time.perf_counter() - started) * 1000 / max(len(requests), 1)
+        latency = (time.perf_counter() - started) * 1000 / max(len(ids), 1)
         new = out.sequences[:, prompt_len:]
         # Log-prob of each chosen token under the model (raw logits: before any constraint).
         step_lp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)
         chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         results = []
         for row in range(new.shape[0]):
-            ids = new[row].tolist()
-            n = len(ids)
-            for j, t in enumerate(ids):
+            tokens = new[row].tolist()
+            n = len(tokens)
+            for j, t in enumerate(tokens):
                 if t in eos_ids:
                     n = j
                     break
             lp = chosen[row, : max(n, 1)]
             results.append(Generation(
-                text=tok.decode(ids[:n], skip_special_tokens=True).strip(),
+                text=tok.decode(tokens[:n], skip_special_tokens=True).strip(),
                 mean_logprob=float(lp.mean()) if n else float(chosen[row, 0]),
                 n_tokens=n,
                 latency_ms=latency,
             ))
         return results
+
+    def prompt_tokens(self, request: ChatRequest) -> int:
+        """Tokens of ``request`` rendered as the specialists see it (chat template, generation prompt).
+        Uses a copy of the tokenizer, so that it never waits for a running generation."""
+        from aad_core.models.chat_format import prompt_text
+
+        with self._count_lock:
+            if self._count_tokenizer is None:
+                self._count_tokenizer = copy.deepcopy(self.tokenizer)
+            tok = self._count_tokenizer
+            return len(tok(prompt_text(tok, request), add_special_tokens=False)["input_ids"])
 
 
 class AdapterPredictor(Predictor):
@@ -288,6 +489,16 @@ class AdapterPredictor(Predictor):
 
     def generate(self, requests: Sequence[ChatRequest], *, max_new_tokens: int = 128) -> list[Generation]:
         return self.runtime.generate(requests, adapter=self.adapter, max_new_tokens=max_new_tokens)
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_kwarg() -> str:
+    """The name models take a key/value cache by: ``cache`` (newer transformers 5), else ``past_key_values``."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 class _AnswerTrie:

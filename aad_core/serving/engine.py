@@ -72,7 +72,8 @@ class RoutingEngine:
         self._specialists = self._given_specialists = specialists
         self.record = ws.config.route.record_escalations if record is None else record
         self.timeout_s = ws.config.route.timeout_s if timeout_s is None else timeout_s
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="aad-specialist")
+        # Enough concurrent callers to fill one micro-batch of the LoRA runtime (its batch_size, 8).
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aad-specialist")
         self._writer: Any = None
         self._lock = threading.Lock()
         self._cluster_info: dict[int, dict[str, Any]] | None = None
@@ -163,6 +164,9 @@ class RoutingEngine:
         name = decision.specialist or ""
         max_new = int(request.params.get("max_tokens") or request.params.get("max_new_tokens")
                       or self.ws.config.route.max_new_tokens)
+        too_long = self._too_long(name, request)
+        if too_long:  # to the teacher at once: it would hold the specialist long, on a prompt it never saw
+            return SpecialistOutcome(False, too_long, latency_ms=(time.perf_counter() - start) * 1000)
         future = self._executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
@@ -209,6 +213,30 @@ class RoutingEngine:
         out.message = Message(role="assistant", content=content if (content or not calls) else None,
                               tool_calls=calls or None)
         return out
+
+    def _too_long(self, name: str, request: ChatRequest) -> str:
+        """Why the request's prompt is longer than the specialist was trained on ("" when it fits, or when
+        the backend cannot tell: ``prompt_too_long`` is optional)."""
+        check = getattr(self.specialists, "prompt_too_long", None)
+        if not callable(check):
+            return ""
+        try:
+            return str(check(name, request) or "")
+        except Exception as err:  # the length check must never break the call: the specialist still tries
+            log.warning("could not measure the prompt for specialist %s: %s", name, err)
+            return ""
+
+    def preload(self) -> None:
+        """Load the router (one dummy routing, which loads its embedder) and every promoted specialist now,
+        warmed up, so that the first user request is not the cold one (``aad serve``,
+        ``RoutedChatModel(preload=True)``)."""
+        try:
+            self.router.route([ChatRequest(messages=[Message(role="user", content="warm-up")])])
+        except Exception as err:  # e.g. no router state yet: the first request reports it
+            log.warning("preload: the router could not route a warm-up request: %s", err)
+        preload = getattr(self.specialists, "preload", None)
+        if callable(preload):
+            preload()
 
     def attempt(self, request: ChatRequest, *, timeout_s: float | None = None
                 ) -> tuple[RoutingDecision, SpecialistOutcome | None]:

@@ -134,11 +134,14 @@ def create_app(
     teacher: Callable[..., dict[str, Any]] | None = None,
     engine: RoutingEngine | None = None,
     capture: bool = True,
+    preload: bool = False,
 ) -> FastAPI:
     """The FastAPI app. ``teacher(body, authorization)`` returns an OpenAI chat completion dict
     (default: none — requests the router sends to the teacher then fail with HTTP 503). With
     ``capture`` (default) every teacher answer the server proxies is stored as a trace (source
-    ``serve``), as escalations are: the server is the only place that sees those calls."""
+    ``serve``), as escalations are: the server is the only place that sees those calls. With
+    ``preload`` the router and every promoted specialist are loaded and warmed at start-up
+    (:meth:`RoutingEngine.preload`), before the first request is accepted."""
     from aad_core import __version__
     from aad_core.serving.engine import RoutingEngine
 
@@ -151,6 +154,10 @@ def create_app(
     engine.capture_teacher = capture
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if preload:
+            import asyncio
+
+            await asyncio.to_thread(engine.preload)
         yield
         engine.flush()  # escalation and teacher traces reach the store before the process ends
 
@@ -207,15 +214,15 @@ def create_app(
 
 
 def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 8000, teacher_url: str | None = None,
-          teacher_model: str | None = None) -> None:
-    """Run the server with uvicorn until interrupted."""
+          teacher_model: str | None = None, preload: bool = True) -> None:
+    """Run the server with uvicorn until interrupted (``preload``: load and warm the specialists first)."""
     import uvicorn
 
     from aad_core.serving.engine import RoutingEngine
 
     teacher = UpstreamTeacher(teacher_url, teacher_model) if teacher_url else None
     engine = RoutingEngine(ws, teacher_model=teacher_model)
-    app = create_app(ws, teacher=teacher, engine=engine)
+    app = create_app(ws, teacher=teacher, engine=engine, preload=preload)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

@@ -3,8 +3,10 @@ default backend, a :class:`SpecialistPool` of the workspace's promoted specialis
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aad_core.errors import AADError
@@ -27,18 +29,31 @@ class SpecialistBackend(Protocol):
     def generate(self, name: str, requests: list[ChatRequest], *, max_new_tokens: int) -> list[GenerationLike]: ...
 
 
+# Optional, looked up with getattr (a backend without them still works):
+#   prompt_too_long(name, request) -> str: why the request is too long for the specialist ("" = it fits);
+#   preload() -> None: load and warm every specialist now.
+
+
 class SpecialistPool:
     """Promoted specialists, each served by its kind. Kind "lora": one
     :class:`~aad_core.models.runtime.SpecialistRuntime` per base model, every adapter of that base
-    loaded into it (PEFT multi-adapter). Any other kind: the predictor its trainer component loads
+    loaded into it (PEFT multi-adapter), with prefix reuse and micro-batching as ``[route] prefix_cache``
+    and ``[route] batch_window_ms`` say. Any other kind: the predictor its trainer component loads
     (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`)."""
 
-    def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None) -> None:
+    def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None,
+                 runtime_options: dict[str, Any] | None = None) -> None:
         self.ws = ws
         self.specialists = {s.name: s for s in specialists}
         self.merge_hot = merge_hot
+        if runtime_options is None and ws is not None:
+            route = ws.config.route
+            runtime_options = {"prefix_cache": route.prefix_cache, "batch_window_ms": route.batch_window_ms}
+        #: Keyword arguments of every :class:`~aad_core.models.runtime.SpecialistRuntime` the pool builds.
+        self.runtime_options = dict(runtime_options or {})
         self._runtimes: dict[str, Any] = {}
         self._predictors: dict[str, Any] = {}
+        self._max_lengths: dict[str, int | None] = {}
         self._lock = threading.Lock()
 
     def _spec(self, name: str) -> Specialist:
@@ -54,7 +69,7 @@ class SpecialistPool:
             if rt is None:
                 from aad_core.models.runtime import SpecialistRuntime
 
-                rt = SpecialistRuntime(spec.base_model)
+                rt = SpecialistRuntime(spec.base_model, **self.runtime_options)
                 for s in self.specialists.values():
                     if s.base_model == spec.base_model and s.kind == "lora":
                         rt.add_specialist(s)
@@ -75,3 +90,36 @@ class SpecialistPool:
         if spec.kind != "lora":
             return self._predictor(spec).generate(requests, max_new_tokens=max_new_tokens)
         return self._runtime(name).generate(requests, adapter=name, max_new_tokens=max_new_tokens)
+
+    def preload(self) -> None:
+        """Load every specialist now (a LoRA runtime warms up with one dummy generation), so that the
+        first request is not the cold one."""
+        for spec in self.specialists.values():
+            if spec.kind == "lora":
+                self._runtime(spec.name).load()
+            else:
+                self._predictor(spec)
+
+    def max_length(self, name: str) -> int | None:
+        """The prompt + answer tokens the specialist was trained on (``[train] max_length`` when it was
+        trained, from its manifest's hyperparameters); None when the manifest does not say."""
+        if name not in self._max_lengths:
+            spec = self._spec(name)
+            value: Any = None
+            try:
+                manifest = json.loads((Path(spec.path) / "manifest.json").read_text(encoding="utf-8"))
+                value = (manifest.get("hyperparameters") or {}).get("max_length")
+            except (OSError, ValueError):
+                pass
+            self._max_lengths[name] = int(value) if isinstance(value, (int, float)) and value > 0 else None
+        return self._max_lengths[name]
+
+    def prompt_too_long(self, name: str, request: ChatRequest) -> str:
+        """Why ``request`` is too long for the LoRA specialist ``name`` ("" when it fits): a prompt longer
+        than the tokens it was trained on was never seen in training, and holds the runtime for long."""
+        spec = self._spec(name)
+        limit = self.max_length(name) if spec.kind == "lora" else None
+        if limit is None:
+            return ""
+        n = self._runtime(name).prompt_tokens(request)
+        return f"prompt {n} tokens > specialist max_length {limit}" if n > limit else ""

@@ -105,8 +105,16 @@ class RoutedChatModel(BaseChatModel):
     """Whether :meth:`invoke` streams internally (callbacks get tokens)."""
     routing_engine: Any = Field(default=None, exclude=True)
     """A prebuilt :class:`aad_core.serving.RoutingEngine` (default: built from ``workspace`` on first use)."""
+    preload: bool = False
+    """Load and warm the router and every promoted specialist when the model is built, so that the first
+    call is not the cold one (default: on first use)."""
 
     _engine: Any = PrivateAttr(default=None)
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        if self.preload:
+            self.engine().preload()
 
     # -- identity -----------------------------------------------------------------------------
     @property
