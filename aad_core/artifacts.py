@@ -181,6 +181,9 @@ class ClusterState(Artifact):
     k: int = 0
     criterion: str = ""
     replaceability: dict[str, Any] = field(default_factory=dict)
+    #: Train-side ids moved to the ``"excluded"`` side of :attr:`split` -> why (user feedback marks the
+    #: teacher's answer wrong): in their cluster, never selected nor trained on.
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def centroids(self) -> np.ndarray:
         """Unit centroids, one row per cluster in the order of :attr:`clusters`."""
@@ -207,7 +210,7 @@ class ClusterState(Artifact):
         return [c for c in self.clusters if c.routine]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "seed": self.seed,
             "embedder": self.embedder,
             "model_id": self.model_id,
@@ -220,6 +223,9 @@ class ClusterState(Artifact):
             "dropped": self.dropped,
             "replaceability": self.replaceability,
         }
+        if self.excluded:  # written only when feedback left calls out (older files have no such key)
+            out["excluded"] = self.excluded
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ClusterState:
@@ -235,6 +241,7 @@ class ClusterState(Artifact):
             k=int(data.get("k", len(data["clusters"]))),
             criterion=str(data.get("criterion", "")),
             replaceability=dict(data.get("replaceability") or {}),
+            excluded=dict(data.get("excluded") or {}),
         )
 
 
@@ -301,14 +308,20 @@ class ClusterSelection:
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     label: str = ""
     n_train: int = 0
+    #: Training-split calls left out because user feedback marks the teacher's answer wrong.
+    n_excluded: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "n_train": self.n_train, "selected": list(self.selected), "scores": self.scores}
+        out = {"label": self.label, "n_train": self.n_train, "selected": list(self.selected), "scores": self.scores}
+        if self.n_excluded:
+            out["n_excluded"] = self.n_excluded
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ClusterSelection:
         return cls(selected=[str(t) for t in data["selected"]], scores=dict(data.get("scores") or {}),
-                   label=str(data.get("label") or ""), n_train=int(data.get("n_train") or 0))
+                   label=str(data.get("label") or ""), n_train=int(data.get("n_train") or 0),
+                   n_excluded=int(data.get("n_excluded") or 0))
 
 
 @dataclass

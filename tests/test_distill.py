@@ -193,3 +193,56 @@ def test_distill_end_to_end_on_a_small_demo_workspace(tmp_path, shared_dir, monk
     assert "lora" in kinds  # the JSON extraction task trains a LoRA adapter (its calls fit max_length)
     second = run_distill(Workspace(ws.root), show_progress=False)
     assert [r.status for r in second[:-1]] == ["skipped"] * len(STAGES)
+
+
+def test_distill_runs_every_stage_on_a_demo_workspace_stored_in_postgresql(tmp_path, shared_dir, monkeypatch,
+                                                                          postgres_url):
+    """The issue's acceptance: the demo distils from PostgreSQL (a fresh schema on the session's real
+    server), every stage reads the traces through the store, the report counts them, and nothing is
+    written to the workspace's SQLite file."""
+    import sqlite3
+
+    from aad_core.demo import create_demo_workspace
+    from tests.tiny_models import make_tiny_student
+
+    monkeypatch.setenv("AAD_DATA_DIR", str(shared_dir / "data"))
+    monkeypatch.delenv("AAD_STORE__URL", raising=False)
+    student = make_tiny_student(tmp_path / "student")
+    sizes = {"intent": 30, "extract": 30, "tool_call": 6, "no_tool": 4, "sql": 6, "plan": 8}
+    config = {("train", "student"): str(student), ("cluster", "min_size"): 10, ("trainer.qlora", "max_steps"): 2,
+              ("eval", "max_heldout"): 3, ("eval", "max_new_tokens"): 6, ("train", "max_length"): 400,
+              ("store", "url"): postgres_url}
+    ws = create_demo_workspace(tmp_path / "demo", sizes=sizes, config=config, redact=False)
+    ws = Workspace(ws.root)
+    assert ws.store_url == postgres_url  # from aad.toml, not the environment
+    with ws.store() as store:
+        assert type(store).__name__ == "PostgresTraceStore"
+        n_traces = store.count()
+    assert n_traces >= sum(sizes.values())
+
+    results = run_distill(ws, profile="quick", show_progress=False)
+    assert [r.stage for r in results] == [*STAGES, "report"]
+    assert [r.status for r in results] == ["ran"] * (len(STAGES) + 1), [(r.stage, r.status, r.detail) for r in results]
+    for artifact in ("clusters.json", "selection.json", "eval.json", "router.json"):
+        assert ws.state_path(artifact).exists(), artifact
+    state = ClusterState.load(ws)
+    with ws.store() as store:
+        stored = set(store.ids())
+    assert set(state.assignments) <= stored and state.routine_clusters()
+    evaluation = json.loads(ws.state_path("eval.json").read_text())
+    assert any(c["status"] == "evaluated" for c in evaluation["clusters"])
+
+    html = ws.report_path.read_text(encoding="utf-8")
+    assert f'<div class="card">traces<b>{n_traces}</b></div>' in html  # the store's count, not "n/a"
+    assert "banking77" in html.lower()  # the data attributions come from the traces in PostgreSQL
+
+    if ws.db_path.exists():  # the traces live in PostgreSQL: the workspace's SQLite file holds none
+        conn = sqlite3.connect(ws.db_path)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert "traces" not in tables or conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 0
+        finally:
+            conn.close()
+
+    second = run_distill(Workspace(ws.root), profile="quick", show_progress=False)
+    assert [r.status for r in second[:-1]] == ["skipped"] * len(STAGES)

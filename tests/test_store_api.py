@@ -54,6 +54,23 @@ def test_add_is_idempotent_and_ordered(store) -> None:
     assert [t.id for t in store.iter_traces(ids=[traces[2].id, "nope", traces[1].id])] == [traces[2].id, traces[1].id]
 
 
+def test_feedback_items_and_metadata_values(store) -> None:
+    """What the distill fingerprint (wrong-answer feedback) and the report (attributions) read in one query."""
+    traces = _traces()
+    traces[1].feedback = {"correct": False}
+    traces[2].metadata["attribution"] = "banking77 (CC-BY-4.0)"
+    traces[3].request.messages[1].content = 'a user who writes "feedback" in quotes'
+    store.add(traces)
+    assert store.set_feedback(traces[0].id, merged_feedback(None, 0, comment="wrong"))
+    items = dict(store.feedback_items())
+    assert sorted(items) == sorted([traces[0].id, traces[1].id])
+    assert json.loads(items[traces[0].id])["score"] == 0.0 and json.loads(items[traces[1].id]) == {"correct": False}
+    values = store.metadata_values(["attribution", "user"])
+    assert {(a, str(u)) for a, u in values} == {(None, "alice"), (None, "bob"), ("banking77 (CC-BY-4.0)", "alice")}
+    with pytest.raises(ValueError, match="metadata key"):
+        store.metadata_values(["x') OR 1=1 --"])
+
+
 def test_filters(store) -> None:
     traces = _traces()
     store.add(traces)

@@ -3,7 +3,10 @@
 A team that already traces its agent with OpenTelemetry can distil from what it has. Input: OTLP
 JSON as the OTel Collector's file exporter and ``OTLPSpanExporter`` payloads write it: one
 ``{"resourceSpans": [...]}`` document per file or per line (JSON Lines); a bare list of spans also
-works. Every span that describes one LLM call becomes one trace; other spans (chains, tools,
+works. Trace and span ids may be hex (OTLP JSON) or base64 (protobuf's JSON mapping, e.g.
+``MessageToJson`` of the SDK's own OTLP encoder); both become hex. The Python SDK's
+``ConsoleSpanExporter`` / ``ReadableSpan.to_json()`` form (``context.trace_id = "0x..."``, ISO
+``start_time``, a plain ``attributes`` mapping) is read too. Every span that describes one LLM call becomes one trace; other spans (chains, tools,
 retrievers) are counted and skipped.
 
 Two attribute conventions are read:
@@ -28,7 +31,10 @@ and the OTel trace id is kept in ``metadata["otel_trace_id"]``. A ``metadata`` k
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -70,6 +76,51 @@ def span_attributes(span: dict[str, Any]) -> dict[str, Any]:
     return {a["key"]: _value(a.get("value")) for a in attrs if isinstance(a, dict) and "key" in a}
 
 
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def otel_id(value: Any, nbytes: int) -> str:
+    """A trace (16 bytes) or span (8 bytes) id as lower-case hex, whether it was written as hex (OTLP
+    JSON), ``0x``-prefixed hex (the SDK's ``to_json``) or base64 (protobuf's JSON mapping of the bytes
+    field); "" when absent. Anything else is kept as written."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, int):
+        return format(value, f"0{2 * nbytes}x")
+    text = str(value)
+    if text.lower().startswith("0x"):
+        text = text[2:]
+    if len(text) == 2 * nbytes and _HEX.fullmatch(text):
+        return text.lower()
+    if len(text) == 4 * ((nbytes + 2) // 3):  # base64 of nbytes bytes
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) == nbytes:
+            return raw.hex()
+    return text
+
+
+def _span_time_ns(span: dict[str, Any], which: str) -> int | None:
+    """``startTimeUnixNano`` / ``endTimeUnixNano`` (OTLP), else the SDK ``to_json`` form's ISO
+    ``start_time`` / ``end_time``."""
+    nanos = _nanos(span.get(f"{which}TimeUnixNano"))
+    if nanos is not None:
+        return nanos
+    iso = span.get(f"{which}_time")
+    if not isinstance(iso, str) or not iso:
+        return None
+    try:
+        when = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    delta = when - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
 def iter_spans(doc: Any) -> Iterator[dict[str, Any]]:
     """The spans of one OTLP JSON document (``resourceSpans`` / ``scopeSpans``), or of a list of spans."""
     if isinstance(doc, list):
@@ -82,7 +133,7 @@ def iter_spans(doc: Any) -> Iterator[dict[str, Any]]:
         for rs in doc.get("resourceSpans") or []:
             for ss in rs.get("scopeSpans") or rs.get("instrumentationLibrarySpans") or []:
                 yield from ss.get("spans") or []
-    elif "spanId" in doc or "span_id" in doc:
+    elif "spanId" in doc or "span_id" in doc or isinstance(doc.get("context"), dict):
         yield doc
 
 
@@ -219,7 +270,8 @@ def span_to_trace(span: dict[str, Any]) -> Trace | None:
     if tools:
         request["tools"] = tools
     if isinstance(params, dict) and params:
-        request["params"] = {k: v for k, v in params.items() if k not in ("messages", "tools") and v is not None}
+        request["params"] = {k: v for k, v in params.items()
+                             if k not in ("messages", "tools") and not k.startswith("_") and v is not None}
     prompt = _int(attrs.get("llm.token_count.prompt", attrs.get("gen_ai.usage.input_tokens")))
     completion = _int(attrs.get("llm.token_count.completion", attrs.get("gen_ai.usage.output_tokens")))
     total = _int(attrs.get("llm.token_count.total"))
@@ -227,12 +279,14 @@ def span_to_trace(span: dict[str, Any]) -> Trace | None:
     if prompt is not None or completion is not None or total is not None:
         usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
                       total_tokens=total if total is not None else (prompt or 0) + (completion or 0))
-    start, end = _nanos(span.get("startTimeUnixNano")), _nanos(span.get("endTimeUnixNano"))
-    trace_id = str(span.get("traceId") or span.get("trace_id") or "")
-    span_id = str(span.get("spanId") or span.get("span_id") or "")
-    parent = span.get("parentSpanId") or span.get("parent_span_id") or None
+    start, end = _span_time_ns(span, "start"), _span_time_ns(span, "end")
+    context = span.get("context") if isinstance(span.get("context"), dict) else {}
+    trace_id = otel_id(span.get("traceId") or span.get("trace_id") or context.get("trace_id"), 16)
+    span_id = otel_id(span.get("spanId") or span.get("span_id") or context.get("span_id"), 8)
+    parent = otel_id(span.get("parentSpanId") or span.get("parent_span_id") or span.get("parent_id"), 8) or None
     status = span.get("status") or {}
-    failed = status.get("code") in (2, "STATUS_CODE_ERROR", "ERROR")
+    failed = (status.get("code") in (2, "STATUS_CODE_ERROR", "ERROR")
+              or status.get("status_code") in ("ERROR", "STATUS_CODE_ERROR"))
     metadata: dict[str, Any] = {"otel_trace_id": trace_id, "otel_span_name": span.get("name")}
     extra = _json(attrs.get("metadata"))
     if isinstance(extra, dict):
@@ -254,7 +308,7 @@ def span_to_trace(span: dict[str, Any]) -> Trace | None:
         "usage": usage,
         "latency_ms": (end - start) / 1e6 if start is not None and end is not None else None,
         "status": "error" if failed else "ok",
-        "error": (status.get("message") or "error") if failed else None,
+        "error": (status.get("message") or status.get("description") or "error") if failed else None,
         "tags": [str(t) for t in tags] if isinstance(tags, list) else [],
         "metadata": metadata,
     }
@@ -307,7 +361,8 @@ def read_otlp_json(path: Path):  # -> aad_core.capture.ingest.IngestResult
     for where, doc in docs:
         for span in iter_spans(doc):
             result.lines += 1
-            loc = f"{where} span {span.get('spanId') or span.get('span_id') or '?'}"
+            sid = span.get("spanId") or span.get("span_id") or (span.get("context") or {}).get("span_id")
+            loc = f"{where} span {otel_id(sid, 8) or '?'}"
             try:
                 trace = span_to_trace(span)
             except (ValueError, TypeError, KeyError) as err:

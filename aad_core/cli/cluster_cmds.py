@@ -69,9 +69,12 @@ def cluster(
     for r in state.dropped.values():
         key = r.split(" of ")[0]
         reasons[key] = reasons.get(key, 0) + 1
+    n_excl = sum(1 for v in state.split.values() if v == "excluded")
+    excl = f" / {n_excl} left out of training: feedback marks the teacher's answer wrong" if n_excl else ""
     console.print(
-        f"kept {len(state.assignments)} trace(s) ({len(state.assignments) - n_held} train / {n_held} held-out); "
-        f"dropped {len(state.dropped)}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(reasons.items()))})" if reasons else "")
+        f"kept {len(state.assignments)} trace(s) ({len(state.assignments) - n_held - n_excl} train / {n_held} held-out"
+        f"{excl}); dropped {len(state.dropped)}"
+        + (f" ({', '.join(f'{n} {k}' for k, n in sorted(reasons.items()))})" if reasons else "")
     )
     rep = state.replaceability
     console.print(

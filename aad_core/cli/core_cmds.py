@@ -18,7 +18,12 @@ def init(
 
     ws = Workspace.init(directory)
     console.print(f"Workspace ready at [bold]{ws.root}[/]")
-    console.print(f"  config: {ws.config_path}\n  traces: {ws.db_path}")
+    where: object = ws.db_path
+    if ws.store_url:  # [store] url / AAD_STORE__URL: say which store, never its password
+        from aad_core.store.postgres import redacted_url
+
+        where = redacted_url(str(ws.store_url))
+    console.print(f"  config: {ws.config_path}\n  traces: {where}")
     console.print("Next: [bold]aad ingest FILE.jsonl[/] or attach a capture handler (see README).")
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aad_core.artifacts import ClusterMap, ClusterState, load_clusters  # the last two re-exported
-from aad_core.pipeline.curate import curate, split_clusters
-from aad_core.schema import node_key
+from aad_core.pipeline.curate import curate, exclude_wrong_answers, split_clusters
+from aad_core.schema import is_specialist_answer, node_key
 from aad_core.models.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, unit_vectors, view_parts
 from aad_core.errors import AADError, StageError
 from aad_core.schema import Cluster
@@ -48,7 +48,8 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     cfg = ws.config
     ccfg = cfg.cluster
     with ws.store() as store:
-        traces = list(store.iter_traces())
+        # a specialist's own answers are never training data (only the teacher's are)
+        traces = [t for t in store.iter_traces() if not is_specialist_answer(t)]
     if not traces:
         raise StageError(f"The workspace {ws.root} holds no traces to cluster.",
                          hint="run 'aad ingest FILE.jsonl' or record an agent with a capture handler first.")
@@ -93,6 +94,8 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
     assignments = {cur.kept[r]: id_map[int(lab)] for r, lab in enumerate(labels)}
     clusters = _describe(traces, index, cur.kept, labels, X, id_map, cur.representative, cfg, by_task=by_task)
     split = split_clusters(assignments, heldout_fraction=ccfg.heldout_fraction, seed=cfg.seed)
+    # user feedback that marks the teacher's answer wrong keeps a call out of its task's training data
+    excluded = exclude_wrong_answers(split, {tid: traces[index[tid]] for tid in assignments})
     if by_task:
         clusters = _with_estimates(clusters, traces, index, cur.kept, labels, X, id_map, split, cfg)
     routine = [c for c in clusters if c.routine]
@@ -107,7 +110,7 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
         clusters=clusters, assignments=assignments, split=split, dropped=cur.dropped, seed=cfg.seed,
         embedder=cfg.embed.embedder, model_id=embedder.model_id, view=view, k=len(clusters),
         criterion=criterion,
-        replaceability=replaceability,
+        replaceability=replaceability, excluded=excluded,
     )
     state.save(ws)
     project_map(X, [id_map[int(lab)] for lab in labels], seed=cfg.seed).save(ws)

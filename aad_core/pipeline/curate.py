@@ -10,13 +10,18 @@
   [0, 1); below ``heldout_fraction`` it is held out. A trace keeps its side when the cluster
   grows, and because every duplicate and near-duplicate was reduced to one kept representative,
   no such group can straddle the split.
+* A train-side trace whose user feedback marks the teacher's answer wrong
+  (:func:`aad_core.formats.answers.teacher_answer_wrong`: quality below 0.5, e.g. ``aad traces
+  feedback ID 0`` or ``feedback={"correct": False}``) is moved to the ``"excluded"`` side: it stays
+  in its cluster (traffic shares, routing) but is neither selected nor trained on. Held-out traces
+  keep their side; the evaluation lowers the teacher's score on them instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -144,3 +149,22 @@ def split_clusters(
         else:
             split[ranked[0]] = "train"
     return {tid: split[tid] for tid in assignments}
+
+
+#: The split side of a train trace whose feedback marks the teacher's answer wrong.
+EXCLUDED = "excluded"
+
+
+def exclude_wrong_answers(split: dict[str, str], traces: Mapping[str, Trace]) -> dict[str, str]:
+    """Move each ``"train"`` trace of ``split`` whose feedback marks the teacher's answer wrong to the
+    :data:`EXCLUDED` side (in place). ``traces`` maps ids to traces. Returns ``{id: reason}`` of the
+    traces moved."""
+    from aad_core.formats.answers import teacher_answer_wrong, teacher_quality
+
+    moved: dict[str, str] = {}
+    for tid, side in split.items():
+        trace = traces.get(tid)
+        if side == "train" and trace is not None and teacher_answer_wrong(trace):
+            split[tid] = EXCLUDED
+            moved[tid] = f"feedback marks the teacher's answer wrong (quality {teacher_quality(trace):.2f})"
+    return moved

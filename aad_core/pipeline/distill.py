@@ -132,8 +132,22 @@ def _sha(obj: Any) -> str:
 
 
 def store_fingerprint(ws: Workspace) -> str:
+    """The stored trace ids, and the ids whose feedback marks the teacher's answer wrong (such a call is
+    not trained on: feedback given since the last run re-runs the stages)."""
+    from aad_core.formats.answers import WRONG_BELOW, feedback_quality
+
     with ws.store() as store:
-        return _sha(sorted(store.ids()))
+        ids = sorted(store.ids())
+        items = store.feedback_items() if hasattr(store, "feedback_items") else []
+    wrong = sorted(tid for tid, fb in items if (q := feedback_quality(_loads(fb))) is not None and q < WRONG_BELOW)
+    return _sha(ids) if not wrong else _sha({"ids": ids, "wrong_by_feedback": wrong})
+
+
+def _loads(text: Any) -> Any:
+    try:
+        return json.loads(text) if isinstance(text, (str, bytes)) else text
+    except ValueError:
+        return None
 
 
 def specialists_fingerprint(ws: Workspace) -> str | None:
@@ -225,14 +239,22 @@ def _run_cluster(ws: Workspace, profile: Profile, progress: bool) -> str:
     from aad_core.pipeline.cluster import run_cluster
 
     state = run_cluster(ws, show_progress=progress)
-    return f"{len(state.clusters)} clusters, {len(state.routine_clusters())} routine"
+    detail = f"{len(state.clusters)} clusters, {len(state.routine_clusters())} routine"
+    if state.excluded:
+        detail += (f"; {len(state.excluded)} training trace(s) left out: their feedback marks the teacher's "
+                   "answer wrong")
+    return detail
 
 
 def _run_select(ws: Workspace, profile: Profile, progress: bool) -> str:
     from aad_core.pipeline.select import run_select
 
-    run_select(ws, show_progress=progress)
-    return f"kept {ws.config.select.fraction:.0%} of each routine cluster's training split ({ws.config.select.selector})"
+    selection = run_select(ws, show_progress=progress)
+    detail = f"kept {ws.config.select.fraction:.0%} of each routine cluster's training split ({ws.config.select.selector})"
+    excluded = sum(int(c.get("n_excluded") or 0) for c in (selection.get("clusters") or {}).values())
+    if excluded:
+        detail += f"; {excluded} call(s) left out: their feedback marks the teacher's answer wrong"
+    return detail
 
 
 def _run_train(ws: Workspace, profile: Profile, progress: bool) -> str:

@@ -1,7 +1,8 @@
 """S5a ``aad select``: score every routine cluster's training split, keep the most informative share.
 
 Reads ``.aad/state/clusters.json`` (written by ``aad cluster``), scores each routine cluster's
-train-split traces with the configured scorer (default ``kl-uncertainty`` on the ``[train]``
+train-split traces (never one whose user feedback marks the teacher's answer wrong: those are
+counted in ``n_excluded``) with the configured scorer (default ``kl-uncertainty`` on the ``[train]``
 student), picks ``fraction`` of them with the configured selector, and writes
 ``.aad/state/selection.json`` (:class:`aad_core.artifacts.Selection`)::
 
@@ -32,6 +33,7 @@ def run_select(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Score and select; returns (and writes) the selection artifact."""
+    from aad_core.formats.answers import teacher_answer_wrong
     from aad_core.pipeline.train import kind_for
     from aad_core.plugins.params import build_component, component_params
 
@@ -55,6 +57,11 @@ def run_select(
     with ws.store() as store:
         for cid, ids in per_cluster.items():
             traces = [t for t in store.iter_traces(ids=ids) if t.response is not None and t.status == "ok"]
+            # calls whose feedback marks the teacher's answer wrong: those the cluster stage moved out of the
+            # training split, and any whose feedback arrived since it ran
+            late = {t.id for t in traces if teacher_answer_wrong(t)}
+            traces = [t for t in traces if t.id not in late]
+            n_excluded = sum(1 for tid in state.excluded if state.assignments.get(tid) == cid) + len(late)
             if not traces:
                 continue
             kept_ids = [t.id for t in traces]
@@ -66,7 +73,7 @@ def run_select(
                     Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): no configured specialist "
                                                "kind fits its task; not scored")
                 out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=kept_ids,
-                                            scores={})
+                                            scores={}, n_excluded=n_excluded)
                 continue
             keeps_all = not getattr(trainer, "uses_selection", True)
             if keeps_all or fraction >= 1:
@@ -80,7 +87,7 @@ def run_select(
                     Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): {who} all {len(traces)} "
                                                "training traces; not scored")
                 out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=kept_ids,
-                                            scores={})
+                                            scores={}, n_excluded=n_excluded)
                 continue
             if show_progress:
                 from rich.console import Console
@@ -101,7 +108,7 @@ def run_select(
             chosen = chooser.select(kept_ids, [s["score"] for s in scores], fraction, embeddings=embeddings,
                                     seed=cfg.seed, **extra)
             out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=list(chosen),
-                                        scores={tid: s for tid, s in zip(kept_ids, scores)})
+                                        scores={tid: s for tid, s in zip(kept_ids, scores)}, n_excluded=n_excluded)
     selection = Selection(clusters=out, fraction=fraction, selector=selector_name, scorer=cfg.select.scorer,
                           student=cfg.train.student,
                           uncertainty_weight=scorer_params.effective.get("uncertainty_weight"), seed=cfg.seed)

@@ -48,6 +48,7 @@ def run_train(
     A task no configured kind fits is skipped (the reason recorded for the report), except that asking
     for that one ``cluster_id`` is an error unless ``skip_unfit``."""
     from aad_core.artifacts import UNFIT, ClusterState, Selection, read_unfit
+    from aad_core.formats.answers import teacher_answer_wrong
     from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
     from aad_core.pipeline.evaluate.runner import candidate_summary, evaluate_specialist
     from aad_core.specialists import SpecialistRegistry
@@ -78,7 +79,10 @@ def run_train(
     with ws.store() as store:
         for cid in todo:
             entry = chosen[cid]
-            train = [t for t in store.iter_traces(ids=entry.selected) if t.response is not None]
+            # feedback that marks the teacher's answer wrong keeps a call out of training, even when it
+            # arrived after 'aad select'
+            train = [t for t in store.iter_traces(ids=entry.selected)
+                     if t.response is not None and not teacher_answer_wrong(t)]
             # only the calibration part: the gate's test part must stay unseen by training
             heldout_ids, _ = calibration_test_split(sorted(state.heldout_ids(cid)), cfg.seed, cfg.eval.test_fraction)
             heldout = [t for t in store.iter_traces(ids=heldout_ids) if t.response is not None and t.status == "ok"]
@@ -88,7 +92,8 @@ def run_train(
             label = (clusters[cid].label if cid in clusters else "") or entry.label
             split_ids = list(state.train_ids(cid))
             fitting, considered = _fitting_trainers(candidates, train, lambda: [
-                t for t in store.iter_traces(ids=split_ids) if t.response is not None and t.status == "ok"])
+                t for t in store.iter_traces(ids=split_ids)
+                if t.response is not None and t.status == "ok" and not teacher_answer_wrong(t)])
             if not fitting:
                 why = "; ".join(f"{c['trainer']}: {c['why']}" for c in considered)
                 if cluster_id is not None and not skip_unfit:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 import platform
-import sqlite3
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +20,8 @@ from aad_core.report.cluster_map import draw_cluster_map
 
 if TYPE_CHECKING:
     from aad_core.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 _LIBS = ("torch", "transformers", "peft", "sentence-transformers", "scikit-learn", "sqlglot", "matplotlib")
 _BANKING77 = ("banking77: Casanueva et al. 2020, \u201cEfficient Intent Detection with Dual Sentence Encoders\u201d, "
@@ -79,20 +81,25 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _has_store(ws: Workspace) -> bool:
+    """Whether the workspace has a trace store to read (a ``[store] url``, or its SQLite file exists):
+    the report does not create an empty SQLite file."""
+    return bool(ws.store_url) or ws.db_path.exists()
+
+
 def _attributions(ws: Workspace) -> list[str]:
     """Distinct data attributions recorded on the traces (and banking77's, when its data is used)."""
-    if not ws.db_path.exists():
+    if not _has_store(ws):
         return []
     try:
-        conn = sqlite3.connect(f"{ws.db_path.as_uri()}?mode=ro", uri=True)
-        try:
-            rows = conn.execute(
-                "SELECT DISTINCT json_extract(data, '$.metadata.attribution'), "
-                "json_extract(data, '$.metadata.gold_source') FROM traces"
-            ).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error:
+        with ws.store() as store:
+            if hasattr(store, "metadata_values"):
+                rows = sorted(store.metadata_values(["attribution", "gold_source"]), key=str)
+            else:  # a store without the query: every trace's metadata
+                rows = sorted({(t.metadata.get("attribution"), t.metadata.get("gold_source"))
+                               for t in store.iter_traces()}, key=str)
+    except Exception as err:  # noqa: BLE001 - the report still renders without attributions
+        log.warning("the report lists no data attributions: %s", err)
         return []
     lines = sorted({str(a) for a, _ in rows if a})
     uses_banking77 = any("banking77" in f"{a} {g}".lower() for a, g in rows)
@@ -102,15 +109,14 @@ def _attributions(ws: Workspace) -> list[str]:
 
 
 def _trace_count(ws: Workspace) -> int | None:
-    if not ws.db_path.exists():
+    """How many traces the workspace's store holds (SQLite or PostgreSQL); None when it cannot be read."""
+    if not _has_store(ws):
         return None
     try:
-        conn = sqlite3.connect(f"{ws.db_path.as_uri()}?mode=ro", uri=True)
-        try:
-            return int(conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
+        with ws.store() as store:
+            return int(store.count())
+    except Exception as err:  # noqa: BLE001 - the report shows "n/a" rather than failing
+        log.warning("the report shows no trace count: %s", err)
         return None
 
 

@@ -73,6 +73,15 @@ def parse_where(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def check_metadata_key(key: str) -> str:
+    """``key`` when it is a plain metadata key (letters, digits, ``_``, ``-``), usable inside a JSON path."""
+    import re
+
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise ValueError(f"A metadata key of letters, digits, '_' or '-' is needed here. Got {key!r} instead.")
+    return key
+
+
 def feedback_score(trace: Trace) -> float | None:
     fb = trace.feedback or {}
     score = fb.get("score")

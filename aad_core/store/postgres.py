@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aad_core.errors import AADError
 from aad_core.schema import Trace
-from aad_core.store.base import TraceFilter
+from aad_core.store.base import TraceFilter, check_metadata_key
 
 SCHEMA_VERSION = 1
 PAGE_SIZE = 2000
@@ -265,6 +265,19 @@ class PostgresTraceStore:
 
     def count(self) -> int:
         return int(self._conn().execute(f"SELECT COUNT(*) FROM {self._table}").fetchone()[0])
+
+    def feedback_items(self) -> list[tuple[str, str]]:
+        """``(id, feedback as JSON text)`` of every trace that has feedback, by id."""
+        rows = self._conn().execute(
+            f"SELECT id, (data::jsonb -> 'feedback')::text FROM {self._table} "
+            "WHERE strpos(data, '\"feedback\"') > 0 AND jsonb_typeof(data::jsonb -> 'feedback') = 'object' ORDER BY id")
+        return [(str(i), str(fb)) for i, fb in rows]
+
+    def metadata_values(self, keys: Sequence[str]) -> set[tuple[Any, ...]]:
+        """The distinct ``(metadata[k] for k in keys)`` tuples over every trace (None where a key is absent)."""
+        names = [check_metadata_key(k) for k in keys]
+        cols = ", ".join("(data::jsonb -> 'metadata') ->> %s" for _ in names)
+        return {tuple(row) for row in self._conn().execute(f"SELECT DISTINCT {cols} FROM {self._table}", names)}
 
     def stats(self) -> dict[str, Any]:
         conn = self._conn()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aad_core.schema import Trace
-from aad_core.store.base import TraceFilter
+from aad_core.store.base import TraceFilter, check_metadata_key
 
 SCHEMA_VERSION = 1
 
@@ -167,6 +167,19 @@ class SQLiteTraceStore:
 
     def count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM traces").fetchone()[0])
+
+    def feedback_items(self) -> list[tuple[str, str]]:
+        """``(id, feedback as JSON text)`` of every trace that has feedback, by id."""
+        rows = self._conn().execute(
+            "SELECT id, json_extract(data, '$.feedback') FROM traces "
+            "WHERE instr(data, '\"feedback\"') > 0 AND json_type(data, '$.feedback') = 'object' ORDER BY id")
+        return [(str(i), str(fb)) for i, fb in rows]
+
+    def metadata_values(self, keys: Sequence[str]) -> set[tuple[Any, ...]]:
+        """The distinct ``(metadata[k] for k in keys)`` tuples over every trace (None where a key is absent)."""
+        paths = [f'$.metadata."{check_metadata_key(k)}"' for k in keys]
+        cols = ", ".join("json_extract(data, ?)" for _ in paths)
+        return {tuple(row) for row in self._conn().execute(f"SELECT DISTINCT {cols} FROM traces", paths)}
 
     def stats(self) -> dict[str, Any]:
         conn = self._conn()
