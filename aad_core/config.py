@@ -286,6 +286,13 @@ class RouteConfig(_Section):
         "specialist to join one batched forward pass (requests arriving while a batch runs join the next one). "
         "0 = no micro-batching."
     )
+    fast_path: Literal["int8", "merged", "none"] = Field(
+        "int8", description="LoRA specialists on CPU: each adapter answers from a private copy of the base student "
+        "with only that adapter merged into its weights; 'int8' also stores that copy's Linear weights as int8 (per "
+        "output channel, activations float32): about 3x faster per token; 'merged' keeps float32 weights (the "
+        "unmerged answers exactly, without the LoRA detour); 'none' = the shared PEFT model. 'aad eval' scores "
+        "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
+    )
     teacher_node_min_calls: int = Field(
         10, ge=0, description="An agent node (system prompt) with at least this many training calls, all in clusters "
         "without a promoted specialist, is sent to the teacher without embedding its requests: the decision costs "
@@ -320,6 +327,11 @@ class RouteConfig(_Section):
     )
     shadow_demote: bool = Field(
         True, description="Automatic demotion on: off = live agreement is only measured and shown ('aad monitor')."
+    )
+    retrain_min_new_traces: int = Field(
+        200, ge=1, description="'aad distill --if-needed' retrains a task once at least this many new teacher traces "
+        "(captured calls, escalations, shadow pairs; never specialist answers) were recorded for it since its "
+        "specialist was last trained; drift or live disagreement with the teacher also retrains it."
     )
 
 

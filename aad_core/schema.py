@@ -223,3 +223,17 @@ def node_key(trace: Trace | ChatRequest) -> str:
     each call binds). Takes a trace or a bare request."""
     request = trace.request if hasattr(trace, "request") else trace
     return hashlib.sha256(request.system_prompt().encode()).hexdigest()
+
+
+#: ``Trace.source`` values whose response is a specialist's answer, not the teacher's.
+SPECIALIST_SOURCES = frozenset({"specialist"})
+
+
+def is_specialist_answer(trace: Trace) -> bool:
+    """The trace's response came from a specialist, not the teacher: its source is a specialist one,
+    it carries the tag ``specialist``, or its routing record (``metadata["aad_route"]``, as ``aad serve``
+    answers carry it) says a specialist answered. Such a trace is never training data: a specialist
+    must not learn from its own answers."""
+    route = trace.metadata.get("aad_route") if isinstance(trace.metadata, dict) else None
+    return (trace.source in SPECIALIST_SOURCES or "specialist" in trace.tags
+            or (isinstance(route, dict) and route.get("target") == "specialist"))

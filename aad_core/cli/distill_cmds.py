@@ -15,6 +15,10 @@ from aad_core.cli.app import WorkspaceOption, console, open_workspace
 def distill(
     quick: Annotated[bool, typer.Option("--quick", help="Smaller profile: 2 specialists, fewer steps and held-out samples.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, even those up to date with their inputs.")] = False,
+    if_needed: Annotated[bool, typer.Option(
+        "--if-needed", help="Retrain only the tasks with enough new traces ([route] retrain_min_new_traces), drift or "
+        "shadow disagreements; a new version replaces the served one only if it does at least as well on the same "
+        "test calls. Nothing to do: exits at once (for cron / systemd timers).")] = False,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Run curate+cluster -> select -> train -> evaluate -> calibrate router, then write the report.
@@ -26,7 +30,6 @@ def distill(
 
     ws = open_workspace(workspace)
     profile = PROFILES["quick" if quick else "full"]
-    console.print(f"[bold]aad distill[/] on {ws.root} — profile [bold]{profile.name}[/]: {profile.description}")
 
     def show(r: StageResult) -> None:
         if r.status == "skipped":
@@ -34,12 +37,51 @@ def distill(
         else:
             console.print(f"[green]✓[/] {r.stage} ({r.seconds:.0f} s): {r.detail}")
 
+    if if_needed:
+        if force:
+            raise typer.BadParameter("--if-needed and --force exclude each other: --force retrains every task.")
+        _if_needed(ws, profile, show)
+        return
+    console.print(f"[bold]aad distill[/] on {ws.root} — profile [bold]{profile.name}[/]: {profile.description}")
     start = time.perf_counter()
     run_distill(ws, profile=profile, force=force, on_stage=show)
     console.print(summary_table(ws))
     for line in summary_reasons(ws):
         console.print(line, highlight=False)
     console.print(f"Done in {time.perf_counter() - start:.0f} s. Report: [bold]{ws.report_path}[/]")
+
+
+def _if_needed(ws: Any, profile: Any, show: Any) -> None:
+    """``aad distill --if-needed``: the plan per task, then (only when a task needs it) the stages."""
+    from rich.markup import escape
+
+    from aad_core.pipeline.retrain import TaskPlan, run_if_needed
+
+    start = time.perf_counter()
+
+    def plan_table(plan: list[TaskPlan]) -> None:
+        if not plan:
+            console.print("Nothing to retrain: no task has a trained specialist yet (run 'aad distill' first).")
+            return
+        table = Table(title=f"aad distill --if-needed on {ws.root}", title_justify="left")
+        for col in ("task", "specialist", "new traces", "drift", "shadow", "retrain", "why"):
+            table.add_column(col)
+        for p in plan:
+            spec = f"{p.specialist} v{p.served_version}" if p.served_version else f"{p.specialist} (none served)"
+            table.add_row(f"{p.cluster_id} {p.task}", spec, str(p.new_traces), ", ".join(p.drift) or "-",
+                          escape(p.shadow or "-"), "[bold]yes[/]" if p.retrain else "no", escape(p.why))
+        console.print(table)
+        if not any(p.retrain for p in plan):
+            console.print("Nothing needs retraining.")
+
+    result = run_if_needed(ws, profile=profile, on_plan=plan_table, on_stage=show)
+    for o in result.outcomes:
+        mark = "[green]promoted[/]" if o.get("promoted") else "[yellow]kept the served version[/]"
+        console.print(f"{o.get('specialist', 'cluster ' + str(o['cluster_id']))} "
+                      f"{'v' + str(o['version']) if o.get('version') else ''}: {mark}: {escape(str(o.get('reason')))}",
+                      highlight=False)
+    if result.retrained:
+        console.print(f"Done in {time.perf_counter() - start:.0f} s. Report: [bold]{ws.report_path}[/]")
 
 
 def _eval_entries(ws: Any) -> list[dict[str, Any]]:

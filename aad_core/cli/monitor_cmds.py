@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from aad_core.cli.app import JsonOption, WorkspaceOption, console, open_workspace, print_json
@@ -14,13 +15,29 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def _new_labels(stat: dict[str, Any] | None) -> str:
+    """``new / answers (share)`` of the new-labels statistic ("-" for tasks that are not label tasks)."""
+    if not stat or not stat.get("n"):
+        return "-"
+    return f"{stat['new']}/{stat['n']} ({_pct(stat['share'])})"
+
+
+def _shift(stat: dict[str, Any] | None) -> str:
+    """Recent mean routing similarity against the training calls' mean."""
+    if not stat:
+        return "-"
+    return f"{stat['recent']:.3f} (train {stat['training']:.3f})"
+
+
 def monitor_cmd(
     days: Annotated[int, typer.Option("--days", min=0, help="The last N UTC days (0 = everything logged).")] = 7,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Per task: served share, live agreement with the teacher (shadow pairs, with the Clopper-Pearson
-    lower bound), escalations by reason, drift, and the cost saved against teacher-only."""
+    lower bound), escalations by reason, drift (below-threshold share, new labels in the teacher's
+    answers, shift of the mean routing similarity, a changed teacher), and the cost saved against
+    teacher-only."""
     from aad_core.serving.monitor import monitor_summary
 
     ws = open_workspace(workspace)
@@ -35,7 +52,7 @@ def monitor_cmd(
     span = "everything logged" if summary["since"] is None else f"since {summary['since']}"
     table = Table(title=f"Monitor ({span}; target agreement {100 * summary['target_agreement']:.0f} %)")
     for col in ("task", "specialist", "requests", "served", "live agreement", "lower bound", "pairs",
-                "escalations", "below threshold", "saved USD", "flags"):
+                "escalations", "below threshold", "new labels", "similarity", "saved USD", "flags"):
         table.add_column(col)
     for t in summary["tasks"]:
         spec = "-" if t["specialist"] is None else f"{t['specialist']} v{t['version']}" + (
@@ -45,21 +62,26 @@ def monitor_cmd(
         below = _pct(t["below_threshold_share"]) + (
             f" (calib. {_pct(t['calibration_below_share'])})" if t["calibration_below_share"] is not None else "")
         flags = []
-        if t["drift"]:
-            flags.append("drift")
+        drift = [f for f in t.get("drift_flags", []) if f != "teacher changed"]
+        if drift:
+            flags.append("drift: " + ", ".join(drift))
         if t["teacher_model_changed"]:
             flags.append("teacher changed: " + " -> ".join(t["teacher_models"]))
         if t["demotions"]:
             flags.append(f"demoted x{len(t['demotions'])}")
         table.add_row(str(t["task"]), spec, str(t["requests"]), _pct(t["served_share"]), agreement,
-                      _pct(t["lower_bound"]), str(t["shadow_pairs"]), esc, below, f"{t['saved_usd']:.4f}",
-                      ", ".join(flags) or "-")
+                      _pct(t["lower_bound"]), str(t["shadow_pairs"]), esc, below, _new_labels(t.get("new_labels")),
+                      _shift(t.get("embedding_shift")), f"{t['saved_usd']:.4f}", ", ".join(flags) or "-")
     console.print(table)
     total = summary["total"]
     console.print(f"Total: {total['requests']} requests, {_pct(total['served_share'])} served by specialists, "
                   f"{total['shadow_pairs']} shadow pairs, {total['saved_usd']:.4f} USD saved against teacher-only "
                   f"(at {summary['teacher_price_per_mtok']:g} USD / 1M teacher tokens).")
     for t in summary["tasks"]:
+        labels = (t.get("new_labels") or {}).get("labels") or {}
+        if labels:
+            console.print(escape(f"{t['task']}: teacher answers not among the training labels: "
+                                 + ", ".join(f"{k!r} x{v}" for k, v in labels.items())), highlight=False)
         for d in t["demotions"]:
             console.print(f"[yellow]{t['specialist']} v{d['version']}[/] {d['reason']} ({d['time']}). "
                           f"Undo: [bold]aad specialists promote {t['specialist']} --version {d['version']}[/]")

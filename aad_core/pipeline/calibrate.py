@@ -167,6 +167,8 @@ def calibrate_router(ws: Workspace, *, show_progress: bool = True, confidence: b
             "n_intruders": len(intruders),
             "intruders_admitted": sum(1 for s in intruders if s >= threshold),
             "own_rejected": sum(1 for s in own if s < threshold),
+            # the drift monitor compares the mean similarity of recent requests with this
+            "mean_own_similarity": round(sum(own) / len(own), 5) if own else None,
             "output_kind": output_kind_of([traces[t] for c, t in flat if c == cid]),
             "routine": bool(next(c.routine for c in state.clusters if c.id == cid)),
             "specialist": spec.name if spec else None,

@@ -11,6 +11,17 @@ and ``shadow.jsonl``, written by :class:`~aad_core.serving.shadow.ShadowEvaluato
   ``own_rejected / n_own``); flagged when the recent share is at least twice that and 10 points
   above it, over at least ``MIN_DRIFT_REQUESTS`` requests. A changed teacher model name in the
   shadow pairs is flagged too (a new teacher calls for re-distillation);
+- **new labels** (label tasks only: the cluster's answer kind, else the router's output kind, is
+  ``label``): the teacher's answers in the task's shadow pairs and escalation traces (source
+  ``router``) of the period that are not among the answers the served specialist was trained on
+  (its manifest's training ids; labels compared without case and surrounding spaces); flagged when
+  more than ``NEW_LABEL_SHARE`` (5 %) of at least ``MIN_DRIFT_REQUESTS`` answers are new: the
+  teacher now answers with labels the specialist cannot give;
+- **embedding shift**: the mean routing similarity (cosine to the task's centroid) of the recent
+  requests whose nearest centroid is the task's, against the mean similarity of the task's own
+  training calls at calibration (``router.json``: ``mean_own_similarity``); flagged when it dropped
+  by more than ``EMBEDDING_SHIFT_MARGIN`` (0.05) over at least ``MIN_DRIFT_REQUESTS`` requests
+  (a router calibrated before this figure existed shows none: run ``aad route --calibrate``);
 - **cost saved vs teacher-only**: the tokens of the specialist-served requests (prompt estimated at
   4 characters per token, plus the answer) at ``[eval] teacher_price_per_mtok``, minus the
   specialist's time at ``[eval] hardware_price_per_hour``.
@@ -26,8 +37,14 @@ from aad_core.serving.shadow import SERVING_LOG, SHADOW_LOG, live_agreement, rea
 if TYPE_CHECKING:
     from aad_core.workspace import Workspace
 
-#: Fewest requests of a task before its below-threshold share is judged for drift.
+#: Fewest requests (or teacher answers, for new labels) of a task before a drift statistic is judged.
 MIN_DRIFT_REQUESTS = 20
+#: New labels: flagged when more than this share of the teacher's answers are not in the training answers.
+NEW_LABEL_SHARE = 0.05
+#: Embedding shift: flagged when the recent mean similarity is more than this below the training calls' mean.
+EMBEDDING_SHIFT_MARGIN = 0.05
+#: New labels listed per task (most frequent first).
+SHOW_NEW_LABELS = 5
 
 
 def _merge(total: dict[str, Any], row: dict[str, Any]) -> None:
@@ -42,15 +59,19 @@ def _merge(total: dict[str, Any], row: dict[str, Any]) -> None:
             total[key] = total.get(key, 0) + value
 
 
-def monitor_summary(ws: Workspace, days: int | None = 7) -> dict[str, Any]:
-    """Per task (cluster) figures over the last ``days`` UTC days (None = everything logged)."""
+def monitor_summary(ws: Workspace, days: int | None = 7, *, since: str | None = None) -> dict[str, Any]:
+    """Per task (cluster) figures over the last ``days`` UTC days (None = everything logged), or from
+    ``since`` on (an ISO date or time; the serving counters are per day, so they count from its day)."""
     from aad_core.artifacts import ClusterState, RouterState
     from aad_core.specialists import SpecialistRegistry
 
     cfg = ws.config
-    since = None if days is None else (date.today() - timedelta(days=max(0, days - 1))).isoformat()
-    serving = [r for r in read_jsonl(ws.state_dir / SERVING_LOG) if since is None or str(r.get("day")) >= since]
-    shadow = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if since is None or str(r.get("day")) >= since]
+    if since is None and days is not None:
+        since = (date.today() - timedelta(days=max(0, days - 1))).isoformat()
+    day0 = None if since is None else since[:10]
+    serving = [r for r in read_jsonl(ws.state_dir / SERVING_LOG) if day0 is None or str(r.get("day")) >= day0]
+    shadow = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG)
+              if since is None or str(r.get("time") or r.get("day")) >= since]
     state = ClusterState.load_optional(ws)
     labels = {c.id: (c.task or c.label) for c in state.clusters} if state else {}
     router = RouterState.load_optional(ws)
@@ -64,7 +85,8 @@ def monitor_summary(ws: Workspace, days: int | None = 7) -> dict[str, Any]:
         _merge(totals.setdefault(row.get("cluster_id"), {}), row)
     cluster_ids = sorted({*totals, *(r.get("cluster_id") for r in shadow)}, key=lambda c: (c is None, c if c is not None else 0))
     price, hw = cfg.eval.teacher_price_per_mtok, cfg.eval.hardware_price_per_hour
-    tasks = []
+    tasks: list[dict[str, Any]] = []
+    label_jobs: list[tuple[dict[str, Any], str, int | None, list[dict[str, Any]]]] = []
     for cid in cluster_ids:
         t = totals.get(cid, {})
         n = int(t.get("requests", 0))
@@ -107,8 +129,15 @@ def monitor_summary(ws: Workspace, days: int | None = 7) -> dict[str, Any]:
             "mean_similarity": (t["similarity_sum"] / t["similarity_n"]) if t.get("similarity_n") else None,
             "threshold": cal.get("threshold"),
             "teacher_models": models, "teacher_model_changed": len(models) > 1,
+            "new_labels": None, "embedding_shift": embedding_shift(t, cal),
             "saved_usd": saved,
         })
+        if cid is not None and spec_name is not None and label_task(cid, state, cal):
+            label_jobs.append((tasks[-1], spec_name, spec_version, own))
+    if label_jobs:
+        _fill_new_labels(ws, label_jobs, since, specs)
+    for task in tasks:
+        task["drift_flags"] = drift_flags(task)
     n_all = sum(t["requests"] for t in tasks)
     served_all = sum(t["served"] for t in tasks)
     return {
@@ -120,4 +149,77 @@ def monitor_summary(ws: Workspace, days: int | None = 7) -> dict[str, Any]:
     }
 
 
-__all__ = ["MIN_DRIFT_REQUESTS", "monitor_summary"]
+def label_task(cluster_id: int, state: Any, calibration: dict[str, Any]) -> bool:
+    """The task answers with labels: its cluster's answer kind, else the router's output kind, is "label"."""
+    cluster = next((c for c in state.clusters if c.id == cluster_id), None) if state else None
+    kind = getattr(cluster, "answer_kind", None) or calibration.get("output_kind")
+    return kind == "label"
+
+
+def embedding_shift(counts: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any] | None:
+    """{recent, training, drop, n, drift} of a task's mean routing similarity (None when the router
+    calibration has no training mean or no request was embedded)."""
+    n = int(counts.get("similarity_n") or 0)
+    training = calibration.get("mean_own_similarity")
+    if not n or training is None:
+        return None
+    recent = float(counts.get("similarity_sum", 0.0)) / n
+    drop = float(training) - recent
+    return {"recent": recent, "training": float(training), "drop": drop, "n": n,
+            "drift": n >= MIN_DRIFT_REQUESTS and drop > EMBEDDING_SHIFT_MARGIN}
+
+
+def _fill_new_labels(ws: Workspace, jobs: list[tuple[dict[str, Any], str, int | None, list[dict[str, Any]]]],
+                     since: str | None, specs: list[Any]) -> None:
+    """Set each job's task ``new_labels``: the teacher's answers (shadow pairs, escalations) of the
+    period against the answers its specialist version was trained on."""
+    from aad_core.formats.answers import answer_string
+    from aad_core.formats.labels import label_key
+    from aad_core.specialists import SpecialistRegistry
+
+    registry = SpecialistRegistry(ws)
+    by_key = {(s.name, s.version): s for s in specs}
+    with ws.store() as store:
+        escalations: dict[Any, list[str]] = {}
+        for trace in store.iter_traces(source="router", since=since):
+            info = trace.metadata.get("aad_escalation") or {}
+            if trace.response is not None:
+                escalations.setdefault(info.get("cluster_id"), []).append(answer_string(trace))
+        for task, name, version, rows in jobs:
+            spec = by_key.get((name, version))
+            if spec is None:
+                continue
+            trained_ids = registry.manifest(spec).get("selection") or []
+            known = {label_key(answer_string(t)) for t in store.iter_traces(ids=trained_ids) if t.response is not None}
+            ids = [str(r["trace_id"]) for r in rows if r.get("trace_id")]
+            answers = [answer_string(t) for t in store.iter_traces(ids=ids) if t.response is not None] if ids else []
+            answers += escalations.get(task["cluster_id"], [])
+            new: dict[str, int] = {}
+            for answer in answers:
+                if label_key(answer) not in known:
+                    new[answer.strip()] = new.get(answer.strip(), 0) + 1
+            n, n_new = len(answers), sum(new.values())
+            share = n_new / n if n else None
+            task["new_labels"] = {
+                "n": n, "new": n_new, "share": share, "n_training_labels": len(known),
+                "labels": dict(sorted(new.items(), key=lambda kv: (-kv[1], kv[0]))[:SHOW_NEW_LABELS]),
+                "drift": share is not None and n >= MIN_DRIFT_REQUESTS and share > NEW_LABEL_SHARE,
+            }
+
+
+def drift_flags(task: dict[str, Any]) -> list[str]:
+    """The names of the drift statistics flagged for a task of :func:`monitor_summary`."""
+    flags = []
+    if task.get("drift"):
+        flags.append("below threshold")
+    if (task.get("new_labels") or {}).get("drift"):
+        flags.append("new labels")
+    if (task.get("embedding_shift") or {}).get("drift"):
+        flags.append("embedding shift")
+    if task.get("teacher_model_changed"):
+        flags.append("teacher changed")
+    return flags
+
+
+__all__ = ["EMBEDDING_SHIFT_MARGIN", "MIN_DRIFT_REQUESTS", "NEW_LABEL_SHARE", "drift_flags", "embedding_shift",
+           "label_task", "monitor_summary"]
