@@ -281,7 +281,7 @@ class _Retrainer:
                                       "reason": "not retrained: no configured specialist kind fits its task now"}
                 continue
             for spec in specs:  # the gate's audition may have promoted one; the comparison decides
-                if spec.promoted:
+                if registry.get(spec.name, spec.version).promoted:  # the registry, not the object run_train returned
                     registry.set_promoted(spec.name, spec.version, False,
                                           "awaiting the comparison with the served version (aad distill --if-needed)")
             self.new[cid] = specs[-1]

@@ -403,6 +403,95 @@ def _replaceability_section(clusters: ClusterState | None, evaluation: EvalRepor
     return "".join(out)
 
 
+_MONITOR_HINT = ("Nothing routed yet: this section reads the routing engine's logs, <code>.aad/state/serving.jsonl</code> "
+                 "and <code>shadow.jsonl</code>. Route the agent's traffic through the specialists &mdash; "
+                 "<code>RoutedChatModel</code> (LangChain), <code>RoutedLLM</code> (LlamaIndex) or the "
+                 "OpenAI-compatible <code>aad serve</code> &mdash; with <code>[route] shadow_rate</code> &gt; 0 for "
+                 "live agreement; <code>aad monitor</code> prints the same table.")
+
+
+def _monitor_section(ws: Workspace) -> str:
+    """Live monitoring: per task, :func:`~aad_core.serving.monitor.monitor_summary` over everything logged,
+    and per day the served share, the live agreement and the escalations by reason."""
+    from aad_core.serving.monitor import monitor_daily, monitor_summary
+    from aad_core.serving.shadow import SERVING_LOG, SHADOW_LOG, read_jsonl
+
+    out = ["<h2>Live monitoring</h2>"]
+    if not (ws.state_dir / SERVING_LOG).exists() and not (ws.state_dir / SHADOW_LOG).exists():
+        return out[0] + f'<p class="todo">{_MONITOR_HINT}</p>'
+    try:
+        summary = monitor_summary(ws, days=None)
+        daily = monitor_daily(ws)
+    except Exception as err:  # noqa: BLE001 - the report still renders without this section
+        log.warning("the report shows no live monitoring: %s", err)
+        return out[0] + f'<p class="todo">The serving logs cannot be read: {_e(err)}.</p>'
+    # a demotion line in shadow.jsonl carries no cluster id: monitor_summary lists an empty task for it
+    tasks = [t for t in summary["tasks"] if t["requests"] or t["shadow_pairs"] or t["cluster_id"] is not None]
+    if not tasks:
+        return out[0] + f'<p class="todo">{_MONITOR_HINT}</p>'
+    target, alpha = summary["target_agreement"], summary["alpha"]
+    out.append(
+        "<p>From the routing engine's logs (<code>.aad/state/serving.jsonl</code>, <code>shadow.jsonl</code>), "
+        f"everything logged ({_e(daily['days'][0] if daily['days'] else '')} to "
+        f"{_e(daily['days'][-1] if daily['days'] else '')}, UTC). Served share: requests the specialist answered "
+        "of the requests routed to its task. Live agreement: shadow pairs (the teacher also answered a share "
+        "of the specialist-served requests, <code>[route] shadow_rate</code>) that agree, over the served version's "
+        f"last <code>[route] shadow_window</code> pairs, with the one-sided {_e(format(1 - float(alpha), '.0%'))} "
+        f"Clopper-Pearson lower bound; a version whose bound falls below the target {_e(target)} is demoted. "
+        "Saved: the teacher's price for the served requests' tokens minus the specialist's hardware time. "
+        "<code>aad monitor</code> prints the same table (last 7 days by default).</p>")
+    head = ("<tr><th>task</th><th>specialist</th><th class=num>requests</th><th class=num>served share</th>"
+            "<th class=num>live agreement</th><th class=num>lower bound</th><th class=num>shadow pairs</th>"
+            "<th>escalations by reason</th><th>drift</th><th>demotions</th><th class=num>saved USD</th></tr>")
+    body = []
+    for t in tasks:
+        spec = f"{t['specialist']} v{t['version']}" if t.get("specialist") else ""
+        state = t.get("state")
+        state_html = (f' <span class="{"yes" if state == "promoted" else "no"}">{_e(state)}</span>' if state else "")
+        escalations = ", ".join(f"{k} {v}" for k, v in (t.get("escalations") or {}).items())
+        flags = t.get("drift_flags") or []
+        new_labels = (t.get("new_labels") or {}).get("labels") or {}
+        drift = ", ".join(flags) + (f" ({', '.join(map(str, new_labels))})" if "new labels" in flags and new_labels
+                                    else "")
+        bound = t.get("lower_bound")
+        low = bound is not None and t.get("window_pairs") and bound < float(target)
+        bound_html = f'<span class="no">{_num(bound)}</span>' if low else _num(bound)
+        demotions = "; ".join(f"v{d.get('version')} {str(d.get('time') or '')[:16]}" for d in t.get("demotions") or [])
+        body.append(
+            f"<tr><td>{_e(t['task'])}</td><td>{_e(spec)}{state_html}</td><td class=num>{_e(t['requests'])}</td>"
+            f"<td class=num>{_pct(t.get('served_share'))}</td>"
+            f"<td class=num>{_num(t.get('live_agreement'))} ({_e(t.get('agreeing_pairs'))}/"
+            f"{_e(t.get('window_pairs'))})</td><td class=num>{bound_html}</td>"
+            f"<td class=num>{_e(t.get('shadow_pairs'))}</td><td>{_e(escalations)}</td>"
+            f"<td>{'<span class=no>' + _e(drift) + '</span>' if drift else ''}</td><td>{_e(demotions)}</td>"
+            f"<td class=num>{_num(t.get('saved_usd'), '{:.4f}')}</td></tr>")
+    total = summary["total"]
+    body.append(f"<tr><th>all</th><th></th><th class=num>{_e(total['requests'])}</th>"
+                f"<th class=num>{_pct(total.get('served_share'))}</th><th></th><th></th>"
+                f"<th class=num>{_e(total.get('shadow_pairs'))}</th><th></th><th></th><th></th>"
+                f"<th class=num>{_num(total.get('saved_usd'), '{:.4f}')}</th></tr>")
+    out.append(f"<table>{head}{''.join(body)}</table>")
+    demotions = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if r.get("event") == "demoted"]
+    if demotions:  # every one logged, also of versions no longer the task's newest
+        items = "".join(f"<li>{_e(str(r.get('time') or '')[:19])} {_e(r.get('specialist'))} v{_e(r.get('version'))}: "
+                        f"{_e(r.get('reason'))}</li>" for r in demotions)
+        out.append(f"<p>Demotions by shadow evaluation (<code>aad specialists promote NAME</code> reverses one):</p>"
+                   f"<ul>{items}</ul>")
+    days = daily["days"]
+    if days:
+        out.append(_img(plots.monitor_over_time(days, daily["tasks"], target), "served share and live agreement per day"))
+        if any(any(v) for v in daily["escalations"].values()):
+            out.append(_img(plots.escalations_over_time(days, daily["escalations"]), "escalations by reason per day"))
+        else:
+            out.append('<p class="muted">No escalation logged: every specialist answer passed the validators and '
+                       "the confidence gate.</p>")
+    out.append('<p class="note">Drift (per task, flagged in the table): requests below the similarity threshold at '
+               "least twice the calibration's share; new labels in the teacher's answers; a drop of the mean routing "
+               "similarity; a changed teacher model. <code>aad distill --if-needed</code> retrains the tasks that "
+               "drift, have new traces or shadow disagreements.</p>")
+    return "".join(out)
+
+
 def _footer(ws: Workspace, attributions: list[str]) -> str:
     versions = {"python": platform.python_version(), **{lib: _version(lib) for lib in _LIBS}}
     vtext = " &middot; ".join(f"{_e(k)} {_e(v)}" for k, v in versions.items() if v)
@@ -442,6 +531,7 @@ def render_report(ws: Workspace) -> str:
         _router_section(router_eval),
         _latency_cost_section(evaluation),
         _replaceability_section(clusters, evaluation),
+        _monitor_section(ws),
         _footer(ws, attributions),
     ])
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>aad report</title>"

@@ -234,3 +234,65 @@ def share_bars(shares: dict[str, dict[str, float]]) -> str:
     ax.set_title("Replaceability: traffic a specialist can take")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _day_ticks(ax: Any, days: Sequence[str]) -> None:
+    step = max(1, len(days) // 10)
+    ax.set_xticks(range(0, len(days), step), [d[5:] for d in days[::step]], rotation=30, ha="right", fontsize=7)
+
+
+def monitor_over_time(days: Sequence[str], tasks: dict[str, dict[str, Sequence[int]]],
+                      target: float | None = None) -> str:
+    """Per task and UTC day: left, the served share (requests a specialist answered / routed requests);
+    right, the live agreement (agreeing shadow pairs / shadow pairs of that day), the target dashed.
+    A day without requests (or pairs) leaves a gap."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=110)
+    colors = [_GREEN, _BLUE, _ORANGE, _RED, _GREY, "#8172B3", "#937860", "#DA8BC3"]
+    x = list(range(len(days)))
+    nan = float("nan")
+    for n, (name, s) in enumerate(tasks.items()):
+        color = colors[n % len(colors)]
+        share = [sv / r if r else nan for sv, r in zip(s["served"], s["requests"])]
+        agree = [a / p if p else nan for a, p in zip(s["agreeing"], s["pairs"])]
+        if any(r for r in s["requests"]):
+            ax1.plot(x, share, marker="o", color=color, label=str(name)[:28])
+        if any(p for p in s["pairs"]):
+            ax2.plot(x, agree, marker="o", color=color, label=str(name)[:28])
+    if target is not None:
+        ax2.axhline(float(target), color=_RED, linestyle="--", linewidth=1, label=f"target {target:g}")
+    for ax, title in ((ax1, "Served share per day"), (ax2, "Live agreement per day (shadow pairs)")):
+        _day_ticks(ax, days)
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlim(-0.5, max(0.5, len(days) - 0.5))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower left")
+    ax1.set_ylabel("share of the task's requests")
+    ax2.set_ylabel("agreement with the teacher")
+    return _png(fig)
+
+
+def escalations_over_time(days: Sequence[str], by_reason: dict[str, Sequence[int]]) -> str:
+    """Escalations (rejected specialist answers) per UTC day, stacked by reason kind."""
+    import numpy as np
+
+    fig, ax = _figure()
+    colors = [_ORANGE, _RED, _BLUE, _GREY, _GREEN, "#8172B3", "#937860", "#DA8BC3"]
+    x = np.arange(len(days))
+    bottom = np.zeros(len(days))
+    for n, (reason, counts) in enumerate(by_reason.items()):
+        values = np.asarray(counts, dtype=float)
+        ax.bar(x, values, 0.7, bottom=bottom, label=str(reason), color=colors[n % len(colors)])
+        bottom += values
+    _day_ticks(ax, days)
+    ax.set_ylabel("escalations")
+    ax.set_title("Escalations to the teacher per day, by reason", fontsize=10)
+    if by_reason:
+        ax.legend(fontsize=7)
+    return _png(fig)

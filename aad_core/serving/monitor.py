@@ -207,6 +207,45 @@ def _fill_new_labels(ws: Workspace, jobs: list[tuple[dict[str, Any], str, int | 
             }
 
 
+def monitor_daily(ws: Workspace) -> dict[str, Any]:
+    """The logs per UTC day, for plots over time (everything logged): ``{"days": [...], "tasks": {task name:
+    {"requests", "served", "pairs", "agreeing"} each a list per day}, "escalations": {reason kind: list per
+    day}}`` (the report's "Live monitoring" section). A task is named as :func:`monitor_summary` names it."""
+    from aad_core.artifacts import ClusterState
+
+    serving = read_jsonl(ws.state_dir / SERVING_LOG)
+    pairs = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if r.get("event", "pair") == "pair"]
+    days = sorted({str(r.get("day")) for r in serving if r.get("day")} | {str(r.get("day")) for r in pairs if r.get("day")})
+    state = ClusterState.load_optional(ws)
+    labels = {c.id: (c.task or c.label) for c in state.clusters} if state else {}
+
+    def name(cid: Any) -> str:
+        return str(labels.get(cid, "-" if cid is None else f"cluster {cid}"))
+
+    index = {day: i for i, day in enumerate(days)}
+    tasks: dict[str, dict[str, list[int]]] = {}
+    escalations: dict[str, list[int]] = {}
+
+    def series(cid: Any) -> dict[str, list[int]]:
+        return tasks.setdefault(name(cid), {k: [0] * len(days) for k in ("requests", "served", "pairs", "agreeing")})
+
+    for row in serving:
+        if str(row.get("day")) not in index:
+            continue
+        i, s = index[str(row.get("day"))], series(row.get("cluster_id"))
+        s["requests"][i] += int(row.get("requests") or 0)
+        s["served"][i] += int(row.get("specialist") or 0)
+        for kind, n in (row.get("escalations") or {}).items():
+            escalations.setdefault(str(kind), [0] * len(days))[i] += int(n)
+    for row in pairs:
+        if str(row.get("day")) not in index:
+            continue
+        i, s = index[str(row.get("day"))], series(row.get("cluster_id"))
+        s["pairs"][i] += 1
+        s["agreeing"][i] += bool(row.get("agree"))
+    return {"days": days, "tasks": dict(sorted(tasks.items())), "escalations": dict(sorted(escalations.items()))}
+
+
 def drift_flags(task: dict[str, Any]) -> list[str]:
     """The names of the drift statistics flagged for a task of :func:`monitor_summary`."""
     flags = []
@@ -222,4 +261,4 @@ def drift_flags(task: dict[str, Any]) -> list[str]:
 
 
 __all__ = ["EMBEDDING_SHIFT_MARGIN", "MIN_DRIFT_REQUESTS", "NEW_LABEL_SHARE", "drift_flags", "embedding_shift",
-           "label_task", "monitor_summary"]
+           "label_task", "monitor_daily", "monitor_summary"]

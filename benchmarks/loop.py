@@ -1,0 +1,316 @@
+"""The loop that keeps specialists right (issue 17, acceptance parts (a) and (b)): a label shift is
+caught by shadow evaluation, the specialist is demoted, and ``aad distill --if-needed`` retrains it.
+
+On a small workspace the script builds itself (not the full demo: it runs in a few minutes on 2 CPU
+cores), from the demo's ``intent`` node (``aad_core.demo``: banking77 queries of 8 intents, the
+node's system prompt, the gold label as the teacher's answer; every other node empty):
+
+0. ``aad distill`` with the demo's config and the default specialist kind (``[train] trainer =
+   "auto"``: the classifier for a closed label set, which trains in seconds). The benchmark's config
+   sets ``[route] shadow_rate = 1.0`` (every specialist-served request is also answered by the
+   teacher; the default 0.05 would need ~20x the traffic to gather the same pairs),
+   ``[route] shadow_budget_usd_per_day = 100`` and ``[capture] redact = false`` (speed only).
+1. **(a) shift.** Customers start asking about a new intent, ``card_payment_wrong_exchange_rate``
+   (banking77 training queries the workspace never saw, half the traffic; the other half are unseen
+   queries of the 8 known intents). Each request goes through the public ``RoutedChatModel`` with a
+   teacher stub (a chat model answering each query's gold label, the new one included); the routing
+   engine has the same stub as its ``teacher_call`` for the shadow calls and records the teacher's
+   answers (``capture_teacher``, escalations, shadow pairs) as traces. The script waits for each
+   request's shadow call before sending the next, so the count is deterministic. It reports the
+   requests until the specialist is demoted (its live lower bound below ``[eval] target_agreement``)
+   and the live agreement then (the demotion's ``k/n`` in ``shadow.jsonl``). After the demotion the
+   rest of the shifted traffic still flows (to the teacher, recorded).
+2. **(b) retraining.** ``run_if_needed`` (``aad distill --if-needed``) plans and retrains; the
+   retrained version and the demoted one then answer banking77 *test* queries (which no version
+   trained on): old traffic = the 8 known intents, new traffic = the new intent. Agreement = the
+   specialist's answer equals the teacher's (the gold label), every query asked whatever its
+   confidence. It says whether the new version was promoted, and why.
+
+Not built here: (c) cascade tiers and (d) curriculum (the headline marks them ``n/a``). The last line:
+
+    loop: demoted after 140 requests (live 0.81); retrained old 0.97 / new 0.95 -> promoted; cascade n/a; curriculum n/a
+
+    python benchmarks/loop.py [--intent 240] [--shift 300] [--keep DIR] [--json OUT]
+
+Data: banking77 — Casanueva et al. (2020), PolyAI, CC-BY-4.0 (aad_core/demo/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+
+#: The label that appears in the intent node's traffic (banking77; close to ``exchange_rate``).
+NEW_LABEL = "card_payment_wrong_exchange_rate"
+TEACHER = "teacher-stub"
+#: The benchmark's config on top of the demo's (``aad_core.demo.workspace.DEMO_CONFIG``).
+LOOP_CONFIG: dict[tuple[str, str], Any] = {
+    ("route", "shadow_rate"): 1.0,  # every served request shadowed: the shift shows within a few hundred requests
+    ("route", "shadow_budget_usd_per_day"): 100.0,
+    ("capture", "redact"): False,  # speed only: the data is public
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_workspace(root: Path, n_intent: int, seed: int) -> Any:
+    """The demo's intent node only, distilled (``aad distill``)."""
+    from aad_core.demo.workload import DEFAULT_SIZES
+    from aad_core.demo.workspace import create_demo_workspace
+    from aad_core.pipeline.distill import run_distill
+
+    sizes = {node: 0 for node in DEFAULT_SIZES} | {"intent": n_intent}
+    ws = create_demo_workspace(root, seed=seed, sizes=sizes, config=LOOP_CONFIG, redact=False)
+    for stage in run_distill(ws, show_progress=False, report=False):
+        log(f"  distill {stage.stage} ({stage.status}, {stage.seconds:.0f} s): {stage.detail}")
+    return ws
+
+
+def shifted_traffic(ws: Any, n: int, new_share: float, seed: int) -> list[tuple[str, str]]:
+    """``n`` (query, gold label) pairs from banking77's training split the workspace does not hold:
+    ``new_share`` of them of :data:`NEW_LABEL`, the rest of the 8 known intents, shuffled."""
+    from aad_core.demo import sources
+    from aad_core.demo.workload import INTENTS
+
+    with ws.store() as store:
+        seen = {t.request.last_user_message() for t in store.iter_traces()}
+    rows = [r for r in sources.banking77_rows("train") if r[0] not in seen]
+    rng = random.Random(f"aad-loop-{seed}")
+    new = [r for r in rows if r[1] == NEW_LABEL]
+    old = [r for r in rows if r[1] in INTENTS]
+    rng.shuffle(new)
+    rng.shuffle(old)
+    n_new = min(len(new), round(n * new_share))
+    traffic = new[:n_new] + old[: n - n_new]
+    rng.shuffle(traffic)
+    return traffic
+
+
+def _answer(gold: dict[str, str], text: str) -> str:
+    return gold.get(text.strip(), "unknown")
+
+
+def route_shift(ws: Any, system: str, traffic: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Part (a): route ``traffic`` through ``RoutedChatModel`` with shadow evaluation; the request count
+    at the demotion and the live agreement then."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from aad_core.schema import ChatRequest
+    from aad_core.serving.engine import RoutingEngine
+    from aad_core.serving.shadow import SHADOW_LOG, read_jsonl
+    from aad_core.specialists import SpecialistRegistry
+    from aad_langchain import RoutedChatModel
+
+    gold = {text.strip(): label for text, label in traffic}
+
+    class TeacherStub(BaseChatModel):
+        """Answers each query with its gold label (the new intent included)."""
+
+        model_name: str = TEACHER
+
+        @property
+        def _llm_type(self) -> str:
+            return "teacher-stub"
+
+        def _generate(self, messages: list[Any], stop: Any = None, run_manager: Any = None,
+                      **kwargs: Any) -> ChatResult:
+            text = _answer(gold, str(messages[-1].content))
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
+    def teacher_call(request: ChatRequest) -> dict[str, Any]:  # the same stub, for the shadow calls
+        return {"model": TEACHER, "choices": [{"message": {"role": "assistant",
+                                                           "content": _answer(gold, request.last_user_message())}}]}
+
+    (spec,) = SpecialistRegistry(ws).promoted().values()
+    engine = RoutingEngine(ws, teacher_call, teacher_model=TEACHER, capture_teacher=True, record=True)
+    routed = RoutedChatModel(teacher=TeacherStub(), workspace=ws.root, routing_engine=engine)
+    out: dict[str, Any] = {"specialist": f"{spec.name} v{spec.version}", "cluster_id": spec.cluster_id,
+                           "requests": len(traffic), "demoted_after": None, "live": None, "served": 0,
+                           "served_before_demotion": 0, "served_new_label": 0, "served_new_label_wrong": 0}
+    started = time.perf_counter()
+    try:
+        for i, (text, label) in enumerate(traffic, 1):
+            reply = routed.invoke([SystemMessage(content=system), HumanMessage(content=text)])
+            if reply.response_metadata["aad_route"]["target"] == "specialist":
+                out["served"] += 1
+                out["served_new_label"] += label == NEW_LABEL
+                out["served_new_label_wrong"] += label == NEW_LABEL and reply.content.strip() != label
+            engine.shadow.wait(10)  # each request's shadow call done before the next: a deterministic count
+            if out["demoted_after"] is None:
+                out["served_before_demotion"] = out["served"]
+                if spec.name in engine.demoted:
+                    out["demoted_after"] = i
+                    out["demotion_reason"] = engine.demoted[spec.name]
+                    log(f"  (a) demoted after {i} requests: {engine.demoted[spec.name]}")
+            if i % 50 == 0:
+                log(f"  routed {i} of {len(traffic)} shifted requests ({out['served']} served by the specialist)")
+    finally:
+        engine.close()
+    out["route_s"] = round(time.perf_counter() - started, 1)
+    rows = read_jsonl(ws.state_dir / SHADOW_LOG)
+    pairs = [r for r in rows if r.get("event") == "pair"]
+    out["shadow_pairs"] = len(pairs)
+    demoted = [r for r in rows if r.get("event") == "demoted"]
+    if demoted and demoted[0].get("n"):
+        k, n = int(demoted[0]["k"]), int(demoted[0]["n"])
+        out["live"] = {"k": k, "n": n, "agreement": k / n}
+    return out
+
+
+def agreement_on(ws: Any, spec: Any, system: str, rows: Sequence[tuple[str, str]]) -> float | None:
+    """Share of ``rows`` whose answer by ``spec`` (asked for every query) equals the gold label."""
+    from aad_core.schema import ChatRequest
+    from aad_core.specialists import load_predictor
+
+    if not rows:
+        return None
+    requests = [ChatRequest.model_validate({"messages": [{"role": "system", "content": system},
+                                                         {"role": "user", "content": text}]}) for text, _ in rows]
+    answers = [g.text.strip() for g in load_predictor(spec, ws).generate(requests, max_new_tokens=16)]
+    return statistics.fmean(a == label for a, (_, label) in zip(answers, rows))
+
+
+def retrain(ws: Any, system: str, cluster_id: int, before: str) -> dict[str, Any]:
+    """Part (b): ``aad distill --if-needed``, then the version served before the shift (``before``,
+    "name vN") and the retrained one on unseen old and new traffic."""
+    from aad_core.demo import sources
+    from aad_core.demo.workload import INTENTS
+    from aad_core.pipeline.retrain import run_if_needed
+    from aad_core.specialists import SpecialistRegistry
+
+    started = time.perf_counter()
+    result = run_if_needed(ws, show_progress=False, report=False)
+    out: dict[str, Any] = {"if_needed_s": round(time.perf_counter() - started, 1),
+                           "plan": [p.to_json() for p in result.plan], "outcomes": result.outcomes}
+    for p in result.plan:
+        log(f"  (b) plan: cluster {p.cluster_id} retrain={p.retrain}: {p.why}")
+    for stage in result.stages:
+        log(f"  distill {stage.stage} ({stage.status}, {stage.seconds:.0f} s): {stage.detail}")
+    test = sources.banking77_rows("test")
+    old = [r for r in test if r[1] in INTENTS]
+    new = [r for r in test if r[1] == NEW_LABEL]
+    out["n_old"], out["n_new"] = len(old), len(new)
+    registry = SpecialistRegistry(ws)
+    specs = registry.list()
+    outcome = next((o for o in result.outcomes if o.get("version")), None)
+    for key, spec in (("before", next((s for s in specs if f"{s.name} v{s.version}" == before), None)),
+                      ("retrained", next((s for s in specs if outcome and s.version == outcome["version"]
+                                          and s.name == outcome["specialist"]), None))):
+        if spec is None:
+            out[key] = None
+            continue
+        out[key] = {"specialist": f"{spec.name} v{spec.version}", "kind": spec.kind,
+                    "old": agreement_on(ws, spec, system, old), "new": agreement_on(ws, spec, system, new)}
+    out["promoted"] = bool(outcome and outcome.get("promoted"))
+    out["comparison"] = (outcome or {}).get("comparison")
+    out["reason"] = outcome.get("reason") if outcome else (result.plan[0].why if result.plan else "no task")
+    served = registry.promoted().get(cluster_id)
+    out["served_now"] = f"{served.name} v{served.version}" if served else None
+    return out
+
+
+def headline(a: dict[str, Any], b: dict[str, Any]) -> str:
+    if a["demoted_after"] is not None:
+        live = a.get("live")
+        part_a = f"demoted after {a['demoted_after']} requests" + (
+            f" (live {live['agreement']:.2f} = {live['k']}/{live['n']})" if live else "")
+    else:
+        part_a = f"not demoted in {a['requests']} requests"
+    r = b.get("retrained")
+    if r is None:
+        part_b = "not retrained"
+    else:
+        part_b = (f"retrained old {r['old']:.2f} / new {r['new']:.2f} -> "
+                  f"{'promoted' if b['promoted'] else 'not promoted'}")
+    return f"loop: {part_a}; {part_b}; cascade n/a; curriculum n/a"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--intent", type=int, default=240, help="intent-node traces of the workspace")
+    parser.add_argument("--shift", type=int, default=300, help="shifted requests routed")
+    parser.add_argument("--new-share", type=float, default=0.5, help="share of the shifted requests of the new label")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, default=None, help="build the workspace here and keep it")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from aad_core.demo.workload import INTENTS, SYSTEM
+
+    system = SYSTEM["intent"].format(labels=", ".join(INTENTS))
+    tmp = None
+    if args.keep is None:
+        tmp = tempfile.TemporaryDirectory(prefix="aad-loop-")
+        root = Path(tmp.name) / "ws"
+    else:
+        root = args.keep
+    try:
+        started = time.perf_counter()
+        log(f"building the workspace: {args.intent} intent-node traces, aad distill")
+        ws = build_workspace(root, args.intent, args.seed)
+        from aad_core.specialists import SpecialistRegistry
+
+        promoted = SpecialistRegistry(ws).promoted()
+        if len(promoted) != 1:
+            raise SystemExit(f"expected one promoted specialist after aad distill, got {len(promoted)}: "
+                             "see the workspace's eval.json (--keep DIR)")
+        build_s = time.perf_counter() - started
+        traffic = shifted_traffic(ws, args.shift, args.new_share, args.seed)
+        log(f"(a) routing {len(traffic)} shifted requests ({sum(l == NEW_LABEL for _, l in traffic)} of the new "
+            f"label {NEW_LABEL}) with [route] shadow_rate = {ws.config.route.shadow_rate}")
+        a = route_shift(ws, system, traffic)
+        log("(b) aad distill --if-needed")
+        b = retrain(ws, system, int(a["cluster_id"]), a["specialist"])
+        fig = {"build_s": round(build_s, 1), "shift": a, "retrain": b, "total_s": round(time.perf_counter() - started, 1)}
+        live = a.get("live")
+        print(f"workspace: {args.intent} intent traces (8 intents), {a['specialist']} promoted; built in {build_s:.0f} s")
+        print(f"(a) shift: {len(traffic)} requests, {sum(l == NEW_LABEL for _, l in traffic)} of the new label "
+              f"{NEW_LABEL}; served {a['served']} ({a['served_before_demotion']} before the demotion; "
+              f"{a['served_new_label']} new-label requests served, {a['served_new_label_wrong']} wrong); "
+              f"{a['shadow_pairs']} shadow pairs at shadow_rate {ws.config.route.shadow_rate} "
+              f"(demotion needs at least [route] shadow_min_pairs = {ws.config.route.shadow_min_pairs})")
+        if a["demoted_after"] is not None:
+            print(f"    demoted after {a['demoted_after']} requests; live agreement then "
+                  + (f"{live['agreement']:.3f} ({live['k']}/{live['n']})" if live else "n/a"))
+        else:
+            print(f"    not demoted in {len(traffic)} requests")
+        for key in ("before", "retrained"):
+            r = b.get(key)
+            if r:
+                print(f"(b) {key:9s} {r['specialist']} ({r['kind']}): agreement on unseen old traffic {r['old']:.3f} "
+                      f"(n={b['n_old']}), new traffic {r['new']:.3f} (n={b['n_new']})")
+        print(f"    retrained version {'promoted' if b['promoted'] else 'not promoted'}: {b['reason']}; "
+              f"served now: {b['served_now']}; --if-needed took {b['if_needed_s']:.0f} s")
+        if b.get("comparison"):
+            c = b["comparison"]
+            print(f"    --if-needed's comparison on {c['n']} held-out test calls: new {c['new']:.3f}, 'served' {c['served']:.3f}")
+        line = headline(a, b)
+        fig["headline"] = line
+        print(line)
+        if args.json:
+            args.json.write_text(json.dumps(fig, indent=2, default=str), encoding="utf-8")
+        return fig
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
