@@ -288,8 +288,8 @@ class RouteConfig(_Section):
     )
     fast_path: Literal["int8", "merged", "none"] = Field(
         "int8", description="LoRA specialists on CPU: each adapter answers from a private copy of the base student "
-        "with only that adapter merged into its weights; 'int8' also stores that copy's Linear weights as int8 (per "
-        "output channel, activations float32): about 3x faster per token; 'merged' keeps float32 weights (the "
+        "with only that adapter merged into its weights; 'int8' also stores that copy's Linear weights as int8 (weight-"
+        "only, per output channel, bfloat16 matmul inputs): about 3x faster per token; 'merged' keeps float32 weights (the "
         "unmerged answers exactly, without the LoRA detour); 'none' = the shared PEFT model. 'aad eval' scores "
         "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
     )

@@ -9,7 +9,8 @@ when ``--train`` is given and it has none), on the held-out requests of its task
 * throughput at concurrency 1 / 4 / 8 (threads calling the pool, as the server's workers do;
   micro-batching groups them);
 * the baseline: the same requests through plain ``transformers`` ``generate()`` (base + PEFT adapter,
-  one request at a time, no prefix reuse, no batching), and whether the answers are identical;
+  unmerged, float32, one request at a time, no prefix reuse, no batching), and how many of the
+  specialist's answers (served through ``[route] fast_path``, e.g. its merged int8 copy) are identical;
 * the recorded teacher latency of the same requests.
 
 It ends with the headline line, e.g.
@@ -17,6 +18,7 @@ It ends with the headline line, e.g.
 faster than the teacher`` (the factors are the smallest over the specialists).
 
     python benchmarks/specialist_latency.py --workspace demo-workspace [--train] [--n 24] [--quick]
+        [--fast-path int8|merged|none]
 
 Run it on a quiet machine: every figure is wall-clock time.
 """
@@ -123,6 +125,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="Held-out requests per specialist.")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="Default: [route] max_new_tokens.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 4 requests, one specialist, 16 new tokens.")
+    ap.add_argument("--fast-path", choices=("int8", "merged", "none"), default=None,
+                    help="How the specialists compute (default: the workspace's [route] fast_path).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures to this file.")
     args = ap.parse_args()
 
@@ -140,13 +144,18 @@ def main() -> None:
 
     from aad_core.serving.specialists import SpecialistPool
 
-    pool = SpecialistPool(ws, specs)
+    route = ws.config.route
+    fast_path = args.fast_path or route.fast_path
+    pool = SpecialistPool(ws, specs, runtime_options={"prefix_cache": route.prefix_cache,
+                                                      "batch_window_ms": route.batch_window_ms,
+                                                      "fast_path": fast_path})
     started = time.perf_counter()
     pool.preload()
     load_s = time.perf_counter() - started
     print(f"Loaded and warmed {len(specs)} LoRA specialist(s) in {load_s:.1f} s "
           f"(prefix_cache {pool.runtime_options.get('prefix_cache')}, batch_window_ms "
-          f"{pool.runtime_options.get('batch_window_ms')}); {n} requests each, max_new_tokens {max_new}.")
+          f"{pool.runtime_options.get('batch_window_ms')}, fast_path {fast_path}); {n} requests each, "
+          f"max_new_tokens {max_new}.")
     results = []
     for spec in specs:
         traces = _requests(ws, spec, n)
@@ -173,7 +182,7 @@ def main() -> None:
             "cold_ms": cold_ms, "warm_p50_ms": statistics.median(warm), "warm_p95_ms": _pct(warm, 0.95),
             "throughput_rps": tput, "baseline_p50_ms": statistics.median(base_ms),
             "baseline_p95_ms": _pct(base_ms, 0.95),
-            "identical": sum(a == b for a, b in zip(answers, base_answers)),
+            "fast_path": fast_path, "identical": sum(a == b for a, b in zip(answers, base_answers)),
             "teacher_p50_ms": statistics.median(teacher) if teacher else None,
         }
         results.append(row)
@@ -184,17 +193,24 @@ def main() -> None:
               + f" (c{max(levels)} / c1 = {tput[max(levels)] / tput[1]:.1f}x)")
         print(f"  plain generate()      {row['baseline_p50_ms']:8.0f} / {row['baseline_p95_ms']:.0f} ms "
               f"({row['baseline_p50_ms'] / row['warm_p50_ms']:.1f}x the specialist's p50)")
-        print(f"  identical answers     {row['identical']} / {row['n']} (vs plain generate())")
+        print(f"  identical answers     {row['identical']} / {row['n']} (fast_path {fast_path} vs plain "
+              "generate(), unmerged float32)")
+        for a, b in zip(answers, base_answers):
+            if a != b:
+                print(f"    differs: {a!r} (served) vs {b!r} (plain)")
         if row["teacher_p50_ms"]:
             print(f"  recorded teacher p50  {row['teacher_p50_ms']:8.0f} ms")
     if not results:
         sys.exit("No specialist had requests to measure.")
     if args.json:
-        args.json.write_text(json.dumps({"load_s": load_s, "specialists": results}, indent=2), encoding="utf-8")
+        args.json.write_text(json.dumps({"load_s": load_s, "fast_path": fast_path, "specialists": results}, indent=2),
+                             encoding="utf-8")
     parts = " / ".join(f"{r['warm_p50_ms']:.0f} ms ({r['kind']})" for r in results)
     vs_plain = min(r["baseline_p50_ms"] / r["warm_p50_ms"] for r in results)
     teachers = [r["teacher_p50_ms"] / r["warm_p50_ms"] for r in results if r["teacher_p50_ms"]]
-    line = f"specialist latency: p50 {parts}; {vs_plain:.1f}x faster than plain generate"
+    same, total = sum(r["identical"] for r in results), sum(r["n"] for r in results)
+    line = (f"specialist latency: p50 {parts}; {vs_plain:.1f}x faster than plain generate "
+            f"(fast_path {fast_path}, {same}/{total} answers identical)")
     if teachers:
         line += f"; {min(teachers):.1f}x faster than the teacher"
     print("\n" + line)

@@ -14,6 +14,14 @@ Two things make it fast on CPU (docs/routing.md, "Serving speed"):
 - **Micro-batching.** Concurrent :meth:`SpecialistRuntime.generate` calls that arrive within
   ``batch_window_ms`` of each other (or while a batch is running) are answered by one batched
   forward pass per adapter instead of one after another.
+- **A fast copy per adapter** (``fast_path``, CPU only). An adapter's answers come from a private copy of
+  the base with only that adapter merged into its weights (``merge_and_unload``: no LoRA detour per
+  layer), whose Linear layers hold int8 weights (``"int8"``: weight-only, per output channel, bfloat16
+  inputs to the matmul, so a row's answer does not depend on the batch it is in) or stay float32
+  (``"merged"``).
+  Built at the adapter's first generation (or :meth:`SpecialistRuntime.load`); the base student,
+  :meth:`SpecialistRuntime.answer_logprobs`, candidate scoring and adapters with answer hints keep the
+  shared, unmerged model.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from aad_core.plugins.components import Predictor
 
 if TYPE_CHECKING:
     from aad_core.schema import ChatRequest, Specialist
+
+#: What :class:`SpecialistRuntime` ``fast_path`` accepts.
+FAST_PATHS = ("int8", "merged", "none")
 
 
 @dataclass
@@ -72,12 +83,17 @@ class SpecialistRuntime:
 
     ``prefix_cache``: shared-prefix key/value caches kept (LRU; 0 = off); a prefix shorter than
     ``min_prefix_tokens`` is not cached. ``batch_window_ms``: how long a ``generate()`` call waits for
-    concurrent calls to join its batch (0 = no micro-batching).
+    concurrent calls to join its batch (0 = no micro-batching). ``fast_path`` (CPU only): how an
+    adapter's answers are computed: ``"int8"`` (a private copy of the base with the adapter merged and
+    int8 weights; ``int8_lm_head`` also for the output layer), ``"merged"`` (the merged copy in float32:
+    the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
     """
 
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
                  warmup: bool = True, prefix_cache: int = 8, min_prefix_tokens: int = 16,
-                 batch_window_ms: float = 5.0) -> None:
+                 batch_window_ms: float = 5.0, fast_path: str = "int8", int8_lm_head: bool = True) -> None:
+        if fast_path not in FAST_PATHS:
+            raise AADError(f"Unknown fast_path {fast_path!r}.", hint="Use one of: " + ", ".join(FAST_PATHS) + ".")
         self.base_model = base_model
         self.device = device
         self.batch_size = batch_size
@@ -85,6 +101,9 @@ class SpecialistRuntime:
         self.prefix_cache = prefix_cache
         self.min_prefix_tokens = min_prefix_tokens
         self.batch_window_ms = batch_window_ms
+        self.fast_path = fast_path
+        self.int8_lm_head = int8_lm_head
+        self._fast: dict[str, Any] = {}  # adapter name -> its private merged (int8) copy of the base
         self._lock = threading.RLock()
         self._model: Any = None
         self._tokenizer: Any = None
@@ -97,7 +116,8 @@ class SpecialistRuntime:
         self._count_tokenizer: Any = None
         self._count_lock = threading.Lock()
         #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
-        self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0}
+        self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0,
+                      "fast_builds": 0}
 
     @property
     def loaded(self) -> bool:
@@ -105,9 +125,19 @@ class SpecialistRuntime:
         return self._model is not None
 
     def load(self) -> None:
-        """Load (and warm up) the base student now, so that the first request is not the cold one."""
+        """Load (and warm up) the base student now, and build (and warm up) the fast copy of every
+        adapter loaded so far, so that the first request is not the cold one."""
         with self._lock:
             self._ensure_loaded()
+            for name in self._adapters:
+                if self._fast_model(name) is not None and self.warmup:
+                    self._warm(name)
+
+    def _warm(self, adapter: str | None) -> None:
+        """One dummy generation (the first ``generate()`` of a model is slow)."""
+        from aad_core.schema import ChatRequest, Message
+
+        self._generate_locked([ChatRequest(messages=[Message(role="user", content="Hi")])], adapter, 2)
 
     # -- loading -----------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
@@ -122,9 +152,7 @@ class SpecialistRuntime:
         self._tokenizer.padding_side = "left"
         self.device_ = device
         if self.warmup:  # the first generate() of a process is slow
-            from aad_core.schema import ChatRequest, Message
-
-            self._generate_locked([ChatRequest(messages=[Message(role="user", content="Hi")])], None, 2)
+            self._warm(None)
 
     @property
     def tokenizer(self) -> Any:
@@ -161,6 +189,7 @@ class SpecialistRuntime:
             self._model.eval()
             self._adapters[name] = str(path)
             self._drop_prefixes(name)
+            self._fast.pop(name, None)  # built from the old weights
             from aad_core.models.answer_bank import AnswerHints
 
             bank = AnswerHints.load(path)
@@ -181,11 +210,54 @@ class SpecialistRuntime:
             self._model = self._model.merge_and_unload()
             self._merged = adapter
             self._drop_prefixes(None, every=True)
+            self._fast.clear()
 
     def _drop_prefixes(self, adapter: str | None, *, every: bool = False) -> None:
         """Forget the cached prefixes of ``adapter`` (all of them with ``every``): its weights changed."""
         for key in [k for k in self._prefixes if every or k[0] == adapter]:
             del self._prefixes[key]
+
+    @property
+    def fast_active(self) -> bool:
+        """Whether adapters are served by their fast copies (``fast_path`` other than "none", on CPU)."""
+        return self.fast_path != "none" and str(getattr(self, "device_", self.device or "cpu")).startswith("cpu")
+
+    def _fast_model(self, adapter: str | None) -> Any:
+        """The private fast copy that generates for ``adapter`` (built now if need be), or None when the
+        shared model does: the base student, adapters with answer hints, ``fast_path="none"``, a GPU,
+        and ``"merged"`` once :meth:`merge` has merged that adapter into the shared model."""
+        if adapter is None or not self.fast_active or adapter in self._hints:
+            return None
+        if self._merged is not None and self.fast_path == "merged":
+            return None
+        model = self._fast.get(adapter)
+        if model is None:
+            model = self._fast[adapter] = self._build_fast(adapter)
+            self._drop_prefixes(adapter)  # encoded by the shared model
+            self.stats["fast_builds"] += 1
+        return model
+
+    def _build_fast(self, adapter: str) -> Any:
+        """A copy of the base weights with only ``adapter`` merged into them (the shared PEFT model is not
+        touched), int8 for ``fast_path="int8"``."""
+        from peft import PeftModel
+
+        from aad_core.models.quiet import quiet_loading
+
+        self._check_adapter(adapter)
+        if self._merged is not None:  # the shared model is that adapter merged already
+            model = copy.deepcopy(self._model)
+        else:  # a copy of the base weights (every LoRA layer removed), then this adapter alone, merged
+            model = copy.deepcopy(self._model)
+            if isinstance(model, PeftModel):
+                model = model.unload()
+            with quiet_loading():
+                model = PeftModel.from_pretrained(model, self._adapters[adapter], adapter_name=adapter)
+            model = model.merge_and_unload()
+        model.eval()
+        if self.fast_path == "int8":
+            _int8_linears(model, lm_head=self.int8_lm_head)
+        return model
 
     def _check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self._adapters:
@@ -274,6 +346,16 @@ class SpecialistRuntime:
             model.set_adapter(adapter)
         return contextlib.nullcontext()
 
+    def _runner(self, adapter: str | None) -> tuple[Any, Any]:
+        """The model that generates for ``adapter`` (its fast copy, else the shared model) and the context
+        to run it in."""
+        import contextlib
+
+        fast = self._fast_model(adapter)
+        if fast is not None:
+            return fast, contextlib.nullcontext()
+        return self._model, self._adapter_context(adapter)
+
     def answer_logprobs(self, pairs: Sequence[tuple[ChatRequest, str]], *, adapter: str | None = None
                         ) -> list[tuple[float, int]]:
         """``(summed log-prob, tokens)`` of each answer after its request, end-of-turn included."""
@@ -341,6 +423,7 @@ class SpecialistRuntime:
         from aad_core.models.chat_format import prompt_text
 
         tok = self._tokenizer
+        self._fast_model(adapter)  # built before any prefix is: a new copy drops the adapter's prefixes
         ids = [list(x) for x in tok([prompt_text(tok, r) for r in requests], add_special_tokens=False)["input_ids"]]
         prefixes = [self._prefix_for(r, row, adapter) for r, row in zip(requests, ids)]
         groups: dict[int, list[int]] = {}
@@ -407,8 +490,9 @@ class SpecialistRuntime:
         """The key/value cache of ``ids`` under ``adapter``: one forward pass."""
         import torch
 
-        with self._adapter_context(adapter), torch.no_grad():
-            out = self._model(input_ids=torch.tensor([ids], device=self.device_), use_cache=True)
+        model, context = self._runner(adapter)
+        with context, torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=self.device_), use_cache=True)
         return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
 
     def _generate_ids(self, ids: list[list[int]], prefix: _Prefix | None, adapter: str | None, max_new_tokens: int,
@@ -417,7 +501,8 @@ class SpecialistRuntime:
         ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded."""
         import torch
 
-        model, tok = self._model, self._tokenizer
+        model, context = self._runner(adapter)
+        tok = self._tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         skip = len(prefix.ids) if prefix is not None else 0
         rest = [row[skip:] for row in ids]
@@ -439,7 +524,7 @@ class SpecialistRuntime:
         if trie is not None:
             extra["prefix_allowed_tokens_fn"] = lambda _row, seq: trie.allowed(seq[prompt_len:].tolist())
             max_new_tokens = trie.max_len  # room for the longest answer, so that none is cut off
-        with self._adapter_context(adapter), torch.no_grad():
+        with context, torch.no_grad():
             out = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
@@ -523,3 +608,68 @@ class _AnswerTrie:
                 return [self.eos]
             node = node[t]
         return list(node) or [self.eos]
+
+
+def _int8_linears(model: Any, *, lm_head: bool = True) -> Any:
+    """Store every ``nn.Linear`` of ``model`` (in place; the output layer too with ``lm_head``) as int8
+    weights with one scale per output channel, multiplied by bfloat16 activations and returned as
+    float32 (``torch.ops.aten._weight_int8pack_mm``; the residual stream, norms and attention stay
+    float32). A tied output layer gets its own int8 copy and the input embeddings stay float32. Weight-only:
+    a row's result does not depend on the other rows of its batch, whereas per-tensor dynamic activation
+    quantization (``torch.ao.quantization.quantize_dynamic``) does, and changed 9 of 12 held-out answers of
+    a demo specialist on SmolLM2-135M (this: 12 of 12 identical). Where the kernel is missing, the layers
+    stay float32 (the "merged" path)."""
+    import torch
+
+    if not _int8_supported():
+        return model
+    linear = _int8_linear_class()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and (lm_head or child is not model.get_output_embeddings()):
+                setattr(parent, name, linear(child))
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_supported() -> bool:
+    """Whether this torch build has the CPU int8 weight-only matmul kernel."""
+    import torch
+
+    try:
+        a = torch.ones(2, 32, dtype=torch.bfloat16)
+        w = torch.ones(8, 32, dtype=torch.int8)
+        return bool(torch.ops.aten._weight_int8pack_mm(a, w, torch.ones(8, dtype=torch.bfloat16)).shape == (2, 8))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_linear_class() -> type:
+    """``Int8Linear`` (defined on first use: ``import aad_core`` does not import torch)."""
+    import torch
+
+    class Int8Linear(torch.nn.Module):
+        """A Linear layer with int8 weights (symmetric, per output channel) and float activations."""
+
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            w = linear.weight.detach().float()
+            scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+                                 .contiguous())
+            self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+    return Int8Linear

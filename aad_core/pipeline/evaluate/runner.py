@@ -288,7 +288,8 @@ def evaluate_specialist(ws: Workspace, state: ClusterState, cluster: Cluster, sp
     if spec.base_model not in runtimes:
         from aad_core.models.runtime import SpecialistRuntime
 
-        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
+        # The arithmetic that serves the specialist ([route] fast_path), so that the gate judges what is served.
+        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model, fast_path=ws.config.route.fast_path)
     runtime = runtimes[spec.base_model]
     runtime.add_specialist(spec)
     return evaluate_cluster(ws, cluster, heldout, runtime, spec)
