@@ -169,3 +169,24 @@ def test_setup_prints_a_line_per_step_and_keeps_pips_log(tmp_path: Path, pip_exi
         assert run.returncode == 1
         assert "FAILED" in run.stdout and "pip line 1\n" not in run.stdout
         assert "setup.log" in run.stderr and "pip: the last word" in run.stderr  # the log's tail on failure
+
+
+#: What other libraries print when they are not silenced at their source.
+_FOREIGN_NOISE = ("Traceback", "Warning", "warnings.warn", "kernels-community", "Loading weights", "it/s]",
+                  "Exception ignored")
+
+
+@pytest.mark.real_model
+def test_aad_demo_then_aad_cluster_print_nothing_from_other_libraries(tmp_path: Path) -> None:
+    """The README's first steps, as a new user runs them (real redaction engine, real MiniLM): stderr
+    holds aad's own progress lines only, no warning or traceback from another library."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": ""}
+    env.pop("AAD_LOG_LEVEL", None)
+    folder = tmp_path / "demo-workspace"
+    for args in (["demo", str(folder)], ["cluster", "-w", str(folder)]):
+        run = subprocess.run([sys.executable, "-m", "aad_core", *args], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr
+        noise = [line for line in run.stderr.splitlines() if any(n in line for n in _FOREIGN_NOISE)]
+        assert not noise, f"aad {args[0]} printed another library's output: {noise}"
+    assert (folder / ".aad" / "state" / "clusters.json").exists()
