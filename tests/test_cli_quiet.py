@@ -190,3 +190,4 @@ def test_aad_demo_then_aad_cluster_print_nothing_from_other_libraries(tmp_path: 
         noise = [line for line in run.stderr.splitlines() if any(n in line for n in _FOREIGN_NOISE)]
         assert not noise, f"aad {args[0]} printed another library's output: {noise}"
     assert (folder / ".aad" / "state" / "clusters.json").exists()
+

@@ -47,7 +47,7 @@ def distill(
     run_distill(ws, profile=profile, force=force, on_stage=show)
     console.print(summary_table(ws))
     for line in summary_reasons(ws):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)  # reasons name config keys: [train] max_length
     console.print(f"Done in {time.perf_counter() - start:.0f} s. Report: [bold]{ws.report_path}[/]")
 
 

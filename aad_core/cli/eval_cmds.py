@@ -55,7 +55,7 @@ def eval_cmd(
     console.print(eval_table(result))
     for c in result.get("clusters", []):
         if c.get("reason"):
-            console.print(f"  cluster {c['cluster_id']}: {c['reason']}", highlight=False)
+            console.print(f"  cluster {c['cluster_id']}: {c['reason']}", highlight=False, markup=False)
     if any(c.get("weakest_metric") for c in result.get("clusters", [])):
         console.print("  * semantic agreement (embedding similarity): the weakest metric.")
     console.print(f"Written: {EvalReport.path(ws)}. Next: [bold]aad report[/]")

@@ -98,7 +98,7 @@ def route_cmd(
                   + (f"  specialist={decision.specialist}" if decision.target == "specialist" else ""))
     console.print(f"  cluster {decision.cluster_id}  similarity {decision.similarity}  threshold {decision.threshold}"
                   f"  ({decision.latency_ms} ms)")
-    console.print(f"  reason: {decision.reason}", highlight=False)
+    console.print(f"  reason: {decision.reason}", highlight=False, markup=False)
 
 
 def serve_cmd(
