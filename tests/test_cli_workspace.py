@@ -116,3 +116,13 @@ def test_the_argument_wins_over_the_environment_and_no_name_searches_upward(tmp_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WorkspaceError, match="No aad workspace"):
         Workspace.find(create=True)  # nothing is created in an arbitrary current folder
+
+
+def test_an_error_keeps_the_config_keys_it_names() -> None:
+    """'[store] url' in a hint is text, not console markup: it reaches the user whole."""
+    from aad_core.cli.app import err_console, fail
+
+    with err_console.capture() as cap:
+        fail("Cannot reach the [store] server", "Check [store] url (or AAD_STORE__URL).")
+    out = cap.get()
+    assert "Cannot reach the [store] server" in out and "Check [store] url" in out

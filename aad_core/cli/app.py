@@ -92,9 +92,12 @@ def print_json(data: Any) -> None:
 
 
 def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: messages name config keys ("[store] url"), which are not console markup
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
     if hint:
-        err_console.print(f"[yellow]Hint:[/] {hint}", highlight=False)
+        err_console.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False)
     return typer.Exit(code)
 
 
