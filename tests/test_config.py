@@ -36,9 +36,10 @@ DEFAULTS_BEFORE: dict[tuple[str, str], Any] = {
 #: Defaults changed on purpose since then (issue 14: a rate and batch measured for the 135M student).
 CHANGED_SINCE = {("train", "learning_rate"): 1e-3, ("train", "gradient_accumulation"): 1}
 #: Keys that stayed in their core section, with their defaults then ([train] trainer changed on purpose in
-#: issue 14: "auto" = the cheapest specialist kind that fits each task, classifier then qlora).
+#: issue 14: "auto" = the cheapest specialist kind that fits each task, classifier then qlora; [select] selector
+#: too: "random", as no other selector was at least as good as random at every budget).
 CORE_BEFORE = {("train", "student"): "smollm2-135m", ("train", "trainer"): "auto", ("train", "max_length"): 384,
-               ("select", "scorer"): "kl-uncertainty", ("select", "selector"): "top", ("select", "fraction"): 0.3,
+               ("select", "scorer"): "kl-uncertainty", ("select", "selector"): "random", ("select", "fraction"): 0.3,
                ("embed", "embedder"): "minilm", ("embed", "max_chars_per_part"): 1000, ("cluster", "k"): None}
 
 

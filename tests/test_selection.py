@@ -101,7 +101,7 @@ def test_select_then_train_pipeline(workspace, tiny_student: Path) -> None:
     cfg.set_component_param("trainer", "qlora", "batch_size", 2)
     cfg.set_component_param("trainer", "qlora", "gradient_accumulation", 1)
     cfg.set_component_param("scorer", "kl-uncertainty", "batch_size", 4)
-    artifact = run_select(workspace, fraction=0.5, show_progress=False)
+    artifact = run_select(workspace, fraction=0.5, selector="top", show_progress=False)
     saved = workspace.read_state("selection.json")
     assert saved["selector"] == "top" and saved["fraction"] == 0.5 and saved["aad_version"]
     assert set(artifact["clusters"]) == {"0", "1"}  # the non-routine cluster is not scored
