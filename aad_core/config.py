@@ -226,7 +226,8 @@ class EvalConfig(_Section):
         0.95, gt=0, le=1, description="Risk-coverage gate: a specialist serves only requests whose confidence clears "
         "a threshold, chosen on the calibration part of the held-out calls as the largest served share whose "
         "agreement with the teacher has a one-sided Clopper-Pearson lower bound (level gate_alpha) >= this; it is "
-        "promoted when, on the test part, that share's agreement is >= this too."
+        "promoted unless, on the test part, that share's agreement is significantly below this (one-sided binomial "
+        "test at level gate_alpha)."
     )
     min_coverage: float = Field(
         0.2, ge=0, le=1, description="Risk-coverage gate: promote only when the threshold serves at least this share "
@@ -242,7 +243,9 @@ class EvalConfig(_Section):
         "(early stopping, vote weights)."
     )
     max_new_tokens: int = Field(128, ge=1, description="Generation budget per held-out answer.")
-    max_heldout: int | None = Field(200, ge=1, description="Held-out samples evaluated per cluster (None = all).")
+    max_heldout: int | None = Field(200, ge=1, description="Held-out samples a LoRA specialist is evaluated on per cluster "
+                                        "(None = all): the cap bounds generation time. A classifier specialist answers "
+                                        "every held-out call (milliseconds each).")
     teacher_price_per_mtok: float = Field(10.0, ge=0, description="Teacher price in USD per 1M tokens (blended).")
     hardware_price_per_hour: float = Field(0.10, ge=0, description="Price of the specialist's hardware in USD per hour.")
     evaluator: str = Field(

@@ -145,7 +145,19 @@ def test_the_gate_refuses_when_the_test_part_disagrees() -> None:
     calibration = _task(200, 0.8, 1)
     test = ([0.9] * 100, [True] * 80 + [False] * 20)
     verdict = coverage_gate(calibration, test, signal="confidence")
-    assert not verdict.promoted and "agreement below target_agreement 0.95" in verdict.reason
+    assert not verdict.promoted and "agreement significantly below target_agreement 0.95" in verdict.reason
+    assert verdict.gate["test"]["p_below_target"] < 1e-6
+
+
+def test_a_small_test_part_a_little_below_the_target_does_not_refuse_by_chance() -> None:
+    """36 of 38 (0.947) is what a specialist right on 97 % of a task often shows on 38 calls: the test
+    part refuses only when its agreement is significantly below the target (binomial, alpha 0.05)."""
+    calibration = ([0.8] * 197, [True] * 195 + [False] * 2)
+    verdict = coverage_gate(calibration, ([0.9] * 38, [True] * 36 + [False] * 2), signal="confidence")
+    assert verdict.promoted, verdict.reason
+    assert "but not significantly: p = 0.57" in verdict.reason
+    refused = coverage_gate(calibration, ([0.9] * 38, [True] * 32 + [False] * 6), signal="confidence")
+    assert not refused.promoted and "significantly below" in refused.reason
 
 
 # -- inside the per-cluster evaluation -----------------------------------------------------------

@@ -72,9 +72,17 @@ def coverage_gate(
 ) -> CoverageGate:
     """Choose the confidence threshold on the ``calibration`` (confidences, per-item agreement)
     pairs (:func:`choose_threshold`), then promote iff on the ``test`` pairs the served share is
-    >= ``min_coverage`` and its agreement >= ``target_agreement`` (at least one call served)."""
-    from aad_core.pipeline.evaluate.risk_coverage import (SIGNAL_LABELS, best_lower_bound, choose_threshold,
-                                                          min_calls_for, served_at)
+    >= ``min_coverage`` (at least one call served) and its agreement is not significantly below
+    ``target_agreement``.
+
+    The guarantee comes from the calibration part: the threshold is the largest served share whose
+    Clopper-Pearson lower bound reaches the target. The test part, never seen by the choice, is a
+    falsification check of that claim: it refuses when a one-sided binomial test rejects "agreement
+    >= target" at level ``alpha`` (P(X <= agreeing | served, target) < alpha). A point-estimate rule
+    on a few dozen test calls refuses good specialists by chance: a classifier right on 97 % of a
+    task fails "agreement >= 0.95 on 24 calls" one time in six, and one right on 95 % half the time."""
+    from aad_core.pipeline.evaluate.risk_coverage import (SIGNAL_LABELS, best_lower_bound, binomial_lower_tail,
+                                                          choose_threshold, min_calls_for, served_at)
 
     if not 0 <= min_coverage <= 1:
         raise param_error("min_coverage", "coverage_gate", "a float in [0, 1]", min_coverage)
@@ -107,7 +115,14 @@ def coverage_gate(
     if on_test.coverage < min_coverage:
         misses.append(f"coverage below min_coverage {_pct(min_coverage)}")
     if on_test.n_served and on_test.agreement < target_agreement - 1e-12:
-        misses.append(f"agreement below target_agreement {target_agreement:.2f}")
+        p_value = binomial_lower_tail(round(on_test.agreement * on_test.n_served), on_test.n_served, target_agreement)
+        gate["test"]["p_below_target"] = p_value
+        if p_value < alpha:
+            misses.append(f"agreement significantly below target_agreement {target_agreement:.2f} "
+                          f"(p = {p_value:.2g} < alpha {alpha:g})")
+        else:
+            served += (f" (below target_agreement {target_agreement:.2f}, but not significantly: "
+                       f"p = {p_value:.2g} >= alpha {alpha:g})")
     if misses:
         return CoverageGate(False, f"not promoted: {served}: {', '.join(misses)} ({where})", gate)
     return CoverageGate(True, f"promoted: {served} ({where})", gate)

@@ -86,6 +86,14 @@ def clopper_pearson_lower(k: int, n: int, alpha: float = 0.05) -> float:
     return lo
 
 
+def binomial_lower_tail(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p): the one-sided p-value of ``k`` agreeing out of ``n`` against
+    "agreement >= p" (small = significantly below ``p``)."""
+    if not 0 <= k <= n:
+        raise param_error("k", "binomial_lower_tail", f"an integer in [0, n={n}]", k)
+    return max(0.0, 1.0 - _upper_tail(k + 1, n, p)) if k < n else 1.0
+
+
 def min_calls_for(target: float, alpha: float = 0.05) -> int:
     """The fewest calls, all agreeing, whose lower bound reaches ``target``."""
     _check_alpha(alpha, "min_calls_for")
