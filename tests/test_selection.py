@@ -288,3 +288,24 @@ def test_a_fraction_of_one_keeps_every_trace_without_scoring(workspace, monkeypa
     artifact = run_select(workspace, fraction=1.0, show_progress=False)
     for entry in artifact["clusters"].values():
         assert len(entry["selected"]) == entry["n_train"] == 8 and entry["scores"] == {}
+
+
+def test_a_selector_that_reads_no_score_is_not_given_any(workspace, monkeypatch) -> None:
+    """'random' declares needs_scores = False: the scorer never runs, and the selection is still seeded."""
+    from aad_core.pipeline.select import run_select
+    from aad_plugins.kl_uncertainty import KLUncertaintyScorer
+    from aad_plugins.selectors import RandomSelector, TopSelector
+
+    assert RandomSelector.needs_scores is False and TopSelector.needs_scores is True
+    _populate(workspace)
+    workspace.config.train.trainer = "qlora"
+
+    def refuse(self, traces, show_progress=False):  # noqa: ANN001, ANN202
+        raise AssertionError("scored for a selector that reads no score")
+
+    monkeypatch.setattr(KLUncertaintyScorer, "score", refuse)
+    first = run_select(workspace, fraction=0.5, selector="random", show_progress=False)
+    again = run_select(workspace, fraction=0.5, selector="random", show_progress=False)
+    for cid, entry in first["clusters"].items():
+        assert len(entry["selected"]) == 4 and entry["scores"] == {}
+        assert entry["selected"] == again["clusters"][cid]["selected"]

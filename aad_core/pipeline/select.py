@@ -89,11 +89,15 @@ def run_select(
                 out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=kept_ids,
                                             scores={}, n_excluded=n_excluded)
                 continue
-            if show_progress:
-                from rich.console import Console
+            if getattr(chooser, "needs_scores", True):
+                if show_progress:
+                    from rich.console import Console
 
-                Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): scoring {len(traces)} training traces")
-            scores = scorer.score(traces, show_progress=show_progress)
+                    Console(stderr=True).print(f"Cluster {cid} ({labels.get(cid, '')}): scoring {len(traces)} "
+                                               "training traces")
+                scores = scorer.score(traces, show_progress=show_progress)
+            else:  # e.g. 'random': the student's forward pass per trace would be wasted
+                scores = [{"score": 0.0} for _ in traces]
             embeddings = None
             if getattr(chooser, "needs_embeddings", False):
                 from aad_core.models.embedding import embed_texts, get_embedder
@@ -107,8 +111,10 @@ def run_select(
                 extra["answers"] = [answer_string(t) for t in traces]
             chosen = chooser.select(kept_ids, [s["score"] for s in scores], fraction, embeddings=embeddings,
                                     seed=cfg.seed, **extra)
+            scored = getattr(chooser, "needs_scores", True)
             out[cid] = ClusterSelection(label=labels.get(cid, ""), n_train=len(kept_ids), selected=list(chosen),
-                                        scores={tid: s for tid, s in zip(kept_ids, scores)}, n_excluded=n_excluded)
+                                        scores={tid: s for tid, s in zip(kept_ids, scores)} if scored else {},
+                                        n_excluded=n_excluded)
     selection = Selection(clusters=out, fraction=fraction, selector=selector_name, scorer=cfg.select.scorer,
                           student=cfg.train.student,
                           uncertainty_weight=scorer_params.effective.get("uncertainty_weight"), seed=cfg.seed)

@@ -74,7 +74,16 @@ class Scorer(Component, ABC):
 
 
 class Selector(Component, ABC):
-    """S5: picks the training subset of one cluster."""
+    """S5: picks the training subset of one cluster.
+
+    Class attributes tell the select stage what to compute first: ``needs_scores`` (default True:
+    the scorer's per-trace scores, a forward pass of the student per trace; False: ``scores`` are
+    zeros and the scorer never runs), ``needs_embeddings`` and ``needs_answers`` (default False:
+    ``embeddings=`` / ``answers=`` keywords)."""
+
+    needs_scores: bool = True
+    needs_embeddings: bool = False
+    needs_answers: bool = False
 
     @abstractmethod
     def select(

@@ -57,8 +57,10 @@ class TopSelector(Selector):
 
 
 class RandomSelector(Selector):
-    """A seeded uniform sample of ``fraction`` (the baseline)."""
+    """A seeded uniform sample of ``fraction`` (the baseline). It reads no score, so the select stage
+    does not run the scorer for it."""
 
+    needs_scores = False
     needs_embeddings = False
 
     def select(self, ids: Sequence[str], scores: Sequence[float], fraction: float, *,
