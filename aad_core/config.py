@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from aad_core.errors import ConfigError
+from aad_core.errors import ConfigError, param_error
 from aad_core.plugins.params import CHOSEN_BY, component_key, toml_value
 from aad_core.plugins.registry import KINDS
 
@@ -264,6 +264,78 @@ class EvalConfig(_Section):
     )
 
 
+#: Names a middle tier of the cascade cannot take: they name the first and the last tier.
+RESERVED_TIER_NAMES = ("specialist", "teacher")
+
+
+def _tier_error(message: str) -> Any:
+    from pydantic_core import PydanticCustomError
+
+    return PydanticCustomError("route_tier", "{message}", {"message": message})
+
+
+class TierConfig(BaseModel):
+    """One middle tier of the cascade (``[[route.tiers]]``): an OpenAI-compatible endpoint tried after the
+    specialist and before the teacher (:mod:`aad_core.serving.cascade`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(description="The tier's name, as the serving log, 'aad monitor' and aad_route['tier'] show it.")
+    base_url: str = Field(description="The endpoint's OpenAI-compatible base URL, e.g. 'http://127.0.0.1:8001/v1'.")
+    model: str | None = Field(None, description="Model name sent to the endpoint (None = the request's own).")
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the endpoint's "
+                                    "API key (sent as a bearer token; None = no key).")
+    tasks: list[str] | None = Field(None, description="Tasks this tier may answer: task tags, cluster labels or "
+                                    "cluster ids (None = every task).")
+    min_mean_logprob: float | None = Field(None, description="Confidence gate: an answer whose mean token log-prob "
+                                           "is below this goes on to the next tier (logprobs are requested; an "
+                                           "answer without them fails the gate). None = validators only.")
+    timeout_s: float = Field(30.0, description="A tier slower than this goes on to the next tier.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_entry(cls, data: Any) -> Any:
+        """Messages that name the tier, the key and the value (TOML hands over plain values)."""
+        if isinstance(data, TierConfig):
+            return data
+        if not isinstance(data, dict):
+            raise _tier_error(f"Each [[route.tiers]] entry must be a table with a name and a base_url. "
+                              f"Got {data!r} instead.")
+        name = data.get("name")
+        who = f"[[route.tiers]] {name!r}" if isinstance(name, str) else "[[route.tiers]]"
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(cls.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _tier_error(f"The parameters of {who} must be among {', '.join(cls.model_fields)}. "
+                              f"Got {unknown[0]!r} instead{hint}.")
+
+        def bad(key: str, must: str) -> Any:
+            return _tier_error(f"The {key!r} parameter of {who} must be {must}. Got {data.get(key)!r} instead.")
+
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise bad("name", "a name of letters, digits, '_', '.' or '-'")
+        if name in RESERVED_TIER_NAMES:
+            raise bad("name", f"other than {' and '.join(map(repr, RESERVED_TIER_NAMES))} (the first and last tiers)")
+        url = data.get("base_url")
+        if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
+            raise bad("base_url", "an http:// or https:// URL such as 'http://127.0.0.1:8001/v1'")
+        for key in ("model", "api_key_env"):
+            if data.get(key) is not None and (not isinstance(data[key], str) or not data[key].strip()):
+                raise bad(key, "a non-empty string")
+        tasks = data.get("tasks")
+        if tasks is not None and (not isinstance(tasks, list) or not tasks
+                                  or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tasks)):
+            raise bad("tasks", "a non-empty list of task tags, cluster labels or cluster ids, e.g. [\"intent\"]")
+        cut = data.get("min_mean_logprob")
+        if cut is not None and (isinstance(cut, bool) or not isinstance(cut, (int, float)) or cut > 0):
+            raise bad("min_mean_logprob", "a number <= 0 (a mean token log-prob)")
+        timeout = data.get("timeout_s", 30.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise bad("timeout_s", "a number of seconds > 0")
+        return {**data, "tasks": [str(t) for t in tasks] if tasks is not None else None}
+
+
 class RouteConfig(_Section):
     router: str = Field("centroid", description="Router component name (its parameters: [router.<name>]).")
     threshold_quantile: float = Field(
@@ -299,6 +371,34 @@ class RouteConfig(_Section):
         "unmerged answers exactly, without the LoRA detour); 'none' = the shared PEFT model. 'aad eval' scores "
         "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
     )
+    specialist_backend: Literal["local", "openai"] = Field(
+        "local", description="Who answers the LoRA specialists: 'local' = aad's in-process runtime (prefix_cache, "
+        "batch_window_ms, fast_path); 'openai' = an OpenAI-compatible endpoint serving every adapter on one base "
+        "(vLLM with --enable-lora: 'aad export vllm' writes the adapters and the command), asked with "
+        "model=<specialist name>, temperature 0 and logprobs at specialist_base_url, its API key in "
+        "$AAD_SPECIALIST_API_KEY. Classifiers and adapters with answer hints stay local. An endpoint error or "
+        "timeout sends the request to the teacher."
+    )
+    specialist_base_url: str | None = Field(
+        None, description="specialist_backend = 'openai': the endpoint's OpenAI-compatible base URL, e.g. "
+        "'http://127.0.0.1:8001/v1'."
+    )
+    specialist_timeout_s: float = Field(
+        10.0, gt=0, description="specialist_backend = 'openai': HTTP timeout of one specialist request (connect and "
+        "read); a slower endpoint escalates to the teacher ([route] timeout_s still bounds the whole answer)."
+    )
+
+    @model_validator(mode="after")
+    def _specialist_endpoint(self) -> RouteConfig:
+        url = self.specialist_base_url
+        if self.specialist_backend == "openai" and (url is None or not re.match(r"https?://[^/\s]+", url)):
+            from pydantic_core import PydanticCustomError  # the message as is (no "Value error, " prefix)
+
+            err = param_error("specialist_base_url", "[route] when specialist_backend = \"openai\"",
+                              "an http:// or https:// URL such as 'http://127.0.0.1:8001/v1'", url)
+            raise PydanticCustomError("route_specialist_endpoint", "{message}", {"message": str(err)})
+        return self
+
     teacher_node_min_calls: int = Field(
         10, ge=0, description="An agent node (system prompt) with at least this many training calls, all in clusters "
         "without a promoted specialist, is sent to the teacher without embedding its requests: the decision costs "
@@ -339,6 +439,20 @@ class RouteConfig(_Section):
         "(captured calls, escalations, shadow pairs; never specialist answers) were recorded for it since its "
         "specialist was last trained; drift or live disagreement with the teacher also retrains it."
     )
+    tiers: list[TierConfig] = Field(
+        default_factory=list, description="Cascade tiers between the specialist and the teacher, tried in order: "
+        "[[route.tiers]] tables with name, base_url (an OpenAI-compatible endpoint), model, api_key_env, tasks, "
+        "min_mean_logprob, timeout_s. A tier's answer must pass the task's output validators (and its confidence "
+        "gate); otherwise the next tier answers. Its answers are never training data. Empty = specialist, then teacher."
+    )
+
+    @model_validator(mode="after")
+    def _unique_tier_names(self) -> RouteConfig:
+        names = [t.name for t in self.tiers]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise _tier_error(f"The 'name' parameter of [[route.tiers]] must be unique. Got {twice!r} twice instead.")
+        return self
 
 
 #: The parameters of the components of one kind, by component name: ``{"qlora": {"lora_r": 8}}``.
@@ -616,6 +730,18 @@ def toml_key_lines(text: str) -> dict[tuple[str, ...], int]:
     return out
 
 
+def _array_table_line(text: str, path: tuple[str, ...], index: int) -> int | None:
+    """The line of the ``index``-th ``[[a.b]]`` header of ``path`` in a TOML text (None when not written so)."""
+    seen = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER_RE.match(line)
+        if header and line.strip().startswith("[[") and _dotted(header.group(1)) == path:
+            if seen == index:
+                return number
+            seen += 1
+    return None
+
+
 def env_var(*path: str) -> str:
     """The environment variable of a key: ``env_var("select", "fraction") == "AAD_SELECT__FRACTION"``."""
     return ENV_PREFIX + "__".join(component_key(p).upper() for p in path)
@@ -660,6 +786,8 @@ def _config_error(err: ValidationError, path: Path | None, text: str) -> ConfigE
         loc = tuple(str(p) for p in e["loc"])
         var = _env_set(env_var(*loc)) if loc else None
         line = lines.get(loc) if text else None
+        if line is None and text and len(loc) > 2 and loc[2].isdigit():  # an entry of an array of tables
+            line = _array_table_line(text, loc[:2], int(loc[2]))
         where = f"environment variable {var}" if var else f"{path}:{line}" if line else str(path or "environment")
         env_keys.append(var or env_var(*loc))
         if e["type"] == "extra_forbidden" and loc[:2] in MOVED and len(loc) == 2:
@@ -719,7 +847,7 @@ def default_config_toml() -> str:
         out.append(f"[{name}]")
         for key, f in type(section).model_fields.items():
             value = getattr(section, key)
-            if value is None:
+            if value is None or (isinstance(value, list) and not value):  # an empty list: [[section.key]] may follow
                 out.append(f"# {f.description}\n# {key} =")
                 continue
             out.append(f"# {f.description}\n{key} = {toml_value(value)}")

@@ -189,7 +189,8 @@ class Specialist(_Model):
 class RoutingDecision(_Model):
     """Why a request went where it went."""
 
-    target: Literal["specialist", "teacher"]
+    #: Who answers: the specialist, a middle tier of the cascade (``[route] tiers``), or the teacher.
+    target: Literal["specialist", "tier", "teacher"]
     cluster_id: int | None = None
     specialist: str | None = None
     similarity: float | None = None
@@ -198,6 +199,8 @@ class RoutingDecision(_Model):
     #: True when a specialist answered but a check failed and the teacher answered instead.
     escalated: bool = False
     latency_ms: float | None = None
+    #: The tier that answered, set by the routing engine: "specialist", a middle tier's name, or "teacher".
+    tier: str | None = None
 
 
 # -- request identity (curation, clustering and routing share it) ---------------------------------
@@ -227,13 +230,17 @@ def node_key(trace: Trace | ChatRequest) -> str:
 
 #: ``Trace.source`` values whose response is a specialist's answer, not the teacher's.
 SPECIALIST_SOURCES = frozenset({"specialist"})
+#: Metadata key of a middle tier's call of the cascade (its name): such an answer is never training data.
+TIER_METADATA_KEY = "aad_tier"
 
 
 def is_specialist_answer(trace: Trace) -> bool:
     """The trace's response came from a specialist, not the teacher: its source is a specialist one,
     it carries the tag ``specialist``, or its routing record (``metadata["aad_route"]``, as ``aad serve``
     answers carry it) says a specialist answered. Such a trace is never training data: a specialist
-    must not learn from its own answers."""
-    route = trace.metadata.get("aad_route") if isinstance(trace.metadata, dict) else None
-    return (trace.source in SPECIALIST_SOURCES or "specialist" in trace.tags
-            or (isinstance(route, dict) and route.get("target") == "specialist"))
+    must not learn from its own answers. A middle tier's answer of the cascade (target ``"tier"``, or
+    ``metadata["aad_tier"]``) counts as one too: only the teacher's answers are training targets."""
+    meta = trace.metadata if isinstance(trace.metadata, dict) else {}
+    route = meta.get("aad_route")
+    return (trace.source in SPECIALIST_SOURCES or "specialist" in trace.tags or bool(meta.get(TIER_METADATA_KEY))
+            or (isinstance(route, dict) and route.get("target") in ("specialist", "tier")))

@@ -1,5 +1,6 @@
-"""The loop that keeps specialists right (issue 17, acceptance parts (a) and (b)): a label shift is
-caught by shadow evaluation, the specialist is demoted, and ``aad distill --if-needed`` retrains it.
+"""The loop that keeps specialists right (issue 17, acceptance parts (a), (b) and (c)): a label shift is
+caught by shadow evaluation, the specialist is demoted, and ``aad distill --if-needed`` retrains it;
+a cascade with a middle tier takes part of the teacher's traffic.
 
 On a small workspace the script builds itself (not the full demo: it runs in a few minutes on 2 CPU
 cores), from the demo's ``intent`` node (``aad_core.demo``: banking77 queries of 8 intents, the
@@ -26,11 +27,20 @@ node's system prompt, the gold label as the teacher's answer; every other node e
    specialist's answer equals the teacher's (the gold label), every query asked whatever its
    confidence. It says whether the new version was promoted, and why.
 
-Not built here: (c) cascade tiers and (d) curriculum (the headline marks them ``n/a``). The last line:
+3. **(c) cascade tiers.** A second small workspace from the demo's ``intent``, ``sql`` and ``plan`` nodes
+   (``aad distill``: the intent node gets its classifier; the SQL and plan nodes stay with the teacher)
+   routes its *held-out* calls (``clusters.json``, split ``heldout``) through the cascade specialist ->
+   middle tier -> teacher (``RoutingEngine.answer`` with ``engine.tiers``). The middle tier is a
+   ``LangChainTier`` over a LangChain chat-model stub that answers the SQL node correctly (the recorded
+   teacher answer) and is restricted to it (``tasks=["sql"]``); the teacher stub answers every call with
+   its recorded answer. It reports the share of the calls each tier answered and each tier's agreement
+   with the recorded teacher answer. ``--only cascade`` runs this part alone (about a minute or two).
 
-    loop: demoted after 140 requests (live 0.81); retrained old 0.97 / new 0.95 -> promoted; cascade n/a; curriculum n/a
+Not built here: (d) curriculum (the headline marks it ``n/a``). The last line:
 
-    python benchmarks/loop.py [--intent 240] [--shift 300] [--keep DIR] [--json OUT]
+    loop: demoted after 140 requests (live 0.81); retrained old 0.97 / new 0.95 -> promoted; cascade 58/12/30 %; curriculum n/a
+
+    python benchmarks/loop.py [--intent 240] [--shift 300] [--keep DIR] [--json OUT] [--only cascade]
 
 Data: banking77 — Casanueva et al. (2020), PolyAI, CC-BY-4.0 (aad_core/demo/data).
 """
@@ -226,7 +236,132 @@ def retrain(ws: Any, system: str, cluster_id: int, before: str) -> dict[str, Any
     return out
 
 
-def headline(a: dict[str, Any], b: dict[str, Any]) -> str:
+#: The cascade workspace's nodes (part (c)); every other demo node empty.
+CASCADE_SIZES = {"intent": 120, "sql": 120, "plan": 40}
+#: The middle tier of part (c): the node it answers, and its name.
+MID_TASK, MID_TIER = "sql", "mid-sql"
+CASCADE_CONFIG: dict[tuple[str, str], Any] = {
+    ("route", "shadow_rate"): 0.0,  # agreement is measured against the recorded answers directly
+    ("capture", "redact"): False,  # speed only: the data is public
+}
+
+
+def cascade(root: Path, seed: int, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Part (c): the held-out calls of a distilled intent + SQL + plan workspace through specialist -> a
+    middle tier that answers only the SQL node (``tasks=["sql"]``) -> teacher; the share each tier
+    answered and its agreement with the recorded teacher answers."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from aad_core.artifacts import ClusterState
+    from aad_core.demo.workload import DEFAULT_SIZES
+    from aad_core.demo.workspace import create_demo_workspace
+    from aad_core.formats.answers import answer_string
+    from aad_core.pipeline.distill import run_distill
+    from aad_core.schema import ChatRequest, Message, Trace
+    from aad_core.serving.engine import RoutingEngine
+    from aad_core.serving.monitor import monitor_summary
+    from aad_langchain import LangChainTier
+
+    started = time.perf_counter()
+    sizes = {node: 0 for node in DEFAULT_SIZES} | (sizes or CASCADE_SIZES)
+    if (root / "aad.toml").exists() and (root / ".aad" / "state" / "router.json").exists():
+        from aad_core.workspace import Workspace
+
+        ws = Workspace.find(root)
+        log(f"  (c) reusing the distilled workspace {root}")
+    else:
+        ws = create_demo_workspace(root, seed=seed, sizes=sizes, config=CASCADE_CONFIG, redact=False)
+        for stage in run_distill(ws, show_progress=False, report=False):
+            log(f"  (c) distill {stage.stage} ({stage.status}, {stage.seconds:.0f} s): {stage.detail}")
+    build_s = time.perf_counter() - started
+    state = ClusterState.load(ws)
+    heldout = {t for t, side in state.split.items() if side == "heldout"}
+    with ws.store() as store:
+        calls = [t for t in store.iter_traces(ids=sorted(heldout)) if t.response is not None]
+    calls.sort(key=lambda t: t.id)
+
+    def key(messages: list[dict[str, Any]]) -> str:
+        return json.dumps([(m.get("role"), m.get("content")) for m in messages], sort_keys=True)
+
+    recorded = {key([m.model_dump(mode="json") for m in t.request.messages]): t for t in calls}
+    nodes = {t.id: str(t.task or "-") for t in calls}
+
+    class RecordedSql(BaseChatModel):
+        """The middle-tier stub: the recorded teacher answer of a SQL-node call, else an empty answer."""
+
+        model_name: str = "mid-sql-stub"
+        asked: int = 0
+
+        @property
+        def _llm_type(self) -> str:
+            return "mid-sql-stub"
+
+        def _generate(self, messages: list[Any], stop: Any = None, run_manager: Any = None,
+                      **kwargs: Any) -> ChatResult:
+            from langchain_core.messages import convert_to_openai_messages
+
+            self.asked += 1
+            trace = recorded.get(key(convert_to_openai_messages(messages)))
+            text = trace.response.text() if trace is not None and trace.task == MID_TASK else ""
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
+    def teacher_call(request: ChatRequest) -> Message:  # the teacher stub: every recorded answer
+        trace = recorded.get(key([m.model_dump(mode="json") for m in request.messages]))
+        return trace.response if trace is not None else Message(role="assistant", content="")
+
+    stub = RecordedSql()
+    engine = RoutingEngine(ws, teacher_call, record=False)
+    engine.tiers = [LangChainTier(stub, name=MID_TIER, tasks=[MID_TASK])]
+    by_tier: dict[str, list[bool]] = {}
+    by_node: dict[str, dict[str, int]] = {}
+    route_started = time.perf_counter()
+    try:
+        for trace in calls:
+            answer = engine.answer(trace.request)
+            tier = answer.decision.tier or answer.decision.target
+            agrees = answer_string(Trace(request=trace.request, response=answer.message)).strip() == \
+                answer_string(trace).strip()
+            by_tier.setdefault(tier, []).append(agrees)
+            node = by_node.setdefault(nodes[trace.id], {})
+            node[tier] = node.get(tier, 0) + 1
+        engine.flush()
+    finally:
+        engine.close()
+    n = len(calls)
+    order = ["specialist", MID_TIER, "teacher"]
+    out: dict[str, Any] = {
+        "n": n, "build_s": round(build_s, 1), "route_s": round(time.perf_counter() - route_started, 1),
+        "tiers": order, "answered": {t: len(by_tier.get(t, [])) for t in order},
+        "share": {t: (len(by_tier.get(t, [])) / n if n else None) for t in order},
+        "agreement": {t: (statistics.fmean(by_tier[t]) if by_tier.get(t) else None) for t in order},
+        "by_node": by_node, "mid_asked": stub.asked,
+        "monitor": monitor_summary(ws, days=None).get("cascade"),
+    }
+    return out
+
+
+def cascade_part(c: dict[str, Any] | None) -> str:
+    if not c or not c.get("n"):
+        return "cascade n/a"
+    return "cascade " + "/".join(f"{100 * (c['share'][t] or 0):.0f}" for t in c["tiers"]) + " %"
+
+
+def print_cascade(c: dict[str, Any]) -> None:
+    tiers = " / ".join(c["tiers"])
+    print(f"(c) cascade on {c['n']} held-out calls of the intent + SQL + plan workspace (built in {c['build_s']:.0f} s, "
+          f"routed in {c['route_s']:.0f} s): answered by {tiers} = "
+          + " / ".join(str(c["answered"][t]) for t in c["tiers"]) + " ("
+          + " / ".join(f"{100 * (c['share'][t] or 0):.0f} %" for t in c["tiers"]) + ")")
+    print("    agreement with the recorded teacher answer: " + ", ".join(
+        f"{t} {'-' if c['agreement'][t] is None else format(c['agreement'][t], '.3f')}" for t in c["tiers"])
+        + f"; the middle tier ({MID_TIER}, tasks=[{MID_TASK!r}]) was asked {c['mid_asked']} times")
+    print("    per node: " + "; ".join(f"{node} " + ", ".join(f"{t} {k}" for t, k in sorted(tiers_.items()))
+                                      for node, tiers_ in sorted(c["by_node"].items())))
+
+
+def headline(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None = None) -> str:
     if a["demoted_after"] is not None:
         live = a.get("live")
         part_a = f"demoted after {a['demoted_after']} requests" + (
@@ -239,7 +374,7 @@ def headline(a: dict[str, Any], b: dict[str, Any]) -> str:
     else:
         part_b = (f"retrained old {r['old']:.2f} / new {r['new']:.2f} -> "
                   f"{'promoted' if b['promoted'] else 'not promoted'}")
-    return f"loop: {part_a}; {part_b}; cascade n/a; curriculum n/a"
+    return f"loop: {part_a}; {part_b}; {cascade_part(c)}; curriculum n/a"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -250,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="build the workspace here and keep it")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", choices=["all", "cascade"], default="all",
+                        help="'cascade': run part (c) alone (its own small workspace, a minute or two)")
     args = parser.parse_args(argv)
 
     from aad_core.demo.workload import INTENTS, SYSTEM
@@ -262,6 +399,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         root = args.keep
     try:
+        if args.only == "cascade":
+            log("(c) cascade tiers: building the intent + SQL + plan workspace, aad distill")
+            c = cascade(root.parent / "cascade" if args.keep is None else root, args.seed)
+            print_cascade(c)
+            line = f"loop (c): {cascade_part(c)} (specialist / {MID_TIER} / teacher on {c['n']} held-out calls)"
+            print(line)
+            fig = {"cascade": c, "headline": line}
+            if args.json:
+                args.json.write_text(json.dumps(fig, indent=2, default=str), encoding="utf-8")
+            return fig
         started = time.perf_counter()
         log(f"building the workspace: {args.intent} intent-node traces, aad distill")
         ws = build_workspace(root, args.intent, args.seed)
@@ -301,7 +448,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if b.get("comparison"):
             c = b["comparison"]
             print(f"    --if-needed's comparison on {c['n']} held-out test calls: new {c['new']:.3f}, 'served' {c['served']:.3f}")
-        line = headline(a, b)
+        log("(c) cascade tiers: building the intent + SQL + plan workspace, aad distill")
+        c = cascade(root.parent / "cascade" if args.keep is None else root.parent / f"{root.name}-cascade", args.seed)
+        fig["cascade"] = c
+        print_cascade(c)
+        line = headline(a, b, c)
         fig["headline"] = line
         print(line)
         if args.json:

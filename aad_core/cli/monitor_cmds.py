@@ -77,6 +77,7 @@ def monitor_cmd(
     console.print(f"Total: {total['requests']} requests, {_pct(total['served_share'])} served by specialists, "
                   f"{total['shadow_pairs']} shadow pairs, {total['saved_usd']:.4f} USD saved against teacher-only "
                   f"(at {summary['teacher_price_per_mtok']:g} USD / 1M teacher tokens).")
+    _print_cascade(summary.get("cascade"))
     for t in summary["tasks"]:
         labels = (t.get("new_labels") or {}).get("labels") or {}
         if labels:
@@ -85,6 +86,24 @@ def monitor_cmd(
         for d in t["demotions"]:
             console.print(f"[yellow]{t['specialist']} v{d['version']}[/] {d['reason']} ({d['time']}). "
                           f"Undo: [bold]aad specialists promote {t['specialist']} --version {d['version']}[/]")
+
+
+def _print_cascade(cascade: dict[str, Any] | None) -> None:
+    """Traffic and live agreement per cascade tier ([route] tiers), when a middle tier was ever tried."""
+    if not cascade:
+        return
+    table = Table(title="Cascade tiers (who answered; live agreement with the teacher from shadow pairs)")
+    for col in ("tier", "answered", "share", "tried", "rejected", "live agreement"):
+        table.add_column(col)
+    for name in cascade["tiers"]:
+        live = (cascade.get("agreement") or {}).get(name)
+        agreement = "reference" if name == "teacher" else "-" if not live or not live.get("n") else (
+            f"{_pct(live['agreement'])} ({live['k']}/{live['n']}, lower bound {_pct(live['lower_bound'])})")
+        middle = name not in ("specialist", "teacher")
+        table.add_row(escape(name), str(cascade["answered"].get(name, 0)), _pct(cascade["share"].get(name)),
+                      str(cascade["tried"].get(name, 0)) if middle else "-",
+                      str(cascade["rejected"].get(name, 0)) if middle else "-", agreement)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

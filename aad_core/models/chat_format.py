@@ -184,3 +184,13 @@ def answer_logits(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, int]:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 logits_to_keep=batch["labels"].shape[1] - start)
     return out.logits[:, :-1], batch["labels"][:, start + 1 :], start
+
+
+def template_messages(tokenizer: PreTrainedTokenizerBase | None, request: ChatRequest
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The request's messages and tools as the student's chat template gets them, in training and serving:
+    tools folded into the system message and tool calls written as text when the template has no place for
+    them (``tokenizer`` None: a template without one). A server that applies the same template (vLLM) renders
+    the same prompt from these. Native tool-call arguments are dicts, as templates expect them."""
+    messages, tools, _ = _hf_messages(tokenizer, request)  # type: ignore[arg-type]  # None: no template
+    return messages, tools

@@ -410,6 +410,29 @@ _MONITOR_HINT = ("Nothing routed yet: this section reads the routing engine's lo
                  "live agreement; <code>aad monitor</code> prints the same table.")
 
 
+def _cascade_table(cascade: dict[str, Any] | None) -> str:
+    """Traffic and live agreement per cascade tier (``[route] tiers``); "" when no middle tier was tried."""
+    if not cascade:
+        return ""
+    rows = []
+    for name in cascade["tiers"]:
+        live = (cascade.get("agreement") or {}).get(name)
+        middle = name not in ("specialist", "teacher")
+        agreement = ("reference" if name == "teacher" else "" if not live or not live.get("n") else
+                     f"{_num(live['agreement'])} ({_e(live['k'])}/{_e(live['n'])}), lower bound {_num(live['lower_bound'])}")
+        rows.append(f"<tr><td>{_e(name)}</td><td class=num>{_e(cascade['answered'].get(name, 0))}</td>"
+                    f"<td class=num>{_pct(cascade['share'].get(name))}</td>"
+                    f"<td class=num>{_e(cascade['tried'].get(name, 0)) if middle else ''}</td>"
+                    f"<td class=num>{_e(cascade['rejected'].get(name, 0)) if middle else ''}</td>"
+                    f"<td>{agreement}</td></tr>")
+    return ("<h3>Cascade tiers</h3><p>Who answered each routed request: the specialist, a middle tier "
+            "(<code>[route] tiers</code>, tried in order when the specialist does not answer; its answer must pass the "
+            "task's validators and its confidence gate) or the teacher. Live agreement: the tier's shadow pairs. Middle "
+            "tiers' answers are never training data.</p><table><tr><th>tier</th><th class=num>answered</th>"
+            "<th class=num>share</th><th class=num>tried</th><th class=num>rejected</th><th>live agreement</th></tr>"
+            + "".join(rows) + "</table>")
+
+
 def _monitor_section(ws: Workspace) -> str:
     """Live monitoring: per task, :func:`~aad_core.serving.monitor.monitor_summary` over everything logged,
     and per day the served share, the live agreement and the escalations by reason."""
@@ -471,6 +494,7 @@ def _monitor_section(ws: Workspace) -> str:
                 f"<th class=num>{_e(total.get('shadow_pairs'))}</th><th></th><th></th><th></th>"
                 f"<th class=num>{_num(total.get('saved_usd'), '{:.4f}')}</th></tr>")
     out.append(f"<table>{head}{''.join(body)}</table>")
+    out.append(_cascade_table(summary.get("cascade")))
     demotions = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if r.get("event") == "demoted"]
     if demotions:  # every one logged, also of versions no longer the task's newest
         items = "".join(f"<li>{_e(str(r.get('time') or '')[:19])} {_e(r.get('specialist'))} v{_e(r.get('version'))}: "

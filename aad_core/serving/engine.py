@@ -27,6 +27,7 @@ from aad_core.errors import AADError
 from aad_core.schema import ChatRequest, Message, RoutingDecision, Trace, Usage
 from aad_core.serving.routed_call import (RoutedAnswer, RoutedCall, SpecialistOutcome, escalation_info,
                                          teacher_result)
+from aad_core.serving.openai_backend import specialist_backend
 from aad_core.serving.specialists import GenerationLike, SpecialistBackend, SpecialistPool
 
 __all__ = ["GenerationLike", "RoutedAnswer", "RoutedCall", "RoutingEngine", "SpecialistBackend", "SpecialistOutcome",
@@ -54,7 +55,8 @@ class RoutingEngine:
     router : Router or None
         Default: ``[route] router`` built from the plugin registry with ``workspace=ws``.
     specialists : SpecialistBackend or None
-        Default: a :class:`SpecialistPool` of the promoted specialists (loaded on first use).
+        Default: the promoted specialists, loaded on first use, in the backend ``[route] specialist_backend``
+        names (:func:`~aad_core.serving.openai_backend.specialist_backend`).
     """
 
     def __init__(self, ws: Workspace, teacher_call: TeacherCall | None = None, *, router: Router | None = None,
@@ -80,6 +82,8 @@ class RoutingEngine:
         #: Specialists demoted while this engine runs (name -> reason): sent to the teacher at once.
         self.demoted: dict[str, str] = {}
         self._shadow: Any = None
+        self._cascade: Any = None
+        self._tiers: list[Any] | None = None
 
     # -- lazily built parts -------------------------------------------------------------------
     @property
@@ -97,7 +101,8 @@ class RoutingEngine:
             if self._specialists is None:
                 from aad_core.specialists import SpecialistRegistry
 
-                self._specialists = SpecialistPool(self.ws, list(SpecialistRegistry(self.ws).promoted().values()))
+                # [route] specialist_backend: aad's runtime in-process, or an OpenAI-compatible endpoint (vLLM)
+                self._specialists = specialist_backend(self.ws, list(SpecialistRegistry(self.ws).promoted().values()))
             return self._specialists
 
     def cluster_info(self, cluster_id: int | None) -> dict[str, Any]:
@@ -116,6 +121,8 @@ class RoutingEngine:
             self._specialists = self._given_specialists
             self._cluster_info = None
             self.demoted = {}
+            if self._cascade is not None:
+                self._cascade.reload()
 
     @property
     def shadow(self) -> Any:
@@ -131,6 +138,31 @@ class RoutingEngine:
     @shadow.setter
     def shadow(self, value: Any) -> None:
         self._shadow = value
+
+    @property
+    def cascade(self) -> Any:
+        """The :class:`~aad_core.serving.cascade.Cascade` that tries the middle tiers."""
+        with self._lock:
+            if self._cascade is None:
+                from aad_core.serving.cascade import Cascade
+
+                self._cascade = Cascade(self)
+            return self._cascade
+
+    @property
+    def tiers(self) -> list[Any]:
+        """The middle tiers tried between the specialist and the teacher (default: ``[route] tiers``)."""
+        if self._tiers is None:
+            from aad_core.serving.cascade import tiers_from_config
+
+            self._tiers = tiers_from_config(self.ws.config.route)
+        return self._tiers
+
+    @tiers.setter
+    def tiers(self, value: Sequence[Any]) -> None:
+        from aad_core.serving.cascade import normalise_tiers
+
+        self._tiers = normalise_tiers(value)
 
     # -- the loop -----------------------------------------------------------------------------
     def decide(self, requests: Sequence[ChatRequest]) -> list[RoutingDecision]:
@@ -254,20 +286,30 @@ class RoutingEngine:
         return self.escalated_decision(decision, outcome), outcome
 
     def route_call(self, request: ChatRequest, *, timeout_s: float | None = None,
-                   teacher_call: TeacherCall | None = None) -> RoutedCall:
-        """Decide and try the specialist; the returned :class:`RoutedCall` holds the specialist's
-        answer or takes the teacher's (:meth:`RoutedCall.finish_teacher` times and records it).
-        ``teacher_call`` (default: the engine's) answers the shadow call when a specialist's answer
-        is picked for shadow evaluation (in the background, never delaying this call)."""
+                   teacher_call: TeacherCall | None = None, tiers: Sequence[Any] | None = None) -> RoutedCall:
+        """Decide and try the specialist, then the middle tiers (``tiers``, default :attr:`tiers`); the
+        returned :class:`RoutedCall` holds the answer of the tier that passed its gate, or takes the
+        teacher's (:meth:`RoutedCall.finish_teacher` times and records it). ``teacher_call`` (default:
+        the engine's) answers the shadow call when a served answer is picked for shadow evaluation (in
+        the background, never delaying this call)."""
+        from aad_core.serving.cascade import decided
+
         started = time.perf_counter()
         decision, outcome = self.attempt(request, timeout_s=timeout_s)
-        call = RoutedCall(self, request, decision, outcome, started=started)
+        tier_outcomes: list[Any] = []
+        if outcome is None or not outcome.ok:
+            chosen = self.tiers if tiers is None else tiers
+            if chosen:
+                tier_outcomes = self.cascade.run(request, decision, chosen)
+        decision = decided(decision, outcome, tier_outcomes)
+        call = RoutedCall(self, request, decision, outcome, started=started, tier_outcomes=tier_outcomes)
         self.shadow.observe(call, teacher_call)  # counters; a background shadow teacher call (never waits)
         return call
 
-    async def aroute_call(self, request: ChatRequest, *, timeout_s: float | None = None) -> RoutedCall:
+    async def aroute_call(self, request: ChatRequest, *, timeout_s: float | None = None,
+                          tiers: Sequence[Any] | None = None) -> RoutedCall:
         """:meth:`route_call` for async callers (routing and generation run in a worker thread)."""
-        return await asyncio.to_thread(self.route_call, request, timeout_s=timeout_s)
+        return await asyncio.to_thread(self.route_call, request, timeout_s=timeout_s, tiers=tiers)
 
     def escalated_decision(self, decision: RoutingDecision, outcome: SpecialistOutcome) -> RoutingDecision:
         return decision.model_copy(update={"target": "teacher", "escalated": True,
@@ -275,14 +317,15 @@ class RoutingEngine:
 
     def record_escalation(self, request: ChatRequest, teacher_message: Message, decision: RoutingDecision,
                           outcome: SpecialistOutcome, *, usage: Usage | None = None, model: str | None = None,
-                          latency_ms: float | None = None) -> Trace | None:
-        """Store the teacher's answer with the reason the specialist's was rejected."""
+                          latency_ms: float | None = None, info: dict[str, Any] | None = None) -> Trace | None:
+        """Store the teacher's answer with the reason the specialist's was rejected (``info``: the
+        ``aad_escalation`` metadata, default :func:`escalation_info`)."""
         if not self.record:
             return None
         trace = Trace(
             source="router", model=model or self.teacher_model, request=request, response=teacher_message,
             usage=usage, latency_ms=latency_ms, tags=["escalation"],
-            metadata={"aad_escalation": escalation_info(decision, outcome)},
+            metadata={"aad_escalation": info or escalation_info(decision, outcome)},
         )
         return self._record(trace, "the escalation trace")
 
@@ -324,6 +367,8 @@ class RoutingEngine:
     def close(self) -> None:
         if self._shadow is not None:
             self._shadow.close()
+        if self._cascade is not None:
+            self._cascade.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -332,8 +377,8 @@ class RoutingEngine:
     def answer(self, request: ChatRequest, teacher_call: TeacherCall | None = None) -> RoutedAnswer:
         """Route one request end to end and return the answer the user should get."""
         call = self.route_call(request, teacher_call=teacher_call)
-        if call.specialist_answer is not None:
-            return call.specialist_answer
+        if call.served_answer is not None:
+            return call.served_answer
         teacher_call = teacher_call or self.teacher_call
         if teacher_call is None:
             raise AADError("This request needs the teacher, but the routing engine has no teacher_call.",

@@ -24,7 +24,10 @@ and ``shadow.jsonl``, written by :class:`~aad_core.serving.shadow.ShadowEvaluato
   (a router calibrated before this figure existed shows none: run ``aad route --calibrate``);
 - **cost saved vs teacher-only**: the tokens of the specialist-served requests (prompt estimated at
   4 characters per token, plus the answer) at ``[eval] teacher_price_per_mtok``, minus the
-  specialist's time at ``[eval] hardware_price_per_hour``.
+  specialist's time at ``[eval] hardware_price_per_hour``;
+- **cascade tiers** (``[route] tiers``, :mod:`aad_core.serving.cascade`): the requests each tier answered
+  (specialist, each middle tier, teacher), each middle tier's tries and rejections, and its live
+  agreement with the teacher (its own shadow pairs, ``"tier"`` in ``shadow.jsonl``), per task and in all.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def monitor_summary(ws: Workspace, days: int | None = 7, *, since: str | None = 
         n = int(t.get("requests", 0))
         served = int(t.get("specialist", 0))
         spec = promoted.get(cid) if cid is not None else None
-        own = [r for r in shadow if r.get("cluster_id") == cid and r.get("event", "pair") == "pair"]
+        own = [r for r in shadow if r.get("cluster_id") == cid and r.get("event", "pair") == "pair" and not r.get("tier")]
         if spec is None and own:  # the version the pairs were about (e.g. demoted since)
             last = own[-1]
             spec_name, spec_version = last.get("specialist"), last.get("version")
@@ -131,6 +134,8 @@ def monitor_summary(ws: Workspace, days: int | None = 7, *, since: str | None = 
             "teacher_models": models, "teacher_model_changed": len(models) > 1,
             "new_labels": None, "embedding_shift": embedding_shift(t, cal),
             "saved_usd": saved,
+            **_task_tiers(t, [r for r in shadow if r.get("cluster_id") == cid and r.get("tier")],
+                          cfg.route.shadow_window, cfg.eval.gate_alpha),
         })
         if cid is not None and spec_name is not None and label_task(cid, state, cal):
             label_jobs.append((tasks[-1], spec_name, spec_version, own))
@@ -143,10 +148,57 @@ def monitor_summary(ws: Workspace, days: int | None = 7, *, since: str | None = 
     return {
         "since": since, "days": days, "target_agreement": cfg.eval.target_agreement, "alpha": cfg.eval.gate_alpha,
         "teacher_price_per_mtok": price, "tasks": tasks,
+        "cascade": cascade_summary(tasks, shadow, cfg.route.shadow_window, cfg.eval.gate_alpha),
         "total": {"requests": n_all, "served": served_all, "served_share": served_all / n_all if n_all else None,
                   "shadow_pairs": sum(t["shadow_pairs"] for t in tasks),
                   "saved_usd": sum(t["saved_usd"] for t in tasks)},
     }
+
+
+def _task_tiers(counts: dict[str, Any], tier_pairs: list[dict[str, Any]], window: int,
+                alpha: float) -> dict[str, Any]:
+    """A task's cascade figures: ``tiers`` {tier: requests answered} (specialist, middle tiers in the order
+    tried, teacher), ``tier_tried`` / ``tier_rejected`` per middle tier, ``tier_agreement`` per middle tier
+    (its shadow pairs: {k, n, agreement, lower_bound})."""
+    answered = dict(counts.get("tier_answered") or {})
+    order = list(dict.fromkeys([*(counts.get("tier_tried") or {}), *answered]))
+    tiers = {"specialist": int(counts.get("specialist", 0)), **{n: int(answered.get(n, 0)) for n in order},
+             "teacher": int(counts.get("teacher", 0))}
+    agreement = {name: live_agreement([r for r in tier_pairs if r.get("tier") == name], window, alpha)
+                 for name in dict.fromkeys(r.get("tier") for r in tier_pairs)}
+    return {"tier": int(counts.get("tier", 0)), "tiers": tiers, "tier_tried": dict(counts.get("tier_tried") or {}),
+            "tier_rejected": dict(counts.get("tier_rejected") or {}), "tier_agreement": agreement}
+
+
+def cascade_summary(tasks: list[dict[str, Any]], shadow: list[dict[str, Any]], window: int,
+                    alpha: float) -> dict[str, Any] | None:
+    """Traffic and agreement per tier over every task (None when no middle tier was ever tried):
+    ``{"tiers": [...], "answered": {tier: n}, "share": {tier: share}, "tried", "rejected",
+    "agreement": {tier: {k, n, agreement, lower_bound}}}``; the specialist's agreement is over every
+    specialist shadow pair, the teacher's is None (it is the reference)."""
+    if not any(t.get("tier_tried") for t in tasks) and not any(r.get("tier") for r in shadow):
+        return None
+    answered: dict[str, int] = {}
+    tried: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    for t in tasks:
+        for name, n in (t.get("tiers") or {}).items():
+            answered[name] = answered.get(name, 0) + int(n)
+        for name, n in (t.get("tier_tried") or {}).items():
+            tried[name] = tried.get(name, 0) + int(n)
+        for name, n in (t.get("tier_rejected") or {}).items():
+            rejected[name] = rejected.get(name, 0) + int(n)
+    middle = [n for n in dict.fromkeys([*tried, *answered]) if n not in ("specialist", "teacher")]
+    order = ["specialist", *middle, "teacher"]
+    total = sum(answered.get(n, 0) for n in order)
+    pairs = [r for r in shadow if r.get("event", "pair") == "pair"]
+    agreement: dict[str, Any] = {"specialist": live_agreement([r for r in pairs if not r.get("tier")], None, alpha)}
+    agreement.update({n: live_agreement([r for r in pairs if r.get("tier") == n], window, alpha) for n in middle})
+    agreement["teacher"] = None
+    return {"tiers": order, "answered": {n: answered.get(n, 0) for n in order},
+            "share": {n: (answered.get(n, 0) / total if total else None) for n in order},
+            "tried": {n: tried.get(n, 0) for n in middle}, "rejected": {n: rejected.get(n, 0) for n in middle},
+            "agreement": agreement, "requests": total}
 
 
 def label_task(cluster_id: int, state: Any, calibration: dict[str, Any]) -> bool:
@@ -214,7 +266,7 @@ def monitor_daily(ws: Workspace) -> dict[str, Any]:
     from aad_core.artifacts import ClusterState
 
     serving = read_jsonl(ws.state_dir / SERVING_LOG)
-    pairs = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if r.get("event", "pair") == "pair"]
+    pairs = [r for r in read_jsonl(ws.state_dir / SHADOW_LOG) if r.get("event", "pair") == "pair" and not r.get("tier")]
     days = sorted({str(r.get("day")) for r in serving if r.get("day")} | {str(r.get("day")) for r in pairs if r.get("day")})
     state = ClusterState.load_optional(ws)
     labels = {c.id: (c.task or c.label) for c in state.clusters} if state else {}
@@ -260,5 +312,5 @@ def drift_flags(task: dict[str, Any]) -> list[str]:
     return flags
 
 
-__all__ = ["EMBEDDING_SHIFT_MARGIN", "MIN_DRIFT_REQUESTS", "NEW_LABEL_SHARE", "drift_flags", "embedding_shift",
-           "label_task", "monitor_daily", "monitor_summary"]
+__all__ = ["EMBEDDING_SHIFT_MARGIN", "MIN_DRIFT_REQUESTS", "NEW_LABEL_SHARE", "cascade_summary", "drift_flags",
+           "embedding_shift", "label_task", "monitor_daily", "monitor_summary"]

@@ -18,6 +18,7 @@ from aad_core.errors import AADError
 from aad_core.schema import ChatRequest, Message, RoutingDecision, Usage
 
 if TYPE_CHECKING:
+    from aad_core.serving.cascade import TierOutcome
     from aad_core.serving.engine import RoutingEngine
 
 
@@ -77,17 +78,19 @@ def teacher_result(result: Any) -> tuple[Message, Usage | None, str | None]:
 
 
 class RoutedCall:
-    """One request after the routing decision and the specialist's attempt (made by
+    """One request after the routing decision, the specialist's attempt and the middle tiers' (made by
     :meth:`RoutingEngine.route_call`).
 
-    Either :attr:`specialist_answer` is the checked answer the user gets, or the caller calls the
-    teacher — :meth:`start_teacher` right before, :meth:`finish_teacher` (or
-    :meth:`afinish_teacher`) with its answer once it is complete, streams included. Finishing times
+    Either :attr:`served_answer` is the checked answer the user gets (:attr:`specialist_answer`, or
+    :attr:`tier_answer` of a middle tier of the cascade), or the caller calls the teacher —
+    :meth:`start_teacher` right before, :meth:`finish_teacher` (or :meth:`afinish_teacher`) with its
+    answer once it is complete, streams included. Finishing times
     the teacher and, when a specialist's answer was rejected, records the escalation trace.
     """
 
     def __init__(self, engine: RoutingEngine, request: ChatRequest, decision: RoutingDecision,
-                 outcome: SpecialistOutcome | None, *, started: float) -> None:
+                 outcome: SpecialistOutcome | None, *, started: float,
+                 tier_outcomes: list[TierOutcome] | None = None) -> None:
         self.engine = engine
         self.request = request
         self.decision = decision
@@ -104,10 +107,36 @@ class RoutedCall:
         if outcome is not None and outcome.ok and outcome.message is not None:
             self.specialist_answer = RoutedAnswer(outcome.message, decision, outcome.usage or Usage(),
                                                   model=decision.specialist or "", latency_ms=(ready - started) * 1000)
+        #: The middle tiers' attempts, in order (the last one ``ok`` when a middle tier answered).
+        self.tier_outcomes: list[TierOutcome] = list(tier_outcomes or [])
+        #: A middle tier's checked answer (None when the specialist or the teacher answers).
+        self.tier_answer: RoutedAnswer | None = None
+        last = self.tier_outcomes[-1] if self.tier_outcomes else None
+        if self.specialist_answer is None and last is not None and last.ok and last.message is not None:
+            self.tier_answer = RoutedAnswer(last.message, decision, last.usage or Usage(), model=last.model or last.tier,
+                                            latency_ms=(ready - started) * 1000)
+
+    @property
+    def served_answer(self) -> RoutedAnswer | None:
+        """The answer the user gets without the teacher: the specialist's or a middle tier's."""
+        return self.specialist_answer if self.specialist_answer is not None else self.tier_answer
+
+    @property
+    def tier_outcome(self) -> TierOutcome | None:
+        """The attempt of the middle tier that answered (None: none did)."""
+        return self.tier_outcomes[-1] if self.tier_answer is not None else None
+
+    @property
+    def answered_by(self) -> str:
+        """``"specialist"``, the name of the middle tier that answered, or ``"teacher"``."""
+        if self.specialist_answer is not None:
+            return "specialist"
+        outcome = self.tier_outcome
+        return outcome.tier if outcome is not None else "teacher"
 
     @property
     def needs_teacher(self) -> bool:
-        return self.specialist_answer is None
+        return self.served_answer is None
 
     @property
     def escalated(self) -> bool:
@@ -115,10 +144,14 @@ class RoutedCall:
         return self.outcome is not None and self.specialist_answer is None
 
     def escalation_info(self) -> dict[str, Any] | None:
-        """What an escalation trace's ``metadata["aad_escalation"]`` holds (None: no escalation)."""
-        if self.outcome is None or self.specialist_answer is not None:
+        """What an escalation trace's ``metadata["aad_escalation"]`` holds (None: no escalation), with the
+        middle tiers' rejected answers under ``"tiers"`` when any was tried."""
+        if self.outcome is None or self.served_answer is not None:
             return None
-        return escalation_info(self.decision, self.outcome)
+        info = escalation_info(self.decision, self.outcome)
+        if self.tier_outcomes:
+            info["tiers"] = [o.to_json() for o in self.tier_outcomes]
+        return info
 
     def start_teacher(self) -> None:
         """Mark the start of the teacher call (default: the end of the specialist's attempt)."""
@@ -137,9 +170,10 @@ class RoutedCall:
 
     def _finish(self, message: Message, usage: Usage | None, model: str | None, raw: Any, *,
                 ended: float) -> RoutedAnswer:
-        if self.specialist_answer is not None:
-            raise AADError(f"This request was answered by the specialist {self.decision.specialist!r}; "
-                           "it has no teacher answer to finish.",
+        if self.served_answer is not None:
+            who = (f"the specialist {self.decision.specialist!r}" if self.specialist_answer is not None
+                   else f"the middle tier {self.answered_by!r}")
+            raise AADError(f"This request was answered by {who}; it has no teacher answer to finish.",
                            hint="Call finish_teacher only when RoutedCall.needs_teacher is true.")
         if self._teacher_answer is not None:
             raise AADError("finish_teacher was already called for this routed call.",
@@ -153,7 +187,7 @@ class RoutedCall:
             pass  # the caller's capture handler stores this teacher call, once
         elif self.outcome is not None:
             self.engine.record_escalation(self.request, message, self.decision, self.outcome, usage=usage,
-                                          model=model, latency_ms=teacher_ms)
+                                          model=model, latency_ms=teacher_ms, info=self.escalation_info())
         elif self.engine.capture_teacher:
             self.engine.record_teacher_answer(self.request, message, self.decision, usage=usage, model=model,
                                               latency_ms=teacher_ms)

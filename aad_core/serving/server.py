@@ -3,6 +3,12 @@ workspace's specialists and an upstream OpenAI-compatible teacher, so agents in 
 use aad by changing their base URL.
 
 Every response is a normal chat completion plus an ``aad_route`` object (the routing decision).
+A request whose ``model`` is a promoted specialist's name is answered by that specialist directly, as
+vLLM answers a LoRA adapter's name (no routing, no checks, no teacher); with ``logprobs: true`` its
+``choices[0].logprobs`` holds ``aad_mean_logprob`` (the mean token log-prob of the answer, the
+confidence signal of the risk-coverage gate) and ``aad_completion_tokens`` (``content`` is null: the
+runtime keeps no per-token values). That makes ``aad serve`` an endpoint for
+``[route] specialist_backend = "openai"`` (:mod:`aad_core.serving.openai_backend`).
 ``stream: true`` is answered as server-sent events: the whole answer in one chunk, then the
 usage / ``aad_route`` chunk and ``[DONE]`` (specialist answers are validated before anything is
 sent, so they cannot be streamed token by token).
@@ -21,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
-from aad_core.schema import ChatRequest, Message
+from aad_core.schema import ChatRequest, Message, RoutingDecision
 
 try:  # endpoint annotations are resolved from this module's globals
     from fastapi import FastAPI, Request
@@ -115,6 +121,36 @@ def _completion(answer: RoutedAnswer, requested_model: str) -> dict[str, Any]:
     }
 
 
+def _specialist_completion(engine: RoutingEngine, name: str, body: dict[str, Any],
+                           request: ChatRequest) -> dict[str, Any]:
+    """The specialist ``name``'s own answer to ``request``, as a chat completion (what vLLM returns for a LoRA
+    adapter's name): greedy, ``max_tokens`` (default ``[route] max_new_tokens``), cut at ``stop``."""
+    max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or engine.ws.config.route.max_new_tokens)
+    gen = engine.specialists.generate(name, [request], max_new_tokens=max_new)[0]
+    text, n = str(gen.text), int(getattr(gen, "n_tokens", 0) or 0)
+    finish = "length" if n >= max_new else "stop"
+    stop = body.get("stop")
+    for s in [stop] if isinstance(stop, str) else (stop or []):
+        if s and s in text:
+            text, finish = text[: text.index(s)], "stop"
+    logprobs: dict[str, Any] | None = None
+    if body.get("logprobs"):
+        logprobs = {"content": None, "aad_mean_logprob": getattr(gen, "mean_logprob", None), "aad_completion_tokens": n}
+        if getattr(gen, "confidence", None) is not None:
+            logprobs["aad_confidence"] = gen.confidence  # type: ignore[attr-defined]
+    decision = RoutingDecision(target="specialist", specialist=name, reason=f"asked for by name (model={name!r})")
+    return {
+        "id": f"chatcmpl-aad-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                     "finish_reason": finish}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n},
+        "aad_route": decision.model_dump(),
+    }
+
+
 def _sse(completion: dict[str, Any]) -> Iterator[str]:
     base = {k: completion[k] for k in ("id", "created", "model") if k in completion}
     base["object"] = "chat.completion.chunk"
@@ -168,13 +204,24 @@ def create_app(
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
 
+    promoted: dict[str, list[str]] = {}  # the promoted specialists' names, read once (a promotion needs a restart)
+
+    def specialist_names() -> list[str]:
+        """The names a request's ``model`` may give to be answered by that specialist directly."""
+        if "names" not in promoted:
+            from aad_core.specialists import SpecialistRegistry
+
+            promoted["names"] = sorted(s.name for s in SpecialistRegistry(engine.ws).promoted().values())
+        return [n for n in promoted["names"] if n not in engine.demoted]
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "aad_version": __version__, "teacher": teacher is not None}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": ROUTED_MODEL, "object": "model", "owned_by": "aad"}]}
+        return {"object": "list", "data": [{"id": ROUTED_MODEL, "object": "model", "owned_by": "aad"}]
+                + [{"id": n, "object": "model", "owned_by": "aad", "parent": ROUTED_MODEL} for n in specialist_names()]}
 
     @app.post("/v1/aad/route")
     def route_only(body: dict[str, Any]) -> Any:
@@ -192,6 +239,15 @@ def create_app(
             request = _request_from_body(body)
         except Exception as err:
             return error(400, f"Invalid request: {err}")
+        if body.get("model") in specialist_names():  # a specialist by name: its own answer, as vLLM gives it
+            try:
+                completion = _specialist_completion(engine, str(body["model"]), body, request)
+            except Exception as err:
+                return error(500, f"The specialist {body['model']!r} could not answer: {type(err).__name__}: {err}",
+                             "server_error")
+            if body.get("stream"):
+                return StreamingResponse(_sse(completion), media_type="text/event-stream")
+            return completion
         authorization = http_request.headers.get("authorization")
 
         def teacher_call(_req: ChatRequest) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from aad_core.schema import ChatRequest, RoutingDecision, Trace
 
 if TYPE_CHECKING:
     from aad_core.serving.engine import RoutingEngine
+    from aad_core.serving.cascade import TierOutcome
     from aad_core.serving.routed_call import RoutedCall, SpecialistOutcome
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ class ShadowEvaluator:
         d, outcome = call.decision, call.outcome
         day = _now().date().isoformat()
         served = call.specialist_answer is not None
+        tier_outcomes = getattr(call, "tier_outcomes", None) or []
+        tier = call.tier_outcome if tier_outcomes else None
         with self._lock:
             c = self._counts.setdefault((day, d.cluster_id), _empty_counts())
             c["requests"] += 1
@@ -182,7 +185,15 @@ class ShadowEvaluator:
                     len(outcome.text if outcome else "") // CHARS_PER_TOKEN
                 c["served_tokens"] += estimate_tokens(call.request) + int(completion)
             else:
-                c["teacher"] += 1
+                if tier is not None:  # a middle tier of the cascade answered
+                    c["tier"] = c.get("tier", 0) + 1
+                else:
+                    c["teacher"] += 1
+                if tier_outcomes:  # per middle tier: tried, answered, rejected
+                    for o in tier_outcomes:
+                        for key in ("tier_tried", "tier_answered" if o.ok else "tier_rejected"):
+                            per_tier = c.setdefault(key, {})
+                            per_tier[o.tier] = per_tier.get(o.tier, 0) + 1
                 if outcome is not None:
                     kind = reason_kind(outcome.reason)
                     c["escalations"][kind] = c["escalations"].get(kind, 0) + 1
@@ -194,7 +205,7 @@ class ShadowEvaluator:
                     c["below_threshold"] += 1
                 else:
                     c["other"] = c.get("other", 0) + 1
-        future = self._maybe_shadow(call, day, teacher_call) if served else None
+        future = self._maybe_shadow(call, day, teacher_call) if served or tier is not None else None
         if time.monotonic() - self._last_flush > STATS_FLUSH_S:
             self.flush_stats()
         return future
@@ -212,7 +223,9 @@ class ShadowEvaluator:
         if teacher_call is None:
             self._skip(day, d.cluster_id, "no teacher_call")
             return None
-        estimate = self._cost(estimate_tokens(call.request, call.outcome.text if call.outcome else ""))
+        tier = call.tier_outcome if call.specialist_answer is None else None
+        answer_text = tier.text if tier is not None else (call.outcome.text if call.outcome else "")
+        estimate = self._cost(estimate_tokens(call.request, answer_text))
         with self._lock:
             spent = self._spent_today(day)
             if self.budget is not None and spent + self._reserved + estimate > self.budget:
@@ -229,7 +242,7 @@ class ShadowEvaluator:
             self._skip(day, d.cluster_id, "busy")
             return None
         try:
-            future = self._executor.submit(self._run, teacher_call, call.request, d, call.outcome, estimate)
+            future = self._executor.submit(self._run, teacher_call, call.request, d, call.outcome, estimate, tier)
         except RuntimeError:  # shut down meanwhile
             self._slots.release()
             with self._lock:
@@ -256,7 +269,10 @@ class ShadowEvaluator:
 
     # -- the background job ----------------------------------------------------------------------
     def _run(self, teacher_call: Any, request: ChatRequest, decision: RoutingDecision,
-             outcome: SpecialistOutcome | None, estimate: float) -> dict[str, Any] | None:
+             outcome: SpecialistOutcome | None, estimate: float, tier: TierOutcome | None = None
+             ) -> dict[str, Any] | None:
+        """The shadow teacher call of a served answer: the specialist's, or a middle tier's (``tier``: its
+        pair is logged with ``"tier"`` and no specialist, and never counts towards a demotion)."""
         from aad_core.formats.answers import answer_string
         from aad_core.serving.routed_call import teacher_result
 
@@ -265,32 +281,38 @@ class ShadowEvaluator:
             started = time.perf_counter()
             message, usage, model = teacher_result(teacher_call(request))
             latency_ms = (time.perf_counter() - started) * 1000
-            spec_text = outcome.text if outcome is not None else ""
+            spec_text = tier.text if tier is not None else outcome.text if outcome is not None else ""
             teacher_text = answer_string(Trace(request=request, response=message))
             tokens = int(usage.total_tokens) if usage is not None and usage.total_tokens else \
                 estimate_tokens(request, teacher_text)
             cost = self._cost(tokens)
             evaluator, agreement = self.score(decision.cluster_id, spec_text, teacher_text)
-            name = decision.specialist or ""
-            version = self.version_of(name)
+            name = "" if tier is not None else decision.specialist or ""
+            version = None if tier is not None else self.version_of(name)
             teacher_model = model or self.engine.teacher_model
+            spec_name = None if tier is not None else name  # a middle tier's pair names no specialist
+            info = {"cluster_id": decision.cluster_id, "specialist": spec_name, "version": version,
+                    "specialist_output": spec_text, "agreement": agreement, "evaluator": evaluator,
+                    "similarity": decision.similarity}
+            if tier is not None:
+                info["tier"] = tier.tier
             trace = Trace(source="shadow", model=teacher_model, request=request, response=message, usage=usage,
-                          latency_ms=latency_ms, tags=["shadow"], metadata={"aad_shadow": {
-                              "cluster_id": decision.cluster_id, "specialist": name, "version": version,
-                              "specialist_output": spec_text, "agreement": agreement, "evaluator": evaluator,
-                              "similarity": decision.similarity}})
+                          latency_ms=latency_ms, tags=["shadow"], metadata={"aad_shadow": info})
             self.engine._record(trace, "the shadow teacher answer")
             now = _now()
             row = {"event": "pair", "time": now.isoformat(), "day": now.date().isoformat(), "trace_id": trace.id,
-                   "cluster_id": decision.cluster_id, "specialist": name, "version": version,
+                   "cluster_id": decision.cluster_id, "specialist": spec_name, "version": version,
                    "evaluator": evaluator, "agreement": agreement, "agree": agreement >= 0.5,
                    "teacher_model": teacher_model, "tokens": tokens, "cost_usd": cost,
                    "teacher_latency_ms": round(latency_ms, 3)}
+            if tier is not None:
+                row["tier"] = tier.tier
             with self._lock:
                 _append_jsonl(self.shadow_path, [row])
                 c = self._counts.setdefault((row["day"], decision.cluster_id), _empty_counts())
                 c["shadowed"] += 1
-            self._check(name, version, row)
+            if tier is None:  # a middle tier's pair is its own agreement, not the specialist's
+                self._check(name, version, row)
             return row
         except Exception as err:  # a background call: logged, never raised
             log.warning("shadow evaluation: the teacher call or its scoring failed: %s: %s", type(err).__name__, err)

@@ -34,6 +34,18 @@ class SpecialistBackend(Protocol):
 #   preload() -> None: load and warm every specialist now.
 
 
+def trained_max_length(spec: Specialist) -> int | None:
+    """The prompt + answer tokens ``spec`` was trained on (``[train] max_length`` when it was trained, from its
+    manifest's hyperparameters); None when the manifest does not say."""
+    value: Any = None
+    try:
+        manifest = json.loads((Path(spec.path) / "manifest.json").read_text(encoding="utf-8"))
+        value = (manifest.get("hyperparameters") or {}).get("max_length")
+    except (OSError, ValueError):
+        pass
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
 class SpecialistPool:
     """Promoted specialists, each served by its kind. Kind "lora": one
     :class:`~aad_core.models.runtime.SpecialistRuntime` per base model, every adapter of that base
@@ -105,14 +117,7 @@ class SpecialistPool:
         """The prompt + answer tokens the specialist was trained on (``[train] max_length`` when it was
         trained, from its manifest's hyperparameters); None when the manifest does not say."""
         if name not in self._max_lengths:
-            spec = self._spec(name)
-            value: Any = None
-            try:
-                manifest = json.loads((Path(spec.path) / "manifest.json").read_text(encoding="utf-8"))
-                value = (manifest.get("hyperparameters") or {}).get("max_length")
-            except (OSError, ValueError):
-                pass
-            self._max_lengths[name] = int(value) if isinstance(value, (int, float)) and value > 0 else None
+            self._max_lengths[name] = trained_max_length(self._spec(name))
         return self._max_lengths[name]
 
     def prompt_too_long(self, name: str, request: ChatRequest) -> str:

@@ -1,4 +1,5 @@
-"""aad for LangChain: capture (:class:`AADCallbackHandler`) and routing (:class:`RoutedChatModel`).
+"""aad for LangChain: capture (:class:`AADCallbackHandler`), routing (:class:`RoutedChatModel`) and
+middle tiers of its cascade (:class:`LangChainTier`).
 
 Requires ``langchain-core`` (``pip install 'aad[langchain]'``).
 """
@@ -7,13 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AADCallbackHandler", "RoutedChatModel"]
+__all__ = ["AADCallbackHandler", "LangChainTier", "RoutedChatModel"]
 
-_LAZY = {"AADCallbackHandler": "aad_langchain.callback", "RoutedChatModel": "aad_langchain.chat_model"}
+_LAZY = {"AADCallbackHandler": "aad_langchain.callback", "RoutedChatModel": "aad_langchain.chat_model",
+         "LangChainTier": "aad_langchain.tiers"}
 
 if TYPE_CHECKING:
     from aad_langchain.callback import AADCallbackHandler
     from aad_langchain.chat_model import RoutedChatModel
+    from aad_langchain.tiers import LangChainTier
 
 
 def __getattr__(name: str) -> Any:

@@ -32,7 +32,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generati
 
 from aad_core.capture.convert import json_safe, openai_logprobs, openai_tool, usage_from
 from aad_core.capture.writer import CaptureWriter
-from aad_core.schema import ChatRequest, Message, TokenLogprob, Trace, Usage
+from aad_core.schema import TIER_METADATA_KEY, ChatRequest, Message, TokenLogprob, Trace, Usage
 
 if TYPE_CHECKING:
     from aad_core.config import AADSettings
@@ -226,6 +226,10 @@ class AADCallbackHandler(BaseCallbackHandler):
             # aad's own RoutedChatModel: its answer may be a specialist's, which must never become training
             # data. The teacher call it makes runs as a child run and is recorded as itself.
             self._parents[run_id] = (parent_run_id, str(kwargs.get("name") or "RoutedChatModel"))
+            return
+        if metadata.get(TIER_METADATA_KEY):
+            # a middle tier of aad's cascade: its answer, like a specialist's, is never training data
+            self._parents[run_id] = (parent_run_id, str(kwargs.get("name") or f"aad-tier-{metadata[TIER_METADATA_KEY]}"))
             return
         tools = inv.get("tools")
         params = {k: v for k, v in inv.items() if k not in _PARAM_SKIP}

@@ -12,6 +12,8 @@ workspace's distilled specialists and everything else with the teacher.
 
 A specialist's answer is only returned when it passes the output validators and the confidence
 gate within ``timeout``; otherwise the teacher answers and the case is recorded for retraining.
+``tiers=[...]`` puts middle tiers between them (a cascade): any LangChain chat model or an
+OpenAI-compatible endpoint, tried in order, each with the task's validators as its gate.
 """
 
 from __future__ import annotations
@@ -108,11 +110,22 @@ class RoutedChatModel(BaseChatModel):
     preload: bool = False
     """Load and warm the router and every promoted specialist when the model is built, so that the first
     call is not the cold one (default: on first use)."""
+    tiers: list[Any] | None = Field(default=None, exclude=True)
+    """Middle tiers of the cascade, tried in order after the specialist and before the teacher: LangChain chat
+    models, :class:`~aad_langchain.LangChainTier` (name, ``tasks``, ``min_mean_logprob``), ``[[route.tiers]]``
+    dicts (OpenAI-compatible endpoints) or :class:`~aad_core.serving.cascade.Tier` objects. None = ``[route]
+    tiers`` of aad.toml; ``[]`` = none."""
 
     _engine: Any = PrivateAttr(default=None)
+    _tier_objects: list[Any] | None = PrivateAttr(default=None)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
+        if self.tiers is not None:
+            from aad_core.serving.cascade import normalise_tiers
+            from aad_langchain.tiers import tier_of
+
+            self._tier_objects = normalise_tiers([tier_of(t) for t in self.tiers])
         if self.preload:
             self.engine().preload()
 
@@ -208,13 +221,27 @@ class RoutedChatModel(BaseChatModel):
             teacher = teacher.with_retry(stop_after_attempt=self.max_retries + 1)
         return teacher
 
+    def _route(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> RoutedCall:
+        return self.engine().route_call(self._request(messages, stop, kwargs), timeout_s=self.timeout,
+                                        tiers=self._tier_objects)
+
+    async def _aroute(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> RoutedCall:
+        return await self.engine().aroute_call(self._request(messages, stop, kwargs), timeout_s=self.timeout,
+                                               tiers=self._tier_objects)
+
     # -- aad's schema <-> LangChain's messages ---------------------------------------------------
     def _specialist_message(self, call: RoutedCall) -> AIMessage:
-        outcome = call.outcome
-        assert outcome is not None and outcome.message is not None  # a specialist answered
-        msg = outcome.message
+        """The answer of the specialist or of a middle tier (``call.served_answer``) as an AIMessage."""
+        served = call.served_answer
+        assert served is not None  # a specialist or a middle tier answered
+        tier = call.tier_outcome
+        source = tier if tier is not None else call.outcome
+        msg = served.message
         prompt_tokens = _estimate_tokens("\n".join(m.text() for m in call.request.messages))
-        out_tokens = outcome.usage.completion_tokens if outcome.usage else _estimate_tokens(msg.text())
+        usage = source.usage if source is not None else None
+        out_tokens = usage.completion_tokens if usage and usage.completion_tokens else _estimate_tokens(msg.text())
+        if usage is not None and tier is not None and usage.prompt_tokens:
+            prompt_tokens = usage.prompt_tokens
         tool_calls = [{"name": c.function.name, "args": c.function.parsed_arguments(), "id": c.id, "type": "tool_call"}
                       for c in msg.tool_calls or []]
         return AIMessage(
@@ -222,8 +249,10 @@ class RoutedChatModel(BaseChatModel):
             tool_calls=tool_calls,
             usage_metadata=UsageMetadata(input_tokens=prompt_tokens, output_tokens=out_tokens,
                                          total_tokens=prompt_tokens + out_tokens),
-            response_metadata={"aad_route": call.decision.model_dump(), "model_name": call.decision.specialist,
-                               "model_provider": "aad", "aad_mean_logprob": outcome.mean_logprob},
+            response_metadata={"aad_route": call.decision.model_dump(),
+                               "model_name": served.model if tier is not None else call.decision.specialist,
+                               "model_provider": "aad",
+                               "aad_mean_logprob": source.mean_logprob if source is not None else None},
         )
 
     def _teacher_message(self, call: RoutedCall, answer: BaseMessage) -> tuple[AIMessage, Message, Usage | None]:
@@ -302,8 +331,8 @@ class RoutedChatModel(BaseChatModel):
     # -- generation -------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        call = self.engine().route_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
-        if call.specialist_answer is not None:
+        call = self._route(messages, stop, kwargs)
+        if call.served_answer is not None:
             return self._result(call, self._specialist_message(call))
         teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
         call.start_teacher()
@@ -312,8 +341,8 @@ class RoutedChatModel(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        call = await self.engine().aroute_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
-        if call.specialist_answer is not None:
+        call = await self._aroute(messages, stop, kwargs)
+        if call.served_answer is not None:
             return self._result(call, self._specialist_message(call))
         teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
         call.start_teacher()
@@ -322,8 +351,8 @@ class RoutedChatModel(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        call = self.engine().route_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
-        if call.specialist_answer is not None:
+        call = self._route(messages, stop, kwargs)
+        if call.served_answer is not None:
             chunk = self._specialist_chunk(call)
             if run_manager:
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
@@ -345,8 +374,8 @@ class RoutedChatModel(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        call = await self.engine().aroute_call(self._request(messages, stop, kwargs), timeout_s=self.timeout)
-        if call.specialist_answer is not None:
+        call = await self._aroute(messages, stop, kwargs)
+        if call.served_answer is not None:
             chunk = self._specialist_chunk(call)
             if run_manager:
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)

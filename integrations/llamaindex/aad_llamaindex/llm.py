@@ -122,9 +122,12 @@ class RoutedLLM(FunctionCallingLLM):
 
     # -- aad's schema <-> LlamaIndex's responses ---------------------------------------------------
     def _specialist_response(self, call: RoutedCall) -> ChatResponse:
-        outcome = call.outcome
-        assert outcome is not None and outcome.message is not None  # a specialist answered
-        msg = outcome.message
+        """The answer of the specialist or of a middle tier of the cascade (``call.served_answer``)."""
+        served = call.served_answer
+        tier = call.tier_outcome
+        outcome = tier if tier is not None else call.outcome
+        assert served is not None and outcome is not None  # a specialist or a middle tier answered
+        msg = served.message
         extra: dict[str, Any] = {}
         if msg.tool_calls:
             extra["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
@@ -133,7 +136,8 @@ class RoutedLLM(FunctionCallingLLM):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=msg.text(), additional_kwargs=extra),
-            raw={"model": call.decision.specialist, "mean_logprob": outcome.mean_logprob},
+            raw={"model": served.model if tier is not None else call.decision.specialist,
+                 "mean_logprob": outcome.mean_logprob},
             additional_kwargs={"aad_route": call.decision.model_dump(), "usage": usage},
         )
 
@@ -188,7 +192,7 @@ class RoutedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self.engine().route_call(self._request(messages, kwargs), timeout_s=self.timeout)
-        if call.specialist_answer is not None:
+        if call.served_answer is not None:
             return self._specialist_response(call)
         call.start_teacher()
         return self._finish_teacher(call, self._teacher_call(messages, kwargs))
@@ -196,7 +200,7 @@ class RoutedLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = await self.engine().aroute_call(self._request(messages, kwargs), timeout_s=self.timeout)
-        if call.specialist_answer is not None:
+        if call.served_answer is not None:
             return self._specialist_response(call)
         call.start_teacher()
         return await self._afinish_teacher(call, await self._ateacher_call(messages, kwargs))
@@ -206,7 +210,7 @@ class RoutedLLM(FunctionCallingLLM):
         call = self.engine().route_call(self._request(messages, kwargs), timeout_s=self.timeout)
 
         def gen() -> ChatResponseGen:
-            if call.specialist_answer is not None:
+            if call.served_answer is not None:
                 resp = self._specialist_response(call)
                 yield resp.model_copy(update={"delta": resp.message.content})
                 return
@@ -229,7 +233,7 @@ class RoutedLLM(FunctionCallingLLM):
         call = await self.engine().aroute_call(self._request(messages, kwargs), timeout_s=self.timeout)
 
         async def gen() -> ChatResponseAsyncGen:
-            if call.specialist_answer is not None:
+            if call.served_answer is not None:
                 resp = self._specialist_response(call)
                 yield resp.model_copy(update={"delta": resp.message.content})
                 return
