@@ -249,3 +249,20 @@ def test_run_evaluate_writes_eval_json_and_records_promotion(workspace: Workspac
     assert manifest.promoted is False
     assert SpecialistRegistry(workspace).manifest(manifest)["promotion_reason"] == entry["reason"]
     assert entry["latency"]["specialist"]["p50_ms"] > 0
+
+
+def test_the_gate_judges_only_the_calls_a_lora_specialist_would_be_asked_to_serve(tmp_path: Path) -> None:
+    """A prompt longer than the specialist's training max_length goes to the teacher at once, so the
+    evaluation leaves it out (and says how many) instead of scoring an answer nobody would get."""
+    from types import SimpleNamespace
+
+    from aad_core.pipeline.evaluate.runner import _servable
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"hyperparameters": {"max_length": 10}}))
+    spec = SimpleNamespace(path=tmp_path)
+    runtime = SimpleNamespace(prompt_tokens=lambda request: len(request.last_user_message().split()))
+    calls = [make_trace("short question", "a"), make_trace("a " * 20, "b"), make_trace("also short", "c")]
+    kept, too_long = _servable(runtime, spec, calls)
+    assert [t.response.content for t in kept] == ["a", "c"] and too_long == 1
+    (tmp_path / "manifest.json").write_text(json.dumps({"hyperparameters": {}}))  # unknown: every call is judged
+    assert _servable(runtime, spec, calls) == (calls, 0)

@@ -294,7 +294,30 @@ def evaluate_specialist(ws: Workspace, state: ClusterState, cluster: Cluster, sp
         runtimes[spec.base_model] = SpecialistRuntime(spec.base_model, fast_path=ws.config.route.fast_path)
     runtime = runtimes[spec.base_model]
     runtime.add_specialist(spec)
-    return evaluate_cluster(ws, cluster, heldout, runtime, spec)
+    heldout, too_long = _servable(runtime, spec, heldout)
+    if not heldout:
+        entry = _status_entry(cluster)
+        entry.update(status="no held-out", reason=f"not promoted: all {too_long} held-out calls are longer than the "
+                     "specialist's max_length, so the router would send every one to the teacher")
+        return entry
+    entry = evaluate_cluster(ws, cluster, heldout, runtime, spec)
+    if too_long:
+        entry["n_too_long"] = too_long
+        entry["reason"] = (f"{entry.get('reason', '')}; {too_long} held-out calls longer than its max_length were "
+                           "left out: the router sends them to the teacher at once")
+    return entry
+
+
+def _servable(runtime: Any, spec: Any, heldout: list[Trace]) -> tuple[list[Trace], int]:
+    """The held-out calls a LoRA specialist would be asked to answer: the router sends a prompt longer
+    than the specialist's training ``max_length`` to the teacher at once, so the gate judges the rest."""
+    from aad_core.serving.specialists import trained_max_length
+
+    limit = trained_max_length(spec)
+    if limit is None:
+        return heldout, 0
+    kept = [t for t in heldout if runtime.prompt_tokens(t.request) <= limit]
+    return kept, len(heldout) - len(kept)
 
 
 def candidate_summary(entry: dict[str, Any]) -> dict[str, Any]:
