@@ -109,6 +109,16 @@ class CaptureConfig(_Section):
     linger_s: float = Field(
         0.05, ge=0, description="How long the background writer waits to fill a batch before writing it."
     )
+    wal: bool = Field(
+        True, description="Write-ahead log: submitted traces are appended every wal_flush_ms, encrypted (AES-GCM, a "
+        "per-workspace key in .aad/wal/key), to .aad/wal/ before they are redacted, so a process killed hard "
+        "loses only the last interval's traces; the next writer stores the rest. A segment is deleted as soon "
+        "as its traces are stored. false: traces wait for redaction in memory only."
+    )
+    wal_flush_ms: int = Field(
+        50, ge=1, le=1000, description="How often the write-ahead log appends (and fsyncs) the submitted traces: "
+        "at most this long, plus the time to write, between submit() and the trace being safe from kill -9."
+    )
 
 
 class StoreConfig(_Section):

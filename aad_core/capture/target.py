@@ -1,5 +1,5 @@
-"""Where a capture writer's traces go: the workspace named by its arguments, its spool folder,
-and the trace store with its health (opened lazily, a deleted database file noticed, a pause
+"""Where a capture writer's traces go: the workspace named by its arguments, its spool and
+write-ahead log folders, and the trace store with its health (opened lazily, a deleted database file noticed, a pause
 after each failure before the store is tried again)."""
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def spool_dir_for(workspace: Workspace | None, store: TraceStore | None) -> Path
     if getattr(store, "path", None) is not None:
         return Path(store.path).parent / "spool"  # type: ignore[union-attr]
     return Path.cwd() / ".aad" / "spool"
+
+
+def wal_dir_for(workspace: Workspace | None, store: TraceStore | None) -> Path:
+    """The write-ahead log's folder: ``wal`` beside the spool folder (``.aad/wal``)."""
+    return spool_dir_for(workspace, store).parent / "wal"
 
 
 class StoreTarget:

@@ -16,9 +16,14 @@ the disk: the store, and the spool.
 * **Honest counts.** Every trace is counted as written, spooled, held (in memory, redacted, when
   neither the store nor the spool can be written; retried) or lost, with the reason
   (``stats()["lost_by"]``); losses are logged with their cause and running total.
+* **Write-ahead log.** A second, light thread appends the submitted traces every
+  ``wal_flush_ms`` (50 ms) to an encrypted, fsynced log in ``.aad/wal/``
+  (:mod:`aad_core.capture.wal`) before they are redacted, so a process killed hard loses only
+  the traces of the last flush interval; the next writer of the workspace redacts and stores the
+  rest. A segment is deleted as soon as its traces are stored, spooled or counted lost.
+  ``[capture] wal = false``: the queue is in memory only, as before.
 * **Short window.** A batch is written at the latest ``max(linger_s, 0.1 s)`` after its first
-  trace was redacted, so a process killed hard loses the traces still queued in memory, not
-  those already redacted.
+  trace was redacted.
 
 The spool folder is :mod:`aad_core.capture.spool`; the workspace, the store and its health are
 :mod:`aad_core.capture.target`.
@@ -39,11 +44,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core.capture.spool import Spool
-from aad_core.capture.target import StoreTarget, resolve_workspace, spool_dir_for
+from aad_core.capture.target import StoreTarget, resolve_workspace, spool_dir_for, wal_dir_for
 from aad_core.config import AADSettings
 from aad_core.schema import Trace
 
 if TYPE_CHECKING:
+    from aad_core.capture.wal import Leftover, WriteAheadLog
     from aad_core.store.base import TraceStore
     from aad_core.workspace import Workspace
 
@@ -53,6 +59,8 @@ log = logging.getLogger(__name__)
 WRITE_WINDOW_S = 0.1
 #: Seconds between two log lines about the same kind of loss (the running total is in each).
 LOSS_LOG_INTERVAL_S = 5.0
+#: Most traces in one WAL record (a larger backlog is appended as several records, without a pause).
+WAL_RECORD_MAX = 2048
 
 
 @dataclass
@@ -62,6 +70,46 @@ class _Flush:
 
 class _Stop:
     pass
+
+
+@dataclass
+class _Batch:
+    """Traces handed from the WAL thread to the writer thread; ``seg``: their WAL segment (None:
+    not in the WAL, e.g. the disk is full or the trace does not serialise)."""
+
+    traces: list[Trace]
+    seg: int | None
+
+
+class _Capacity:
+    """The bound on traces submitted and not yet redacted (``queue_size``): a counter that
+    ``submit`` takes from without waiting, or waiting at most ``block_timeout_s``."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._free = size
+        self._cond = threading.Condition(threading.Lock())
+
+    def take(self, timeout: float = 0.0) -> bool:
+        with self._cond:
+            if self._free <= 0 and (timeout <= 0 or not self._cond.wait_for(lambda: self._free > 0, timeout)):
+                return False
+            self._free -= 1
+            return True
+
+    def give(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._cond:
+            self._free = min(self._size, self._free + n)
+            self._cond.notify(n)
+
+    @property
+    def used(self) -> int:
+        return self._size - self._free
+
+
+_Item = Trace | _Batch | _Flush | _Stop
 
 
 class _Anchor:
@@ -99,6 +147,11 @@ class CaptureWriter:
         ``[capture] redact`` setting (true by default).
     config:
         Settings; None = the workspace's ``aad.toml`` (or defaults and ``AAD_*`` variables).
+
+    Threads: with ``[capture] wal`` (the default), ``aad-capture-wal`` takes the submitted traces
+    off the queue every ``wal_flush_ms`` and appends them, encrypted, to the write-ahead log, and
+    ``aad-capture-writer`` redacts and stores them and recovers what dead writers left in the log;
+    without it the writer thread takes them off the queue itself.
     """
 
     def __init__(
@@ -121,11 +174,23 @@ class CaptureWriter:
             _prepare_for_shutdown()
 
         self._spool_files = Spool(spool_dir_for(ws, store))
+        self.wal_dir = wal_dir_for(ws, store)
 
-        self._queue: queue.Queue[Trace | _Flush | _Stop] = queue.Queue(maxsize=cfg.queue_size)
+        # Submitted traces; `_capacity` bounds those not yet redacted to queue_size.
+        self._queue: queue.Queue[_Item] = queue.Queue()
+        self._capacity = _Capacity(cfg.queue_size)
+        # WAL thread -> writer thread (only with [capture] wal).
+        self._handoff: queue.Queue[_Item] = queue.Queue()
+        self._wal: WriteAheadLog | None = None  # opened on the WAL thread
+        self._wal_ready = threading.Event()
+        self._unacked: list[tuple[int, int]] = []  # (segment, traces) processed while traces were held
+        self._leftovers: Any = None  # iterator over dead writers' segments, while recovering
+        self._leftover: Leftover | None = None
+        self._leftover_pos = 0
+        self._leftovers_kept: set[Path] = set()  # recovered into memory but not stored (disk full)
         self._lock = threading.Lock()
-        self._counts = {"captured": 0, "written": 0, "spooled": 0, "reloaded": 0, "errors": 0, "lost": 0,
-                        "overflowed": 0, "repaired": 0, "dropped": 0}
+        self._counts = {"captured": 0, "written": 0, "spooled": 0, "reloaded": 0, "recovered": 0, "errors": 0,
+                        "lost": 0, "overflowed": 0, "repaired": 0, "dropped": 0, "wal_skipped": 0}
         self._lost_by: dict[str, int] = {}
         self._logged: set[str] = set()
         self._last_loss_log: dict[str, float] = {}
@@ -142,6 +207,10 @@ class CaptureWriter:
                 self._target.store = self._target.open()
             except Exception as err:  # e.g. locked right now: spool until it opens
                 self._store_failed(err)
+        self._wal_thread: threading.Thread | None = None
+        if cfg.wal:
+            self._wal_thread = threading.Thread(target=self._run_wal, name="aad-capture-wal", daemon=True)
+            self._wal_thread.start()
         self._thread = threading.Thread(target=self._run, name="aad-capture-writer", daemon=True)
         self._thread.start()
         atexit.register(self._atexit)
@@ -165,18 +234,10 @@ class CaptureWriter:
             if self._closed:
                 self._late(trace)
                 return
-            try:
+            cfg = self.config.capture
+            if self._capacity.take() or (cfg.full_policy == "block" and self._capacity.take(cfg.block_timeout_s)):
                 self._queue.put_nowait(trace)
                 return
-            except queue.Full:
-                pass
-            cfg = self.config.capture
-            if cfg.full_policy == "block" and cfg.block_timeout_s > 0:
-                try:
-                    self._queue.put(trace, timeout=cfg.block_timeout_s)
-                    return
-                except queue.Full:
-                    pass
             self._count("overflowed")
             self._lose(1, "queue-full", f"the capture queue is full ({cfg.queue_size} traces waiting for redaction); "
                        "raise [capture] queue_size for longer bursts")
@@ -188,18 +249,13 @@ class CaptureWriter:
         loading the spool into the store. Returns False (and logs what is left) when ``timeout``
         (seconds) ran out first or when traces are still held in memory because neither the
         store nor the spool could be written."""
-        if not self._thread.is_alive():
-            return self._queue.empty() and not self._held
+        if not self._thread.is_alive() or (self._wal_thread is not None and not self._wal_thread.is_alive()):
+            return self._capacity.used == 0 and not self._held
         marker = _Flush()
-        try:
-            self._queue.put(marker, timeout=timeout)
-        except queue.Full:
-            self._log_once("flush-timeout", logging.WARNING, "aad capture: flush() timed out with %d trace(s) queued",
-                           self._queue.qsize())
-            return False
+        self._queue.put(marker)
         if not marker.done.wait(timeout):
             self._log_once("flush-timeout", logging.WARNING, "aad capture: flush() timed out with %d trace(s) queued",
-                           self._queue.qsize())
+                           self._capacity.used)
             return False
         return not self._held
 
@@ -208,30 +264,41 @@ class CaptureWriter:
         True when every trace submitted was stored or spooled; otherwise (and whenever traces
         were lost or are left in the spool) a warning says how many and why."""
         if self._closed:
-            return not self._held and self._queue.empty()
+            return not self._held and self._capacity.used == 0
         self.flush(timeout)
         self._closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._thread.is_alive():
-            try:
-                self._queue.put(_Stop(), timeout=timeout)
-            except queue.Full:
-                pass
-            self._thread.join(timeout)
-        queued = self._queue.qsize() if self._thread.is_alive() else 0
+            self._queue.put(_Stop())  # through the WAL thread, if any, to the writer thread
+            for thread in (self._wal_thread, self._thread):
+                if thread is not None:
+                    thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        queued = self._capacity.used if self._thread.is_alive() else 0
         if not self._thread.is_alive():
             # Whatever is still queued (the thread stopped early) cannot be redacted any more.
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Flush):
-                    item.done.set()
-                elif isinstance(item, Trace):
-                    self._lose(1, "closed", "the writer stopped before it could redact them")
+            for q in (self._queue, self._handoff):
+                while True:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, _Flush):
+                        item.done.set()
+                    elif isinstance(item, (Trace, _Batch)):
+                        n = 1 if isinstance(item, Trace) else len(item.traces)
+                        self._lose(n, "closed", "the writer stopped before it could redact them")
+                        self._capacity.give(n)
+                        if isinstance(item, _Batch) and item.seg is not None:
+                            self._unacked.append((item.seg, n))
             if self._held:
                 self._lose(len(self._held), "disk", "neither the store nor the spool could be written before close()")
                 self._held.clear()
+            self._settle([])
+            if self._leftover is not None:  # recovery was cut short: a later writer finishes it
+                self._leftover.release()
+                self._leftover = None
+            if self._wal is not None and (self._wal_thread is None or not self._wal_thread.is_alive()):
+                self._wal.close()
         if self._target.owned and self._target.store is not None:
             try:
                 self._target.store.close()
@@ -246,17 +313,21 @@ class CaptureWriter:
         return not queued and not s["held"]
 
     def stats(self) -> dict[str, Any]:
-        """Counters: captured, written, spooled, reloaded (from the spool), errors, lost (with
+        """Counters: captured, written, spooled, reloaded (from the spool), recovered (from the
+        write-ahead log of a writer that died: stored or spooled), errors, lost (with
         ``lost_by``: reason -> count), overflowed (lost because the queue was full), repaired
         (poison traces stored after a repair), dropped (poison traces that could not be
-        repaired: lost), queued, held (redacted, in memory, waiting for a writable disk),
-        spool_files (waiting in the spool folder)."""
+        repaired: lost), wal_skipped (cut or damaged records and lines in recovered WAL
+        segments), queued (submitted, not yet redacted), held (redacted, in memory, waiting for
+        a writable disk), spool_files (waiting in the spool folder), wal_segments (segment files
+        in the WAL folder, of every writer of the workspace)."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
             out["lost_by"] = dict(self._lost_by)
-        out["queued"] = self._queue.qsize()
+        out["queued"] = self._capacity.used
         out["held"] = len(self._held)
         out["spool_files"] = self._spool_files.count()
+        out["wal_segments"] = self._wal.segments() if self._wal is not None else 0
         return out
 
     @property
@@ -277,20 +348,30 @@ class CaptureWriter:
     def _run(self) -> None:
         if self.redact:  # warm the redaction engine up now, off the agent's threads
             self._guard("redact", self._ensure_redactor)
+        self._start_recovery()
+        source = self._handoff if self._wal_thread is not None else self._queue
         batch_size = self.config.capture.batch_size
         linger = self.config.capture.linger_s
         poll = min(self.config.capture.retry_interval_s, 1.0)
+        carry: _Batch | None = None  # the rest of a WAL batch larger than batch_size
         while True:
-            try:
-                item = self._queue.get(timeout=poll)
-            except queue.Empty:
-                if not self._target.pausing():
-                    if self._held:
-                        self._guard("write", self._retry_held)
-                    if self._spool_pending:
-                        self._guard("reload", self._drain_spool)
-                continue
+            if carry is not None:
+                item, carry = carry, None
+            else:
+                try:
+                    item = source.get(timeout=0.0 if self._leftovers is not None else poll)
+                except queue.Empty:
+                    if self._leftovers is not None:  # nothing new: recover more of what dead writers left
+                        self._guard("recover", lambda: self._recover(batch_size))
+                    elif not self._target.pausing():
+                        if self._held:
+                            self._guard("write", self._retry_held)
+                            self._settle([])
+                        if self._spool_pending:
+                            self._guard("reload", self._drain_spool)
+                    continue
             batch: list[Trace] = []
+            acks: list[tuple[int, int]] = []
             markers: list[_Flush | _Stop] = []
             # Fill the batch for up to `linger` seconds: fewer, larger transactions, and the
             # agent's threads are interrupted less often.
@@ -298,29 +379,217 @@ class CaptureWriter:
             while True:
                 if isinstance(item, Trace):
                     batch.append(item)
+                elif isinstance(item, _Batch):
+                    room = batch_size - len(batch)
+                    batch.extend(item.traces[:room])
+                    if item.seg is not None:
+                        acks.append((item.seg, min(room, len(item.traces))))
+                    if len(item.traces) > room:
+                        carry = _Batch(item.traces[room:], item.seg)
+                        break
                 else:
                     markers.append(item)
                     break
                 if len(batch) >= batch_size:
                     break
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = source.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             if batch:
-                self._guard("write", lambda: self._process(batch))
+                ok = self._guard("write", lambda: self._process(batch))
+                self._capacity.give(len(batch))
+                if ok:  # else the WAL keeps them: a later writer recovers them
+                    self._settle(acks)
+                if self._leftovers is not None:  # recovery goes on under load too
+                    self._guard("recover", lambda: self._recover(batch_size))
             for m in markers:
                 if self._held:
                     self._guard("write", self._retry_held)
+                    self._settle([])
                 if self._spool_pending:
                     self._guard("reload", lambda: self._drain_spool(force=True))
+                self._guard("recover", self._recover_all)
                 if isinstance(m, _Flush):
                     m.done.set()
                 else:
                     return
 
-    def _process(self, batch: list[Trace]) -> None:
-        """Redact and write ``batch``, in parts of at most ``WRITE_WINDOW_S`` of redaction."""
+    def _run_wal(self) -> None:
+        """The WAL thread: every ``wal_flush_ms``, take what was submitted off the queue, append
+        it to the write-ahead log (encrypted, fsynced) and hand it to the writer thread, in order
+        with flush and stop markers. Serialising and encrypting take about 4 µs per small trace
+        (0.4 ms per hundred); the agent's threads never wait for this thread, only for the GIL."""
+        try:
+            from aad_core.capture.wal import WriteAheadLog
+
+            self._wal = WriteAheadLog(self.wal_dir)
+        except Exception as err:
+            self._error("wal", err, f"cannot open the write-ahead log in {self.wal_dir}; traces stay in memory "
+                        "only until they are stored")
+        finally:
+            self._wal_ready.set()
+        interval = self.config.capture.wal_flush_ms / 1000.0
+        last = float("-inf")
+        backlog = False
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if isinstance(item, Trace) and not backlog:  # group commit: one fsync per interval at most
+                wait = last + interval - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            last = time.monotonic()
+            items: list[_Item] = [item]
+            while len(items) < WAL_RECORD_MAX:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            backlog = len(items) >= WAL_RECORD_MAX
+            run: list[Trace] = []
+            for k, it in enumerate(items):
+                if isinstance(it, Trace):
+                    run.append(it)
+                    continue
+                self._log_batch(run)
+                run = []
+                self._handoff.put(it)
+                if isinstance(it, _Stop):
+                    for rest in items[k + 1 :]:  # submitted while close() ran: close() counts them
+                        self._handoff.put(rest)
+                    return
+            self._log_batch(run)
+
+    def _log_batch(self, traces: list[Trace]) -> None:
+        """Append ``traces`` to the WAL as one record and hand them to the writer thread. A trace
+        that does not serialise, or a batch the WAL cannot take (disk full), goes on unlogged."""
+        if not traces:
+            return
+        wal = self._wal
+        if wal is None:
+            self._handoff.put(_Batch(traces, None))
+            return
+        lines: list[bytes] = []
+        logged: list[Trace] = []
+        unlogged: list[Trace] = []
+        for t in traces:
+            try:
+                lines.append(t.model_dump_json(exclude_none=True).encode("utf-8"))
+                logged.append(t)
+            except Exception:  # a poison trace: the writer thread repairs or drops it
+                unlogged.append(t)
+        seg: int | None = None
+        if logged:
+            try:
+                seg = wal.append(lines)
+            except Exception as err:
+                self._error("wal", err, f"cannot append to the write-ahead log in {self.wal_dir}; "
+                            "these traces are in memory only until they are stored")
+            self._handoff.put(_Batch(logged, seg))
+        if unlogged:
+            self._handoff.put(_Batch(unlogged, None))
+
+    def _settle(self, acks: list[tuple[int, int]]) -> None:
+        """Acknowledge processed WAL batches: their traces are stored, spooled or counted lost.
+        While traces are held in memory (disk full), acknowledgements wait: the WAL may be the
+        only copy of the held traces on disk."""
+        self._unacked.extend(acks)
+        if self._held or not self._unacked or self._wal is None:
+            return
+        done, self._unacked = self._unacked, []
+        for seg, n in done:
+            self._guard("wal", lambda: self._wal.ack(seg, n))  # type: ignore[union-attr]
+
+    # -- recovery of dead writers' WAL segments ----------------------------------------------
+    def _start_recovery(self) -> None:
+        """Open the WAL for recovery: the one the WAL thread opened, or (``wal = false``) one
+        just for the segments an earlier run may have left."""
+        if self._wal_thread is not None:
+            self._wal_ready.wait(60)
+        elif self.wal_dir.is_dir() and any(self.wal_dir.glob("*.seg")):
+            try:
+                from aad_core.capture.wal import WriteAheadLog
+
+                self._wal = WriteAheadLog(self.wal_dir)
+            except Exception as err:
+                self._error("wal", err, f"cannot open the write-ahead log in {self.wal_dir} to recover it")
+        if self._wal is not None:
+            self._leftovers = self._wal.leftovers(skip=self._leftovers_kept)
+
+    def _recover_all(self) -> None:
+        """Recover every segment of a dead writer now (a flush: look for new ones too)."""
+        if self._wal is None:
+            return
+        if self._leftovers is None:
+            self._leftovers = self._wal.leftovers(skip=self._leftovers_kept)
+        self._recover(None)
+
+    def _recover(self, limit: int | None) -> None:
+        """Redact and store up to ``limit`` traces (None: all) from dead writers' segments; a
+        segment is deleted once all of its traces are stored or spooled."""
+        if self.redact and not self._redactor_ready.is_set():
+            self._leftovers = None  # no redactor (it failed to build): the segments wait for a later writer
+            return
+        done = 0
+        while limit is None or done < limit:
+            left = self._leftover
+            if left is None:
+                left = next(self._leftovers, None) if self._leftovers is not None else None
+                if left is None:
+                    self._leftovers = None
+                    return
+                self._leftover, self._leftover_pos = left, 0
+                self._report_leftover(left)
+            chunk = left.traces[self._leftover_pos : self._leftover_pos + self.config.capture.batch_size]
+            if chunk:
+                try:
+                    self._process(self._not_stored(chunk), counter="recovered")
+                except Exception:  # unexpected: leave the segment to a later writer, go on with the next
+                    self._leftover = None
+                    self._leftovers_kept.add(left.path)
+                    left.release()
+                    raise
+                self._leftover_pos += len(chunk)
+                done += len(chunk)
+            if self._leftover_pos >= len(left.traces):
+                self._leftover = None
+                if self._held or left.keep:  # not all on disk yet (disk full), or unreadable for now
+                    self._leftovers_kept.add(left.path)
+                    left.release()
+                else:
+                    left.remove()
+
+    def _not_stored(self, traces: list[Trace]) -> list[Trace]:
+        """``traces`` less those already in the store (the dead writer stored them before it
+        died): they need no second redaction. Storing one again would be harmless (the id is the
+        key), only slow."""
+        has = getattr(self._target.store, "has", None)
+        if has is None:
+            return traces
+        try:
+            return [t for t in traces if not has(t.id)]
+        except Exception:  # the store fails: _process spools them
+            return traces
+
+    def _report_leftover(self, left: Leftover) -> None:
+        if left.problem is not None:
+            self._count("errors")
+            self._log_once("wal-problem", logging.ERROR, "aad capture: write-ahead log segment %s cannot be read: "
+                           "%s; %s", left.path, left.problem, "kept" if left.keep else "deleted")
+        if left.skipped:
+            self._count("wal_skipped", left.skipped)
+            self._log_once("wal-skipped", logging.WARNING, "aad capture: %d cut or damaged record(s) skipped in "
+                           "write-ahead log segment %s (a process killed while writing it)", left.skipped, left.path)
+        if left.traces:
+            log.info("aad capture: recovering %d trace(s) from %s, left by a writer that stopped before storing them",
+                     len(left.traces), left.path)
+
+    def _process(self, batch: list[Trace], counter: str = "written") -> None:
+        """Redact and write ``batch``, in parts of at most ``WRITE_WINDOW_S`` of redaction;
+        ``counter``: what the stored traces are counted as."""
         window = max(WRITE_WINDOW_S, self.config.capture.linger_s)
         ready: list[Trace] = []
         started = time.monotonic()
@@ -329,12 +598,12 @@ class CaptureWriter:
             if clean is not None:
                 ready.append(clean)
             if ready and time.monotonic() - started >= window:
-                self._write(ready)
+                self._write(ready, counter)
                 ready, started = [], time.monotonic()
         if ready:
-            self._write(ready)
+            self._write(ready, counter)
 
-    def _write(self, batch: list[Trace]) -> None:
+    def _write(self, batch: list[Trace], counter: str = "written") -> None:
         """Write redacted, serialisable traces to the store (to the spool when it fails)."""
         if not self._target.ok and self._target.pausing():
             self._spool(batch)  # do not wait on a store that just failed, for every batch
@@ -347,7 +616,7 @@ class CaptureWriter:
             self._spool(batch)
             return
         self._target.ok = True
-        self._count("written", len(batch))
+        self._count(counter, len(batch))
         self._notify(batch)
         if self._spool_pending:
             self._drain_spool(force=True)
@@ -496,11 +765,13 @@ class CaptureWriter:
         log.log(logging.ERROR if due else logging.DEBUG, "aad capture: %d trace(s) lost (%s): %s; %d lost for this "
                 "reason so far", n, reason, cause, total)
 
-    def _guard(self, what: str, fn: Any) -> None:
+    def _guard(self, what: str, fn: Any) -> bool:
         try:
             fn()
         except Exception as err:
             self._error(what, err)
+            return False
+        return True
 
     def _error(self, kind: str, err: BaseException, message: str | None = None) -> None:
         self._count("errors")
