@@ -261,9 +261,8 @@ def test_an_escalated_teacher_call_is_stored_once_with_a_callback_handler(worksp
         stored = list(store.iter_traces())
     assert [t.response.content for t in stored] == ["teacher says hi"]
     (trace,) = stored
-    # LangChain's stream() gives the routed model no run manager, so the teacher's run is no child run the
-    # handler sees: the engine's escalation trace is the one copy there.
-    assert trace.source == ("router" if attach == "stream" else "langchain") and trace.model != "aad-routed"
+    # streamed too: the teacher's run is a child run of the routed run, recorded by the handler
+    assert trace.source == "langchain" and trace.model != "aad-routed"
     escalation = trace.metadata["aad_escalation"]
     assert escalation["specialist_output"] == "{broken json" and escalation["specialist"] == "cards"
     assert escalation["reason"].startswith("validator")

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (AsyncCallbackManager, AsyncCallbackManagerForLLMRun, CallbackManager,
+                                      CallbackManagerForLLMRun)
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
@@ -44,6 +47,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CALL_ONLY = ("tools", "tool_choice", "model", "ls_structured_output_format")
+#: The routed model's run of a :meth:`RoutedChatModel.stream` / ``astream`` that is starting: the model
+#: and the run's config (with its ``run_id``). LangChain's ``stream()`` gives ``_stream`` no run
+#: manager; with this, the teacher call of a stream is a child run of the routed run, as with ``invoke``.
+_STREAM_RUN: ContextVar[tuple[Any, RunnableConfig] | None] = ContextVar("aad_routed_stream_run", default=None)
+_NO_CHUNK: Any = object()
 
 
 def _child_config(run_manager: Any, call: RoutedCall | None = None) -> dict[str, Any]:
@@ -54,8 +62,6 @@ def _child_config(run_manager: Any, call: RoutedCall | None = None) -> dict[str,
     one trace of the teacher call and the routing engine stores none of its own."""
     if run_manager is None:
         return {}
-    from langchain_core.callbacks import AsyncCallbackManager, CallbackManager
-
     cls = AsyncCallbackManager if isinstance(run_manager, AsyncCallbackManagerForLLMRun) else CallbackManager
     # The routed model's own ls_* tracing parameters (ls_model_name="aad-routed", ...) describe it, not the
     # teacher: the teacher's run gets its own.
@@ -328,6 +334,52 @@ class RoutedChatModel(BaseChatModel):
         return ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=final.usage_metadata,
                                                           chunk_position="last"))
 
+    # -- streaming: the routed run's callbacks for the teacher's run ---------------------------------
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or uuid.uuid4()
+        token = _STREAM_RUN.set((self, config))
+        try:  # the first chunk starts the routed run and _stream, which reads _STREAM_RUN once
+            chunks = super().stream(input, config, stop=stop, **kwargs)
+            first = next(chunks, _NO_CHUNK)
+        finally:
+            _STREAM_RUN.reset(token)
+        if first is not _NO_CHUNK:
+            yield first
+            yield from chunks
+
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or uuid.uuid4()
+        token = _STREAM_RUN.set((self, config))
+        try:
+            chunks = super().astream(input, config, stop=stop, **kwargs)
+            first = await anext(chunks, _NO_CHUNK)
+        finally:
+            _STREAM_RUN.reset(token)
+        if first is not _NO_CHUNK:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+
+    def _stream_parent(self, run_manager: Any, *, is_async: bool) -> Any:
+        """``run_manager``, or when LangChain's ``stream()`` gave none, a manager for the routed run of
+        the stream being started (its id and inheritable callbacks, tags and metadata), which only
+        makes the teacher's run its child: the routed run's own events stay with LangChain's manager."""
+        current = _STREAM_RUN.get()
+        if run_manager is not None or current is None or current[0] is not self:
+            return run_manager
+        config = current[1]
+        configure = AsyncCallbackManager.configure if is_async else CallbackManager.configure
+        manager = configure(config.get("callbacks"), self.callbacks, self.verbose, config.get("tags"), self.tags,
+                            config.get("metadata"), self.metadata)
+        cls = AsyncCallbackManagerForLLMRun if is_async else CallbackManagerForLLMRun
+        return cls(run_id=config["run_id"], handlers=[], inheritable_handlers=manager.inheritable_handlers,
+                   parent_run_id=manager.parent_run_id, tags=[], inheritable_tags=manager.inheritable_tags,
+                   metadata={}, inheritable_metadata=manager.inheritable_metadata)
+
     # -- generation -------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -351,6 +403,7 @@ class RoutedChatModel(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        parent = self._stream_parent(run_manager, is_async=False)  # before the first yield
         call = self._route(messages, stop, kwargs)
         if call.served_answer is not None:
             chunk = self._specialist_chunk(call)
@@ -358,7 +411,7 @@ class RoutedChatModel(BaseChatModel):
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(parent, call)
         collected: AIMessageChunk | None = None
         call.start_teacher()
         for part in teacher.stream(messages, config=config, stop=stop or self.stop):
@@ -374,6 +427,7 @@ class RoutedChatModel(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        parent = self._stream_parent(run_manager, is_async=True)  # before the first yield
         call = await self._aroute(messages, stop, kwargs)
         if call.served_answer is not None:
             chunk = self._specialist_chunk(call)
@@ -381,7 +435,7 @@ class RoutedChatModel(BaseChatModel):
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
             return
-        teacher, config = self._teacher_runnable(kwargs), _child_config(run_manager, call)
+        teacher, config = self._teacher_runnable(kwargs), _child_config(parent, call)
         collected: AIMessageChunk | None = None
         call.start_teacher()
         async for part in teacher.astream(messages, config=config, stop=stop or self.stop):
