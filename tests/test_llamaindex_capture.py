@@ -204,3 +204,74 @@ def test_params_are_the_calls_parameters_and_streamed_usage_is_kept(handler):
         assert meta not in params, meta
     assert t.answer_text() == "The answer."
     assert (t.usage.prompt_tokens, t.usage.completion_tokens, t.usage.total_tokens) == (4, 2, 6)
+
+
+_PIPELINES = get_dispatcher("aad_tests.pipeline")
+
+
+@_PIPELINES.span
+def answer_pipeline(llm: Any, question: str) -> str:
+    """Two LLM calls in one instrumented span (a query engine or an agent step does the same)."""
+    first = llm.complete(question)
+    return llm.chat([ChatMessage(role="user", content=first.text)]).message.content  # chat -> complete inside
+
+
+def test_parent_ids_resolve_to_stored_runs_and_one_pipeline_shares_a_root(handler):
+    """Issue 15: a stored parent id is the run id of a stored call or None (LlamaIndex's enclosing spans
+    are not stored); the enclosing spans are the call's ``aad_run_path`` and its ``aad_root_run_id`` is
+    shared by every call of one pipeline."""
+    llm = EchoLLM()
+    answer_pipeline(llm, "one question")
+    answer_pipeline(llm, "another question")
+    llm.complete("alone")
+    traces = traces_of(handler)
+    assert len(traces) == 5  # the complete() inside chat() is not a call of its own
+    stored = {t.run_id for t in traces} | {t.id for t in traces}
+    assert all(t.parent_run_id is None or t.parent_run_id in stored for t in traces), [t.parent_run_id for t in traces]
+    roots: dict[str, list[Any]] = {}
+    for t in traces:
+        roots.setdefault(t.metadata["aad_root_run_id"], []).append(t)
+    alone = [t for t in traces if t.request.messages[-1].content == "alone"]
+    assert alone[0].metadata["aad_root_run_id"] == alone[0].run_id and alone[0].metadata["aad_run_path"] == []
+    pipelines = [group for root, group in roots.items() if root != alone[0].run_id]
+    assert sorted(len(g) for g in pipelines) == [2, 2]
+    for group in pipelines:
+        (path,) = {json.dumps(t.metadata["aad_run_path"]) for t in group}
+        (step,) = json.loads(path)
+        assert step["run_id"] == group[0].metadata["aad_root_run_id"] and step["name"] == "answer_pipeline"
+
+
+class StreamChatUsageLLM(StreamUsageLLM):
+    """Chat-mode streaming whose provider reports usage on one chunk (and a stream that ends early)."""
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Any, **kwargs: Any) -> Any:
+        def gen() -> Any:
+            yield ChatResponse(message=ChatMessage(role="assistant", content="Hi"), delta="Hi")
+            yield ChatResponse(message=ChatMessage(role="assistant", content="Hi there"), delta=" there",
+                               raw={"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        return gen()
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Any, **kwargs: Any) -> Any:
+        async def gen() -> Any:
+            yield ChatResponse(message=ChatMessage(role="assistant", content="Hi"), delta="Hi",
+                               raw={"usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+            yield ChatResponse(message=ChatMessage(role="assistant", content="Hi there"), delta=" there")
+        return gen()
+
+
+async def test_streamed_chat_calls_carry_usage_and_the_calls_parameters(handler):
+    llm = StreamChatUsageLLM()
+    tool = FunctionTool.from_defaults(get_balance)
+    assert "".join(r.delta for r in llm.stream_chat([ChatMessage(role="user", content="hi")], seed=7)) == "Hi there"
+    chunks = await llm.astream_chat([ChatMessage(role="user", content="hi again")], tools=[tool])
+    assert "".join([r.delta async for r in chunks]) == "Hi there"
+    sync, async_ = sorted(traces_of(handler), key=lambda t: t.request.messages[-1].content)
+    assert (sync.usage.prompt_tokens, sync.usage.completion_tokens, sync.usage.total_tokens) == (3, 2, 5)
+    assert (async_.usage.prompt_tokens, async_.usage.completion_tokens, async_.usage.total_tokens) == (3, 1, 4)
+    assert sync.answer_text() == async_.answer_text() == "Hi there"
+    assert sync.request.params["seed"] == 7 and sync.request.params["temperature"] == 0.1
+    assert sync.request.params["max_tokens"] == 64 and "context_window" not in sync.request.params
+    assert async_.request.tool_names() == ["get_balance"] and "tools" not in async_.request.params
+    assert sync.parent_run_id is None and async_.parent_run_id is None

@@ -14,13 +14,16 @@ last in-progress response). A companion span handler sees which LLM span is nest
 a ``chat()`` that a ``CustomLLM`` implements with ``complete()`` is recorded once (the outer call
 the agent made), and it records calls that fail (``status="error"``). ``predict`` and
 ``structured_predict`` are recorded through the chat/completion call they make. A task tag comes
-from the handler's ``task=`` or ``instrument_tags({"aad_task": ...})``.
+from the handler's ``task=`` or ``instrument_tags({"aad_task": ...})``. The spans above a call (query
+engine, agent, workflow: not stored) are its ``metadata["aad_run_path"]``, the first of them its
+``metadata["aad_root_run_id"]``, shared by every call of one pipeline; its ``parent_run_id`` is None.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import re
 import threading
 import time
 import uuid
@@ -54,6 +57,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_TAG = "aad_task"
+#: Metadata keys of the run tree (as aad_langchain's): the root span of the call's pipeline (the call's own
+#: span when it has none) and the spans above the call, root first. LlamaIndex's enclosing spans (query
+#: engines, agents, workflows) are not stored, so a call's ``parent_run_id`` stays None.
+ROOT_RUN_METADATA_KEY = "aad_root_run_id"
+RUN_PATH_METADATA_KEY = "aad_run_path"
+#: A span id is "<Class.method or function>-<uuid4>".
+_SPAN_NAME = re.compile(r"^(.*)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ID_NAMESPACE = uuid.UUID("6f1c2a4e-7d0b-4c55-9a3e-0a4ad0000002")
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 _ROLE_ALIASES = {"chatbot": "assistant", "model": "assistant"}
@@ -65,8 +75,9 @@ class _Call:
     request: ChatRequest
     model: str | None
     task: str | None
-    parent: str | None
     tags: dict[str, Any]
+    #: The open spans above the call, root first: ``[{"run_id", "name"}, ...]``.
+    path: list[dict[str, str]]
     last: ChatResponse | CompletionResponse | None = None
     #: The last usage a streamed response reported (providers send it on one chunk, often not the last).
     usage: Usage | None = None
@@ -195,7 +206,8 @@ def _answer(resp: ChatResponse | CompletionResponse | None) -> Message | None:
 
 # -- handlers ----------------------------------------------------------------------------------
 class _LLMSpans(BaseSpanHandler[Any]):
-    """Remembers the parent of each open LLM span and reports LLM spans that fail."""
+    """Remembers the parent of each open span (the run tree) and the LLM of each open LLM span, and
+    reports LLM spans that fail."""
 
     _owner: AADEventHandler = PrivateAttr()
     _parents: dict[str, str | None] = PrivateAttr(default_factory=dict)
@@ -207,8 +219,8 @@ class _LLMSpans(BaseSpanHandler[Any]):
 
     def span_enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
                    parent_id: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._parents[id_] = parent_id
         if instance is not None and _is_llm(instance):
-            self._parents[id_] = parent_id
             self._instances[id_] = instance
 
     def span_exit(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
@@ -225,6 +237,18 @@ class _LLMSpans(BaseSpanHandler[Any]):
 
     def parent(self, span_id: str | None) -> str | None:
         return self._parents.get(span_id) if span_id else None
+
+    def path(self, span_id: str | None) -> list[dict[str, str]]:
+        """The open spans above ``span_id``, root first: ``[{"run_id", "name"}, ...]``."""
+        path: list[dict[str, str]] = []
+        seen: set[str] = set()
+        current = self.parent(span_id)
+        while current is not None and current not in seen:
+            seen.add(current)
+            match = _SPAN_NAME.match(current)
+            path.append({"run_id": current, "name": match.group(1) if match else current})
+            current = self.parent(current)
+        return path[::-1]
 
     def llm(self, span_id: str | None) -> Any:
         """The LLM object whose call opened span ``span_id`` (None when unknown)."""
@@ -377,8 +401,8 @@ class AADEventHandler(BaseEventHandler):
             request=ChatRequest(messages=messages, tools=_tools(kw), params=json_safe(params)),
             model=str(model) if model is not None else None,
             task=str(task) if task is not None else None,
-            parent=parent,
             tags=tags,
+            path=self._spans.path(span),
         )
 
     def _end(self, span_id: str | None, response: ChatResponse | CompletionResponse | None) -> None:
@@ -411,7 +435,9 @@ class AADEventHandler(BaseEventHandler):
             source="llamaindex",
             task=call.task,
             run_id=span,
-            parent_run_id=call.parent,
+            # A call inside a recorded call is not recorded (see _start), so no stored run is above this
+            # one: its enclosing spans, never stored, are its path, not its parent.
+            parent_run_id=None,
             model=call.model,
             request=call.request,
             response=_answer(resp),
@@ -421,7 +447,9 @@ class AADEventHandler(BaseEventHandler):
             status="error" if error else "ok",
             error=error,
             tags=[f"{k}={v}" for k, v in call.tags.items()],
-            metadata={"llamaindex_tags": call.tags} if call.tags else {},
+            metadata={**({"llamaindex_tags": call.tags} if call.tags else {}),
+                      ROOT_RUN_METADATA_KEY: call.path[0]["run_id"] if call.path else span,
+                      RUN_PATH_METADATA_KEY: call.path},
         ))
 
     def _fail(self, err: BaseException) -> None:
