@@ -259,3 +259,22 @@ def test_the_router_takes_the_threshold_the_gate_chose_for_that_version(workspac
     assert out["0"]["confidence_calibration"] == {k: calibration[k] for k in ("coverage", "agreement", "lower_bound",
                                                                               "n_served", "n")}
     assert out["1"]["confidence_threshold"] is None  # another version was evaluated: no threshold of its own
+
+
+def test_the_eval_table_shows_a_parity_fallback_verdict() -> None:
+    """A task with too few calibration calls is decided by parity: its gate has no served share, and
+    'aad eval' printed a KeyError instead of its table."""
+    from rich.console import Console
+
+    from aad_core.cli.eval_cmds import eval_table
+
+    result = {"clusters": [
+        {"cluster_id": 1, "label": "tools", "routine": True, "status": "evaluated", "metric": "tool_calls",
+         "n_heldout": 18, "gate": {"mode": "parity-fallback", "test": {"n": 12, "agreement": 0.167}}},
+        {"cluster_id": 0, "label": "intent", "routine": True, "status": "evaluated", "metric": "accuracy",
+         "n_heldout": 38, "gate": {"test": {"coverage": 1.0, "agreement": 0.947, "n_served": 38, "n": 38}}},
+    ]}
+    console = Console(width=200, record=True)
+    console.print(eval_table(result))
+    text = console.export_text()
+    assert "all" in text and "0.167" in text and "100%" in text and "0.947" in text

@@ -30,7 +30,9 @@ def eval_table(result: dict[str, Any]) -> Table:
         table.add_row(
             str(c.get("cluster_id")), str(c.get("label", ""))[:32], "yes" if c.get("routine") else "no", metric,
             str(c.get("n_heldout", "-")), _fmt(c.get("base")), _fmt(c.get("specialist")), _fmt(c.get("teacher")),
-            f"{test['coverage']:.0%}" if test else "-", f"{test['agreement']:.3f}" if test.get("n_served") else "-",
+            # a parity-fallback verdict has no served share: the specialist serves every call
+            f"{test['coverage']:.0%}" if "coverage" in test else ("all" if test else "-"),
+            f"{test['agreement']:.3f}" if test.get("n_served") or ("coverage" not in test and test) else "-",
             f"{lat:.0f}" if isinstance(lat, (int, float)) else "-", promoted,
         )
     return table
