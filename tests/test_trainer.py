@@ -302,3 +302,16 @@ def test_a_task_whose_calls_are_mostly_longer_than_max_length_does_not_fit_a_lor
     assert "longer than max_length 48 tokens" in why and "raise [train] max_length" in why
     fits, why = QLoRATrainer(student=str(tiny_student), max_length=1024).applies_to(long + short)
     assert fits and "<= max_length 1024" in why
+
+
+def test_training_leaves_out_the_few_calls_longer_than_max_length(tiny_student: Path, tmp_path: Path) -> None:
+    """A call longer than max_length would be learnt cut, and its prompt is never served (the router
+    sends it to the teacher): while most of the task fits, such calls are left out of training."""
+    long = [make_trace("a long request " + "about the weather in many cities " * 12, f"answer {i}") for i in range(2)]
+    metrics = _trainer(tiny_student, max_steps=1, max_length=64).train(
+        _traces(6) + long, [], tmp_path / "fit", show_progress=False)
+    assert metrics["n_train"] == 6 and metrics["n_too_long"] == 2
+    # mostly too long: kept (cut), as before; applies_to declines such a task in the pipeline
+    metrics = _trainer(tiny_student, max_steps=1, max_length=64).train(
+        _traces(1) + long, [], tmp_path / "mostly", show_progress=False)
+    assert metrics["n_train"] == 3 and metrics["n_too_long"] == 0

@@ -19,6 +19,7 @@ class TrainingData:
     train: list[Encoded]
     soft: list[Any]  # per training row: a top-k teacher signal, or None
     eval: list[Encoded]
+    too_long: int = 0  # training traces left out: longer than max_length (see encode)
 
     @property
     def soft_targets(self) -> int:
@@ -30,6 +31,14 @@ def encode(tokenizer: Any, train: Sequence[Trace], eval: Sequence[Trace], *, max
     from aad_core.models.chat_format import encode_trace
     from aad_core.models.teacher_signal import from_logprobs
 
+    # A call longer than max_length would be learnt cut (the prompt from the left, or the answer from the
+    # right), and a prompt that long is never served: the router sends it to the teacher. Such calls are
+    # left out while at least half the task remains (applies_to declines a task that is mostly longer).
+    whole = [_fits(tokenizer, t, max_length) for t in train]
+    too_long = 0
+    if sum(whole) >= len(train) / 2:
+        too_long = len(train) - sum(whole)
+        train = [t for t, ok in zip(train, whole) if ok]
     train_enc = [encode_trace(tokenizer, t, max_length) for t in train]
     soft = []
     for t, e in zip(train, train_enc):
@@ -37,7 +46,16 @@ def encode(tokenizer: Any, train: Sequence[Trace], eval: Sequence[Trace], *, max
         sig = from_logprobs(tokenizer, answer_ids, t.teacher_logprobs) if t.teacher_logprobs else None
         soft.append(sig if sig is not None and sig.kind == "top-k" else None)
     eval_enc = [encode_trace(tokenizer, t, max_length) for t in list(eval)[:max_eval_samples]]
-    return TrainingData(train_enc, soft, eval_enc)
+    return TrainingData(train_enc, soft, eval_enc, too_long)
+
+
+def _fits(tokenizer: Any, trace: Trace, max_length: int) -> bool:
+    from aad_core.models.chat_format import answer_text, prompt_text
+
+    if trace.response is None:
+        return True  # encode_trace says why it cannot be used
+    text = prompt_text(tokenizer, trace.request) + answer_text(tokenizer, trace.request, trace.response)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_length
 
 
 #: With ``eval_every = None`` a run evaluates once per epoch, but at most this many times (a small

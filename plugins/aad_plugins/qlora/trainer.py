@@ -294,6 +294,9 @@ class QLoRATrainer(Trainer):
         plan = StepPlan.for_rows(len(data.train), batch_size=self.batch_size, accum=self.gradient_accumulation,
                                  epochs=self.epochs, min_steps=self.min_steps, max_steps=self.max_steps,
                                  eval_every=self.eval_every)
+        if data.too_long:
+            announce(f"{data.too_long} training calls longer than max_length {self.max_length} tokens left out (the "
+                     "router sends such prompts to the teacher).", show_progress)
         announce(f"Step plan: {plan.describe()}.", show_progress)
         loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit)
 
@@ -399,6 +402,7 @@ def _run_metrics(data: TrainingData, plan: StepPlan, state: dict[str, Any], stat
     losses = state["loss_history"]
     return {
         "n_train": len(data.train),
+        "n_too_long": data.too_long,
         "n_eval": len(data.eval),
         "steps": state["step"],
         "micro_batch": plan.micro,
