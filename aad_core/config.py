@@ -381,6 +381,12 @@ class RouteConfig(_Section):
         "unmerged answers exactly, without the LoRA detour); 'none' = the shared PEFT model. 'aad eval' scores "
         "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
     )
+    prompt_lookup_tokens: int = Field(
+        10, ge=0, description="LoRA specialists: prompt-lookup (n-gram speculative) decoding of a single request: up "
+        "to this many tokens that followed the answer's last n-gram earlier in the prompt or answer are drafted and "
+        "checked in one forward pass; the model's greedy choice decides, so the answer stays its own. Pays off when "
+        "answers copy the request (extracted values, tool arguments). 'aad eval' uses it too. 0 = off."
+    )
     specialist_backend: Literal["local", "openai"] = Field(
         "local", description="Who answers the LoRA specialists: 'local' = aad's in-process runtime (prefix_cache, "
         "batch_window_ms, fast_path); 'openai' = an OpenAI-compatible endpoint serving every adapter on one base "

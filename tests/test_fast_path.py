@@ -151,7 +151,7 @@ def test_route_fast_path_reaches_the_pool_and_the_evaluation(workspace: Workspac
     workspace.config.eval.max_heldout = None
     with pytest.raises(RuntimeError, match="stop"):
         runner.evaluate_specialist(workspace, state, cluster, spec, store, {})
-    assert built == {"fast_path": "merged"}
+    assert built == {"fast_path": "merged", "prompt_lookup": workspace.config.route.prompt_lookup_tokens}
 
 
 @pytest.mark.real_model

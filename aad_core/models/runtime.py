@@ -4,7 +4,7 @@
 (``load_adapter`` / ``set_adapter``; adapters disabled = the plain base student), and generates
 greedily in left-padded batches. A lock serialises access: adapter switching mutates the model.
 
-Two things make it fast on CPU (docs/routing.md, "Serving speed"):
+What makes it fast on CPU (docs/routing.md, "Serving speed"):
 
 - **Prefix reuse.** Requests of one agent node share a long prefix (system prompt and tools, rendered
   by the chat template exactly as in training). The key/value cache of that token prefix is kept per
@@ -22,6 +22,10 @@ Two things make it fast on CPU (docs/routing.md, "Serving speed"):
   Built at the adapter's first generation (or :meth:`SpecialistRuntime.load`); the base student,
   :meth:`SpecialistRuntime.answer_logprobs`, candidate scoring and adapters with answer hints keep the
   shared, unmerged model.
+- **Prompt lookup** (``prompt_lookup``): a single row decoded freely drafts the tokens that followed the
+  last n-gram's most recent earlier occurrence in prompt + answer, checks them in one forward pass and
+  keeps those the model's argmax agrees with (n-gram speculative decoding: the answer stays the model's
+  own, and specialists mostly copy spans of the request). Batched rows decode one token per pass.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aad_core.errors import AADError
+from aad_core.errors import AADError, param_error
 from aad_core.plugins.components import Predictor
 
 if TYPE_CHECKING:
@@ -44,6 +48,12 @@ if TYPE_CHECKING:
 
 #: What :class:`SpecialistRuntime` ``fast_path`` accepts.
 FAST_PATHS = ("int8", "merged", "none")
+#: Most tokens drafted per pass by prompt-lookup decoding (``prompt_lookup``; ``[route] prompt_lookup_tokens``).
+DEFAULT_PROMPT_LOOKUP = 10
+#: Tokens drafted in the first pass of an answer (then adapted, up to ``prompt_lookup``).
+LOOKUP_START = 4
+#: Longest n-gram whose earlier occurrence prompt lookup drafts from.
+LOOKUP_NGRAM = 3
 
 
 @dataclass
@@ -87,13 +97,18 @@ class SpecialistRuntime:
     adapter's answers are computed: ``"int8"`` (a private copy of the base with the adapter merged and
     int8 weights; ``int8_lm_head`` also for the output layer), ``"merged"`` (the merged copy in float32:
     the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
+    ``prompt_lookup``: the most tokens drafted per pass by prompt-lookup speculative decoding when a single
+    row is generated freely (0 = off; batched rows and closed answer sets decode plainly).
     """
 
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
                  warmup: bool = True, prefix_cache: int = 8, min_prefix_tokens: int = 16,
-                 batch_window_ms: float = 5.0, fast_path: str = "int8", int8_lm_head: bool = True) -> None:
+                 batch_window_ms: float = 5.0, fast_path: str = "int8", int8_lm_head: bool = True,
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP) -> None:
         if fast_path not in FAST_PATHS:
             raise AADError(f"Unknown fast_path {fast_path!r}.", hint="Use one of: " + ", ".join(FAST_PATHS) + ".")
+        if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or prompt_lookup < 0:
+            raise param_error("prompt_lookup", "SpecialistRuntime", "an int >= 0", prompt_lookup)
         self.base_model = base_model
         self.device = device
         self.batch_size = batch_size
@@ -103,6 +118,8 @@ class SpecialistRuntime:
         self.batch_window_ms = batch_window_ms
         self.fast_path = fast_path
         self.int8_lm_head = int8_lm_head
+        self.prompt_lookup = prompt_lookup
+        self._last_answer: dict[str | None, list[int]] = {}  # adapter -> its latest answer's tokens (drafts)
         self._fast: dict[str, Any] = {}  # adapter name -> its private merged (int8) copy of the base
         self._lock = threading.RLock()
         self._model: Any = None
@@ -117,7 +134,7 @@ class SpecialistRuntime:
         self._count_lock = threading.Lock()
         #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
         self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0,
-                      "fast_builds": 0}
+                      "fast_builds": 0, "lookup_passes": 0, "lookup_tokens": 0}
 
     @property
     def loaded(self) -> bool:
@@ -134,10 +151,14 @@ class SpecialistRuntime:
                     self._warm(name)
 
     def _warm(self, adapter: str | None) -> None:
-        """One dummy generation (the first ``generate()`` of a model is slow)."""
+        """One dummy generation (the first ``generate()`` of a model is slow); with ``prompt_lookup``, also
+        one of two rows (batches decode through ``generate()``, a single row through the lookup loop)."""
         from aad_core.schema import ChatRequest, Message
 
-        self._generate_locked([ChatRequest(messages=[Message(role="user", content="Hi")])], adapter, 2)
+        request = ChatRequest(messages=[Message(role="user", content="Hi")])
+        self._generate_locked([request], adapter, 2)
+        if self.prompt_lookup > 0:
+            self._generate_locked([request, request], adapter, 2)
 
     # -- loading -----------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
@@ -498,7 +519,8 @@ class SpecialistRuntime:
     def _generate_ids(self, ids: list[list[int]], prefix: _Prefix | None, adapter: str | None, max_new_tokens: int,
                       trie: _AnswerTrie | None) -> list[Generation]:
         """Greedy answers for prompts given as token ids. With ``prefix``, every prompt starts with its
-        ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded."""
+        ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded. A single row decoded
+        freely goes through :meth:`_lookup_decode` when ``prompt_lookup`` is on."""
         import torch
 
         model, context = self._runner(adapter)
@@ -506,6 +528,15 @@ class SpecialistRuntime:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         skip = len(prefix.ids) if prefix is not None else 0
         rest = [row[skip:] for row in ids]
+        if prefix is not None:
+            self.stats["reused_tokens"] += skip * len(ids)
+        self.stats["prompt_tokens"] += sum(len(r) for r in rest)
+        if trie is None and len(ids) == 1 and self.prompt_lookup > 0 and _plain_greedy(model):
+            started = time.perf_counter()
+            with context, torch.no_grad():
+                tokens, logprobs = self._lookup_decode(model, ids[0], prefix, adapter, max_new_tokens)
+            latency = (time.perf_counter() - started) * 1000
+            return [self._generation(tokens, torch.tensor(logprobs), latency)]
         width = max(len(r) for r in rest)
         input_ids = torch.tensor([list(prefix.ids if prefix else ()) + [pad] * (width - len(r)) + r for r in rest],
                                  device=self.device_)
@@ -516,9 +547,6 @@ class SpecialistRuntime:
             if len(ids) > 1:
                 cache.batch_repeat_interleave(len(ids))
             extra[_cache_kwarg()] = cache
-            self.stats["reused_tokens"] += skip * len(ids)
-        self.stats["prompt_tokens"] += sum(len(r) for r in rest)
-        eos_ids = {tok.eos_token_id}
         started = time.perf_counter()
         prompt_len = input_ids.shape[1]
         if trie is not None:
@@ -535,22 +563,76 @@ class SpecialistRuntime:
         # Log-prob of each chosen token under the model (raw logits: before any constraint).
         step_lp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)
         chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        results = []
-        for row in range(new.shape[0]):
-            tokens = new[row].tolist()
-            n = len(tokens)
-            for j, t in enumerate(tokens):
-                if t in eos_ids:
-                    n = j
+        return [self._generation(new[row].tolist(), chosen[row], latency) for row in range(new.shape[0])]
+
+    def _generation(self, tokens: list[int], logprobs: Any, latency: float) -> Generation:
+        """The answer of one row: its new tokens up to end-of-sequence, and the mean of their log-probs
+        (``logprobs``, a tensor aligned with ``tokens``; the end-of-sequence token's when it came first)."""
+        tok = self._tokenizer
+        n = tokens.index(tok.eos_token_id) if tok.eos_token_id in tokens else len(tokens)
+        return Generation(
+            text=tok.decode(tokens[:n], skip_special_tokens=True).strip(),
+            mean_logprob=float(logprobs[:n].mean()) if n else float(logprobs[0]),
+            n_tokens=n,
+            latency_ms=latency,
+        )
+
+    def _lookup_decode(self, model: Any, ids: list[int], prefix: _Prefix | None, adapter: str | None,
+                       max_new_tokens: int) -> tuple[list[int], list[float]]:
+        """Greedy decoding of one prompt with prompt-lookup drafts: each forward pass feeds the tokens not
+        yet in the cache plus up to ``prompt_lookup`` drafted ones (:func:`_lookup_draft` over the adapter's
+        previous answer, the prompt and the answer so far), keeps the drafts the model's own argmax agrees
+        with, adds its next token after them, and crops the rejected drafts from the key/value cache. The
+        answer and the raw log-prob of each chosen token are those of plain greedy ``generate()`` (up to
+        float rounding of the wider matmuls). Returns the new tokens (up to end-of-sequence included) and
+        their log-probs.
+
+        transformers' own ``generate(prompt_lookup_num_tokens=...)`` is not used: in transformers 5.24 its
+        first pass re-encodes the whole prompt on top of a given prefix cache (wrong answers)."""
+        import torch
+
+        eos = self._tokenizer.eos_token_id
+        cache = copy.deepcopy(prefix.cache) if prefix is not None else None
+        feed = list(ids[len(prefix.ids):]) if prefix is not None else list(ids)
+        # Drafts come from the prompt, the answer so far, and the adapter's previous answer (its fixed parts,
+        # e.g. the JSON keys); only where they are drafted from depends on it, never what is kept.
+        seq = self._last_answer.get(adapter, []) + list(ids)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        passes = 0
+        # Draft length: each drafted token widens the pass (about 15 % of a one-token pass on CPU), so it
+        # grows by 2 while every draft is kept and shrinks by 1 when one is rejected (transformers' heuristic).
+        span = min(LOOKUP_START, self.prompt_lookup)
+        while len(tokens) < max_new_tokens:
+            draft = _lookup_draft(seq, span)[: max_new_tokens - len(tokens) - 1]
+            kwargs: dict[str, Any] = {} if cache is None else {_cache_kwarg(): cache}
+            out = model(input_ids=torch.tensor([feed + draft], device=self.device_), use_cache=True,
+                        logits_to_keep=len(draft) + 1, **kwargs)
+            passes += 1
+            cache = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+            logits = out.logits[0, -(len(draft) + 1):].float()
+            step_lp = torch.log_softmax(logits, dim=-1)
+            best = logits.argmax(dim=-1).tolist()
+            n = 0
+            while n < len(draft) and best[n] == draft[n]:
+                n += 1
+            if draft:
+                span = min(self.prompt_lookup, span + 2) if n == len(draft) else max(1, span - 1)
+            for j, t in enumerate(best[: n + 1]):  # the accepted drafts, then the model's next token
+                tokens.append(t)
+                logprobs.append(float(step_lp[j, t]))
+                if t == eos:
                     break
-            lp = chosen[row, : max(n, 1)]
-            results.append(Generation(
-                text=tok.decode(tokens[:n], skip_special_tokens=True).strip(),
-                mean_logprob=float(lp.mean()) if n else float(chosen[row, 0]),
-                n_tokens=n,
-                latency_ms=latency,
-            ))
-        return results
+            if tokens[-1] == eos:
+                break
+            seq.extend(best[: n + 1])
+            if len(draft) > n:  # negative: remove that many tokens (transformers 5; 4.x read it alike)
+                cache.crop(-(len(draft) - n))
+            feed = [best[n]]  # not in the cache yet
+        self.stats["lookup_passes"] += passes
+        self.stats["lookup_tokens"] += len(tokens)
+        self._last_answer[adapter] = tokens
+        return tokens, logprobs
 
     def prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens of ``request`` rendered as the specialists see it (chat template, generation prompt).
@@ -584,6 +666,34 @@ def _cache_kwarg() -> str:
     from transformers import LlamaForCausalLM
 
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _lookup_draft(seq: list[int], k: int, max_ngram: int = LOOKUP_NGRAM) -> list[int]:
+    """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n tokens of
+    ``seq`` (the longest n <= ``max_ngram`` that occurs), or none."""
+    end = len(seq)
+    if end < 2:
+        return []
+    last = seq[-1]
+    ends = [i for i in range(end - 2, -1, -1) if seq[i] == last]  # earlier occurrences of the last token
+    for n in range(min(max_ngram, end - 1), 0, -1):
+        tail = seq[end - n:]
+        for i in ends:
+            if i >= n - 1 and seq[i - n + 1 : i + 1] == tail:
+                return seq[i + 1 : i + 1 + k]
+    return []
+
+
+def _plain_greedy(model: Any) -> bool:
+    """Whether greedy ``generate()`` of ``model`` picks the raw argmax: its generation config adds no
+    logits processor (a repetition penalty, banned words, ...), so that :meth:`SpecialistRuntime._lookup_decode`
+    answers as it does."""
+    cfg = getattr(model, "generation_config", None)
+    neutral = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "min_length": 0, "min_new_tokens": 0, "bad_words_ids": None, "sequence_bias": None,
+               "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+               "forced_eos_token_id": None, "exponential_decay_length_penalty": None}
+    return cfg is None or all(getattr(cfg, k, None) in (None, v) for k, v in neutral.items())
 
 
 class _AnswerTrie:

@@ -216,7 +216,8 @@ def _generate_texts(ws: Workspace, spec: Specialist, requests: list[Any], runtim
     if spec.base_model not in runtimes:
         from aad_core.models.runtime import SpecialistRuntime
 
-        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model)
+        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model,
+                                                      prompt_lookup=ws.config.route.prompt_lookup_tokens)
     runtime = runtimes[spec.base_model]
     adapter = f"{spec.name}@v{spec.version}"
     runtime.add_adapter(adapter, spec.path)

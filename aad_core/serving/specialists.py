@@ -49,8 +49,9 @@ def trained_max_length(spec: Specialist) -> int | None:
 class SpecialistPool:
     """Promoted specialists, each served by its kind. Kind "lora": one
     :class:`~aad_core.models.runtime.SpecialistRuntime` per base model, every adapter of that base
-    loaded into it (PEFT multi-adapter), with prefix reuse, micro-batching and each adapter's fast copy
-    as ``[route] prefix_cache``, ``[route] batch_window_ms`` and ``[route] fast_path`` say. Any other kind: the predictor its trainer component loads
+    loaded into it (PEFT multi-adapter), with prefix reuse, micro-batching, each adapter's fast copy and
+    prompt-lookup decoding as ``[route] prefix_cache``, ``[route] batch_window_ms``, ``[route] fast_path``
+    and ``[route] prompt_lookup_tokens`` say. Any other kind: the predictor its trainer component loads
     (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`)."""
 
     def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None,
@@ -61,7 +62,7 @@ class SpecialistPool:
         if runtime_options is None and ws is not None:
             route = ws.config.route
             runtime_options = {"prefix_cache": route.prefix_cache, "batch_window_ms": route.batch_window_ms,
-                               "fast_path": route.fast_path}
+                               "fast_path": route.fast_path, "prompt_lookup": route.prompt_lookup_tokens}
         #: Keyword arguments of every :class:`~aad_core.models.runtime.SpecialistRuntime` the pool builds.
         self.runtime_options = dict(runtime_options or {})
         self._runtimes: dict[str, Any] = {}
