@@ -191,3 +191,11 @@ def test_aad_demo_then_aad_cluster_print_nothing_from_other_libraries(tmp_path: 
         assert not noise, f"aad {args[0]} printed another library's output: {noise}"
     assert (folder / ".aad" / "state" / "clusters.json").exists()
 
+
+
+def test_train_stage_progress_keeps_config_keys_in_reasons(capsys) -> None:
+    """'raise [train] max_length to about 417' lost its '[train]' to console markup in 'aad distill'."""
+    from aad_core.pipeline.train import _say
+
+    _say(True, "qlora: raise [train] max_length to about 417 (90 % of its calls) to train one")
+    assert "raise [train] max_length to about 417" in capsys.readouterr().err

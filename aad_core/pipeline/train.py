@@ -211,7 +211,8 @@ def _say(show: bool, text: str) -> None:
     if show:
         from rich.console import Console
 
-        Console(stderr=True).print(text)
+        # reasons name config keys such as "[train] max_length": plain text, not console markup
+        Console(stderr=True).print(text, markup=False, highlight=False)
 
 
 def _fits(trainer: Any, data: list[Any]) -> tuple[bool, str]:
