@@ -1,6 +1,7 @@
-"""The loop that keeps specialists right (issue 17, acceptance parts (a), (b) and (c)): a label shift is
+"""The loop that keeps specialists right (issue 17, acceptance parts (a) to (d)): a label shift is
 caught by shadow evaluation, the specialist is demoted, and ``aad distill --if-needed`` retrains it;
-a cascade with a middle tier takes part of the teacher's traffic.
+a cascade with a middle tier takes part of the teacher's traffic; an easy-to-hard curriculum is
+compared with shuffled training.
 
 On a small workspace the script builds itself (not the full demo: it runs in a few minutes on 2 CPU
 cores), from the demo's ``intent`` node (``aad_core.demo``: banking77 queries of 8 intents, the
@@ -36,11 +37,20 @@ node's system prompt, the gold label as the teacher's answer; every other node e
    its recorded answer. It reports the share of the calls each tier answered and each tier's agreement
    with the recorded teacher answer. ``--only cascade`` runs this part alone (about a minute or two).
 
-Not built here: (d) curriculum (the headline marks it ``n/a``). The last line:
+4. **(d) curriculum.** The same LoRA adapter (``qlora`` trainer, SmolLM2-135M, fp32 on CPU) trained twice
+   with the same seed, samples and steps on a Banking77 subset (the demo's 8 intents, 20 training
+   queries each, max_length 96, 40 steps of batch 8 = 2 epochs): ``curriculum = "easy-to-hard"``
+   (three phases over the easiest third, two thirds, then all samples; docs/specialists.md) vs
+   ``"none"`` (shuffled epochs). Both answer the same 80 banking77 *test* queries (10 per intent)
+   by greedy decoding through ``SpecialistRuntime``; the score is the ``classification`` evaluator's
+   accuracy against the gold label. ``--only curriculum`` runs this part alone (a few minutes);
+   ``--curriculum-seeds N`` repeats the pair with N training seeds and reports the means.
 
-    loop: demoted after 140 requests (live 0.81); retrained old 0.97 / new 0.95 -> promoted; cascade 58/12/30 %; curriculum n/a
+The last line:
 
-    python benchmarks/loop.py [--intent 240] [--shift 300] [--keep DIR] [--json OUT] [--only cascade]
+    loop: demoted after 140 requests (live 0.81); retrained old 0.97 / new 0.95 -> promoted; cascade 58/12/30 %; curriculum +0.8 pts
+
+    python benchmarks/loop.py [--intent 240] [--shift 300] [--keep DIR] [--json OUT] [--only cascade|curriculum]
 
 Data: banking77 — Casanueva et al. (2020), PolyAI, CC-BY-4.0 (aad_core/demo/data).
 """
@@ -361,7 +371,87 @@ def print_cascade(c: dict[str, Any]) -> None:
                                       for node, tiers_ in sorted(c["by_node"].items())))
 
 
-def headline(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None = None) -> str:
+#: Part (d): the Banking77 subset and recipe both runs share.
+CURRICULUM_RECIPE: dict[str, Any] = {"per_intent_train": 20, "per_intent_test": 10, "max_length": 96,
+                                     "batch_size": 8, "steps": 40}
+
+
+def _balanced(rows: Sequence[tuple[str, str]], labels: Sequence[str], per_label: int,
+              rng: random.Random) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for label in labels:
+        of_label = [r for r in rows if r[1] == label]
+        out += rng.sample(of_label, min(per_label, len(of_label)))
+    rng.shuffle(out)
+    return out
+
+
+def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | None = None,
+               student: str = "smollm2-135m") -> dict[str, Any]:
+    """Part (d): a LoRA adapter trained with ``curriculum = "easy-to-hard"`` and with ``"none"``, same
+    seed, samples and steps, scored on held-out banking77 test queries (accuracy of the greedy answer)."""
+    from aad_core.demo import sources
+    from aad_core.demo.workload import INTENTS, SYSTEM
+    from aad_core.models.runtime import SpecialistRuntime
+    from aad_core.plugins import create_component
+    from aad_core.schema import ChatRequest, Message, Trace
+
+    r = CURRICULUM_RECIPE | (recipe or {})
+    system = SYSTEM["intent"].format(labels=", ".join(INTENTS))
+    rng = random.Random(f"aad-loop-curriculum-{seed}")
+    train_rows = _balanced(sources.banking77_rows("train"), INTENTS, r["per_intent_train"], rng)
+    test_rows = _balanced(sources.banking77_rows("test"), INTENTS, r["per_intent_test"], rng)
+
+    def request(text: str) -> ChatRequest:
+        return ChatRequest(messages=[Message(role="system", content=system), Message(role="user", content=text)])
+
+    train = [Trace(id=f"cur-{i}", source="benchmark", task="intent", request=request(text),
+                   response=Message(role="assistant", content=label)) for i, (text, label) in enumerate(train_rows)]
+    requests = [request(text) for text, _ in test_rows]
+    refs = [label for _, label in test_rows]
+    evaluator = create_component("evaluator", "classification")
+    runtime = SpecialistRuntime(student, batch_size=16)
+    log(f"  (d) {len(train)} training and {len(requests)} held-out queries of {len(INTENTS)} intents; "
+        f"{r['steps']} steps of {r['batch_size']} per adapter")
+    runs: dict[str, list[dict[str, Any]]] = {"easy-to-hard": [], "none": []}
+    started = time.perf_counter()
+    for s in range(seed, seed + seeds):
+        for kind in ("easy-to-hard", "none"):  # the same seed, samples and steps; only the order differs
+            out = work / f"{kind}-{s}"
+            trainer = create_component(
+                "trainer", "qlora", student=student, batch_size=r["batch_size"], gradient_accumulation=1,
+                max_steps=r["steps"], max_length=r["max_length"], early_stopping_patience=0, seed=s,
+                quantization="none", curriculum=kind)
+            info = trainer.train(train, [], out, show_progress=False)
+            name = f"{'cur' if kind != 'none' else 'shuf'}{s}"
+            runtime.add_adapter(name, out)
+            gens = runtime.generate(requests, adapter=name, max_new_tokens=16)
+            score = float(evaluator.evaluate([g.text for g in gens], refs)["score"])
+            runs[kind].append({"seed": s, "score": score, "steps": info["steps"], "wall_s": info["wall_s"],
+                               "loss_first": info["train_loss_first"], "loss_last": info["train_loss_last"],
+                               "curriculum": info["curriculum"]})
+            log(f"  (d) {kind:12s} seed {s}: {info['steps']} steps in {info['wall_s']:.0f} s, loss "
+                f"{info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, held-out accuracy {score:.3f}")
+    cur = statistics.fmean(x["score"] for x in runs["easy-to-hard"])
+    shuf = statistics.fmean(x["score"] for x in runs["none"])
+    return {"task": f"banking77 {len(INTENTS)} intents", "n_train": len(train), "n_test": len(requests),
+            "recipe": r, "seeds": list(range(seed, seed + seeds)), "runs": runs, "curriculum": cur,
+            "shuffled": shuf, "pts": round(100 * (cur - shuf), 2), "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def curriculum_part(d: dict[str, Any] | None) -> str:
+    return "curriculum n/a" if not d else f"curriculum {d['pts']:+.1f} pts"
+
+
+def curriculum_line(d: dict[str, Any]) -> str:
+    seeds = "" if len(d["seeds"]) == 1 else f", mean of {len(d['seeds'])} seeds"
+    return (f"loop (d): curriculum {d['curriculum']:.3f} vs shuffled {d['shuffled']:.3f} ({d['pts']:+.1f} pts) on "
+            f"{d['task']} ({d['n_train']} train, {d['recipe']['steps']} steps of {d['recipe']['batch_size']}), "
+            f"{d['n_test']} held-out{seeds}")
+
+
+def headline(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None = None,
+             d: dict[str, Any] | None = None) -> str:
     if a["demoted_after"] is not None:
         live = a.get("live")
         part_a = f"demoted after {a['demoted_after']} requests" + (
@@ -374,7 +464,7 @@ def headline(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None = No
     else:
         part_b = (f"retrained old {r['old']:.2f} / new {r['new']:.2f} -> "
                   f"{'promoted' if b['promoted'] else 'not promoted'}")
-    return f"loop: {part_a}; {part_b}; {cascade_part(c)}; curriculum n/a"
+    return f"loop: {part_a}; {part_b}; {cascade_part(c)}; {curriculum_part(d)}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -385,8 +475,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="build the workspace here and keep it")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--only", choices=["all", "cascade"], default="all",
-                        help="'cascade': run part (c) alone (its own small workspace, a minute or two)")
+    parser.add_argument("--only", choices=["all", "cascade", "curriculum"], default="all",
+                        help="'cascade': run part (c) alone (its own small workspace, a minute or two); "
+                        "'curriculum': part (d) alone (two LoRA adapters, a few minutes)")
+    parser.add_argument("--curriculum-seeds", type=int, default=1, help="part (d): training seeds per variant")
+    parser.add_argument("--curriculum-steps", type=int, default=CURRICULUM_RECIPE["steps"],
+                        help="part (d): optimizer steps of each adapter")
     args = parser.parse_args(argv)
 
     from aad_core.demo.workload import INTENTS, SYSTEM
@@ -406,6 +500,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             line = f"loop (c): {cascade_part(c)} (specialist / {MID_TIER} / teacher on {c['n']} held-out calls)"
             print(line)
             fig = {"cascade": c, "headline": line}
+            if args.json:
+                args.json.write_text(json.dumps(fig, indent=2, default=str), encoding="utf-8")
+            return fig
+        if args.only == "curriculum":
+            log("(d) curriculum: easy-to-hard vs shuffled LoRA training on a banking77 subset")
+            d = curriculum(root.parent / "curriculum" if args.keep is None else root, args.seed,
+                           args.curriculum_seeds, {"steps": args.curriculum_steps})
+            line = curriculum_line(d)
+            print(line)
+            fig = {"curriculum": d, "headline": line}
             if args.json:
                 args.json.write_text(json.dumps(fig, indent=2, default=str), encoding="utf-8")
             return fig
@@ -452,7 +556,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         c = cascade(root.parent / "cascade" if args.keep is None else root.parent / f"{root.name}-cascade", args.seed)
         fig["cascade"] = c
         print_cascade(c)
-        line = headline(a, b, c)
+        log("(d) curriculum: easy-to-hard vs shuffled LoRA training on a banking77 subset")
+        d = curriculum(root.parent / "curriculum" if args.keep is None else root.parent / f"{root.name}-curriculum",
+                       args.seed, args.curriculum_seeds, {"steps": args.curriculum_steps})
+        fig["curriculum"] = d
+        print(curriculum_line(d))
+        line = headline(a, b, c, d)
         fig["headline"] = line
         print(line)
         if args.json:

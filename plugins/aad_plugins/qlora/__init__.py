@@ -12,8 +12,9 @@ on CPU can silently train nothing (see FIELD-NOTES), and a run that learns nothi
 saved as a specialist.
 
 Files: :mod:`.trainer` (parameters, ``train()``), :mod:`.data` (encoding, batches), :mod:`.loop`
-(optimizer, loss, steps, evals), :mod:`.checkpoints` (resume, best adapter, early stopping),
-:mod:`.answer_bank` (hints and the candidate vote weight), :mod:`.console` (messages, progress bar).
+(optimizer, loss, steps, evals), :mod:`.curriculum` (easy-to-hard phases), :mod:`.checkpoints`
+(resume, best adapter, early stopping), :mod:`.answer_bank` (hints and the candidate vote weight),
+:mod:`.console` (messages, progress bar).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aad_core.schema import Trace
+    from aad_plugins.qlora.curriculum import Curriculum
 
 Encoded = dict[str, list[int]]  # input_ids, labels (-100 outside the answer), attention_mask
 
@@ -20,6 +21,9 @@ class TrainingData:
     soft: list[Any]  # per training row: a top-k teacher signal, or None
     eval: list[Encoded]
     too_long: int = 0  # training traces left out: longer than max_length (see encode)
+    #: Per training row, before any cut (``encode(measure=True)``, for the curriculum): answer tokens,
+    #: the answer's format items (JSON keys / tool calls and arguments), prompt tokens.
+    measures: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def soft_targets(self) -> int:
@@ -27,7 +31,7 @@ class TrainingData:
 
 
 def encode(tokenizer: Any, train: Sequence[Trace], eval: Sequence[Trace], *, max_length: int,
-           max_eval_samples: int) -> TrainingData:
+           max_eval_samples: int, measure: bool = False) -> TrainingData:
     from aad_core.models.chat_format import encode_trace
     from aad_core.models.teacher_signal import from_logprobs
 
@@ -46,7 +50,21 @@ def encode(tokenizer: Any, train: Sequence[Trace], eval: Sequence[Trace], *, max
         sig = from_logprobs(tokenizer, answer_ids, t.teacher_logprobs) if t.teacher_logprobs else None
         soft.append(sig if sig is not None and sig.kind == "top-k" else None)
     eval_enc = [encode_trace(tokenizer, t, max_length) for t in list(eval)[:max_eval_samples]]
-    return TrainingData(train_enc, soft, eval_enc, too_long)
+    measures = tuple(_measures(tokenizer, t) for t in train) if measure else ()
+    return TrainingData(train_enc, soft, eval_enc, too_long, measures)
+
+
+def _measures(tokenizer: Any, trace: Trace) -> tuple[int, int, int]:
+    """Answer tokens, format items and prompt tokens of ``trace``, uncut (a prompt cut to ``max_length``
+    from the left would make every long prompt look alike)."""
+    from aad_core.models.chat_format import answer_text, prompt_text
+    from aad_plugins.qlora.curriculum import format_items
+
+    if trace.response is None:
+        return 0, 0, 0
+    n_prompt = len(tokenizer(prompt_text(tokenizer, trace.request), add_special_tokens=False)["input_ids"])
+    answer = answer_text(tokenizer, trace.request, trace.response)
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"]), format_items(trace), n_prompt
 
 
 def _fits(tokenizer: Any, trace: Trace, max_length: int) -> bool:
@@ -137,3 +155,45 @@ def epoch_batches(lengths: Sequence[int], micro: int, seed: int, epoch: int, *, 
     order = [i for m in range(0, len(order), mega) for i in sorted(order[m : m + mega], key=lambda j: -lengths[j])]
     batches = [order[i : i + micro] for i in range(0, len(order), micro)]
     return [batches[k] for k in rng.permutation(len(batches))]
+
+
+class BatchSchedule:
+    """The micro-batches (row indices) of every optimizer step: shuffled epochs over all rows, or,
+    with a :class:`~aad_plugins.qlora.curriculum.Curriculum`, epochs over each phase's pool (its own
+    seed per phase). Deterministic in ``seed``; each epoch is computed once, when first asked for."""
+
+    def __init__(self, lengths: Sequence[int], plan: StepPlan, seed: int, *, group_by_length: bool,
+                 curriculum: Curriculum | None = None) -> None:
+        self.lengths = list(lengths)
+        self.plan = plan
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.curriculum = curriculum
+        self._cached: tuple[tuple[int, int], list[list[int]]] | None = None
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """The ``accum`` micro-batches of optimizer step ``step`` (0-based)."""
+        accum = self.plan.accum
+        if self.curriculum is None:
+            phase, local, per_epoch = -1, step, self.plan.steps_per_epoch
+        else:
+            from aad_plugins.qlora.curriculum import steps_per_pass
+
+            phase = self.curriculum.phase(step)
+            local = step - self.curriculum.starts[phase]
+            per_epoch = steps_per_pass(len(self.curriculum.pools[phase]), self.plan.micro, accum)
+        epoch, within = divmod(local, per_epoch)
+        return self._epoch(phase, epoch)[within * accum : (within + 1) * accum]
+
+    def _epoch(self, phase: int, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != (phase, epoch):
+            if phase < 0 or self.curriculum is None:  # no curriculum: exactly the shuffled epochs of before
+                batches = epoch_batches(self.lengths, self.plan.micro, self.seed, epoch,
+                                        group_by_length=self.group_by_length)
+            else:
+                pool = self.curriculum.pools[phase]
+                local = epoch_batches([self.lengths[i] for i in pool], self.plan.micro,
+                                      self.seed + 1000 * (phase + 1), epoch, group_by_length=self.group_by_length)
+                batches = [[pool[i] for i in mb] for mb in local]
+            self._cached = ((phase, epoch), batches)
+        return self._cached[1]

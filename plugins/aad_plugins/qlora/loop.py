@@ -4,7 +4,6 @@ and stop early."""
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -15,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from aad_core.errors import AADError
 from aad_plugins.qlora.checkpoints import CHECKPOINT_DIR, out_of_patience, record_eval, save_checkpoint
 from aad_plugins.qlora.console import progress_bar
-from aad_plugins.qlora.data import Encoded, StepPlan, TrainingData, epoch_batches
+from aad_plugins.qlora.data import BatchSchedule, Encoded, StepPlan, TrainingData
 
 if TYPE_CHECKING:
     import torch
+
+    from aad_plugins.qlora.curriculum import Curriculum
 
 
 def assert_adapter_grads(model: Any) -> float:
@@ -152,13 +153,12 @@ class TrainingLoop:
     group_by_length: bool
     eval_batch_size: int
     patience: int
-    _batches: Callable[[int], list[list[int]]] = field(init=False, repr=False)
+    curriculum: Curriculum | None = None  # easy-to-hard phases; None = shuffled epochs over every row
+    schedule: BatchSchedule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        lengths = [len(e["input_ids"]) for e in self.data.train]
-        # Asked for at every step; computed once per epoch.
-        self._batches = functools.lru_cache(maxsize=1)(functools.partial(
-            epoch_batches, lengths, self.plan.micro, self.seed, group_by_length=self.group_by_length))
+        self.schedule = BatchSchedule([len(e["input_ids"]) for e in self.data.train], self.plan, self.seed,
+                                      group_by_length=self.group_by_length, curriculum=self.curriculum)
 
     def run(self, state: dict[str, Any], output_dir: Path, show_progress: bool) -> LoopStats:
         """Train from ``state["step"]`` to the planned total (or an early stop), updating ``state``."""
@@ -192,9 +192,8 @@ class TrainingLoop:
 
         from aad_core.models.chat_format import pad_batch
 
-        enc, accum = self.data.train, self.plan.accum
-        epoch, within = divmod(step, self.plan.steps_per_epoch)
-        micro_batches = self._batches(epoch)[within * accum : (within + 1) * accum]
+        enc = self.data.train
+        micro_batches = self.schedule.micro_batches(step)
         n_tokens = sum(sum(1 for lab in enc[i]["labels"] if lab != -100) for mb in micro_batches for i in mb)
         step_loss = 0.0
         for mb in micro_batches:

@@ -15,6 +15,7 @@ from aad_core.plugins import Predictor, Trainer
 from aad_plugins.qlora.answer_bank import fit_bank, save_bank, with_hints
 from aad_plugins.qlora.checkpoints import CHECKPOINT_DIR, finish_adapter, load_checkpoint, new_state
 from aad_plugins.qlora.console import announce
+from aad_plugins.qlora.curriculum import CURRICULA, Curriculum, difficulty
 from aad_plugins.qlora.data import StepPlan, TrainingData, encode
 from aad_plugins.qlora.loop import LoopStats, TrainingLoop, distill_loss, make_optimizer, make_scheduler
 
@@ -107,6 +108,13 @@ class QLoRATrainer(Trainer):
         Measured on Banking77: see docs/specialists.md.
     hint_embedder : str
         Embedder component that finds the nearest training requests for answer hints.
+    curriculum : {"none", "easy-to-hard"}
+        Order of the training samples. 'none' = shuffled epochs over every sample. 'easy-to-hard' =
+        progressive distillation: the samples sorted by a difficulty computed without a model pass (mean
+        percentile rank of answer tokens, JSON keys / tool-call arguments and prompt tokens), the steps
+        split evenly into 3 phases over the easiest third, two thirds, then all (each phase shuffled with
+        the seed); same total steps. 'none' stays the default: on a Banking77 subset (8 intents, 160
+        samples, 40 steps) easy-to-hard scored 0.713 vs 0.812 held-out (docs/specialists.md, "Curriculum").
     """
 
     def __init__(
@@ -139,6 +147,7 @@ class QLoRATrainer(Trainer):
         answer_hints: int = 0,
         answer_candidates: int = 0,
         hint_embedder: str = "minilm",
+        curriculum: Literal["none", "easy-to-hard"] = "none",
     ) -> None:
         self.student = student
         self.lora_r = lora_r
@@ -168,6 +177,7 @@ class QLoRATrainer(Trainer):
         self.answer_hints = answer_hints
         self.answer_candidates = answer_candidates
         self.hint_embedder = hint_embedder
+        self.curriculum = curriculum
 
     def applies_to(self, train: Sequence[Trace]) -> tuple[bool, str]:
         """Fits a task unless most of its calls are longer than ``max_length``: the adapter would learn
@@ -217,6 +227,8 @@ class QLoRATrainer(Trainer):
             raise param_error("epochs", owner, "a float > 0", self.epochs)
         if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
             raise param_error("max_steps", owner, "None or an int >= 1", self.max_steps)
+        if self.curriculum not in CURRICULA:
+            raise param_error("curriculum", owner, "one of " + ", ".join(map(repr, CURRICULA)), self.curriculum)
 
     def _load_base(self, device: str, four_bit: bool) -> tuple[Any, Any, str]:
         import torch
@@ -290,7 +302,8 @@ class QLoRATrainer(Trainer):
         raw_eval = list(eval)
         if bank is not None:
             train, eval = with_hints(bank, train, eval, self.max_eval_samples)
-        data = encode(tokenizer, train, eval, max_length=self.max_length, max_eval_samples=self.max_eval_samples)
+        data = encode(tokenizer, train, eval, max_length=self.max_length, max_eval_samples=self.max_eval_samples,
+                      measure=self.curriculum != "none")
         plan = StepPlan.for_rows(len(data.train), batch_size=self.batch_size, accum=self.gradient_accumulation,
                                  epochs=self.epochs, min_steps=self.min_steps, max_steps=self.max_steps,
                                  eval_every=self.eval_every)
@@ -298,7 +311,10 @@ class QLoRATrainer(Trainer):
             announce(f"{data.too_long} training calls longer than max_length {self.max_length} tokens left out (the "
                      "router sends such prompts to the teacher).", show_progress)
         announce(f"Step plan: {plan.describe()}.", show_progress)
-        loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit)
+        curriculum = self._curriculum(data, plan)
+        if curriculum is not None:
+            announce(f"Curriculum easy-to-hard: {curriculum.describe()}.", show_progress)
+        loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum)
 
         state, resumed_from = new_state(), None
         ckpt = output_dir / CHECKPOINT_DIR
@@ -317,6 +333,7 @@ class QLoRATrainer(Trainer):
             "quantization": "4bit-nf4" if four_bit else "none",
             "base_model_path": source,
             **_run_metrics(data, plan, state, stats, resumed_from, soft_all=teacher is not None),
+            "curriculum": curriculum.as_metrics() if curriculum is not None else {"kind": "none"},
             "answer_hints": bank.k if bank is not None else 0,
             "answer_candidates": bank.candidates if bank is not None else 0,
             "answer_hints_note": hint_note,
@@ -363,8 +380,14 @@ class QLoRATrainer(Trainer):
             return None
         return teacher
 
+    def _curriculum(self, data: TrainingData, plan: StepPlan) -> Curriculum | None:
+        """The easy-to-hard phases of this run, or None (``curriculum = "none"``)."""
+        if self.curriculum == "none":
+            return None
+        return Curriculum.easy_to_hard(difficulty(data.measures), plan.total_steps)
+
     def _loop(self, model: Any, tokenizer: Any, data: TrainingData, plan: StepPlan, teacher: Any, device: str,
-              four_bit: bool) -> TrainingLoop:
+              four_bit: bool, curriculum: Curriculum | None = None) -> TrainingLoop:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, self.learning_rate, four_bit=four_bit)
         return TrainingLoop(
@@ -374,7 +397,7 @@ class QLoRATrainer(Trainer):
             loss=functools.partial(distill_loss, teacher=teacher, alpha=self.distill_alpha, temperature=self.temperature),
             device=device, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             seed=self.seed, group_by_length=self.group_by_length, eval_batch_size=self.batch_size,
-            patience=self.early_stopping_patience,
+            patience=self.early_stopping_patience, curriculum=curriculum,
         )
 
     # -- serving -----------------------------------------------------------------------------
