@@ -354,6 +354,7 @@ def test_the_select_stage_does_not_score_a_task_the_classifier_takes(ws: Workspa
 
     get_plugin_manager().add_plugin(_Plugin(), name="counting-scorer")
     ws.config.select.scorer = "counting"
+    ws.config.select.selector = "top"  # a selector that reads scores ('random', the default, reads none)
     artifact = run_select(ws, fraction=0.5, show_progress=False)
     labels, orders = artifact["clusters"]["0"], artifact["clusters"]["1"]
     assert scored == [12]  # only the JSON task (12 training traces) was scored

@@ -203,6 +203,7 @@ def test_the_measured_example_through_select_names_the_plugin(workspace: Any, tm
     monkeypatch.syspath_prepend(str(site))
     reset_plugin_manager()  # load the entry points again, with the new folder on sys.path
     monkeypatch.setenv("AAD_SELECT__SCORER", "floaty")
+    monkeypatch.setenv("AAD_SELECT__SELECTOR", "top")  # a selector that reads scores (the default 'random' does not)
     monkeypatch.setenv("AAD_TRAIN__TRAINER", "qlora")  # a LoRA task is scored (a classifier task is not)
     workspace.__dict__.pop("config", None)
     _populate_clusters(workspace)
