@@ -24,7 +24,8 @@ CLAIM_SUFFIX = ".loading"
 PART_SUFFIX = ".part"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (spool claims and WAL segments name their owner's pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +125,7 @@ class Spool:
         files a process that died was writing (empty ones are removed)."""
         for part in self.folder.glob("*" + PART_SUFFIX):
             fields = part.name.split("-")
-            if len(fields) < 3 or not fields[1].isdigit() or _pid_alive(int(fields[1])):
+            if len(fields) < 3 or not fields[1].isdigit() or pid_alive(int(fields[1])):
                 continue
             try:
                 if part.stat().st_size == 0:
@@ -135,7 +136,7 @@ class Spool:
                 pass
         for claim in self.folder.glob("*" + CLAIM_SUFFIX):
             pid_text = claim.name[: -len(CLAIM_SUFFIX)].rsplit(".", 1)[-1]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
                 try:
                     claim.replace(claim.with_name(claim.name[: -len(CLAIM_SUFFIX)].rsplit(".", 1)[0]))
                 except OSError:

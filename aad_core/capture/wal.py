@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aad_core.capture.spool import pid_alive
 from aad_core.schema import Trace
 
 try:
@@ -61,16 +62,6 @@ MAX_RECORD_BYTES = 256 << 20
 
 class WalKeyError(RuntimeError):
     """The WAL key file exists but is not a key."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _pid_of(path: Path) -> int | None:
@@ -339,7 +330,7 @@ class WriteAheadLog:
                 continue
             if fcntl is None:  # pragma: no cover - Windows: the pid in the name tells its owner
                 pid = _pid_of(path)
-                if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+                if pid is not None and (pid == os.getpid() or pid_alive(pid)):
                     continue
             try:
                 fd = os.open(path, os.O_RDWR)
@@ -401,7 +392,7 @@ class WriteAheadLog:
         """Temporary files (a segment being created, a key being written) of dead processes."""
         for tmp in self.folder.glob("*" + TMP_SUFFIX):
             pid = _pid_of(tmp)
-            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            if pid is not None and pid != os.getpid() and not pid_alive(pid):
                 tmp.unlink(missing_ok=True)
 
 
