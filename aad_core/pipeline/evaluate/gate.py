@@ -80,7 +80,7 @@ def coverage_gate(
     falsification check of that claim: it refuses when a one-sided binomial test rejects "agreement
     >= target" at level ``alpha`` (P(X <= agreeing | served, target) < alpha). A point-estimate rule
     on a few dozen test calls refuses good specialists by chance: a classifier right on 97 % of a
-    task fails "agreement >= 0.95 on 24 calls" one time in six, and one right on 95 % half the time."""
+    task fails "agreement >= 0.95 on 24 calls" one time in six, and one right on 95 % one time in three."""
     from aad_core.pipeline.evaluate.risk_coverage import (SIGNAL_LABELS, best_lower_bound, binomial_lower_tail,
                                                           choose_threshold, min_calls_for, served_at)
 
