@@ -16,6 +16,7 @@ router.json           aad route --calibrate                        :class:`Route
 router_eval.json      aad route --calibrate                        :class:`RouterEval`
 distill.json          aad distill                                  :class:`DistillState`
 selection_curve.json  benchmarks/selection_vs_random.py            :class:`SelectionCurve`
+prompt_search.json    aad prompt-search TASK                       :class:`PromptSearch`
 ====================  ===========================================  ===================
 
 Each JSON file is written through :meth:`Workspace.write_state`, which stamps it with the aad
@@ -48,6 +49,7 @@ ROUTER = "router.json"
 ROUTER_EVAL = "router_eval.json"
 DISTILL = "distill.json"
 SELECTION_CURVE = "selection_curve.json"
+PROMPT_SEARCH = "prompt_search.json"
 #: ``{cluster id: why}`` for the routine tasks no configured specialist kind fits (the train stage writes it).
 UNFIT = "unfit.json"
 
@@ -62,6 +64,7 @@ MAKERS: dict[str, str] = {
     ROUTER_EVAL: "aad route --calibrate",
     DISTILL: "aad distill",
     SELECTION_CURVE: "python benchmarks/selection_vs_random.py --workspace .",
+    PROMPT_SEARCH: "aad prompt-search TASK",
 }
 #: Keys :meth:`Workspace.write_state` adds to every JSON artifact.
 STAMP_KEYS = ("aad_version", "written_at")
@@ -608,11 +611,74 @@ class SelectionCurve(Artifact):
         )
 
 
+# -- prompt_search.json ----------------------------------------------------------------------------
+
+@dataclass
+class PromptVariant:
+    """A way of asking the teacher a task's requests (``aad prompt-search``): the recorded request, with
+    ``instruction`` appended to its system prompt and the answers of the training calls ``shot_ids``
+    shown as earlier turns."""
+
+    name: str
+    instruction: str | None = None
+    shot_ids: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "instruction": self.instruction, "shot_ids": list(self.shot_ids)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PromptVariant:
+        instruction = data.get("instruction")
+        return cls(name=str(data["name"]), instruction=None if instruction is None else str(instruction),
+                   shot_ids=[str(t) for t in data.get("shot_ids") or []])
+
+
+@dataclass
+class PromptChoice:
+    """One task's prompt search: every variant's score on a sample of its training calls, and the best."""
+
+    best: PromptVariant
+    #: Per variant, in the order tried: its fields plus asked, answered, agreed, failed and agreement.
+    scores: list[dict[str, Any]]
+    seed: int = 0
+    n: int = 0
+    searched_at: str = ""
+    aad_version: str = ""
+    teacher: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best": self.best.to_json(), "scores": self.scores, "seed": self.seed, "n": self.n,
+                "searched_at": self.searched_at, "aad_version": self.aad_version, "teacher": self.teacher}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PromptChoice:
+        return cls(best=PromptVariant.from_json(data["best"]), scores=[dict(s) for s in data.get("scores") or []],
+                   seed=int(data.get("seed", 0)), n=int(data.get("n", 0)), searched_at=str(data.get("searched_at", "")),
+                   aad_version=str(data.get("aad_version", "")), teacher=str(data.get("teacher", "")))
+
+
+@dataclass
+class PromptSearch(Artifact):
+    """The result of ``aad prompt-search``: per task (cluster id), the prompt variant ``aad augment`` uses."""
+
+    FILE: ClassVar[str] = PROMPT_SEARCH
+    WHAT: ClassVar[str] = "prompt search"
+
+    tasks: dict[int, PromptChoice] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tasks": {str(cid): choice.to_json() for cid, choice in sorted(self.tasks.items())}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PromptSearch:
+        return cls(tasks={int(cid): PromptChoice.from_json(c) for cid, c in data["tasks"].items()})
+
+
 __all__ = [
-    "Artifact", "CLUSTERS", "CLUSTER_MAP", "CLUSTER_MAP_PNG", "DISTILL", "EVAL", "MAKERS", "ROUTER", "ROUTER_EVAL", "SELECTION",
-    "SELECTION_CURVE", "ClusterMap", "ClusterSelection", "ClusterState", "DistillState", "EvalReport", "RouterEval",
-    "RouterState", "Selection", "SelectionCurve", "fingerprint", "load_clusters", "png_path", "read_json",
-    "still_teacher_only",
+    "Artifact", "CLUSTERS", "CLUSTER_MAP", "CLUSTER_MAP_PNG", "DISTILL", "EVAL", "MAKERS", "PROMPT_SEARCH", "ROUTER",
+    "ROUTER_EVAL", "SELECTION", "SELECTION_CURVE", "ClusterMap", "ClusterSelection", "ClusterState", "DistillState",
+    "EvalReport", "PromptChoice", "PromptSearch", "PromptVariant", "RouterEval", "RouterState", "Selection",
+    "SelectionCurve", "fingerprint", "load_clusters", "png_path", "read_json", "still_teacher_only",
 ]
 
 

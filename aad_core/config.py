@@ -1,8 +1,8 @@
 """Workspace configuration: ``aad.toml``, overridden by ``AAD_*`` environment variables.
 
 The core sections (``[capture]``, ``[embed]``, ``[cluster]``, ``[select]``, ``[train]``, ``[eval]``,
-``[route]``) hold the core's own settings: which component each stage uses, the stage's settings and
-shared context such as ``[train] student``. Nested keys use ``__`` in the environment:
+``[route]``, ``[teacher]``) hold the core's own settings: which component each stage uses, the stage's
+settings and shared context such as ``[train] student``. Nested keys use ``__`` in the environment:
 ``AAD_SELECT__FRACTION=0.5`` overrides ``[select] fraction``. Every field has help text and the
 models validate across fields, so a bad value fails at load time with the file, the key and a fix.
 
@@ -471,6 +471,53 @@ class RouteConfig(_Section):
         return self
 
 
+#: Where ``[teacher]`` reads its API key when ``api_key_env`` is not set (the variable 'aad serve' reads too).
+TEACHER_KEY_ENV = "AAD_TEACHER_API_KEY"
+
+
+def _teacher_error(message: str) -> Any:
+    from pydantic_core import PydanticCustomError
+
+    return PydanticCustomError("teacher", "{message}", {"message": message})
+
+
+class TeacherConfig(_Section):
+    """A live teacher that aad itself calls (``aad augment``, ``aad prompt-search``): an OpenAI-compatible
+    endpoint. In Python a callable or a LangChain chat model may be passed instead
+    (:mod:`aad_core.pipeline.augment`)."""
+
+    base_url: str | None = Field(
+        None, description="The teacher's OpenAI-compatible base URL, e.g. 'https://api.openai.com/v1' or "
+        "'http://127.0.0.1:8001/v1'. None = no live teacher ('aad augment' and 'aad prompt-search' need one)."
+    )
+    model: str | None = Field(
+        None, description="Model name sent to the teacher. None = the model recorded on each trace (the teacher the "
+        "agent used)."
+    )
+    api_key_env: str | None = Field(
+        None, description=f"Name of the environment variable holding the teacher's API key (a bearer token). None = "
+        f"${TEACHER_KEY_ENV} when it is set (as 'aad serve'), else no key."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="A teacher call slower than this fails (and is counted as failed).")
+    max_concurrency: int = Field(4, ge=1, le=64, description="Teacher calls in flight at once.")
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> TeacherConfig:
+        url = self.base_url
+        if url is not None and not re.match(r"https?://[^/\s]+", url):
+            raise _teacher_error(f"The 'base_url' parameter of [teacher] must be an http:// or https:// URL such "
+                                 f"as 'http://127.0.0.1:8001/v1'. Got {url!r} instead.")
+        for key in ("model", "api_key_env"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise _teacher_error(f"The {key!r} parameter of [teacher] must be a non-empty string. "
+                                     f"Got {value!r} instead.")
+            if value is not None and url is None:
+                raise _teacher_error(f"{key} is set but base_url is not: set base_url (the teacher's "
+                                     "OpenAI-compatible URL) too, or remove the section.")
+        return self
+
+
 #: The parameters of the components of one kind, by component name: ``{"qlora": {"lora_r": 8}}``.
 ComponentTables = dict[str, dict[str, Any]]
 
@@ -506,6 +553,7 @@ class AADSettings(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     route: RouteConfig = Field(default_factory=RouteConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
 
     redactor: ComponentTables = _tables_field("redactor")
     embedder: ComponentTables = _tables_field("embedder")

@@ -244,3 +244,19 @@ def is_specialist_answer(trace: Trace) -> bool:
     route = meta.get("aad_route")
     return (trace.source in SPECIALIST_SOURCES or "specialist" in trace.tags or bool(meta.get(TIER_METADATA_KEY))
             or (isinstance(route, dict) and route.get("target") in ("specialist", "tier")))
+
+
+#: ``Trace.source`` of a trace made by ``aad augment``: a teacher-answered paraphrase of a training call.
+AUGMENTED_SOURCE = "augmented"
+#: Metadata key of an augmented trace: ``{"original_id": ..., "check": ..., "prompt": ...}``.
+AUGMENT_METADATA_KEY = "aad_augmented"
+
+
+def augmented_from(trace: Trace) -> str | None:
+    """The id of the recorded call an augmented trace paraphrases (``""`` when its link is missing); None
+    for any other trace. Such a trace is training data only: the cluster stage never holds it out."""
+    if trace.source != AUGMENTED_SOURCE:
+        return None
+    meta = trace.metadata.get(AUGMENT_METADATA_KEY) if isinstance(trace.metadata, dict) else None
+    original = meta.get("original_id") if isinstance(meta, dict) else None
+    return str(original) if original else ""

@@ -9,7 +9,8 @@
   overwritten in SQLite), the spool (``.aad/spool/``) and the embedding cache; derived files under
   ``.aad/`` that still hold their text are removed (``purge=True``) or listed, and the trained
   specialists whose training split held them are named, since a model cannot unlearn a call without
-  being trained again (``aad distill --force``).
+  being trained again (``aad distill --force``). The paraphrases ``aad augment`` made of a deleted
+  call (source ``augmented``) are deleted with it: they restate its text.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def delete_traces(ws: Workspace, ids: Iterable[str] | None = None, *, purge: boo
             wanted = given if not active else [t.id for t in store.iter_traces(ids=given) if flt.matches(t)]
         else:
             wanted = [t.id for t in store.iter_traces(**active)]
+        wanted += _augmented_from(store, wanted)
         traces = list(store.iter_traces(ids=wanted))
         report = Deletion(ids=wanted)
         report.specialists = _specialists_that_saw(ws, set(wanted))
@@ -171,6 +173,17 @@ def delete_traces(ws: Workspace, ids: Iterable[str] | None = None, *, purge: boo
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+def _augmented_from(store: Any, ids: list[str]) -> list[str]:
+    """Ids of the ``aad augment`` paraphrases of the calls ``ids`` not among them."""
+    from aad_core.schema import AUGMENTED_SOURCE, augmented_from
+
+    gone = set(ids)
+    if not gone:
+        return []
+    return [t.id for t in store.iter_traces(source=AUGMENTED_SOURCE)
+            if t.id not in gone and augmented_from(t) in gone]
+
 
 def _specialists_that_saw(ws: Workspace, ids: set[str]) -> list[dict[str, Any]]:
     """Trained specialists whose cluster's training split (clusters.json) holds one of ``ids``."""

@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "aad_core.cli.route_cmds",
     "aad_core.cli.monitor_cmds",
     "aad_core.cli.export_cmds",
+    "aad_core.cli.augment_cmds",
 )
 
 for _name in _COMMAND_MODULES:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aad_core.artifacts import ClusterMap, ClusterState, load_clusters  # the last two re-exported
-from aad_core.pipeline.curate import curate, exclude_wrong_answers, split_clusters
-from aad_core.schema import is_specialist_answer, node_key
+from aad_core.pipeline.curate import curate, exclude_wrong_answers, place_augmented, split_clusters
+from aad_core.schema import augmented_from, is_specialist_answer, node_key
 from aad_core.models.embedding import CONTEXT_PARTS, embed_part_lists, get_embedder, unit_vectors, view_parts
 from aad_core.errors import AADError, StageError
 from aad_core.schema import Cluster
@@ -93,9 +93,15 @@ def run_cluster(ws: Workspace, *, k: int | None = None, show_progress: bool = Tr
 
     assignments = {cur.kept[r]: id_map[int(lab)] for r, lab in enumerate(labels)}
     clusters = _describe(traces, index, cur.kept, labels, X, id_map, cur.representative, cfg, by_task=by_task)
-    split = split_clusters(assignments, heldout_fraction=ccfg.heldout_fraction, seed=cfg.seed)
+    # 'aad augment' paraphrases are split by their original, never held out themselves
+    augmented = {tid: original for tid in assignments
+                 if (original := augmented_from(traces[index[tid]])) is not None}
+    split = split_clusters({t: c for t, c in assignments.items() if t not in augmented},
+                           heldout_fraction=ccfg.heldout_fraction, seed=cfg.seed)
     # user feedback that marks the teacher's answer wrong keeps a call out of its task's training data
     excluded = exclude_wrong_answers(split, {tid: traces[index[tid]] for tid in assignments})
+    excluded.update(place_augmented(split, augmented))
+    split = {tid: split[tid] for tid in assignments}
     if by_task:
         clusters = _with_estimates(clusters, traces, index, cur.kept, labels, X, id_map, split, cfg)
     routine = [c for c in clusters if c.routine]

@@ -15,6 +15,9 @@
   feedback ID 0`` or ``feedback={"correct": False}``) is moved to the ``"excluded"`` side: it stays
   in its cluster (traffic shares, routing) but is neither selected nor trained on. Held-out traces
   keep their side; the evaluation lowers the teacher's score on them instead.
+* A trace made by ``aad augment`` (a teacher-answered paraphrase of a training call) takes no part
+  in the split: it is on the training side while its original is, else ``"excluded"``
+  (:func:`place_augmented`), so no paraphrase of any call is ever evaluated on.
 """
 
 from __future__ import annotations
@@ -167,4 +170,20 @@ def exclude_wrong_answers(split: dict[str, str], traces: Mapping[str, Trace]) ->
         if side == "train" and trace is not None and teacher_answer_wrong(trace):
             split[tid] = EXCLUDED
             moved[tid] = f"feedback marks the teacher's answer wrong (quality {teacher_quality(trace):.2f})"
+    return moved
+
+
+def place_augmented(split: dict[str, str], augmented: Mapping[str, str]) -> dict[str, str]:
+    """Put each augmented trace (``{id: original id}``, made by ``aad augment``) on the training side when its
+    original is there, else on the :data:`EXCLUDED` side (in place). A paraphrase of a call must never be
+    held out: it would leak its original's answer into the evaluation, whichever side that is on. Run it
+    after the split of the recorded calls (and :func:`exclude_wrong_answers`). Returns ``{id: reason}`` of
+    the augmented traces excluded."""
+    moved: dict[str, str] = {}
+    for tid, original in augmented.items():
+        side = split.get(original) if original else None
+        split[tid] = "train" if side == "train" else EXCLUDED
+        if side != "train":
+            where = "is not a kept call" if side is None else f"is on the {side!r} side"
+            moved[tid] = f"augmented from {original or 'an unknown call'}, which {where}"
     return moved
