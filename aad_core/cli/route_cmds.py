@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -110,16 +111,34 @@ def serve_cmd(
                                                       "(default: the client's 'model').")] = None,
     preload: Annotated[bool, typer.Option(help="Load and warm the router and every promoted specialist before "
                                           "accepting requests, so that the first one is not cold.")] = True,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="AAD_SERVE_API_KEY", show_default=False,
+        help="Bearer key clients must send to /v1/... (/health stays open). With it, the client's Authorization "
+             "header is never forwarded to the teacher: set $AAD_TEACHER_API_KEY.")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1,
+                                                help="Largest request body accepted; larger ones get HTTP 413.")
+                              ] = 1024 * 1024,
+    teacher_concurrency: Annotated[int, typer.Option("--teacher-concurrency", min=1,
+                                                     help="Teacher calls in flight at once; the others wait.")] = 16,
+    teacher_timeout: Annotated[float, typer.Option("--teacher-timeout", min=0.1,
+                                                   help="Seconds a teacher call may take (then HTTP 504).")] = 120.0,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions that routes between specialists and the teacher."""
-    from aad_core.serving.server import serve
+    from aad_core.serving.server import TEACHER_KEY_ENV, serve
 
     ws = open_workspace(workspace)
     if not teacher_url:
         console.print("[yellow]No --teacher-url: requests the router sends to the teacher will fail with HTTP 503.[/]")
+    elif api_key and not os.environ.get(TEACHER_KEY_ENV):
+        console.print(f"[yellow]--api-key is set but ${TEACHER_KEY_ENV} is not: the teacher gets no key (the "
+                      "client's Authorization header holds aad's key and is not forwarded).[/]")
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]Listening on {host} without --api-key: anyone who can reach it can use the teacher.[/]")
     console.print(f"aad router on http://{host}:{port}/v1/chat/completions (workspace {ws.root})")
-    serve(ws, host=host, port=port, teacher_url=teacher_url, teacher_model=teacher_model, preload=preload)
+    serve(ws, host=host, port=port, teacher_url=teacher_url, teacher_model=teacher_model, preload=preload,
+          api_key=api_key or None, max_body_bytes=max_body_bytes, teacher_concurrency=teacher_concurrency,
+          teacher_timeout_s=teacher_timeout)
 
 
 def register(app: typer.Typer) -> None:

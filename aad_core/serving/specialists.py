@@ -31,7 +31,8 @@ class SpecialistBackend(Protocol):
 
 # Optional, looked up with getattr (a backend without them still works):
 #   prompt_too_long(name, request) -> str: why the request is too long for the specialist ("" = it fits);
-#   preload() -> None: load and warm every specialist now.
+#   preload() -> None: load and warm every specialist now;
+#   prompt_tokens(name, request) -> int | None: the prompt's tokens for that specialist (``aad serve``'s usage).
 
 
 def trained_max_length(spec: Specialist) -> int | None:
@@ -120,6 +121,11 @@ class SpecialistPool:
         if name not in self._max_lengths:
             self._max_lengths[name] = trained_max_length(self._spec(name))
         return self._max_lengths[name]
+
+    def prompt_tokens(self, name: str, request: ChatRequest) -> int | None:
+        """Tokens of ``request``'s prompt as the LoRA specialist ``name`` sees it (its tokenizer and chat
+        template); None for other kinds (``aad serve`` then estimates ``usage.prompt_tokens``)."""
+        return self._runtime(name).prompt_tokens(request) if self._spec(name).kind == "lora" else None
 
     def prompt_too_long(self, name: str, request: ChatRequest) -> str:
         """Why ``request`` is too long for the LoRA specialist ``name`` ("" when it fits): a prompt longer
