@@ -43,7 +43,7 @@ def test_prompt_lookup_answers_exactly_as_plain_greedy_with_and_without_a_cached
         assert stats["lookup_tokens"] >= sum(g.n_tokens for g in reference) * 2
         assert 0 < stats["lookup_passes"] < 0.9 * stats["lookup_tokens"]
         assert (stats["prefix_hits"] > 0) == (prefix_cache > 0)
-    # Short budgets (drafts cut to fit) and a batch (plain decoding: one token per pass) answer alike too.
+    # Short budgets (drafts cut to fit) and a batch (batched lookup: see test_runtime_batch_lookup.py) answer alike too.
     rt = _runtime(peaked_student, prompt_lookup=4)
     for n in (1, 2, 5):
         _same(_singles(rt, requests[:6], n), _singles(plain, requests[:6], n))

@@ -22,10 +22,11 @@ What makes it fast on CPU (docs/routing.md, "Serving speed"):
   Built at the adapter's first generation (or :meth:`SpecialistRuntime.load`); the base student,
   :meth:`SpecialistRuntime.answer_logprobs`, candidate scoring and adapters with answer hints keep the
   shared, unmerged model.
-- **Prompt lookup** (``prompt_lookup``): a single row decoded freely drafts the tokens that followed the
+- **Prompt lookup** (``prompt_lookup``): a row decoded freely drafts the tokens that followed the
   last n-gram's most recent earlier occurrence in prompt + answer, checks them in one forward pass and
   keeps those the model's argmax agrees with (n-gram speculative decoding: the answer stays the model's
-  own, and specialists mostly copy spans of the request). Batched rows decode one token per pass.
+  own, and specialists mostly copy spans of the request). A micro-batch does the same for every row in
+  one pass over a shared key/value cache, rejected drafts left in it as masked holes.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class SpecialistRuntime:
     adapter's answers are computed: ``"int8"`` (a private copy of the base with the adapter merged and
     int8 weights; ``int8_lm_head`` also for the output layer), ``"merged"`` (the merged copy in float32:
     the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
-    ``prompt_lookup``: the most tokens drafted per pass by prompt-lookup speculative decoding when a single
-    row is generated freely (0 = off; batched rows and closed answer sets decode plainly).
+    ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
+    rows are generated freely (0 = off; closed answer sets decode plainly).
     """
 
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
@@ -134,7 +135,9 @@ class SpecialistRuntime:
         self._count_lock = threading.Lock()
         #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
         self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0,
-                      "fast_builds": 0, "lookup_passes": 0, "lookup_tokens": 0}
+                      "fast_builds": 0, "lookup_passes": 0, "lookup_tokens": 0,
+                      # the same for micro-batches decoded by _lookup_decode_batch (lookup_* counts single rows)
+                      "lookup_batches": 0, "lookup_batch_passes": 0, "lookup_batch_tokens": 0}
 
     @property
     def loaded(self) -> bool:
@@ -152,7 +155,8 @@ class SpecialistRuntime:
 
     def _warm(self, adapter: str | None) -> None:
         """One dummy generation (the first ``generate()`` of a model is slow); with ``prompt_lookup``, also
-        one of two rows (batches decode through ``generate()``, a single row through the lookup loop)."""
+        one of two rows (a single row decodes through :meth:`_lookup_decode`, a batch through
+        :meth:`_lookup_decode_batch`)."""
         from aad_core.schema import ChatRequest, Message
 
         request = ChatRequest(messages=[Message(role="user", content="Hi")])
@@ -519,8 +523,8 @@ class SpecialistRuntime:
     def _generate_ids(self, ids: list[list[int]], prefix: _Prefix | None, adapter: str | None, max_new_tokens: int,
                       trie: _AnswerTrie | None) -> list[Generation]:
         """Greedy answers for prompts given as token ids. With ``prefix``, every prompt starts with its
-        ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded. A single row decoded
-        freely goes through :meth:`_lookup_decode` when ``prompt_lookup`` is on."""
+        ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded. Rows decoded freely go
+        through :meth:`_lookup_decode` (one row) or :meth:`_lookup_decode_batch` when ``prompt_lookup`` is on."""
         import torch
 
         model, context = self._runner(adapter)
@@ -531,12 +535,15 @@ class SpecialistRuntime:
         if prefix is not None:
             self.stats["reused_tokens"] += skip * len(ids)
         self.stats["prompt_tokens"] += sum(len(r) for r in rest)
-        if trie is None and len(ids) == 1 and self.prompt_lookup > 0 and _plain_greedy(model):
+        if trie is None and self.prompt_lookup > 0 and _plain_greedy(model):
             started = time.perf_counter()
             with context, torch.no_grad():
-                tokens, logprobs = self._lookup_decode(model, ids[0], prefix, adapter, max_new_tokens)
-            latency = (time.perf_counter() - started) * 1000
-            return [self._generation(tokens, torch.tensor(logprobs), latency)]
+                if len(ids) == 1:
+                    answers = [self._lookup_decode(model, ids[0], prefix, adapter, max_new_tokens)]
+                else:
+                    answers = self._lookup_decode_batch(model, ids, prefix, adapter, max_new_tokens)
+            latency = (time.perf_counter() - started) * 1000 / len(ids)
+            return [self._generation(tokens, torch.tensor(logprobs), latency) for tokens, logprobs in answers]
         width = max(len(r) for r in rest)
         input_ids = torch.tensor([list(prefix.ids if prefix else ()) + [pad] * (width - len(r)) + r for r in rest],
                                  device=self.device_)
@@ -633,6 +640,114 @@ class SpecialistRuntime:
         self.stats["lookup_tokens"] += len(tokens)
         self._last_answer[adapter] = tokens
         return tokens, logprobs
+
+    def _lookup_decode_batch(self, model: Any, ids_rows: list[list[int]], prefix: _Prefix | None,
+                             adapter: str | None, max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+        """:meth:`_lookup_decode` for several prompts at once: each answer and the raw log-prob of each of its
+        tokens are those of plain greedy decoding of that prompt alone (up to float rounding).
+
+        The rows share one key/value cache (the prefix's, repeated per row). Each pass feeds every row its
+        tokens not yet in the cache (the left-padded rest of the prompt, then its pending token) plus its
+        drafts, right-padded to the widest row. A 2D attention mask over cache + new columns keeps, per
+        row, only that row's own tokens: padding and rejected drafts stay in the cache as holes (cropping
+        would cut every row's columns), and explicit position ids count only the row's tokens, so every
+        row sees the sequence it would see alone. Trailing columns that are holes in every
+        row are cropped, and finished rows (end-of-sequence or ``max_new_tokens``) leave the batch.
+
+        Draft length: each row keeps its own span, adapted as in :meth:`_lookup_decode` (rows of one batch
+        copy from their requests at different rates). The widest row sets the pass width and the others
+        fill the rest of it with more of the same copied span: those columns are computed anyway.
+        Returns, per row, its new tokens (up to end-of-sequence included) and their log-probs."""
+        import torch
+
+        tok = self._tokenizer
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        device = self.device_
+        n_rows = len(ids_rows)
+        skip = len(prefix.ids) if prefix is not None else 0
+        cache: Any = None
+        if prefix is not None:
+            cache = copy.deepcopy(prefix.cache)
+            if n_rows > 1:
+                cache.batch_repeat_interleave(n_rows)
+        # Which cache columns each batch row may attend to (rows in the order of ``active``).
+        valid = torch.ones(n_rows, skip, dtype=torch.bool, device=device)
+        feeds = [list(row[skip:]) for row in ids_rows]  # per row: its tokens not in the cache yet
+        positions = [skip] * n_rows  # per row: the position of the first token of its feed
+        last = self._last_answer.get(adapter, [])
+        seqs = [last + list(row) for row in ids_rows]  # what drafts are copied from (see _lookup_decode)
+        spans = [min(LOOKUP_START, self.prompt_lookup)] * n_rows
+        tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+        active = list(range(n_rows)) if max_new_tokens > 0 else []  # batch row -> row of ids_rows
+        passes = 0
+        while active:
+            caps = [max_new_tokens - len(tokens[r]) - 1 for r in active]
+            own = [_lookup_draft(seqs[r], spans[r])[: max(cap, 0)] for r, cap in zip(active, caps)]
+            n_draft = max(len(d) for d in own)
+            drafts = [_lookup_draft(seqs[r], n_draft)[: max(cap, 0)] if len(d) < n_draft else d
+                      for r, d, cap in zip(active, own, caps)]
+            n_feed = max(len(feeds[r]) for r in active)
+            # Row layout: [left pad | feed | drafts | right pad]; every row's last feed token is at column
+            # n_feed - 1, so the logits to check are the last n_draft + 1 columns for all rows.
+            inputs: list[list[int]] = []
+            new_valid: list[list[bool]] = []
+            pos: list[list[int]] = []
+            for r, d in zip(active, drafts):
+                lead, tail, mine = n_feed - len(feeds[r]), n_draft - len(d), len(feeds[r]) + len(d)
+                inputs.append([pad] * lead + feeds[r] + d + [pad] * tail)
+                new_valid.append([False] * lead + [True] * mine + [False] * tail)
+                pos.append([0] * lead + list(range(positions[r], positions[r] + mine)) + [0] * tail)
+            new = torch.tensor(new_valid, dtype=torch.bool, device=device)
+            kwargs: dict[str, Any] = {} if cache is None else {_cache_kwarg(): cache}
+            out = model(input_ids=torch.tensor(inputs, device=device),
+                        attention_mask=torch.cat([valid, new], dim=1).long(),
+                        position_ids=torch.tensor(pos, device=device), use_cache=True,
+                        logits_to_keep=n_draft + 1, **kwargs)
+            passes += 1
+            cache = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+            logits = out.logits[:, -(n_draft + 1):].float()
+            step_lp = torch.log_softmax(logits, dim=-1)
+            best = logits.argmax(dim=-1).tolist()
+            keep: list[int] = []
+            for b, (r, d) in enumerate(zip(active, drafts)):
+                n = 0
+                while n < len(d) and best[b][n] == d[n]:
+                    n += 1
+                if own[b]:  # adapted on the row's own span only: the filled columns were free
+                    spans[r] = min(self.prompt_lookup, spans[r] + 2) if n >= len(own[b]) else max(1, spans[r] - 1)
+                for j, t in enumerate(best[b][: n + 1]):  # the accepted drafts, then the model's next token
+                    tokens[r].append(t)
+                    logprobs[r].append(float(step_lp[b, j, t]))
+                    if t == eos:
+                        break
+                new[b, n_feed + n : n_feed + len(d)] = False  # rejected drafts: holes from now on
+                if tokens[r][-1] == eos or len(tokens[r]) >= max_new_tokens:
+                    continue
+                keep.append(b)
+                seqs[r].extend(best[b][: n + 1])
+                positions[r] += len(feeds[r]) + n
+                feeds[r] = [best[b][n]]
+            valid = torch.cat([valid, new], dim=1)
+            if len(keep) < len(active):
+                if not keep:
+                    break
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                valid = valid[index]
+                active = [active[b] for b in keep]
+            used = valid.any(dim=0).nonzero()
+            width = int(used[-1]) + 1 if len(used) else 0
+            if width < valid.shape[1]:  # holes in every row at the end: gone (negative = tokens to remove)
+                cache.crop(-(valid.shape[1] - width))
+                valid = valid[:, :width]
+        self.stats["lookup_batches"] += 1
+        self.stats["lookup_batch_passes"] += passes
+        self.stats["lookup_batch_tokens"] += sum(len(t) for t in tokens)
+        if any(tokens):  # the longest answer: the most of the node's fixed answer parts to draft from
+            self._last_answer[adapter] = max(tokens, key=len)
+        return list(zip(tokens, logprobs))
 
     def prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens of ``request`` rendered as the specialists see it (chat template, generation prompt).
