@@ -1,14 +1,16 @@
 """Share of an agent's calls its distilled specialists serve, and how well they agree with the teacher.
 
 Every held-out call of a distilled workspace (every cluster's held-out split, routine or not: all
-agent nodes count in the denominator) goes through the public LangChain ``RoutedChatModel`` with a
+agent nodes count in the denominator; the calls a promoted specialist was fitted on, a classifier's
+calibration part, are left out) goes through the public LangChain ``RoutedChatModel`` with a
 teacher stub, a chat model that answers each request with the teacher answer recorded in that
 call's trace (tool calls as ``AIMessage.tool_calls``), so a teacher answer agrees by construction.
 The trace's tools are bound with ``bind_tools``. Escalations are not recorded: the script writes
 nothing into the workspace. ``response_metadata["aad_route"]["target"]`` says who answered.
 
 * served share: held-out calls a specialist answered (past the router, the output validators and
-  the confidence gate) / all held-out calls;
+  the confidence gate) / all held-out calls, each node weighted by its share of all held-out calls
+  (the plain ratio when no call was left out);
 * agreement: mean per-item agreement of the specialist-served answers with the recorded teacher
   answers, scored by the evaluator ``aad eval`` chose for the serving specialist's cluster
   (``eval.json``); teacher-served calls are not counted (0.000 when no call was served; the script
@@ -106,18 +108,25 @@ def answer_text(message: AIMessage) -> str:
     return tool_calls_string(msg) if msg.tool_calls else msg.text()
 
 
-def heldout_traces(ws: Any) -> tuple[Any, list[Any]]:
-    """(cluster state, every cluster's held-out traces, ordered by id)."""
+def heldout_traces(ws: Any) -> tuple[Any, list[Any], Counter[str]]:
+    """(cluster state, every cluster's held-out traces, ordered by id, less those a promoted specialist
+    was fitted on (a classifier trains on its task's calibration part: it would answer them from memory),
+    and the number of held-out calls of each node before that)."""
     from aad_core.artifacts import ClusterState
+    from aad_core.plugins.components import HELDOUT_TRAINED_ON
+    from aad_core.specialists import SpecialistRegistry
 
     state = ClusterState.load(ws)
+    seen = {tid for spec in SpecialistRegistry(ws).promoted().values()
+            for tid in (spec.metrics or {}).get(HELDOUT_TRAINED_ON) or ()}
     ids = sorted(t for c in state.clusters for t in state.heldout_ids(c.id))
     store = ws.store()
     try:
         traces = {t.id: t for t in store.iter_traces(ids=ids)}
     finally:
         store.close()
-    return state, [traces[i] for i in ids if i in traces and traces[i].response is not None]
+    recorded = [traces[i] for i in ids if i in traces and traces[i].response is not None]
+    return state, [t for t in recorded if t.id not in seen], Counter(t.task or "untagged" for t in recorded)
 
 
 class Agreement:
@@ -191,7 +200,7 @@ def measure(ws: Any, engine: Any = None) -> dict[str, Any]:
     from aad_core.serving.engine import RoutingEngine
 
     started = time.perf_counter()
-    state, traces = heldout_traces(ws)
+    state, traces, node_calls = heldout_traces(ws)
     teacher = RecordedTeacher()
     for t in traces:
         teacher.add(lc_messages(t), recorded_answer(t))
@@ -241,12 +250,21 @@ def measure(ws: Any, engine: Any = None) -> dict[str, Any]:
         }
     n_calls = len(rows)
     plan = per_node.get(PLAN_NODE)
+    # Each node counts with its share of all held-out calls, also when some of its calls were left out
+    # (a specialist trained on them): otherwise leaving them out would shift the mix of nodes.
+    total = sum(node_calls[n] for n in per_node) or 1
+    weight = {n: node_calls[n] / total for n in per_node}
+    share = sum(weight[n] * row["served_share"] for n, row in per_node.items())
+    agreed = sum(weight[n] * row["served_share"] * row["agreement"] for n, row in per_node.items() if row["served"])
+    for n, row in per_node.items():
+        row["heldout_calls"] = node_calls[n]
     return {
         "workspace": str(ws.root),
         "calls": n_calls,
+        "left_out": sum(node_calls[n] for n in per_node) - n_calls,
         "served": len(served),
-        "served_share": len(served) / n_calls if n_calls else 0.0,
-        "agreement": statistics.fmean(scores) if scores else None,
+        "served_share": share if n_calls else 0.0,
+        "agreement": agreed / share if scores and share else None,
         "escalated": sum(r["escalated"] for r in rows),
         "routine_nodes": list(ROUTINE_NODES),
         "routine_nodes_served": [n for n in ROUTINE_NODES if per_node.get(n, {}).get("served")],
@@ -268,7 +286,8 @@ def headline(fig: dict[str, Any]) -> str:
 def report(fig: dict[str, Any]) -> list[str]:
     """The per-node lines, notes, and the headline (last)."""
     lines = [f"{len(fig['per_node'])} agent nodes, {fig['calls']} held-out calls routed through RoutedChatModel "
-             f"in {fig['runtime_s']:.1f} s ({fig['escalated']} escalated to the teacher)",
+             f"in {fig['runtime_s']:.1f} s ({fig['escalated']} escalated to the teacher; {fig['left_out']} left out: "
+             "a promoted specialist trained on them)",
              f"{'node':<12}{'calls':>6}{'served':>8}{'agreement':>11}{'p50 ms':>9}  specialists"]
     for node, row in fig["per_node"].items():
         names = ", ".join(f"{k} ({v})" for k, v in row["specialists"].items()) or "-"

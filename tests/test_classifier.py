@@ -60,7 +60,7 @@ def _trained(ws: Workspace, out: Path, **params: Any) -> tuple[ClassifierTrainer
 
 def test_the_classifier_learns_a_label_task_with_calibrated_looking_probabilities(ws: Workspace,
                                                                                   tmp_path: Path) -> None:
-    trainer, metrics = _trained(ws, tmp_path / "spec")
+    trainer, metrics = _trained(ws, tmp_path / "spec", fit_calibration_part=False)
     assert metrics["n_classes"] == 3 and metrics["n_train"] == 36 and metrics["n_eval"] == 9
     assert metrics["eval_accuracy"] == 1.0 and metrics["eval_unseen_answers"] == 0
     predictor = trainer.load_predictor(tmp_path / "spec")
@@ -168,7 +168,10 @@ def test_the_train_stage_picks_classifier_for_labels_and_lora_for_json(
     assert [(c["trainer"], c["fits"]) for c in considered] == [("classifier", False), ("qlora", True)]
     assert SpecialistRegistry(ws).manifest(specs[0])["hyperparameters"]["next_kinds"] == ["qlora"]
     # the classifier trained on the whole training split, the LoRA adapter on the selection
-    assert specs[0].metrics["n_train"] == 14 and specs[1].metrics["n_train"] == len(selected[1])
+    # (and on its task's held-out calibration part, which its gate then leaves out)
+    fitted = specs[0].metrics["heldout_trained_on"]
+    assert specs[0].metrics["n_train"] == 14 + len(fitted) and specs[1].metrics["n_train"] == len(selected[1])
+    assert "heldout_trained_on" not in specs[1].metrics
 
 
 def test_an_old_manifest_without_a_kind_is_lora(ws: Workspace, tmp_path: Path) -> None:
@@ -305,13 +308,15 @@ def test_out_of_fold_calibration_covers_every_training_call_and_feeds_the_gate(w
     from aad_core.pipeline.evaluate.runner import evaluate_cluster
     from aad_core.schema import Cluster, Specialist
 
-    trainer, metrics = _trained(ws, tmp_path / "spec", C=10.0)
+    trainer, metrics = _trained(ws, tmp_path / "spec", C=10.0, fit_calibration_part=False)
     cal = metrics["calibration"]
     assert cal["signal"] == "confidence" and "5-fold out-of-fold" in cal["source"]
     assert len(cal["confidence"]) == len(cal["agreement"]) == metrics["n_train"] == 36
     assert all(1 / 3 < c <= 1 for c in cal["confidence"]) and sum(cal["agreement"]) >= 30
     assert trainer.calibration_folds == 5
-    assert "calibration" not in _trained(ws, tmp_path / "none", calibration_folds=0)[1]
+    no_folds = _trained(ws, tmp_path / "none", calibration_folds=0)[1]
+    # no out-of-fold pairs: the gate calibrates on the held-out calibration part, so it is not trained on
+    assert "calibration" not in no_folds and no_folds["heldout_trained_on"] == [] and no_folds["n_eval"] == 9
 
     # 36 pairs cannot show 0.95 with 95 % confidence (that needs 59): parity decides, and says so
     heldout = _label_traces(4, offset=200)
@@ -360,3 +365,24 @@ def test_the_select_stage_does_not_score_a_task_the_classifier_takes(ws: Workspa
     assert scored == [12]  # only the JSON task (12 training traces) was scored
     assert labels["scores"] == {} and len(labels["selected"]) == labels["n_train"] == 14
     assert len(orders["scores"]) == 12 and len(orders["selected"]) == 6
+
+
+def test_the_calibration_part_is_training_data_and_the_gate_never_scores_it(ws: Workspace, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from aad_core.pipeline.evaluate.runner import evaluate_specialist
+    from aad_core.schema import Cluster, Specialist
+
+    train, calibration, test = _label_traces(25), _label_traces(3, offset=100), _label_traces(4, offset=200)
+    metrics = ClassifierTrainer(workspace=ws, C=10.0).train(train, calibration, tmp_path / "spec", show_progress=False)
+    assert metrics["n_train"] == 75 + 9 and metrics["n_eval"] == 0
+    assert sorted(metrics["heldout_trained_on"]) == sorted(t.id for t in calibration)
+    assert len(metrics["calibration"]["confidence"]) == 84  # out-of-fold answers of every call it fitted
+    spec = Specialist(name="c0-intents", cluster_id=0, version=1, base_model="-", path=str(tmp_path / "spec"),
+                      kind="classifier", trainer="classifier", metrics=metrics)
+    heldout = {t.id: t for t in calibration + test}
+    state = SimpleNamespace(heldout_ids=lambda cid: list(heldout))
+    store = SimpleNamespace(iter_traces=lambda ids: [heldout[i] for i in ids])
+    cluster = Cluster(id=0, label="intents", size=96, variance=0.2, mean_similarity=0.8, routine=True)
+    entry = evaluate_specialist(ws, state, cluster, spec, store, {})
+    assert entry["n_heldout"] == len(test) == 12 and entry["gate"]["test"]["n"] == 12

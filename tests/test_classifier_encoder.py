@@ -129,7 +129,7 @@ def tuned_ws(workspace: Workspace, tiny_st: Path) -> Workspace:
 def test_the_classifier_trains_and_serves_on_a_tuned_encoder(tuned_ws: Workspace, tmp_path: Path,
                                                              calibration_encoder: str) -> None:
     trainer = ClassifierTrainer(workspace=tuned_ws, tune_epochs=4, tune_lr=1e-3, tune_classes_per_batch=3,
-                                calibration_encoder=calibration_encoder)
+                                calibration_encoder=calibration_encoder, fit_calibration_part=False)
     metrics = trainer.train(_label_traces(12), _label_traces(3, offset=100), tmp_path / "spec", show_progress=False)
     assert metrics["encoder"] == "tuned" and metrics["tuning"]["tuned"] and metrics["n_eval"] == 9
     cal = metrics["calibration"]
@@ -165,3 +165,51 @@ def test_frozen_and_untunable_embedders_use_the_router_vectors(tuned_ws: Workspa
     predictor = ClassifierTrainer(workspace=tuned_ws).load_predictor(tmp_path / "t")
     request = ChatRequest(messages=[Message(role="user", content="my pin got blocked")])
     assert predictor.generate([request], max_new_tokens=4)[0].text in INTENTS
+
+
+def test_the_untuned_embedders_heads_are_mixed_in_at_frozen_weight(tuned_ws: Workspace, tmp_path: Path) -> None:
+    from aad_core.models.embedding import embed_requests
+
+    kwargs = {"workspace": tuned_ws, "tune_epochs": 4, "tune_lr": 1e-3, "tune_classes_per_batch": 3}
+    metrics = ClassifierTrainer(frozen_weight=0.4, **kwargs).train(_label_traces(12), [], tmp_path / "mix",
+                                                                   show_progress=False)
+    assert metrics["encoder"] == "tuned" and metrics["frozen_weight"] == 0.4
+    with np.load(tmp_path / "mix" / FILE, allow_pickle=False) as saved:
+        assert saved["frozen_knn_x"].shape == saved["knn_x"].shape and float(saved["frozen_weight"]) == 0.4
+    requests = [t.request for t in _label_traces(2, offset=50)]
+    mixed = ClassifierTrainer(**kwargs).load_predictor(tmp_path / "mix")
+    tuned_only = mixed.head.probs(mixed.features(requests))
+    frozen_head, weight = mixed.frozen
+    frozen_only = frozen_head.probs(embed_requests(requests, mixed.config))
+    assert np.allclose(mixed.predict_proba(requests), 0.6 * tuned_only + 0.4 * frozen_only, atol=1e-6)
+    assert not np.allclose(tuned_only, frozen_only, atol=1e-3)  # the two heads disagree: the mix matters
+    # the gate's calibration pairs are those of the mix: the same number of calls, confidences in (0, 1]
+    cal = metrics["calibration"]
+    assert len(cal["confidence"]) == 36 and all(0 < c <= 1 for c in cal["confidence"])
+    # frozen_weight = 0: the tuned encoder's heads alone, nothing else saved
+    ClassifierTrainer(frozen_weight=0.0, **kwargs).train(_label_traces(12), [], tmp_path / "alone", show_progress=False)
+    with np.load(tmp_path / "alone" / FILE, allow_pickle=False) as saved:
+        assert "frozen_coef" not in saved.files
+    assert ClassifierTrainer(**kwargs).load_predictor(tmp_path / "alone").frozen is None
+
+
+def test_a_part_every_request_shares_is_left_out_of_the_classifiers_view(tuned_ws: Workspace, tmp_path: Path) -> None:
+    from aad_plugins.classifier import _constant_parts
+
+    traces = _label_traces(6)
+    requests = [t.request for t in traces]
+    assert _constant_parts(requests, ["system", "tools", "last_user"], 1000) == ["system", "tools"]
+    # a system prompt that varies tells answers apart: kept
+    varied = [make_trace("same words", "a", system=f"prompt {i}").request for i in range(3)]
+    assert _constant_parts(varied, ["system", "last_user"], 1000) == ["last_user"]
+    assert _constant_parts(requests[:1], ["system", "last_user"], 1000) == []  # never every part
+    metrics = ClassifierTrainer(workspace=tuned_ws, encoder="frozen").train(traces, [], tmp_path / "v",
+                                                                            show_progress=False)
+    assert "system" not in metrics["view"] and "last_user" in metrics["view"]
+    with np.load(tmp_path / "v" / FILE, allow_pickle=False) as saved:
+        assert "system" not in [str(v) for v in saved["view"]]
+    # served with the view it was trained on, whatever the request's system prompt
+    predictor = ClassifierTrainer(workspace=tuned_ws).load_predictor(tmp_path / "v")
+    other = ChatRequest(messages=[Message(role="system", content="a completely different prompt"),
+                                  Message(role="user", content=traces[0].request.last_user_message())])
+    assert np.allclose(predictor.predict_proba([other]), predictor.predict_proba([traces[0].request]), atol=1e-6)

@@ -105,3 +105,26 @@ def test_the_teacher_stub_answers_tool_calls_as_recorded() -> None:
     assert module.answer_text(reply) == answer_string(trace)
     with pytest.raises(KeyError):
         teacher.invoke("an unrecorded request")
+
+
+def test_calls_a_promoted_specialist_trained_on_are_left_out_and_their_node_keeps_its_weight(
+        tiny: Workspace, tmp_path: Path) -> None:
+    from aad_core.specialists import SpecialistRegistry
+
+    folder = tmp_path / "fitted"
+    folder.mkdir()
+    (folder / "classifier.npz").write_bytes(b"-")  # never loaded: the engine's specialists are scripted
+    registry = SpecialistRegistry(tiny)
+    spec = registry.save(cluster_id=0, label="intent", adapter_dir=folder, base_model="-", kind="classifier",
+                         trainer="classifier", metrics={"heldout_trained_on": ["intent-b"]})
+    registry.set_promoted(spec.name, spec.version, True, "test")
+    backend = Scripted('{"intent": "card_arrival"}')
+    engine = RoutingEngine(tiny, router=make_router(tiny, {0: "cards"}), specialists=backend, record=False)
+    engine._cluster_info = {0: {"output_kind": "json"}}
+
+    fig = _script().main(["--workspace", str(tiny.root)], engine=engine)
+
+    assert backend.calls == ["cards"] and fig["calls"] == 2 and fig["left_out"] == 1
+    # intent keeps its 2 of 3 held-out calls' weight: 2/3 x served 1.0 + 1/3 x plan 0.0
+    assert fig["served_share"] == pytest.approx(2 / 3) and fig["agreement"] == pytest.approx(1.0)
+    assert fig["per_node"]["intent"]["calls"] == 1 and fig["per_node"]["intent"]["heldout_calls"] == 2

@@ -109,6 +109,10 @@ class Predictor(ABC):
         and, where the kind has one, ``confidence`` (e.g. a classifier's top probability)."""
 
 
+#: ``Trainer.train`` metrics key: ids of the held-out calls (calibration part) the specialist was fitted on.
+HELDOUT_TRAINED_ON = "heldout_trained_on"
+
+
 class Trainer(Component, ABC):
     """S5: a specialist kind. Fits one specialist on one task's traces, and serves what it trained.
 
@@ -133,7 +137,13 @@ class Trainer(Component, ABC):
         *,
         show_progress: bool = True,
     ) -> dict[str, Any]:
-        """Train, save the specialist in ``output_dir`` (kind "lora": a PEFT adapter), return metrics."""
+        """Train, save the specialist in ``output_dir`` (kind "lora": a PEFT adapter), return metrics.
+
+        ``eval`` is the calibration part of the task's held-out calls (early stopping, vote weights); the
+        gate's test part is never given. Two metrics keys feed the gate: ``"calibration"``
+        (``{"signal", "source", "confidence": [...], "agreement": [...]}``: pairs the gate chooses the
+        serving threshold on instead of the calibration part) and :data:`HELDOUT_TRAINED_ON` (the ids of
+        the ``eval`` calls the specialist was fitted on, which the evaluation then leaves out)."""
 
     def applies_to(self, train: Sequence[Trace]) -> tuple[bool, str]:
         """Whether this kind fits the task whose training traces are ``train``, and why (shown to users)."""

@@ -272,8 +272,12 @@ def evaluate_specialist(ws: Workspace, state: ClusterState, cluster: Cluster, sp
     """Evaluate one specialist of ``cluster`` on the cluster's held-out calls (at most ``[eval] max_heldout``)
     and apply the gate; ``runtimes`` caches one LoRA runtime per base model across calls. The caller
     records the promotion (``SpecialistRegistry.set_promoted``)."""
+    from aad_core.plugins.components import HELDOUT_TRAINED_ON
+
     cfg = ws.config
-    ids = list(state.heldout_ids(cluster.id))
+    # held-out calls the specialist was fitted on (a classifier's calibration part) are never scored
+    trained_on = set((getattr(spec, "metrics", None) or {}).get(HELDOUT_TRAINED_ON) or ())
+    ids = [i for i in state.heldout_ids(cluster.id) if i not in trained_on]
     if cfg.eval.max_heldout is not None and spec.kind == "lora":
         # The cap bounds generation time; a classifier answers every held-out call in milliseconds,
         # and more test calls make its gate's verdict less a matter of chance.
