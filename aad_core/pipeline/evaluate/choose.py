@@ -37,11 +37,17 @@ def choose_evaluator(traces: Sequence[Trace]) -> str:
 
 def evaluator_name_for(config: AADSettings, cluster: Cluster, traces: Sequence[Trace]) -> tuple[str, str]:
     """(evaluator name, why): ``[eval] cluster_evaluators`` by cluster id or task tag, then
-    ``[eval] evaluator`` unless it is 'auto', then :func:`choose_evaluator`."""
+    ``[eval] evaluator`` unless it is 'auto', then the evaluator for the task's output kind as the
+    cluster stage found it on its training split (``cluster.answer_kind``), else :func:`choose_evaluator`
+    on ``traces``. The training split decides when it can: a label task with many labels looks like
+    free text on a few held-out calls (77 Banking77 intents over 88 calls are 68 % distinct)."""
     overrides = config.eval.cluster_evaluators
     for key in (str(cluster.id), cluster.task, cluster.label):
         if key is not None and key in overrides:
             return overrides[key], f"config [eval] cluster_evaluators[{key!r}]"
     if config.eval.evaluator != "auto":
         return config.eval.evaluator, "config [eval] evaluator"
+    kind = getattr(cluster, "answer_kind", None)
+    if kind in EVALUATOR_FOR_KIND:
+        return EVALUATOR_FOR_KIND[kind], f"chosen automatically: the task's answers are of kind {kind!r}"
     return choose_evaluator(traces), "chosen automatically from the answers"
