@@ -177,11 +177,19 @@ def test_short_budgets_cut_the_drafts_and_stop_every_row_at_max_new_tokens(peake
     assert _batch(rt, model, ids[:3], prefix, 0) == [([], [])] * 3
 
 
-def test_generate_decodes_micro_batches_with_prompt_lookup(peaked_student: Path) -> None:
+def test_generate_decodes_micro_batches_with_prompt_lookup(peaked_student: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import aad_core.models.runtime as runtime_module
+
     requests = _requests()  # 8 rows under one prefix, 2 under another (tools), 1 without any
     plain = _runtime(peaked_student, prefix_cache=0, prompt_lookup=0)
     reference = _singles(plain, requests)
     assert plain.stats["lookup_batches"] == 0
+    # by default a batch of more than LOOKUP_BATCH_ROWS rows decodes plainly (the same answers)
+    rt = _runtime(peaked_student, prefix_cache=8)
+    _same(rt.generate(requests, max_new_tokens=24), reference)
+    assert runtime_module.LOOKUP_BATCH_ROWS == 4 and rt.stats["lookup_batches"] == 1  # the 2 rows with tools
+    monkeypatch.setattr(runtime_module, "LOOKUP_BATCH_ROWS", 8)
     for prefix_cache in (0, 8):
         rt = _runtime(peaked_student, prefix_cache=prefix_cache)
         _same(rt.generate(requests, max_new_tokens=24), reference)
@@ -199,8 +207,13 @@ def test_generate_decodes_micro_batches_with_prompt_lookup(peaked_student: Path)
     assert rt.stats["lookup_batches"] == 0
 
 
-def test_batched_lookup_with_an_adapter_answers_as_plain_greedy(peaked_student: Path, tmp_path: Path) -> None:
+def test_batched_lookup_with_an_adapter_answers_as_plain_greedy(peaked_student: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import math
+
+    import aad_core.models.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "LOOKUP_BATCH_ROWS", 8)
 
     adapter = _adapter(peaked_student, tmp_path / "a", 1)
     requests = _requests()

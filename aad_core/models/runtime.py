@@ -25,8 +25,9 @@ What makes it fast on CPU (docs/routing.md, "Serving speed"):
 - **Prompt lookup** (``prompt_lookup``): a row decoded freely drafts the tokens that followed the
   last n-gram's most recent earlier occurrence in prompt + answer, checks them in one forward pass and
   keeps those the model's argmax agrees with (n-gram speculative decoding: the answer stays the model's
-  own, and specialists mostly copy spans of the request). A micro-batch does the same for every row in
-  one pass over a shared key/value cache, rejected drafts left in it as masked holes.
+  own, and specialists mostly copy spans of the request). A micro-batch of up to ``LOOKUP_BATCH_ROWS``
+  rows does the same for every row in one pass over a shared key/value cache, rejected drafts left in it
+  as masked holes; a larger one decodes plainly (its passes are compute-bound already).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ DEFAULT_PROMPT_LOOKUP = 10
 LOOKUP_START = 4
 #: Longest n-gram whose earlier occurrence prompt lookup drafts from.
 LOOKUP_NGRAM = 3
+#: Micro-batches of up to this many rows decode with prompt lookup; larger ones with plain ``generate()``.
+#: On 2 CPU cores (demo extract specialist, ``benchmarks/specialist_latency.py``) lookup took concurrency 4
+#: from 2.7 to 3.0-3.2 requests/s, but concurrency 8 from 4.1 down to 3.4-3.6: eight rows of drafts make
+#: each pass compute-bound, and the per-pass bookkeeping costs more than the drafts save.
+LOOKUP_BATCH_ROWS = 4
 
 
 @dataclass
@@ -535,7 +541,7 @@ class SpecialistRuntime:
         if prefix is not None:
             self.stats["reused_tokens"] += skip * len(ids)
         self.stats["prompt_tokens"] += sum(len(r) for r in rest)
-        if trie is None and self.prompt_lookup > 0 and _plain_greedy(model):
+        if trie is None and self.prompt_lookup > 0 and len(ids) <= LOOKUP_BATCH_ROWS and _plain_greedy(model):
             started = time.perf_counter()
             with context, torch.no_grad():
                 if len(ids) == 1:
