@@ -386,3 +386,10 @@ def test_the_calibration_part_is_training_data_and_the_gate_never_scores_it(ws: 
     cluster = Cluster(id=0, label="intents", size=96, variance=0.2, mean_similarity=0.8, routine=True)
     entry = evaluate_specialist(ws, state, cluster, spec, store, {})
     assert entry["n_heldout"] == len(test) == 12 and entry["gate"]["test"]["n"] == 12
+
+
+def test_a_one_answer_task_keeps_its_calibration_part_for_the_gate(ws: Workspace, tmp_path: Path) -> None:
+    same = [make_trace(f"what is the weather in city {i}", "NO_TOOL") for i in range(12)]
+    calibration = [make_trace(f"weather in town {i}", "NO_TOOL") for i in range(3)]
+    metrics = ClassifierTrainer(workspace=ws).train(same, calibration, tmp_path / "one", show_progress=False)
+    assert metrics["heldout_trained_on"] == [] and metrics["n_train"] == 12 and "calibration" not in metrics
