@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -114,6 +115,35 @@ class TokenLogprob(_Model):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
+#: Longest ``Trace.session_id`` / ``Trace.user_id`` accepted (an id chosen by the application, not free text).
+MAX_IDENTITY_CHARS = 256
+
+
+def check_identity(value: Any, name: str = "session_id") -> str | None:
+    """``value`` as a session or user id: a string (a whole number is taken as its text) of at most
+    :data:`MAX_IDENTITY_CHARS` characters without control characters; None or blank -> None. Raises
+    ValueError naming the field otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        what = "conversation" if name == "session_id" else "end user"
+        raise ValueError(f"Trace.{name} must be a string (the application's id of the {what}). "
+                         f"Got {type(value).__name__} instead.")
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > MAX_IDENTITY_CHARS:
+        raise ValueError(f"Trace.{name} must be at most {MAX_IDENTITY_CHARS} characters. Got {len(value)} "
+                         f"({value[:40]!r}...); use a shorter id, e.g. a hash of it.")
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise ValueError(f"Trace.{name} must not contain control characters. Got {value[:80]!r} (with "
+                         f"{bad!r}); remove them from the id.")
+    return value
+
+
 class Trace(_Model):
     """One recorded LLM call. ``id`` is the idempotency key of the store."""
 
@@ -125,6 +155,12 @@ class Trace(_Model):
     task: str | None = None
     run_id: str | None = None
     parent_run_id: str | None = None
+    #: The conversation (thread) the call belongs to, as the application names it: LangChain metadata
+    #: ``session_id`` / ``thread_id`` / ``conversation_id``, ``session_id`` of an ingested record.
+    session_id: str | None = None
+    #: The application's end user: metadata ``user_id``, OpenAI's ``user`` parameter. Redacted like every
+    #: stored string (an e-mail address used as an id becomes a placeholder).
+    user_id: str | None = None
     model: str | None = None
     request: ChatRequest
     response: Message | None = None
@@ -139,6 +175,11 @@ class Trace(_Model):
     feedback: dict[str, Any] | None = None
     tags: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("session_id", "user_id", mode="before")
+    @classmethod
+    def _identity(cls, value: Any, info: ValidationInfo) -> str | None:
+        return check_identity(value, info.field_name or "session_id")
 
     def answer_text(self) -> str:
         return self.response.text() if self.response else ""
@@ -226,6 +267,30 @@ def node_key(trace: Trace | ChatRequest) -> str:
     each call binds). Takes a trace or a bare request."""
     request = trace.request if hasattr(trace, "request") else trace
     return hashlib.sha256(request.system_prompt().encode()).hexdigest()
+
+
+#: Metadata keys of the run tree, written by the LangChain and LlamaIndex handlers: the root run of the
+#: pipeline invocation the call belongs to (shared by all its calls), and the runs from that root down to the
+#: call's parent, ``[{"run_id": ..., "name": ...}, ...]``.
+ROOT_RUN_METADATA_KEY = "aad_root_run_id"
+RUN_PATH_METADATA_KEY = "aad_run_path"
+
+
+def root_run_id(trace: Trace) -> str:
+    """The id of the root run of the trace's pipeline invocation (``metadata["aad_root_run_id"]``); a call
+    recorded without one is its own root (its run id, else its trace id)."""
+    root = trace.metadata.get(ROOT_RUN_METADATA_KEY) if isinstance(trace.metadata, dict) else None
+    return str(root) if isinstance(root, str) and root else (trace.run_id or trace.id)
+
+
+def run_path(trace: Trace) -> list[dict[str, str]]:
+    """The runs above the call, root first (``metadata["aad_run_path"]``): ``[{"run_id", "name"}, ...]``;
+    entries that are not of that shape are skipped."""
+    path = trace.metadata.get(RUN_PATH_METADATA_KEY) if isinstance(trace.metadata, dict) else None
+    if not isinstance(path, list):
+        return []
+    return [{"run_id": str(p["run_id"]), "name": str(p.get("name") or "")}
+            for p in path if isinstance(p, dict) and isinstance(p.get("run_id"), str) and p["run_id"]]
 
 
 #: ``Trace.source`` values whose response is a specialist's answer, not the teacher's.

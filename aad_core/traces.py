@@ -5,6 +5,9 @@
 * :func:`record_feedback` - attach a score (and a comment) to a recorded call: stored on the trace as
   ``Trace.feedback`` and usable as a filter (``min_score=``), e.g. to distil only from calls users
   liked. The LangChain and LlamaIndex handlers call it as ``handler.feedback(run_id, score, ...)``.
+* :func:`run_tree` - the run tree of a recorded call's pipeline invocation: the chain / agent / tool runs
+  above its calls (``metadata["aad_run_path"]``) and every stored call sharing its root run id
+  (``aad traces show ID --tree``).
 * :func:`delete_traces` - a data-deletion request: the traces leave the store (their bytes
   overwritten in SQLite), the spool (``.aad/spool/``) and the embedding cache; derived files under
   ``.aad/`` that still hold their text are removed (``purge=True``) or listed, and the trained
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError
-from aad_core.schema import Trace
+from aad_core.schema import Trace, root_run_id, run_path
 from aad_core.store.base import FILTER_KEYS, TraceFilter, merged_feedback
 
 if TYPE_CHECKING:
@@ -85,6 +88,89 @@ def record_feedback(target: Any, trace_id: str, score: float, *, comment: str | 
     finally:
         if owned:
             store.close()
+
+
+@dataclass
+class RunNode:
+    """One run of a pipeline's tree: a chain, agent or tool run (known from the recorded calls' paths; such
+    runs are not stored themselves) or a recorded call (``trace`` set)."""
+
+    run_id: str
+    name: str = ""
+    trace: Trace | None = None
+    children: list[RunNode] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run_id": self.run_id, "name": self.name}
+        if self.trace is not None:
+            t = self.trace
+            out["trace"] = {k: v for k, v in {
+                "id": t.id, "created_at": t.created_at.isoformat(), "source": t.source, "task": t.task,
+                "model": t.model, "status": t.status, "latency_ms": t.latency_ms, "session_id": t.session_id,
+                "user_id": t.user_id}.items() if v is not None}
+        out["children"] = [c.to_json() for c in self.children]
+        return out
+
+
+@dataclass
+class RunTree:
+    """The run tree of one pipeline invocation (:func:`run_tree`)."""
+
+    root_run_id: str
+    root: RunNode
+    #: The recorded calls in it, oldest first.
+    traces: list[Trace]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root_run_id": self.root_run_id, "calls": len(self.traces), "tree": self.root.to_json()}
+
+
+def build_run_tree(root_id: str, traces: Iterable[Trace]) -> RunTree:
+    """The tree of the calls ``traces`` of one invocation (root ``root_id``): each call hangs under the runs of
+    its recorded path, merged by run id; children in the order their first call was made."""
+    members = sorted(traces, key=lambda t: t.created_at)
+    root = RunNode(root_id)
+    nodes = {root_id: root}
+    for t in members:
+        parent = root
+        for entry in run_path(t):
+            rid = entry["run_id"]
+            if rid == root_id:
+                root.name = root.name or entry["name"]
+                parent = root
+                continue
+            node = nodes.get(rid)
+            if node is None:
+                node = nodes[rid] = RunNode(rid, entry["name"])
+                parent.children.append(node)
+            parent = node
+        own = t.run_id or t.id
+        leaf = nodes.get(own)
+        if leaf is None:
+            leaf = nodes[own] = RunNode(own)
+            parent.children.append(leaf)
+        leaf.trace = t
+    return RunTree(root_run_id=root_id, root=root, traces=members)
+
+
+def run_tree(target: Any, trace_id: str) -> RunTree:
+    """The run tree of the pipeline invocation that made the call ``trace_id``: every stored call sharing its
+    root run id (``metadata["aad_root_run_id"]``; a call recorded without one is its own root) under the
+    chain / agent / tool runs of their ``metadata["aad_run_path"]``. ``target``: as for :func:`find_traces`.
+    Raises :class:`~aad_core.errors.AADError` when no trace has that id."""
+    store, owned = _open(target)
+    try:
+        trace = store.get(str(trace_id))
+        if trace is None:
+            raise AADError(f"No recorded trace has the id {trace_id!r}.",
+                           hint="'aad traces list' shows the ids (LangChain calls use their run_id).")
+        root_id = root_run_id(trace)
+        members = {t.id: t for t in store.iter_traces(root_run_id=root_id)}
+    finally:
+        if owned:
+            store.close()
+    members.setdefault(trace.id, trace)
+    return build_run_tree(root_id, members.values())
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from aad_core.schema import TokenLogprob, TopLogprob, Usage
+from aad_core.schema import TokenLogprob, TopLogprob, Usage, check_identity
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 
@@ -81,3 +81,36 @@ def usage_from(data: Any) -> Usage | None:
     prompt, completion = int(prompt or 0), int(completion or 0)
     total = int(data.get("total_tokens") or prompt + completion)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+#: Metadata keys naming the conversation a call belongs to, first found wins: LangSmith's thread keys
+#: (``session_id``, ``thread_id``, ``conversation_id``); LangGraph copies ``configurable.thread_id`` there.
+SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
+#: Metadata keys naming the application's end user.
+USER_KEYS = ("user_id",)
+
+
+def _first_identity(sources: tuple[Mapping[str, Any] | None, ...], keys: tuple[str, ...], name: str) -> str | None:
+    for source in sources:
+        if not isinstance(source, Mapping):
+            continue
+        for key in keys:
+            try:
+                value = check_identity(source.get(key), name)
+            except ValueError:  # not usable as an id (too long, control characters, not text): look further
+                continue
+            if value is not None:
+                return value
+    return None
+
+
+def identity_from(*sources: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """``(session_id, user_id)`` from metadata mappings, nearest first (the call's, then its enclosing
+    runs'): the first valid value of :data:`SESSION_KEYS` / :data:`USER_KEYS`. A value that is no valid
+    id (aad_core.schema.check_identity) is skipped, so a capture handler never fails on it."""
+    return _first_identity(sources, SESSION_KEYS, "session_id"), _first_identity(sources, USER_KEYS, "user_id")
+
+
+def openai_user(params: Mapping[str, Any] | None) -> str | None:
+    """OpenAI's ``user`` request parameter (the end user's id) when it is a valid id, else None."""
+    return _first_identity((params,), ("user",), "user_id")

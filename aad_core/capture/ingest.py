@@ -4,10 +4,11 @@ Formats (one JSON object per line):
 
 ``openai-chat``
     ``{"request": <chat-completions request body>, "response": <chat-completions response body>}``
-    plus optional ``id``, ``created_at``, ``task``, ``latency_ms``, ``cost``, ``tags``, ``metadata``.
+    plus optional ``id``, ``created_at``, ``task``, ``latency_ms``, ``cost``, ``tags``, ``metadata``,
+    ``session_id`` and ``user_id`` (else the request's ``user``, OpenAI's end-user id, is the user id).
 ``openai-ft``
     The OpenAI fine-tuning format: ``{"messages": [...], "tools": [...]}``; the final assistant
-    message is the answer.
+    message is the answer. Optional keys as for ``openai-chat``.
 ``aad``
     aad's own export: one :class:`~aad_core.schema.Trace` per line.
 
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from aad_core.capture.convert import openai_user
 from aad_core.errors import IngestError
 from aad_core.schema import TokenLogprob, Trace, Usage
 
@@ -33,7 +35,8 @@ FORMATS: tuple[str, ...] = ("openai-chat", "openai-ft", "aad")
 _ID_NAMESPACE = uuid.UUID("6f1c2a4e-7d0b-4c55-9a3e-0a4ad0000001")
 
 _REQUEST_KEYS = {"messages", "tools"}
-_META_KEYS = {"id", "created_at", "task", "latency_ms", "cost", "tags", "metadata", "feedback", "source"}
+_META_KEYS = {"id", "created_at", "task", "latency_ms", "cost", "tags", "metadata", "feedback", "source", "session_id",
+              "user_id"}
 
 
 def content_id(obj: Any) -> str:
@@ -75,6 +78,8 @@ def parse_openai_chat(obj: dict[str, Any]) -> Trace:
     params = {k: v for k, v in req.items() if k not in _REQUEST_KEYS}
     usage = resp.get("usage")
     meta = {k: obj[k] for k in _META_KEYS if k in obj}
+    if meta.get("user_id") is None:
+        meta["user_id"] = openai_user(req)  # OpenAI's end-user id (it stays a request parameter too)
     fields: dict[str, Any] = {
         "id": meta.pop("id", None) or content_id({"request": req, "response": resp}),
         "source": meta.pop("source", "openai-chat"),

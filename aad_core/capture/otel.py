@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from aad_core.capture.convert import identity_from
 from aad_core.errors import IngestError
 from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Trace, Usage
 
@@ -296,12 +297,17 @@ def span_to_trace(span: dict[str, Any]) -> Trace | None:
             metadata[key] = attrs[key]
     model = attrs.get("llm.model_name") or attrs.get("gen_ai.response.model") or attrs.get("gen_ai.request.model")
     tags = attrs.get("tag.tags")
+    # OpenInference's session.id / user.id, else the keys the capture handlers read from metadata
+    session_id, user_id = identity_from({"session_id": attrs.get("session.id"), "user_id": attrs.get("user.id")},
+                                        metadata)
     fields: dict[str, Any] = {
         "id": str(uuid.uuid5(_ID_NAMESPACE, f"{trace_id}/{span_id}")),
         "source": "otel",
         "task": metadata.get("aad_task"),
         "run_id": span_id or None,
         "parent_run_id": str(parent) if parent else None,
+        "session_id": session_id,
+        "user_id": user_id,
         "model": model,
         "request": ChatRequest.model_validate(request),
         "response": Message.model_validate(_clean(answer)) if answer else None,

@@ -1,4 +1,5 @@
-"""``aad traces``: stats, list, export, feedback, delete, with the filters of the trace API."""
+"""``aad traces``: stats, list, show (``--tree``: the run tree), export, feedback, delete, with the filters of
+the trace API."""
 
 from __future__ import annotations
 
@@ -29,15 +30,21 @@ MinScoreOption = Annotated[float | None, typer.Option("--min-score", help="Only 
                                                       ">= this (traces without feedback never match).")]
 MaxScoreOption = Annotated[float | None, typer.Option("--max-score", help="Only traces with feedback scored "
                                                       "<= this.")]
+SessionOption = Annotated[str | None, typer.Option("--session", help="Only traces of this session (conversation) id, "
+                                                   "as stored (redacted).")]
+UserOption = Annotated[str | None, typer.Option("--user", help="Only traces of this user id, as stored (redacted: an "
+                                                "e-mail address is stored as a placeholder).")]
 
 
 def _filters(task: str | None, source: str | None, status: str | None, since: str | None, until: str | None,
-             where: list[str] | None, min_score: float | None, max_score: float | None) -> dict[str, Any]:
+             where: list[str] | None, min_score: float | None, max_score: float | None,
+             session: str | None = None, user: str | None = None) -> dict[str, Any]:
     from aad_core.store.base import TraceFilter, parse_where
 
     try:
         filters = {"task": task, "source": source, "status": status, "since": since, "until": until,
-                   "where": parse_where(where or []), "min_score": min_score, "max_score": max_score}
+                   "where": parse_where(where or []), "min_score": min_score, "max_score": max_score,
+                   "session_id": session, "user_id": user}
         TraceFilter.of(**filters)  # a bad --since / --where fails here, with the reason
     except ValueError as err:
         raise fail(str(err)) from None
@@ -74,7 +81,7 @@ def traces_stats(json_out: JsonOption = False, workspace: WorkspaceOption = None
 def traces_list(
     task: TaskOption = None, source: SourceOption = None, status: StatusOption = None, since: SinceOption = None,
     until: UntilOption = None, where: WhereOption = None, min_score: MinScoreOption = None,
-    max_score: MaxScoreOption = None,
+    max_score: MaxScoreOption = None, session: SessionOption = None, user: UserOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many traces.")] = 50,
     json_out: JsonOption = False,
     workspace: WorkspaceOption = None,
@@ -82,7 +89,7 @@ def traces_list(
     """The traces matching the filters, oldest first: id, time, source, task, model, feedback, request."""
     from aad_core.traces import find_traces
 
-    filters = _filters(task, source, status, since, until, where, min_score, max_score)
+    filters = _filters(task, source, status, since, until, where, min_score, max_score, session, user)
     ws = open_workspace(workspace)
     traces = list(find_traces(ws, limit=limit, **filters))
     if json_out:
@@ -90,14 +97,111 @@ def traces_list(
         return
     table = Table(title=f"{len(traces)} trace(s)" + (f" (first {limit})" if len(traces) == limit else ""),
                   title_justify="left")
-    for col in ("id", "created", "source", "task", "model", "status", "score", "last user message"):
+    identities = any(t.session_id or t.user_id for t in traces)  # their columns only when some trace has them
+    columns = ["id", "created", "source", "task", "model", "status", "score"]
+    columns += ["session", "user"] if identities else []
+    for col in (*columns, "last user message"):
         table.add_column(col, overflow="fold" if col == "last user message" else None)
     for t in traces:
         score = (t.feedback or {}).get("score")
+        ids = [escape(t.session_id or "-"), escape(t.user_id or "-")] if identities else []
         table.add_row(t.id, t.created_at.strftime("%Y-%m-%d %H:%M:%S"), t.source, t.task or "-", t.model or "-",
-                      t.status, "-" if score is None else f"{score:g}",
+                      t.status, "-" if score is None else f"{score:g}", *ids,
                       escape(t.request.last_user_message()[:80]))
     console.print(table)
+
+
+def _call_label(t: Any, *, this: bool) -> str:
+    """One recorded call as a line of the run tree (console markup, values escaped)."""
+    parts = [f"call {t.id}", escape(t.model or "-"), t.status if t.status == "ok" else f"[red]{t.status}[/]",
+             "-" if t.latency_ms is None else f"{t.latency_ms:.0f} ms"]
+    if t.session_id:
+        parts.append(f"session={escape(t.session_id)}")
+    if t.user_id:
+        parts.append(f"user={escape(t.user_id)}")
+    return "  ".join(parts) + ("  [bold]<- this trace[/]" if this else "")
+
+
+def _node_label(node: Any, trace_id: str) -> str:
+    run = f"{escape(node.name or 'run')}  [dim]{node.run_id}[/]"
+    if node.trace is None:
+        return run
+    call = _call_label(node.trace, this=node.trace.id == trace_id)
+    return f"{escape(node.name)}  {call}" if node.name else call
+
+
+def _print_tree(tree: Any, trace_id: str) -> None:
+    """The tree as a rich Tree on a terminal, else as plain lines indented two spaces per level."""
+    from rich.tree import Tree
+
+    sessions = {t.session_id for t in tree.traces if t.session_id}
+    head = f"root {tree.root_run_id}: {len(tree.traces)} recorded call(s)"
+    if len(sessions) == 1:
+        head += f", session {escape(next(iter(sessions)))}"
+    if console.is_terminal:
+        def add(parent: Any, node: Any) -> None:
+            for child in node.children:
+                add(parent.add(_node_label(child, trace_id), highlight=False), child)
+
+        top = Tree(head + "\n" + _node_label(tree.root, trace_id), highlight=False)
+        add(top, tree.root)
+        console.print(top)
+        return
+    lines = [head]
+
+    def walk(node: Any, depth: int) -> None:
+        lines.append("  " * depth + _node_label(node, trace_id))
+        for child in node.children:
+            walk(child, depth + 1)
+
+    walk(tree.root, 0)
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+@traces_app.command("show")
+def traces_show(
+    trace_id: Annotated[str, typer.Argument(help="The trace's id (a LangChain call: its run_id).")],
+    tree: Annotated[bool, typer.Option("--tree", help="Print the run tree of the call's pipeline invocation: the "
+                                       "chain / agent / tool runs above its calls and every stored call sharing "
+                                       "its root run id, with model, status, latency, session and user.")] = False,
+    json_out: JsonOption = False,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """One recorded call: its fields, messages and answer (--tree: the run tree it belongs to)."""
+    from aad_core.schema import root_run_id
+    from aad_core.traces import find_traces, run_tree
+
+    ws = open_workspace(workspace)
+    if tree:
+        found = run_tree(ws, trace_id)
+        if json_out:
+            print_json(found.to_json())
+        else:
+            _print_tree(found, trace_id)
+        return
+    trace = next(iter(find_traces(ws, ids=[trace_id])), None)
+    if trace is None:
+        raise fail(f"No recorded trace has the id {trace_id!r}.",
+                   "'aad traces list' shows the ids (LangChain calls use their run_id).")
+    if json_out:
+        print_json(trace.model_dump(mode="json", exclude_none=True))
+        return
+    u = trace.usage
+    fields = [("id", trace.id), ("created", trace.created_at.isoformat()), ("source", trace.source),
+              ("task", trace.task), ("model", trace.model), ("status", trace.status), ("error", trace.error),
+              ("latency", None if trace.latency_ms is None else f"{trace.latency_ms:.0f} ms"),
+              ("tokens", None if u is None else f"{u.prompt_tokens} prompt + {u.completion_tokens} completion"),
+              ("session", trace.session_id), ("user", trace.user_id), ("root run", root_run_id(trace)),
+              ("parent run", trace.parent_run_id), ("tags", ", ".join(trace.tags) or None)]
+    for name, value in fields:
+        if value is not None:
+            console.print(f"{name}: {escape(str(value))}", highlight=False)
+    for m in trace.request.messages:
+        console.print(f"[bold]{m.role}:[/] {escape(m.text())}", highlight=False)
+    if trace.response is not None:
+        calls = "".join(f" -> {c.function.name}({c.function.arguments})" for c in trace.response.tool_calls or [])
+        console.print(f"[bold]answer:[/] {escape(trace.answer_text() + calls)}", highlight=False)
 
 
 @traces_app.command("export")
@@ -106,7 +210,7 @@ def traces_export(
     fmt: Annotated[str, typer.Option("--format", "-f", help="openai-ft | aad")] = "aad",
     task: TaskOption = None, source: SourceOption = None, status: StatusOption = None, since: SinceOption = None,
     until: UntilOption = None, where: WhereOption = None, min_score: MinScoreOption = None,
-    max_score: MaxScoreOption = None,
+    max_score: MaxScoreOption = None, session: SessionOption = None, user: UserOption = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Write the traces (those matching the filters) as JSONL; the file imports again with 'aad ingest --format FORMAT'."""
@@ -114,7 +218,7 @@ def traces_export(
 
     if fmt not in EXPORTERS:
         raise fail(f"The '--format' option must be one of {', '.join(EXPORTERS)}. Got {fmt!r} instead.")
-    filters = _filters(task, source, status, since, until, where, min_score, max_score)
+    filters = _filters(task, source, status, since, until, where, min_score, max_score, session, user)
     if fmt == "openai-ft":
         filters.setdefault("status", "ok")
     ws = open_workspace(workspace)
@@ -158,7 +262,7 @@ def traces_delete(
     ids: Annotated[list[str] | None, typer.Argument(help="Ids of the traces to delete.")] = None,
     task: TaskOption = None, source: SourceOption = None, status: StatusOption = None, since: SinceOption = None,
     until: UntilOption = None, where: WhereOption = None, min_score: MinScoreOption = None,
-    max_score: MaxScoreOption = None,
+    max_score: MaxScoreOption = None, session: SessionOption = None, user: UserOption = None,
     everything: Annotated[bool, typer.Option("--all", help="With no ids and no filters: delete every trace.")] = False,
     keep_derived: Annotated[bool, typer.Option(
         "--keep-derived", help="List the derived files under .aad/ (stage state, report) that hold text of a "
@@ -171,10 +275,11 @@ def traces_delete(
     cache; derived files holding their text are removed; the specialists trained on them are named."""
     from aad_core.traces import delete_traces, find_traces
 
-    filters = _filters(task, source, status, since, until, where, min_score, max_score)
+    filters = _filters(task, source, status, since, until, where, min_score, max_score, session, user)
     ws = open_workspace(workspace)
     if not ids and not filters and not everything:
-        raise fail("Say which traces to delete: ids or filters (--task, --source, --since, --until, --where ...).",
+        raise fail("Say which traces to delete: ids or filters (--task, --source, --since, --until, --where, "
+                   "--user ...).",
                    "--all deletes every trace.")
     if dry_run:
         from aad_core.store.base import TraceFilter

@@ -13,7 +13,14 @@ Filters (:meth:`TraceStore.iter_traces`, ``aad traces list/export/delete``):
   ``3``, ``"a"`` -> ``a``); the keys ``model`` and ``tag`` match the trace's model and one of its
   tags;
 * ``min_score`` / ``max_score``: the trace's feedback score (``Trace.feedback["score"]``) within
-  bounds; a trace with no feedback never matches a score bound.
+  bounds; a trace with no feedback never matches a score bound;
+* ``session_id`` / ``user_id``: equal to ``Trace.session_id`` / ``Trace.user_id`` as stored, i.e.
+  redacted (an e-mail address used as a user id is stored as a placeholder such as ``<EMAIL_ADDRESS_1>``);
+* ``root_run_id``: the traces of one pipeline run (``metadata["aad_root_run_id"]``, written by the
+  LangChain and LlamaIndex handlers).
+
+The last three are tested in SQL by JSON extraction from the stored trace (no column of their own, so
+no schema migration), exactly, on both backends.
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Protocol, runtime_checkable
 
-from aad_core.schema import Trace
+from aad_core.schema import ROOT_RUN_METADATA_KEY, Trace
 
 #: The fields of :class:`TraceFilter`, as keyword arguments of ``iter_traces``.
-FILTER_KEYS = ("source", "task", "status", "since", "until", "where", "min_score", "max_score")
+FILTER_KEYS = ("source", "task", "status", "since", "until", "where", "min_score", "max_score", "session_id", "user_id",
+               "root_run_id")
+#: The filters on string fields of the stored JSON (not columns) -> the field's path in it.
+JSON_FILTERS: dict[str, tuple[str, ...]] = {
+    "session_id": ("session_id",), "user_id": ("user_id",), "root_run_id": ("metadata", ROOT_RUN_METADATA_KEY)}
 
 
 def as_utc(value: datetime | date | str | None, *, name: str = "since") -> datetime | None:
@@ -82,6 +93,21 @@ def check_metadata_key(key: str) -> str:
     return key
 
 
+def _json_field(trace: Trace, path: tuple[str, ...]) -> Any:
+    value: Any = getattr(trace, path[0], None)
+    for key in path[1:]:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _id_filter(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"The '{name}' filter must be a non-empty string (the id as stored). Got {value!r} instead.")
+    return value.strip()
+
+
 def feedback_score(trace: Trace) -> float | None:
     fb = trace.feedback or {}
     score = fb.get("score")
@@ -100,6 +126,9 @@ class TraceFilter:
     where: Mapping[str, Any] = field(default_factory=dict)
     min_score: float | None = None
     max_score: float | None = None
+    session_id: str | None = None
+    user_id: str | None = None
+    root_run_id: str | None = None
 
     @classmethod
     def of(cls, **kwargs: Any) -> TraceFilter:
@@ -111,6 +140,9 @@ class TraceFilter:
             since=as_utc(kwargs.get("since"), name="since"), until=as_utc(kwargs.get("until"), name="until"),
             where=dict(kwargs.get("where") or {}),
             min_score=kwargs.get("min_score"), max_score=kwargs.get("max_score"),
+            session_id=_id_filter(kwargs.get("session_id"), "session_id"),
+            user_id=_id_filter(kwargs.get("user_id"), "user_id"),
+            root_run_id=_id_filter(kwargs.get("root_run_id"), "root_run_id"),
         )
 
     @property
@@ -122,6 +154,11 @@ class TraceFilter:
         the time range in SQL too (:meth:`text_window` for text columns) and leave the exact test to
         :meth:`matches_rest`."""
         return [(col, getattr(self, col)) for col in ("source", "task", "status") if getattr(self, col) is not None]
+
+    def json_fields(self) -> list[tuple[tuple[str, ...], str]]:
+        """The equality conditions on string fields of the stored JSON (:data:`JSON_FILTERS`): ``(path,
+        value)``. Backends evaluate them exactly in SQL, so they do not make :attr:`needs_trace` true."""
+        return [(path, getattr(self, key)) for key, path in JSON_FILTERS.items() if getattr(self, key) is not None]
 
     def text_window(self) -> tuple[str | None, str | None]:
         """A ``created_at`` text range (ISO 8601 as stored) that holds every match: a day wider on each
@@ -139,7 +176,10 @@ class TraceFilter:
                 or self.since is not None or self.until is not None)
 
     def matches_rest(self, trace: Trace) -> bool:
-        """The conditions not in :meth:`columns`: time range, metadata, model, tag and feedback score."""
+        """The conditions not in :meth:`columns`: session and user ids, time range, metadata, model, tag and
+        feedback score."""
+        if any(_json_field(trace, path) != value for path, value in self.json_fields()):
+            return False
         created = as_utc(trace.created_at)
         if self.since is not None and created < self.since:  # type: ignore[operator]
             return False

@@ -228,6 +228,9 @@ class PostgresTraceStore:
         flt = TraceFilter.of(source=source, task=task, status=status, **filters)
         where = [f"{col} = %s" for col, _ in flt.columns()]
         args: list[Any] = [v for _, v in flt.columns()]
+        for path, value in flt.json_fields():
+            where.append("(data::jsonb #>> %s) = %s")
+            args += [list(path), value]
         if flt.since is not None:
             where.append("created_at >= %s")
             args.append(flt.since)

@@ -139,6 +139,9 @@ class SQLiteTraceStore:
             return
         flt = TraceFilter.of(source=source, task=task, status=status, **filters)
         where, args = [f"{col} = ?" for col, _ in flt.columns()], [v for _, v in flt.columns()]
+        for path, value in flt.json_fields():
+            where.append("json_extract(data, ?) = ?")
+            args += ["$." + ".".join(path), value]
         low, high = flt.text_window()
         if low is not None:
             where.append("created_at >= ?")

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aad_core.plugins import Redactor, hookimpl
-from aad_core.schema import Message, Trace
+from aad_core.schema import MAX_IDENTITY_CHARS, Message, Trace
 from aad_plugins.given_names import GIVEN_NAMES, WORD_NAMES
 
 #: Entities found by pattern/checksum recognisers, without any NLP model. URL, DATE_TIME, UUID and
@@ -613,6 +613,9 @@ class PresidioRedactor(Redactor):
         answer_changed = out.response is not None and out.response.model_dump_json() != answer_before
         if out.error:
             out.error = self._text(out.error, mapping)
+        # The application's session and user ids: an e-mail address used as a user id is personal data too.
+        out.session_id = self._identity(out.session_id, mapping)
+        out.user_id = self._identity(out.user_id, mapping)
         # Parameters (e.g. OpenAI's "user"), metadata, tags and feedback often carry user ids and e-mails.
         out.request.params = self._walk(out.request.params, mapping)
         out.tags = [self._text(t, mapping) for t in out.tags]
@@ -631,6 +634,11 @@ class PresidioRedactor(Redactor):
         out.metadata = meta
         out.redacted = True
         return out
+
+    def _identity(self, value: str | None, mapping: dict[tuple[str, str], str]) -> str | None:
+        """A session or user id redacted, kept within the id length a trace accepts (placeholders can be
+        longer than the values they replace)."""
+        return self._text(value, mapping)[:MAX_IDENTITY_CHARS] if value else value
 
     def _tokens_leak(self, trace: Trace, mapping: dict[tuple[str, str], str]) -> bool:
         """Whether the answer's tokens, joined, contain personal data (a value redacted anywhere in

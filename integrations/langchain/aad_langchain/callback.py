@@ -10,6 +10,12 @@ Each call becomes one :class:`~aad_core.schema.Trace` (OpenAI chat format) with 
 to LangChain's ``run_id``, so a handler attached twice never stores a call twice. The handler never
 raises into the user's call: its own errors are counted (``stats()["handler_errors"]``) and
 logged once.
+
+A trace's ``session_id`` is the first of the metadata keys ``session_id``, ``thread_id`` (LangGraph's
+``configurable.thread_id`` lands there) or ``conversation_id`` on the call or a chain above it, its
+``user_id`` the metadata key ``user_id`` (else OpenAI's ``user`` parameter)::
+
+    agent.invoke(..., config={"callbacks": [handler], "metadata": {"session_id": "s-1", "user_id": "u-7"}})
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, GenerationChunk, LLMResult
 
-from aad_core.capture.convert import json_safe, openai_logprobs, openai_tool, usage_from
+from aad_core.capture.convert import identity_from, json_safe, openai_logprobs, openai_tool, openai_user, usage_from
 from aad_core.capture.writer import CaptureWriter
 from aad_core.schema import TIER_METADATA_KEY, ChatRequest, Message, TokenLogprob, Trace, Usage
 
@@ -76,6 +82,8 @@ class _Run:
     parent_run_id: str | None
     tags: list[str]
     metadata: dict[str, Any]
+    session_id: str | None = None
+    user_id: str | None = None
     chunks: list[Any] = field(default_factory=list)
 
 
@@ -133,6 +141,8 @@ class AADCallbackHandler(BaseCallbackHandler):
         self._runs: dict[UUID, _Run] = {}
         #: Open chain / tool / routed-model runs: run id -> (parent run id, name), for the run tree.
         self._parents: dict[UUID, tuple[UUID | None, str]] = {}
+        #: The metadata of open chain / tool runs that name a session or user (see _identity).
+        self._run_metadata: dict[UUID, dict[str, Any]] = {}
         self._handler_errors = 0
         self._logged_error = False
 
@@ -240,6 +250,7 @@ class AADCallbackHandler(BaseCallbackHandler):
             or inv.get("_type") or kwargs.get("name")
         )
         task = metadata.get(TASK_METADATA_KEY) or self.task
+        session_id, user_id = self._identity(metadata, parent_run_id)
         self._runs[run_id] = _Run(
             start=start,
             request=ChatRequest(
@@ -253,7 +264,21 @@ class AADCallbackHandler(BaseCallbackHandler):
             tags=[t for t in tags or [] if not _INTERNAL_TAG.match(str(t))]
             + (["escalation"] if ESCALATION_METADATA_KEY in metadata else []),
             metadata=json_safe({**metadata, **self._tree(run_id, parent_run_id)}),
+            session_id=session_id,
+            user_id=user_id or openai_user(inv),
         )
+
+    def _identity(self, metadata: dict[str, Any], parent_run_id: UUID | None) -> tuple[str | None, str | None]:
+        """``(session_id, user_id)`` of a call: from its metadata (LangChain passes a run's inheritable
+        metadata down, so a chain's ``config={"metadata": {...}}`` is already there), else from the nearest
+        open chain or tool run above it that names them (aad_core.capture.convert.SESSION_KEYS / USER_KEYS)."""
+        sources: list[dict[str, Any] | None] = [metadata]
+        current, seen = parent_run_id, set()
+        while current is not None and current not in seen and len(sources) < 64:
+            seen.add(current)
+            sources.append(self._run_metadata.get(current))
+            current = self._parents.get(current, (None, ""))[0]
+        return identity_from(*sources)
 
     # -- the run tree: chain and tool runs are followed, not stored ----------------------------
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
@@ -265,16 +290,20 @@ class AADCallbackHandler(BaseCallbackHandler):
         self._open(run_id, parent_run_id, serialized, kwargs)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._parents.pop(run_id, None)
+        self._close(run_id)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._parents.pop(run_id, None)
+        self._close(run_id)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._parents.pop(run_id, None)
+        self._close(run_id)
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._close(run_id)
+
+    def _close(self, run_id: UUID) -> None:
         self._parents.pop(run_id, None)
+        self._run_metadata.pop(run_id, None)
 
     def _open(self, run_id: UUID, parent_run_id: UUID | None, serialized: dict[str, Any] | None,
               kwargs: dict[str, Any]) -> None:
@@ -282,6 +311,9 @@ class AADCallbackHandler(BaseCallbackHandler):
             ident = (serialized or {}).get("id")
             name = kwargs.get("name") or (serialized or {}).get("name") or (ident[-1] if ident else "") or "run"
             self._parents[run_id] = (parent_run_id, str(name))
+            metadata = kwargs.get("metadata")
+            if isinstance(metadata, dict) and any(identity_from(metadata)):
+                self._run_metadata[run_id] = metadata
         except Exception as err:
             self._fail(err)
 
@@ -397,6 +429,8 @@ class AADCallbackHandler(BaseCallbackHandler):
             task=run.task,
             run_id=str(run_id),
             parent_run_id=run.parent_run_id,
+            session_id=run.session_id,
+            user_id=run.user_id,
             model=run.model,
             request=run.request,
             response=answer,

@@ -14,9 +14,11 @@ last in-progress response). A companion span handler sees which LLM span is nest
 a ``chat()`` that a ``CustomLLM`` implements with ``complete()`` is recorded once (the outer call
 the agent made), and it records calls that fail (``status="error"``). ``predict`` and
 ``structured_predict`` are recorded through the chat/completion call they make. A task tag comes
-from the handler's ``task=`` or ``instrument_tags({"aad_task": ...})``. The spans above a call (query
-engine, agent, workflow: not stored) are its ``metadata["aad_run_path"]``, the first of them its
-``metadata["aad_root_run_id"]``, shared by every call of one pipeline; its ``parent_run_id`` is None.
+from the handler's ``task=`` or ``instrument_tags({"aad_task": ...})``; ``Trace.session_id`` from the tag
+``session_id`` (or ``thread_id``, ``conversation_id``), ``Trace.user_id`` from ``user_id`` (else OpenAI's
+``user`` parameter of the call). The spans above a call (query engine, agent, workflow: not stored) are
+its ``metadata["aad_run_path"]``, the first of them its ``metadata["aad_root_run_id"]``, shared by every
+call of one pipeline; its ``parent_run_id`` is None.
 """
 
 from __future__ import annotations
@@ -45,7 +47,15 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from pydantic import PrivateAttr
 
-from aad_core.capture.convert import arguments_json, json_safe, openai_logprobs, openai_tool, usage_from
+from aad_core.capture.convert import (
+    arguments_json,
+    identity_from,
+    json_safe,
+    openai_logprobs,
+    openai_tool,
+    openai_user,
+    usage_from,
+)
 from aad_core.capture.writer import CaptureWriter
 from aad_core.schema import ChatRequest, FunctionCall, Message, TokenLogprob, ToolCall, Trace, Usage
 
@@ -78,6 +88,8 @@ class _Call:
     tags: dict[str, Any]
     #: The open spans above the call, root first: ``[{"run_id", "name"}, ...]``.
     path: list[dict[str, str]]
+    session_id: str | None = None
+    user_id: str | None = None
     last: ChatResponse | CompletionResponse | None = None
     #: The last usage a streamed response reported (providers send it on one chunk, often not the last).
     usage: Usage | None = None
@@ -396,6 +408,7 @@ class AADEventHandler(BaseEventHandler):
         params = _call_params(model_dict, self._spans.llm(span), kw)
         tags = json_safe(event.tags or {})
         task = tags.get(TASK_TAG) or self.task
+        session_id, user_id = identity_from(tags)
         self._calls[span] = _Call(
             start=time.perf_counter(),
             request=ChatRequest(messages=messages, tools=_tools(kw), params=json_safe(params)),
@@ -403,6 +416,8 @@ class AADEventHandler(BaseEventHandler):
             task=str(task) if task is not None else None,
             tags=tags,
             path=self._spans.path(span),
+            session_id=session_id,
+            user_id=user_id or openai_user(params),
         )
 
     def _end(self, span_id: str | None, response: ChatResponse | CompletionResponse | None) -> None:
@@ -438,6 +453,8 @@ class AADEventHandler(BaseEventHandler):
             # A call inside a recorded call is not recorded (see _start), so no stored run is above this
             # one: its enclosing spans, never stored, are its path, not its parent.
             parent_run_id=None,
+            session_id=call.session_id,
+            user_id=call.user_id,
             model=call.model,
             request=call.request,
             response=_answer(resp),
