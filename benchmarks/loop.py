@@ -45,12 +45,19 @@ node's system prompt, the gold label as the teacher's answer; every other node e
    by greedy decoding through ``SpecialistRuntime``; the score is the ``classification`` evaluator's
    accuracy against the gold label. ``--only curriculum`` runs this part alone (a few minutes);
    ``--curriculum-seeds N`` repeats the pair with N training seeds and reports the means.
+   ``--curriculum-task extract`` makes the same comparison on the demo's generative node: 96 of its
+   extract tickets (``extract_records``, seeded) for training and 32 other ones held out, max_length =
+   the longest call in the student's tokens, 24 steps of batch 8 (2 epochs), greedy answers of up to 64
+   tokens scored by the ``json`` evaluator (the one ``aad eval`` picks for JSON answers) against the
+   recorded answers; each adapter is also saved and scored at steps 8 and 16 (the curve), and the
+   trainer's held-out answer loss at those steps is kept (``--json``).
 
 The last line:
 
     loop: demoted after 140 requests (live 0.81); retrained old 0.97 / new 0.95 -> promoted; cascade 58/12/30 %; curriculum +0.8 pts
 
     python benchmarks/loop.py [--intent 240] [--shift 300] [--keep DIR] [--json OUT] [--only cascade|curriculum]
+                              [--curriculum-task banking77|extract] [--curriculum-seeds N] [--curriculum-steps N]
 
 Data: banking77 — Casanueva et al. (2020), PolyAI, CC-BY-4.0 (aad_core/demo/data).
 """
@@ -371,9 +378,15 @@ def print_cascade(c: dict[str, Any]) -> None:
                                       for node, tiers_ in sorted(c["by_node"].items())))
 
 
-#: Part (d): the Banking77 subset and recipe both runs share.
+#: Part (d): the Banking77 subset and recipe both runs share (``--curriculum-task banking77``).
 CURRICULUM_RECIPE: dict[str, Any] = {"per_intent_train": 20, "per_intent_test": 10, "max_length": 96,
-                                     "batch_size": 8, "steps": 40}
+                                     "batch_size": 8, "steps": 40, "max_new_tokens": 16, "points": 1}
+#: Part (d) on the demo's ``extract`` node (``--curriculum-task extract``): generated tickets, JSON answers.
+#: ``max_length`` None = the longest call (prompt + answer) in the student's tokens, so that none is cut;
+#: ``points`` = held-out scores at steps/points, 2*steps/points, ..., and the last step.
+EXTRACT_RECIPE: dict[str, Any] = {"n_train": 96, "n_test": 32, "max_length": None, "batch_size": 8, "steps": 24,
+                                  "max_new_tokens": 64, "points": 3}
+CURRICULUM_TASKS: dict[str, dict[str, Any]] = {"banking77": CURRICULUM_RECIPE, "extract": EXTRACT_RECIPE}
 
 
 def _balanced(rows: Sequence[tuple[str, str]], labels: Sequence[str], per_label: int,
@@ -386,33 +399,93 @@ def _balanced(rows: Sequence[tuple[str, str]], labels: Sequence[str], per_label:
     return out
 
 
-def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | None = None,
-               student: str = "smollm2-135m") -> dict[str, Any]:
-    """Part (d): a LoRA adapter trained with ``curriculum = "easy-to-hard"`` and with ``"none"``, same
-    seed, samples and steps, scored on held-out banking77 test queries (accuracy of the greedy answer)."""
-    from aad_core.demo import sources
-    from aad_core.demo.workload import INTENTS, SYSTEM
-    from aad_core.models.runtime import SpecialistRuntime
-    from aad_core.plugins import create_component
+def _trace(i: int, task: str, system: str, text: str, answer: str) -> Any:
     from aad_core.schema import ChatRequest, Message, Trace
 
-    r = CURRICULUM_RECIPE | (recipe or {})
+    request = ChatRequest(messages=[Message(role="system", content=system), Message(role="user", content=text)])
+    return Trace(id=f"cur-{i}", source="benchmark", task=task, request=request,
+                 response=Message(role="assistant", content=answer))
+
+
+def _banking77_calls(r: dict[str, Any], seed: int) -> tuple[str, list[Any], list[Any]]:
+    """Balanced training and test queries of the demo's 8 intents, the gold label as the answer."""
+    from aad_core.demo import sources
+    from aad_core.demo.workload import INTENTS, SYSTEM
+
     system = SYSTEM["intent"].format(labels=", ".join(INTENTS))
     rng = random.Random(f"aad-loop-curriculum-{seed}")
     train_rows = _balanced(sources.banking77_rows("train"), INTENTS, r["per_intent_train"], rng)
     test_rows = _balanced(sources.banking77_rows("test"), INTENTS, r["per_intent_test"], rng)
+    train = [_trace(i, "intent", system, text, label) for i, (text, label) in enumerate(train_rows)]
+    test = [_trace(len(train) + i, "intent", system, text, label) for i, (text, label) in enumerate(test_rows)]
+    return f"banking77 {len(INTENTS)} intents", train, test
 
-    def request(text: str) -> ChatRequest:
-        return ChatRequest(messages=[Message(role="system", content=system), Message(role="user", content=text)])
 
-    train = [Trace(id=f"cur-{i}", source="benchmark", task="intent", request=request(text),
-                   response=Message(role="assistant", content=label)) for i, (text, label) in enumerate(train_rows)]
-    requests = [request(text) for text, _ in test_rows]
-    refs = [label for _, label in test_rows]
-    evaluator = create_component("evaluator", "classification")
+def _extract_calls(r: dict[str, Any], seed: int) -> tuple[str, list[Any], list[Any]]:
+    """The demo's extract calls (``extract_records``: seeded tickets, the recorded JSON answer), distinct
+    texts, the first ``n_train`` for training and the next ``n_test`` held out."""
+    from aad_core.demo.workload import extract_records
+
+    records = list({rec.user: rec for rec in extract_records(r["n_train"] + r["n_test"], seed)}.values())
+    calls = [_trace(i, "extract", rec.system, rec.user, rec.answer or "") for i, rec in enumerate(records)]
+    return "demo extract JSON", calls[: r["n_train"]], calls[r["n_train"]: r["n_train"] + r["n_test"]]
+
+
+def _longest_call(student: str, traces: Sequence[Any]) -> int:
+    """The longest of ``traces`` in the student's tokens, prompt + answer as the trainer counts them."""
+    from transformers import AutoTokenizer
+
+    from aad_core.models.chat_format import answer_text, prompt_text
+    from aad_core.models.students import resolve_student
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_student(student)))
+    return max(len(tok(prompt_text(tok, t.request) + answer_text(tok, t.request, t.response),
+                       add_special_tokens=False)["input_ids"]) for t in traces)
+
+
+def _snapshot_each_eval(trainer: Any) -> None:
+    """Make the ``qlora`` trainer also save the adapter at each held-out eval in ``<output>/step-N``: it
+    keeps only the best adapter and one resumable checkpoint, overwritten at each eval."""
+    make_loop = trainer._loop
+
+    def loop_with_snapshots(*args: Any, **kwargs: Any) -> Any:
+        loop = make_loop(*args, **kwargs)
+        evaluate = loop._evaluate
+
+        def snapshot(state: dict[str, Any], output_dir: Path) -> bool:
+            loop.model.save_pretrained(output_dir / f"step-{state['step']}")
+            return bool(evaluate(state, output_dir))
+
+        loop._evaluate = snapshot
+        return loop
+
+    trainer._loop = loop_with_snapshots
+
+
+def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | None = None,
+               student: str = "smollm2-135m", task: str = "banking77") -> dict[str, Any]:
+    """Part (d): a LoRA adapter trained with ``curriculum = "easy-to-hard"`` and with ``"none"``, same
+    seed, samples and steps, scored on held-out calls (greedy answers, the evaluator ``aad eval`` picks
+    for the answers' kind): banking77 test queries or the demo's extract tickets (``task``). With
+    ``points`` > 1 the held-out calls are also the trainer's eval set, every ``steps // points`` steps:
+    the adapter is saved then and scored too (a curve); the last step's adapter is the one scored, as
+    without evals (the trainer's own pick, the best held-out loss, is not)."""
+    from aad_core.models.runtime import SpecialistRuntime
+    from aad_core.pipeline.evaluate.choose import choose_evaluator
+    from aad_core.plugins import create_component
+
+    r = CURRICULUM_TASKS[task] | (recipe or {})
+    name, train, test = (_extract_calls if task == "extract" else _banking77_calls)(r, seed)
+    if r["max_length"] is None:
+        r["max_length"] = _longest_call(student, train + test)
+    requests = [t.request for t in test]
+    refs = [t.response.text() if t.response else "" for t in test]
+    evaluator_name = choose_evaluator(train)
+    evaluator = create_component("evaluator", evaluator_name)
     runtime = SpecialistRuntime(student, batch_size=16)
-    log(f"  (d) {len(train)} training and {len(requests)} held-out queries of {len(INTENTS)} intents; "
-        f"{r['steps']} steps of {r['batch_size']} per adapter")
+    curve = r["points"] > 1
+    log(f"  (d) {name}: {len(train)} training and {len(requests)} held-out calls, max_length {r['max_length']}, "
+        f"evaluator {evaluator_name}; {r['steps']} steps of {r['batch_size']} per adapter")
     runs: dict[str, list[dict[str, Any]]] = {"easy-to-hard": [], "none": []}
     started = time.perf_counter()
     for s in range(seed, seed + seeds):
@@ -421,22 +494,36 @@ def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | N
             trainer = create_component(
                 "trainer", "qlora", student=student, batch_size=r["batch_size"], gradient_accumulation=1,
                 max_steps=r["steps"], max_length=r["max_length"], early_stopping_patience=0, seed=s,
-                quantization="none", curriculum=kind)
-            info = trainer.train(train, [], out, show_progress=False)
-            name = f"{'cur' if kind != 'none' else 'shuf'}{s}"
-            runtime.add_adapter(name, out)
-            gens = runtime.generate(requests, adapter=name, max_new_tokens=16)
-            score = float(evaluator.evaluate([g.text for g in gens], refs)["score"])
+                quantization="none", curriculum=kind, eval_every=max(1, r["steps"] // r["points"]) if curve else None)
+            if curve:
+                _snapshot_each_eval(trainer)
+            info = trainer.train(train, test if curve else [], out, show_progress=False)
+            loss_at = {e["step"]: e["loss"] for e in info["eval_history"]}
+            adapters = sorted((int(p.name[5:]), p) for p in out.glob("step-*")) if curve else [(info["steps"], out)]
+            points = []
+            for step, folder in adapters:
+                adapter = f"{'cur' if kind != 'none' else 'shuf'}{s}-{step}"
+                runtime.add_adapter(adapter, folder)
+                gens = runtime.generate(requests, adapter=adapter, max_new_tokens=r["max_new_tokens"])
+                scored = evaluator.evaluate([g.text for g in gens], refs)
+                points.append({"step": step, "score": float(scored["score"]), "parse_rate": scored.get("parse_rate"),
+                               "eval_loss": loss_at.get(step)})
+            score = points[-1]["score"]
             runs[kind].append({"seed": s, "score": score, "steps": info["steps"], "wall_s": info["wall_s"],
                                "loss_first": info["train_loss_first"], "loss_last": info["train_loss_last"],
-                               "curriculum": info["curriculum"]})
+                               "curve": points, "curriculum": info["curriculum"]})
             log(f"  (d) {kind:12s} seed {s}: {info['steps']} steps in {info['wall_s']:.0f} s, loss "
-                f"{info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, held-out accuracy {score:.3f}")
+                f"{info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, held-out score {score:.3f}"
+                + (" (steps " + ", ".join(f"{p['step']}: {p['score']:.3f}" for p in points) + ")" if curve else ""))
     cur = statistics.fmean(x["score"] for x in runs["easy-to-hard"])
     shuf = statistics.fmean(x["score"] for x in runs["none"])
-    return {"task": f"banking77 {len(INTENTS)} intents", "n_train": len(train), "n_test": len(requests),
+    steps = [p["step"] for p in runs["none"][0]["curve"]]
+    curves = {"steps": steps} | {kind: [round(statistics.fmean(x["curve"][i]["score"] for x in runs[kind]), 4)
+                                        for i in range(len(steps))] for kind in runs}
+    return {"task": name, "n_train": len(train), "n_test": len(requests), "evaluator": evaluator_name,
             "recipe": r, "seeds": list(range(seed, seed + seeds)), "runs": runs, "curriculum": cur,
-            "shuffled": shuf, "pts": round(100 * (cur - shuf), 2), "wall_s": round(time.perf_counter() - started, 1)}
+            "shuffled": shuf, "pts": round(100 * (cur - shuf), 2), "curves": curves,
+            "wall_s": round(time.perf_counter() - started, 1)}
 
 
 def curriculum_part(d: dict[str, Any] | None) -> str:
@@ -445,9 +532,13 @@ def curriculum_part(d: dict[str, Any] | None) -> str:
 
 def curriculum_line(d: dict[str, Any]) -> str:
     seeds = "" if len(d["seeds"]) == 1 else f", mean of {len(d['seeds'])} seeds"
+    c = d.get("curves") or {}
+    curve = "" if len(c.get("steps", [])) < 2 else (
+        f"; at steps {'/'.join(map(str, c['steps']))}: curriculum {'/'.join(f'{x:.3f}' for x in c['easy-to-hard'])}, "
+        f"shuffled {'/'.join(f'{x:.3f}' for x in c['none'])}")
     return (f"loop (d): curriculum {d['curriculum']:.3f} vs shuffled {d['shuffled']:.3f} ({d['pts']:+.1f} pts) on "
             f"{d['task']} ({d['n_train']} train, {d['recipe']['steps']} steps of {d['recipe']['batch_size']}), "
-            f"{d['n_test']} held-out{seeds}")
+            f"{d['n_test']} held-out{seeds}{curve}")
 
 
 def headline(a: dict[str, Any], b: dict[str, Any], c: dict[str, Any] | None = None,
@@ -479,8 +570,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="'cascade': run part (c) alone (its own small workspace, a minute or two); "
                         "'curriculum': part (d) alone (two LoRA adapters, a few minutes)")
     parser.add_argument("--curriculum-seeds", type=int, default=1, help="part (d): training seeds per variant")
-    parser.add_argument("--curriculum-steps", type=int, default=CURRICULUM_RECIPE["steps"],
-                        help="part (d): optimizer steps of each adapter")
+    parser.add_argument("--curriculum-steps", type=int, default=None,
+                        help="part (d): optimizer steps of each adapter (default: 40 for banking77, 24 for extract)")
+    parser.add_argument("--curriculum-task", choices=sorted(CURRICULUM_TASKS), default="banking77",
+                        help="part (d): 'banking77' (8 intents, a label per query) or 'extract' (the demo's "
+                        "JSON extraction node, a generative task)")
     args = parser.parse_args(argv)
 
     from aad_core.demo.workload import INTENTS, SYSTEM
@@ -503,10 +597,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if args.json:
                 args.json.write_text(json.dumps(fig, indent=2, default=str), encoding="utf-8")
             return fig
+        steps = {} if args.curriculum_steps is None else {"steps": args.curriculum_steps}
         if args.only == "curriculum":
-            log("(d) curriculum: easy-to-hard vs shuffled LoRA training on a banking77 subset")
+            log(f"(d) curriculum: easy-to-hard vs shuffled LoRA training on {args.curriculum_task}")
             d = curriculum(root.parent / "curriculum" if args.keep is None else root, args.seed,
-                           args.curriculum_seeds, {"steps": args.curriculum_steps})
+                           args.curriculum_seeds, steps, task=args.curriculum_task)
             line = curriculum_line(d)
             print(line)
             fig = {"curriculum": d, "headline": line}
@@ -556,9 +651,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         c = cascade(root.parent / "cascade" if args.keep is None else root.parent / f"{root.name}-cascade", args.seed)
         fig["cascade"] = c
         print_cascade(c)
-        log("(d) curriculum: easy-to-hard vs shuffled LoRA training on a banking77 subset")
+        log(f"(d) curriculum: easy-to-hard vs shuffled LoRA training on {args.curriculum_task}")
         d = curriculum(root.parent / "curriculum" if args.keep is None else root.parent / f"{root.name}-curriculum",
-                       args.seed, args.curriculum_seeds, {"steps": args.curriculum_steps})
+                       args.seed, args.curriculum_seeds, steps, task=args.curriculum_task)
         fig["curriculum"] = d
         print(curriculum_line(d))
         line = headline(a, b, c, d)
