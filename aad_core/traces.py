@@ -272,8 +272,10 @@ def _augmented_from(store: Any, ids: list[str]) -> list[str]:
 
 
 def _specialists_that_saw(ws: Workspace, ids: set[str]) -> list[dict[str, Any]]:
-    """Trained specialists whose cluster's training split (clusters.json) holds one of ``ids``."""
+    """Trained specialists whose cluster's training split (clusters.json) holds one of ``ids``, or that were
+    fitted on one of its held-out calls (a classifier's calibration part, ``metrics["heldout_trained_on"]``)."""
     from aad_core.artifacts import ClusterState
+    from aad_core.plugins.components import HELDOUT_TRAINED_ON
     from aad_core.specialists import SpecialistRegistry
 
     try:
@@ -287,14 +289,17 @@ def _specialists_that_saw(ws: Workspace, ids: set[str]) -> list[dict[str, Any]]:
         cid = state.assignments.get(tid)
         if cid is not None and state.split.get(tid) == "train":
             seen[cid] = seen.get(cid, 0) + 1
-    if not seen:
-        return []
     try:
         specs = SpecialistRegistry(ws).list()
     except Exception:  # noqa: BLE001
         return []
-    return [{"name": s.name, "version": s.version, "cluster_id": s.cluster_id, "promoted": s.promoted,
-             "traces": seen[s.cluster_id]} for s in specs if s.cluster_id in seen]
+    out = []
+    for s in specs:
+        n = seen.get(s.cluster_id, 0) + len(ids & set((s.metrics or {}).get(HELDOUT_TRAINED_ON) or ()))
+        if n:
+            out.append({"name": s.name, "version": s.version, "cluster_id": s.cluster_id, "promoted": s.promoted,
+                        "traces": n})
+    return out
 
 
 def _scrub_spool(spool_dir: Path, ids: set[str], found: list[Trace], match: Any = None) -> int:

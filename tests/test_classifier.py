@@ -377,6 +377,10 @@ def test_the_calibration_part_is_training_data_and_the_gate_never_scores_it(ws: 
     metrics = ClassifierTrainer(workspace=ws, C=10.0).train(train, calibration, tmp_path / "spec", show_progress=False)
     assert metrics["n_train"] == 75 + 9 and metrics["n_eval"] == 0
     assert sorted(metrics["heldout_trained_on"]) == sorted(t.id for t in calibration)
+    # a calibration call whose teacher answer feedback marks wrong is never fitted
+    marked = [t.model_copy(update={"feedback": {"correct": False}}) if i == 0 else t for i, t in enumerate(calibration)]
+    again = ClassifierTrainer(workspace=ws, C=10.0).train(train, marked, tmp_path / "marked", show_progress=False)
+    assert sorted(again["heldout_trained_on"]) == sorted(t.id for t in calibration[1:])
     assert len(metrics["calibration"]["confidence"]) == 84  # out-of-fold answers of every call it fitted
     spec = Specialist(name="c0-intents", cluster_id=0, version=1, base_model="-", path=str(tmp_path / "spec"),
                       kind="classifier", trainer="classifier", metrics=metrics)

@@ -210,6 +210,13 @@ def test_delete_names_the_specialists_trained_on_the_calls(workspace: Workspace)
     result = delete_traces(workspace, [traces[0].id, traces[1].id])
     assert result.deleted == 2
     assert [(s["name"], s["traces"]) for s in result.specialists] == [("cards", 1)]  # the held-out one: not trained on
+    # ... unless the specialist was fitted on that held-out call (a classifier's calibration part)
+    fitted = spec.model_copy(update={"metrics": {"heldout_trained_on": [traces[3].id]}})
+    (spec_dir / "manifest.json").write_text(fitted.model_dump_json())
+    ClusterState(clusters=[Cluster(id=0, label="cards", size=2, variance=0.1, mean_similarity=0.9, routine=True)],
+                 assignments={t.id: 0 for t in traces[2:]}, split={traces[2].id: "train", traces[3].id: "heldout"},
+                 dropped={}).save(workspace)
+    assert [(s["name"], s["traces"]) for s in delete_traces(workspace, [traces[3].id]).specialists] == [("cards", 1)]
     res = run("traces", "delete", "-w", str(workspace.root))
     assert res.exit_code == 1 and "Say which traces to delete" in res.output
     res = run("traces", "delete", "--task", "sql", "--dry-run", "-w", str(workspace.root))

@@ -14,8 +14,9 @@ contrastive loss over batches of 16 answers x 4 requests, 6 epochs;
 :mod:`aad_plugins.classifier_encoder`), and the heads are fitted on the tuned vectors; the predictor
 then encodes each request once more with the tuned layers (a few ms on CPU), and mixes in the heads
 fitted on the untuned vectors (``frozen_weight``). ``encoder = "frozen"``
-(or an embedder that cannot be tuned) uses the router's vectors as they are: one matrix product
-after routing. Measured on Banking77 (1,000 training queries, the 3,080 test queries;
+(or an embedder that cannot be tuned) uses the untuned embedder's vectors as they are: the router's
+own when no view part was dropped (one matrix product after routing), else one more embedding of the
+parts it keeps. Measured on Banking77 (1,000 training queries, the 3,080 test queries;
 ``benchmarks/classifier_banking77.py``, figures in docs/specialists.md): see :class:`ClassifierTrainer`.
 
 The risk-coverage gate chooses the serving threshold on out-of-fold answers of the training split
@@ -262,11 +263,17 @@ class ClassifierTrainer(Trainer):
         fitted_heldout: list[str] = []
         # (one answer only: no out-of-fold pairs, so the gate needs the calibration part as it is)
         answers = {a.strip().lower() for a, _ in answer_pairs(train)}
-        if self.fit_calibration_part and self.calibration_folds >= 2 and len(answers) > 1:
+        # (and only when out-of-fold pairs will replace it: frozen vectors, cross-fitted or shared-encoder folds)
+        pairs = (self.encoder == "frozen" or self.calibration_encoder == "cross-fitted"
+                 or self.tuned_calibration_folds >= 2)
+        if self.fit_calibration_part and self.calibration_folds >= 2 and len(answers) > 1 and pairs:
+            from aad_core.formats.answers import teacher_answer_wrong
+
             # The gate calibrates on out-of-fold answers of the training calls, so the held-out calls
             # given for calibration are more training data; the gate tests on the rest (metrics says which).
+            # A call whose teacher answer feedback marks wrong never trains a specialist.
             known = {t.id for t in train}
-            extra = [t for t in eval if t.response is not None and t.id not in known]
+            extra = [t for t in eval if t.response is not None and t.id not in known and not teacher_answer_wrong(t)]
             train, eval, fitted_heldout = train + extra, [], [t.id for t in extra]
         label = output_kind(answer_pairs(train)) == "label"
         keys = [_class_key(text, label) for text, _ in answer_pairs(train)]

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aad_core.errors import AADError
 from aad_core.schema import ChatRequest
@@ -127,7 +128,9 @@ def endpoint_teacher(cfg: TeacherConfig) -> Teacher:
             reply.model = request.params.get("model")
         return reply
 
-    name = f"{cfg.model or 'recorded model'} @ {cfg.base_url}"
+    # the model and the endpoint's host only: a base URL may hold credentials or internal paths, and the
+    # name is stored in every augmented trace
+    name = f"{cfg.model or 'recorded model'} @ {urlsplit(cfg.base_url).hostname or 'endpoint'}"
     return Teacher(call, name=name, max_concurrency=cfg.max_concurrency)
 
 
