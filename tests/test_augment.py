@@ -387,6 +387,10 @@ def test_reclustering_keeps_every_paraphrase_off_the_held_out_side(tmp_path: Pat
     assert any(side[c.id] == "excluded" for c in kids) and any(side[c.id] == "train" for c in kids)
     assert not [c for c in kids if side[c.id] == "heldout"]
     assert all("augmented from" in state.excluded[c.id] for c in kids if side[c.id] == "excluded")
+    # paraphrases are training data, not traffic: sizes and traffic shares count the recorded calls only
+    recorded = [t for t in originals if t.id in side]
+    assert sum(c.size for c in state.clusters) == len(recorded)
+    assert sum(c.share_calls for c in state.clusters) <= 1.0 + 1e-6
 
 
 def test_deleting_a_call_deletes_its_paraphrases(ws) -> None:

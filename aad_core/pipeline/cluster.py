@@ -345,15 +345,19 @@ def _describe(
 
     ccfg = cfg.cluster
     kept_pos = {tid: r for r, tid in enumerate(kept)}
+    # 'aad augment' paraphrases are training data, not traffic: they count in no size, share or routine test
+    recorded = [augmented_from(traces[index[tid]]) is None for tid in kept]
     traffic: dict[int, list[Trace]] = defaultdict(list)
     for r, tid in enumerate(kept):
-        traffic[int(labels[r])].append(traces[index[tid]])
+        if recorded[r]:
+            traffic[int(labels[r])].append(traces[index[tid]])
     for dup, rep in representative.items():
-        if rep in kept_pos:
+        if rep in kept_pos and augmented_from(traces[index[dup]]) is None:
             traffic[int(labels[kept_pos[rep]])].append(traces[index[dup]])
-    total_calls = len(traces)
-    total_tokens = sum(_tokens(t) for t in traces)
-    total_cost = sum(t.cost or 0.0 for t in traces)
+    real = [t for t in traces if augmented_from(t) is None]
+    total_calls = len(real)
+    total_tokens = sum(_tokens(t) for t in real)
+    total_cost = sum(t.cost or 0.0 for t in real)
     keywords = _ctfidf_keywords(traces, index, kept, labels, cfg)
 
     clusters = []
@@ -363,7 +367,7 @@ def _describe(
         variance = cluster_variance(members)
         centroid = unit_vectors(mu)
         mean_sim = float(np.mean(members @ centroid))
-        size = int(members.shape[0])
+        size = int(sum(recorded[r] for r in np.nonzero(labels == lid)[0]))
         tasks = Counter(traces[index[kept[r]]].task for r in np.nonzero(labels == lid)[0])
         tasks.pop(None, None)
         kw = keywords.get(lid, [])
