@@ -9,9 +9,11 @@ hold the teacher's URL nor its answer (both are logged at WARNING).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
+import threading
 from typing import Any
 
 from aad_core.config import TEACHER_KEY_ENV
@@ -60,6 +62,7 @@ class UpstreamTeacher:
         self.timeout_s = timeout_s
         self.transport = transport
         self._client: Any = None
+        self._client_lock = threading.Lock()  # shadow calls reach client() from several threads
         self._aclient: Any = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
 
@@ -68,11 +71,12 @@ class UpstreamTeacher:
         return f"{self.base_url}/chat/completions"
 
     def client(self) -> Any:
-        if self._client is None:
-            import httpx
+        with self._client_lock:
+            if self._client is None:
+                import httpx
 
-            self._client = httpx.Client(timeout=self.timeout_s, transport=self.transport)
-        return self._client
+                self._client = httpx.Client(timeout=self.timeout_s, transport=self.transport)
+            return self._client
 
     def aclient(self) -> Any:
         """The async client of the running event loop (one per loop: an httpx pool cannot move between loops)."""
@@ -81,6 +85,11 @@ class UpstreamTeacher:
             import httpx
 
             transport = self.transport if hasattr(self.transport, "handle_async_request") else None
+            old, old_loop = self._aclient, self._aclient_loop
+            # a client of another loop cannot be reused: close its pool on that loop when it still can run
+            if old is not None and old_loop is not None and not old_loop.is_closed() and not old_loop.is_running():
+                with contextlib.suppress(Exception):
+                    old_loop.run_until_complete(old.aclose())
             self._aclient = httpx.AsyncClient(timeout=self.timeout_s, transport=transport)
             self._aclient_loop = loop
         return self._aclient
@@ -89,6 +98,10 @@ class UpstreamTeacher:
         if self._aclient is not None and self._aclient_loop is asyncio.get_running_loop():
             await self._aclient.aclose()
         self._aclient = self._aclient_loop = None
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     def _prepare(self, body: dict[str, Any], authorization: str | None) -> tuple[dict[str, Any], dict[str, str]]:
         payload = {**body, "stream": False}
