@@ -90,3 +90,16 @@ def postgres_url(postgres_server) -> str:
 
     sep = "&" if "?" in postgres_server.get_uri() else "?"
     return f"{postgres_server.get_uri()}{sep}aad_schema=t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An empty trace store on each backend: SQLite and a fresh schema on the session's PostgreSQL server."""
+    from aad_core.store import open_store
+
+    if request.param == "sqlite":
+        st = open_store(None, default_path=tmp_path / ".aad" / "traces.db")
+    else:
+        st = open_store(request.getfixturevalue("postgres_url"), default_path=tmp_path / "unused.db")
+    yield st
+    st.close()

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from aad_core.schema import AUGMENT_METADATA_KEY, Cluster, Message, Trace
 from aad_core.traces import delete_traces
 from aad_core.workspace import Workspace
 
+from _chat_stub import chat_stub, completion
 from conftest import make_trace
 
 SYSTEM = "Classify the banking request. Reply with the intent label only."
@@ -83,34 +82,13 @@ class StubTeacher:
 def teacher() -> Iterator[StubTeacher]:
     stub = StubTeacher()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            stub.bodies.append(body)
-            out = {"id": "c1", "object": "chat.completion", "model": body.get("model"),
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": stub.answer(body)},
-                                "finish_reason": "stop"}],
-                   "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}}
-            data = json.dumps(out).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def reply(body: dict[str, Any], _request: Any) -> dict[str, Any]:
+        stub.bodies.append(body)
+        return completion(stub.answer(body), body.get("model"), prompt_tokens=20, completion_tokens=3)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    stub.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with chat_stub(reply) as url:
+        stub.url = url
         yield stub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 # -- a workspace with one classification task -------------------------------------------------------

@@ -7,9 +7,7 @@ tiers and teachers, and a tiny OpenAI-compatible stub on 127.0.0.1 for the ``[[r
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel  #
 from langchain_core.messages import HumanMessage  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from _chat_stub import chat_stub, completion  # noqa: E402
 from aad_core.artifacts import ClusterState  # noqa: E402
 from aad_core.cli import app  # noqa: E402
 from aad_core.config import load_config  # noqa: E402
@@ -314,35 +313,14 @@ def stub_endpoint() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     message asks ("sure" -> -0.1 per token, else -3.0)."""
     seen: list[dict[str, Any]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            sure = "sure" in body["messages"][-1]["content"]
-            logprobs = {"content": [{"token": "x", "logprob": -0.1 if sure else -3.0}] * 4} if body.get("logprobs") else None
-            out = {"id": "c1", "object": "chat.completion", "model": body["model"],
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": MID_ANSWER},
-                                "logprobs": logprobs, "finish_reason": "stop"}],
-                   "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}}
-            data = json.dumps(out).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def reply(body: dict[str, Any], request: Any) -> dict[str, Any]:
+        seen.append({"path": request.path, "auth": request.headers.get("Authorization"), "body": body})
+        sure = "sure" in body["messages"][-1]["content"]
+        logprobs = {"content": [{"token": "x", "logprob": -0.1 if sure else -3.0}] * 4} if body.get("logprobs") else None
+        return completion(MID_ANSWER, body["model"], logprobs=logprobs)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with chat_stub(reply) as url:
+        yield url, seen
 
 
 def test_an_openai_compatible_tier_from_aad_toml(workspace: Workspace, stub_endpoint: tuple[str, list],

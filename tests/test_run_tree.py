@@ -15,7 +15,6 @@ from aad_core.capture.convert import identity_from
 from aad_core.capture.ingest import read_jsonl
 from aad_core.cli import app
 from aad_core.schema import MAX_IDENTITY_CHARS, ROOT_RUN_METADATA_KEY, RUN_PATH_METADATA_KEY, Trace
-from aad_core.store import open_store
 from aad_core.store.base import TraceFilter
 from aad_core.traces import build_run_tree
 from aad_core.workspace import Workspace
@@ -211,16 +210,6 @@ def test_otel_spans_give_openinference_session_ids() -> None:
 
 
 # -- the stores' filters -----------------------------------------------------------------------------
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: Any, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        st = open_store(None, default_path=tmp_path / ".aad" / "traces.db")
-    else:
-        st = open_store(request.getfixturevalue("postgres_url"), default_path=tmp_path / "unused.db")
-    yield st
-    st.close()
-
 
 def test_stores_filter_on_session_user_and_root(store: Any) -> None:
     traces = [make_trace(f"q{i}", f"a{i}", task="intent" if i % 2 else "sql", session_id=f"s-{i % 3}",

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
+from _chat_stub import chat_stub  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from test_router import Scripted, engine_for  # noqa: E402
 from test_server import TEACHER_COMPLETION, body  # noqa: E402
@@ -322,49 +322,32 @@ def test_fuzzed_malformed_requests_get_4xx_openai_errors_and_the_server_keeps_an
 
 
 # -- slow teachers -------------------------------------------------------------------------------------------
-class SlowTeacher(ThreadingHTTPServer):
-    """An OpenAI-compatible teacher on 127.0.0.1 that takes ``delay_s`` per answer and counts calls in flight."""
-
-    daemon_threads = True
-    request_queue_size = 128
+class SlowTeacher:
+    """A teacher's replies (for :func:`chat_stub`) that take ``delay_s`` each, counting the calls in flight."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s, self.in_flight, self.max_in_flight, self.lock = delay_s, 0, 0, threading.Lock()
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with server.lock:
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    time.sleep(server.delay_s)
-                    data = json.dumps(TEACHER_COMPLETION).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __call__(self, _body: dict[str, Any], _request: Any) -> dict[str, Any]:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay_s)
+            return TEACHER_COMPLETION
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
 
 def test_health_answers_promptly_while_slow_teacher_calls_are_in_flight(workspace: Workspace) -> None:
     n_calls, concurrency = 40, 20
     teacher = SlowTeacher(delay_s=2.0)
-    threading.Thread(target=teacher.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    upstream = UpstreamTeacher(f"http://127.0.0.1:{teacher.server_address[1]}/v1", api_key="sk-test", timeout_s=15)
-    app = create_app(workspace, teacher=upstream, engine=engine_for(workspace, Scripted()), capture=False,
-                     teacher_concurrency=concurrency)
     results: list[int] = []
-    try:
+    with chat_stub(teacher) as teacher_url:
+        upstream = UpstreamTeacher(teacher_url, api_key="sk-test", timeout_s=15)
+        app = create_app(workspace, teacher=upstream, engine=engine_for(workspace, Scripted()), capture=False,
+                         teacher_concurrency=concurrency)
         with running(app) as url:
             def client_call() -> None:
                 with httpx.Client(base_url=url, timeout=30) as c:
@@ -383,9 +366,6 @@ def test_health_answers_promptly_while_slow_teacher_calls_are_in_flight(workspac
                     time.sleep(0.1)
             for t in callers:
                 t.join(timeout=20)
-    finally:
-        teacher.shutdown()
-        teacher.server_close()
     busy = [latency for latency, in_flight in probes if in_flight >= concurrency // 2]
     assert len(busy) >= 5, probes  # /health was asked while the teacher was busy ...
     assert max(latency for latency, _ in probes) < 1.0, probes  # ... and answered within a second each time

@@ -19,16 +19,6 @@ from conftest import make_trace
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path):
-    if request.param == "sqlite":
-        st = open_store(None, default_path=tmp_path / ".aad" / "traces.db")
-    else:
-        st = open_store(request.getfixturevalue("postgres_url"), default_path=tmp_path / "unused.db")
-    yield st
-    st.close()
-
-
 def _traces(n: int = 12):
     out = []
     for i in range(n):
