@@ -261,7 +261,9 @@ def measure(ws: Any, engine: Any = None) -> dict[str, Any]:
     return {
         "workspace": str(ws.root),
         "calls": n_calls,
-        "left_out": sum(node_calls[n] for n in per_node) - n_calls,
+        "left_out": sum(node_calls.values()) - n_calls,
+        # nodes whose every held-out call a promoted specialist was fitted on: no call left to measure them by
+        "unmeasured_nodes": sorted(set(node_calls) - set(per_node)),
         "served": len(served),
         "served_share": share if n_calls else 0.0,
         "agreement": agreed / share if scores and share else None,
@@ -296,6 +298,9 @@ def report(fig: dict[str, Any]) -> list[str]:
     if fig["teacher_answers_as_recorded"] != fig["teacher_calls"]:
         lines.append(f"note: only {fig['teacher_answers_as_recorded']} of {fig['teacher_calls']} teacher-served "
                      "answers read back as recorded (the stub's conversion lost something)")
+    if fig["unmeasured_nodes"]:
+        lines.append(f"note: every held-out call of {', '.join(fig['unmeasured_nodes'])} was left out (a promoted "
+                     "specialist trained on them): not in the served share")
     if fig["agreement"] is None:
         lines.append("note: no held-out call was served by a specialist; agreement is shown as 0.000")
     lines.append(headline(fig))

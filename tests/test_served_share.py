@@ -128,3 +128,22 @@ def test_calls_a_promoted_specialist_trained_on_are_left_out_and_their_node_keep
     # intent keeps its 2 of 3 held-out calls' weight: 2/3 x served 1.0 + 1/3 x plan 0.0
     assert fig["served_share"] == pytest.approx(2 / 3) and fig["agreement"] == pytest.approx(1.0)
     assert fig["per_node"]["intent"]["calls"] == 1 and fig["per_node"]["intent"]["heldout_calls"] == 2
+
+
+def test_a_node_whose_every_heldout_call_was_trained_on_is_named(tiny: Workspace, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from aad_core.specialists import SpecialistRegistry
+
+    folder = tmp_path / "fitted"
+    folder.mkdir()
+    (folder / "classifier.npz").write_bytes(b"-")  # never loaded: the engine's specialists are scripted
+    registry = SpecialistRegistry(tiny)
+    spec = registry.save(cluster_id=0, label="intent", adapter_dir=folder, base_model="-", kind="classifier",
+                         trainer="classifier", metrics={"heldout_trained_on": ["intent-a", "intent-b"]})
+    registry.set_promoted(spec.name, spec.version, True, "test")
+    engine = RoutingEngine(tiny, router=make_router(tiny, {0: "cards"}), specialists=Scripted("x"), record=False)
+
+    fig = _script().main(["--workspace", str(tiny.root)], engine=engine)
+
+    assert fig["calls"] == 1 and fig["left_out"] == 2 and fig["unmeasured_nodes"] == ["intent"]
+    assert "every held-out call of intent was left out" in capsys.readouterr().out
