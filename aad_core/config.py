@@ -482,13 +482,14 @@ def _teacher_error(message: str) -> Any:
 
 
 class TeacherConfig(_Section):
-    """A live teacher that aad itself calls (``aad augment``, ``aad prompt-search``): an OpenAI-compatible
-    endpoint. In Python a callable or a LangChain chat model may be passed instead
-    (:mod:`aad_core.pipeline.augment`)."""
+    """A live teacher that aad itself calls (``aad augment``, ``aad prompt-search``, and ``aad serve`` when it
+    is given no ``--teacher-url``): an OpenAI-compatible endpoint. In Python a callable or a LangChain chat
+    model may be passed instead (:mod:`aad_core.pipeline.augment`)."""
 
     base_url: str | None = Field(
         None, description="The teacher's OpenAI-compatible base URL, e.g. 'https://api.openai.com/v1' or "
-        "'http://127.0.0.1:8001/v1'. None = no live teacher ('aad augment' and 'aad prompt-search' need one)."
+        "'http://127.0.0.1:8001/v1'. None = no live teacher ('aad augment' and 'aad prompt-search' need one; "
+        "'aad serve' uses it, with model, api_key_env and timeout_s, when it is given no --teacher-url)."
     )
     model: str | None = Field(
         None, description="Model name sent to the teacher. None = the model recorded on each trace (the teacher the "

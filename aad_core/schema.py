@@ -158,8 +158,9 @@ class Trace(_Model):
     #: The conversation (thread) the call belongs to, as the application names it: LangChain metadata
     #: ``session_id`` / ``thread_id`` / ``conversation_id``, ``session_id`` of an ingested record.
     session_id: str | None = None
-    #: The application's end user: metadata ``user_id``, OpenAI's ``user`` parameter. Redacted like every
-    #: stored string (an e-mail address used as an id becomes a placeholder).
+    #: The application's end user: metadata ``user_id``, OpenAI's ``user`` parameter. Redacted on capture: an
+    #: id holding personal data (an e-mail address) becomes a keyed pseudonym, ``<EMAIL_ADDRESS>-`` and 12 hex
+    #: digits, the same for the same id in one workspace (the ``presidio`` redactor; ``session_id`` too).
     user_id: str | None = None
     model: str | None = None
     request: ChatRequest

@@ -10,6 +10,7 @@
       state/               the current artifact of each pipeline stage (JSON, NPY, PNG)
       specialists/<name>/<version>/   adapter_model.safetensors, adapter_config.json, manifest.json
       report.html
+      pseudonym.key        the secret key of the pseudonyms of personal user / session ids (mode 0600)
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from aad_core.config import CONFIG_FILE, AADSettings, default_config_toml, load_
 from aad_core.errors import WorkspaceError
 
 DATA_DIR = ".aad"
+#: The key of the redactor's pseudonyms for personal ids, in ``.aad/`` (see :meth:`Workspace.pseudonym_key`).
+PSEUDONYM_KEY_FILE = "pseudonym.key"
 WORKSPACE_ENV = "AAD_WORKSPACE"
 
 
@@ -125,6 +128,18 @@ class Workspace:
     @property
     def report_path(self) -> Path:
         return self.data_dir / "report.html"
+
+    @property
+    def pseudonym_key_path(self) -> Path:
+        return self.data_dir / PSEUDONYM_KEY_FILE
+
+    def pseudonym_key(self) -> bytes:
+        """The workspace's secret key for pseudonyms of personal ids (the redactor's keyed pseudonyms of
+        ``Trace.user_id`` / ``session_id``): 32 random bytes in ``.aad/pseudonym.key`` (mode 0600), created
+        on first use. Raises :class:`aad_core.keyfile.KeyFileError` (or OSError) when it cannot be had."""
+        from aad_core.keyfile import load_secret
+
+        return load_secret(self.pseudonym_key_path, what="pseudonym key")
 
     # -- config and store --------------------------------------------------------------------
     @cached_property

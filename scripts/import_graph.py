@@ -24,7 +24,7 @@ PACKAGES = {
 
 #: Each room of aad_core and its layer: a module may import its own room and lower layers only.
 LAYERS: dict[str, int] = {
-    "aad_core.__about__": 0, "aad_core.errors": 0, "aad_core.schema": 0,
+    "aad_core.__about__": 0, "aad_core.errors": 0, "aad_core.schema": 0, "aad_core.keyfile": 0,
     "aad_core.config": 1, "aad_core.workspace": 1, "aad_core.formats": 1, "aad_core.store": 1,
     "aad_core.plugins": 1,
     "aad_core.artifacts": 2, "aad_core.specialists": 2, "aad_core.models": 2, "aad_core.capture": 2,

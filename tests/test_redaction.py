@@ -368,3 +368,83 @@ def test_a_json_tool_result_is_redacted_value_by_value_and_stays_json(redactor):
     plain = Message(role="tool", tool_call_id="c2", content="{not json, mail ana@example.org")
     (out,) = redactor.redact([Trace(source="test", request=ChatRequest(messages=[plain]))])
     assert out.request.messages[0].content == "{not json, mail <EMAIL_ADDRESS_1>"
+
+
+# -- identity fields: keyed pseudonyms -------------------------------------------------------------
+def identity_trace(user_id: str | None, session_id: str | None = None, *, text: str = "Where is my card?") -> Trace:
+    return Trace(source="test", request=ChatRequest(messages=[Message(role="user", content=text)]),
+                 response=Message(role="assistant", content="It ships today."), user_id=user_id, session_id=session_id)
+
+
+def test_identity_ids_with_pii_become_keyed_stable_pseudonyms(workspace, tmp_path):
+    """An e-mail user id is a pseudonym per user (not one placeholder for all): the same id gives the same
+    pseudonym, two ids two; keyed by the workspace's 0600 key file, so another workspace's differ."""
+    import hashlib
+    import os
+    import re
+
+    from aad_core.workspace import PSEUDONYM_KEY_FILE, Workspace
+
+    r = create_component("redactor", "presidio", spacy_model=None, workspace=workspace)
+    other = "bob.stone@example.org"
+    a, b, again, plain = r.redact([identity_trace(EMAIL, session_id=f"chat-{EMAIL}"), identity_trace(other),
+                                   identity_trace(EMAIL, text=f"I am {EMAIL}"), identity_trace("u-7", "s-1")])
+    assert re.fullmatch(r"<EMAIL_ADDRESS>-[0-9a-f]{12}", a.user_id)
+    assert a.user_id == again.user_id and a.user_id != b.user_id  # one user, one pseudonym; two users, two
+    assert re.fullmatch(r"<EMAIL_ADDRESS>-[0-9a-f]{12}", a.session_id) and a.session_id != a.user_id
+    assert (plain.user_id, plain.session_id) == ("u-7", "s-1")  # no PII: unchanged
+    assert again.request.messages[0].content == "I am <EMAIL_ADDRESS_1>"  # the message keeps its placeholder
+    for t in (a, b, again):
+        assert EMAIL not in t.model_dump_json() and other not in t.model_dump_json()
+    assert hashlib.sha256(EMAIL.encode()).hexdigest()[:12] not in a.user_id  # keyed, not a plain hash
+    key = workspace.data_dir / PSEUDONYM_KEY_FILE
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+
+    # The same workspace given as a folder, by a new redactor: the same pseudonym (the key file is read back).
+    by_path = create_component("redactor", "presidio", spacy_model=None, workspace=str(workspace.root))
+    assert by_path.redact([identity_trace(EMAIL)])[0].user_id == a.user_id
+    elsewhere = create_component("redactor", "presidio", spacy_model=None, workspace=Workspace.init(tmp_path / "o"))
+    assert elsewhere.redact([identity_trace(EMAIL)])[0].user_id != a.user_id  # another key
+    os.chmod(key, 0o644)  # a key file others can read is made private again
+    assert create_component("redactor", "presidio", spacy_model=None, workspace=workspace).redact(
+        [identity_trace(EMAIL)])[0].user_id == a.user_id
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unusable_key_file_never_lets_the_raw_id_through(workspace):
+    from aad_core.workspace import PSEUDONYM_KEY_FILE
+
+    (workspace.data_dir / PSEUDONYM_KEY_FILE).write_bytes(b"not a key")
+    r = create_component("redactor", "presidio", spacy_model=None, workspace=workspace)
+    (out,) = r.redact([identity_trace(EMAIL)])
+    assert out.user_id == "<EMAIL_ADDRESS_1>" and EMAIL not in out.model_dump_json()  # the placeholder, as before
+
+
+def test_pseudonyms_are_stable_across_capture_writers_and_no_raw_id_reaches_the_disk(workspace):
+    """Two writers of one workspace, one after the other: the same e-mail user id is stored as the same
+    pseudonym, another as another; the raw ids are nowhere under .aad/."""
+    from aad_core.capture import CaptureWriter
+    from aad_core.config import AADSettings
+
+    config = AADSettings(redactor={"presidio": {"spacy_model": None}})
+    other = "bob.stone@example.org"
+    for user in (EMAIL, other):
+        w = CaptureWriter(workspace=workspace, config=config)
+        w.submit(identity_trace(user, session_id="s-1"))
+        w.submit(identity_trace(EMAIL, session_id="s-2"))
+        assert w.flush(120)
+        w.close()
+    with workspace.store() as store:
+        traces = list(store.iter_traces())
+    assert len(traces) == 4 and all(t.redacted for t in traces)
+    by_session = {s: sorted({t.user_id for t in traces if t.session_id == s}) for s in ("s-1", "s-2")}
+    assert len(by_session["s-2"]) == 1  # EMAIL through both writers: one pseudonym
+    assert len(by_session["s-1"]) == 2 and by_session["s-2"][0] in by_session["s-1"]
+    assert all(u.startswith("<EMAIL_ADDRESS>-") for u in by_session["s-1"])
+    with workspace.store() as store:
+        assert len(list(store.iter_traces(user_id=by_session["s-2"][0]))) == 3  # per-user queries work
+    conn = sqlite3.connect(workspace.db_path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    on_disk = b"".join(p.read_bytes() for p in workspace.data_dir.rglob("*") if p.is_file())
+    assert EMAIL.encode() not in on_disk and other.encode() not in on_disk

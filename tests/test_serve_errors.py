@@ -152,7 +152,8 @@ def test_an_unexpected_error_is_a_json_500(workspace: Workspace, monkeypatch: py
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("/srv/secret/path exploded")
 
-    monkeypatch.setattr(engine, "route_call", broken)
+    monkeypatch.setattr(engine, "route_call", broken)  # a routing fault alone goes to the teacher (test_serve_capture)
+    monkeypatch.setattr(engine, "fault_call", broken)  # ... but the way to the teacher is broken too
     with TestClient(create_app(workspace, teacher=None, engine=engine)) as c:
         r = c.post("/v1/chat/completions", json=body("plan my trip"))
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"

@@ -114,3 +114,14 @@ def identity_from(*sources: Mapping[str, Any] | None) -> tuple[str | None, str |
 def openai_user(params: Mapping[str, Any] | None) -> str | None:
     """OpenAI's ``user`` request parameter (the end user's id) when it is a valid id, else None."""
     return _first_identity((params,), ("user",), "user_id")
+
+
+def request_identity(params: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """``(session_id, user_id)`` of a chat-completions request's parameters (``aad serve``, the routing
+    engine's traces): its ``metadata`` object's :data:`SESSION_KEYS` / :data:`USER_KEYS`, and for the user
+    OpenAI's ``user`` parameter when the metadata names none (as ``aad ingest`` reads a record)."""
+    if not isinstance(params, Mapping):
+        return None, None
+    meta = params.get("metadata")
+    session_id, user_id = identity_from(meta if isinstance(meta, Mapping) else None)
+    return session_id, user_id if user_id is not None else openai_user(params)

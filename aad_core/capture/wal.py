@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from aad_core.capture.spool import pid_alive
+from aad_core.keyfile import KeyFileError, load_secret
+from aad_core.keyfile import fsync_dir as _fsync_dir
+from aad_core.keyfile import write_all as _write_all
 from aad_core.schema import Trace
 
 try:
@@ -60,7 +63,7 @@ SEGMENT_BYTES = 4 << 20
 MAX_RECORD_BYTES = 256 << 20
 
 
-class WalKeyError(RuntimeError):
+class WalKeyError(KeyFileError):
     """The WAL key file exists but is not a key."""
 
 
@@ -80,63 +83,10 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a created or renamed file's name durable (best effort; not possible everywhere)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def load_key(folder: Path) -> bytes:
     """The workspace's WAL key, created (32 random bytes, mode 0600) when missing. Two writers
-    starting at once agree on one key: it is written to a private file first and linked into
-    place, which fails when another writer was first."""
-    path = folder / KEY_FILE
-    for _ in range(3):
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            data = None
-        if data is not None:
-            if len(data) != KEY_BYTES:
-                raise WalKeyError(f"{path} is not a WAL key ({len(data)} bytes, expected {KEY_BYTES})")
-            try:
-                if os.stat(path).st_mode & 0o077:
-                    os.chmod(path, 0o600)
-            except OSError:
-                pass
-            return data
-        tmp = folder / f".key-{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, os.urandom(KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # complete or absent, and never replaces another writer's key
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links
-            if not path.exists():
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(folder)
-    raise WalKeyError(f"cannot create or read the WAL key {path}")
+    starting at once agree on one key (:func:`aad_core.keyfile.load_secret`)."""
+    return load_secret(folder / KEY_FILE, KEY_BYTES, what="WAL key", error=WalKeyError)
 
 
 def key_id(key: bytes) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any
 
 import typer
@@ -106,9 +105,12 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1 keeps it local).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     teacher_url: Annotated[str | None, typer.Option("--teacher-url", help="Base URL of an OpenAI-compatible teacher, "
-                                                    "e.g. https://api.openai.com/v1 (key: $AAD_TEACHER_API_KEY).")] = None,
+                                                    "e.g. https://api.openai.com/v1 (key: $AAD_TEACHER_API_KEY). "
+                                                    "Default: \\[teacher] base_url of aad.toml, with its model, "
+                                                    "api_key_env and timeout_s.")] = None,
     teacher_model: Annotated[str | None, typer.Option("--teacher-model", help="Model name sent to the teacher "
-                                                      "(default: the client's 'model').")] = None,
+                                                      "(default: \\[teacher] model when the teacher comes from "
+                                                      "aad.toml, else the client's 'model').")] = None,
     preload: Annotated[bool, typer.Option(help="Load and warm the router and every promoted specialist before "
                                           "accepting requests, so that the first one is not cold.")] = True,
     api_key: Annotated[str | None, typer.Option(
@@ -120,25 +122,36 @@ def serve_cmd(
                               ] = 1024 * 1024,
     teacher_concurrency: Annotated[int, typer.Option("--teacher-concurrency", min=1,
                                                      help="Teacher calls in flight at once; the others wait.")] = 16,
-    teacher_timeout: Annotated[float, typer.Option("--teacher-timeout", min=0.1,
-                                                   help="Seconds a teacher call may take (then HTTP 504).")] = 120.0,
+    teacher_timeout: Annotated[float | None, typer.Option(
+        "--teacher-timeout", min=0.1, show_default=False,
+        help="Seconds a teacher call may take (then HTTP 504). Default: \\[teacher] timeout_s when the teacher comes "
+             "from aad.toml, else 120.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Serve an OpenAI-compatible /v1/chat/completions that routes between specialists and the teacher."""
-    from aad_core.serving.server import TEACHER_KEY_ENV, serve
+    """Serve an OpenAI-compatible /v1/chat/completions that routes between specialists and the teacher.
+
+    The teacher is --teacher-url, else the \\[teacher] section of aad.toml (the one 'aad augment' uses: base_url,
+    model, api_key_env, timeout_s); command-line options win over the section."""
+    from aad_core.serving.server import TEACHER_KEY_ENV, configured_teacher, serve
 
     ws = open_workspace(workspace)
-    if not teacher_url:
-        console.print("[yellow]No --teacher-url: requests the router sends to the teacher will fail with HTTP 503.[/]")
-    elif api_key and not os.environ.get(TEACHER_KEY_ENV):
-        console.print(f"[yellow]--api-key is set but ${TEACHER_KEY_ENV} is not: the teacher gets no key (the "
-                      "client's Authorization header holds aad's key and is not forwarded).[/]")
+    teacher = configured_teacher(ws.config.teacher, url=teacher_url, model=teacher_model, timeout_s=teacher_timeout)
+    if teacher is None:
+        console.print("[yellow]No --teacher-url and no \\[teacher] base_url in aad.toml: requests the router sends to "
+                      "the teacher will fail with HTTP 503.[/]")
+    else:
+        if not teacher_url:
+            model = teacher.model or "the client's model"
+            console.print(f"Teacher from aad.toml \\[teacher]: {model} (timeout {teacher.timeout_s:g} s)")
+        if api_key and not teacher.api_key:
+            env = ws.config.teacher.api_key_env if not teacher_url and ws.config.teacher.api_key_env else TEACHER_KEY_ENV
+            console.print(f"[yellow]--api-key is set but ${env} is not: the teacher gets no key (the "
+                          "client's Authorization header holds aad's key and is not forwarded).[/]")
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Listening on {host} without --api-key: anyone who can reach it can use the teacher.[/]")
     console.print(f"aad router on http://{host}:{port}/v1/chat/completions (workspace {ws.root})")
-    serve(ws, host=host, port=port, teacher_url=teacher_url, teacher_model=teacher_model, preload=preload,
-          api_key=api_key or None, max_body_bytes=max_body_bytes, teacher_concurrency=teacher_concurrency,
-          teacher_timeout_s=teacher_timeout)
+    serve(ws, host=host, port=port, teacher=teacher, teacher_model=teacher_model, preload=preload,
+          api_key=api_key or None, max_body_bytes=max_body_bytes, teacher_concurrency=teacher_concurrency)
 
 
 def register(app: typer.Typer) -> None:

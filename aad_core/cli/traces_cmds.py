@@ -33,7 +33,8 @@ MaxScoreOption = Annotated[float | None, typer.Option("--max-score", help="Only 
 SessionOption = Annotated[str | None, typer.Option("--session", help="Only traces of this session (conversation) id, "
                                                    "as stored (redacted).")]
 UserOption = Annotated[str | None, typer.Option("--user", help="Only traces of this user id, as stored (redacted: an "
-                                                "e-mail address is stored as a placeholder).")]
+                                                "e-mail address is stored as its keyed pseudonym, "
+                                                "<EMAIL_ADDRESS>-<12 hex digits>).")]
 
 
 def _filters(task: str | None, source: str | None, status: str | None, since: str | None, until: str | None,

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from aad_core.capture.convert import request_identity
 from aad_core.errors import AADError
 from aad_core.schema import ChatRequest, Message, RoutingDecision, Trace, Usage
 from aad_core.serving.routed_call import (RoutedAnswer, RoutedCall, SpecialistOutcome, escalation_info,
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 TeacherCall = Callable[[ChatRequest], Any]
+#: A routing fault of one kind is logged (with its traceback) at most this often; DEBUG in between.
+FAULT_LOG_INTERVAL_S = 60.0
 
 
 class RoutingEngine:
@@ -84,6 +87,10 @@ class RoutingEngine:
         self._shadow: Any = None
         self._cascade: Any = None
         self._tiers: list[Any] | None = None
+        #: Routing faults by (where, exception type): how many, and when last logged (:meth:`_log_fault`).
+        self._faults: dict[tuple[str, str], int] = {}
+        self._fault_logged: dict[tuple[str, str], float] = {}
+        self._fault_lock = threading.Lock()
 
     # -- lazily built parts -------------------------------------------------------------------
     @property
@@ -295,16 +302,50 @@ class RoutingEngine:
         from aad_core.serving.cascade import decided
 
         started = time.perf_counter()
-        decision, outcome = self.attempt(request, timeout_s=timeout_s)
-        tier_outcomes: list[Any] = []
-        if outcome is None or not outcome.ok:
-            chosen = self.tiers if tiers is None else tiers
-            if chosen:
-                tier_outcomes = self.cascade.run(request, decision, chosen)
-        decision = decided(decision, outcome, tier_outcomes)
-        call = RoutedCall(self, request, decision, outcome, started=started, tier_outcomes=tier_outcomes)
-        self.shadow.observe(call, teacher_call)  # counters; a background shadow teacher call (never waits)
+        try:
+            decision, outcome = self.attempt(request, timeout_s=timeout_s)
+            tier_outcomes: list[Any] = []
+            if outcome is None or not outcome.ok:
+                chosen = self.tiers if tiers is None else tiers
+                if chosen:
+                    tier_outcomes = self.cascade.run(request, decision, chosen)
+            decision = decided(decision, outcome, tier_outcomes)
+            call = RoutedCall(self, request, decision, outcome, started=started, tier_outcomes=tier_outcomes)
+        except Exception as err:  # a broken router artifact, a bug in a plugin: the teacher answers instead
+            call = self.fault_call(request, err, started=started)
+        try:
+            self.shadow.observe(call, teacher_call)  # counters; a background shadow teacher call (never waits)
+        except Exception as err:
+            self._log_fault("shadow", err)
         return call
+
+    def fault_call(self, request: ChatRequest, err: BaseException, *, started: float | None = None) -> RoutedCall:
+        """The call for a request whose routing failed (``err``): the teacher answers it as an escalation
+        would, and finishing records its answer like any teacher answer (nothing of the router or the
+        specialists is needed). The decision's reason names the fault's type only (it reaches clients in
+        ``aad_route``); the cause is logged (:meth:`_log_fault`)."""
+        self._log_fault("routing", err)
+        decision = RoutingDecision(target="teacher", tier="teacher",
+                                   reason=f"routing fault ({type(err).__name__}): sent to the teacher")
+        return RoutedCall(self, request, decision, None,
+                          started=time.perf_counter() if started is None else started)
+
+    def _log_fault(self, what: str, err: BaseException) -> None:
+        """Log a routing fault with its traceback the first time, then at most once every
+        :data:`FAULT_LOG_INTERVAL_S` per kind of fault with the count so far (DEBUG in between): a broken
+        router fails every request, and the log must not hold one traceback per request."""
+        key = (what, type(err).__name__)
+        now = time.monotonic()
+        with self._fault_lock:
+            n = self._faults[key] = self._faults.get(key, 0) + 1
+            due = now - self._fault_logged.get(key, -FAULT_LOG_INTERVAL_S) >= FAULT_LOG_INTERVAL_S
+            if due:
+                self._fault_logged[key] = now
+        if due:
+            log.error("aad routing: %s failed (%d time(s) so far), the teacher answers instead: %s: %s", what, n,
+                      type(err).__name__, err, exc_info=(type(err), err, err.__traceback__))
+        else:
+            log.debug("aad routing: %s failed again (%d): %s: %s", what, n, type(err).__name__, err)
 
     async def aroute_call(self, request: ChatRequest, *, timeout_s: float | None = None,
                           tiers: Sequence[Any] | None = None) -> RoutedCall:
@@ -322,9 +363,10 @@ class RoutingEngine:
         ``aad_escalation`` metadata, default :func:`escalation_info`)."""
         if not self.record:
             return None
+        session_id, user_id = request_identity(request.params)
         trace = Trace(
             source="router", model=model or self.teacher_model, request=request, response=teacher_message,
-            usage=usage, latency_ms=latency_ms, tags=["escalation"],
+            usage=usage, latency_ms=latency_ms, tags=["escalation"], session_id=session_id, user_id=user_id,
             metadata={"aad_escalation": info or escalation_info(decision, outcome)},
         )
         return self._record(trace, "the escalation trace")
@@ -334,8 +376,10 @@ class RoutingEngine:
                               latency_ms: float | None = None) -> Trace | None:
         """Store a teacher answer the router chose (no specialist was tried): training data like any
         captured call, redacted by the capture writer. Never raises."""
+        session_id, user_id = request_identity(request.params)
         trace = Trace(source="serve", model=model or self.teacher_model, request=request, response=teacher_message,
-                      usage=usage, latency_ms=latency_ms, metadata={"aad_route": {
+                      usage=usage, latency_ms=latency_ms, session_id=session_id, user_id=user_id,
+                      metadata={"aad_route": {
                           "reason": decision.reason, "cluster_id": decision.cluster_id,
                           "similarity": decision.similarity}})
         return self._record(trace, "the teacher's answer")

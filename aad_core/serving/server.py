@@ -20,7 +20,15 @@ Errors are OpenAI's error object ``{"error": {"message", "type", "param", "code"
 key (when the server has one), 404/405 an unknown route or method, 413 a body over ``max_body_bytes``,
 500 an unexpected server error, 502 a teacher that failed (unreachable, an HTTP error, an answer that is
 not a chat completion), 503 no teacher configured, 504 a teacher that timed out. Client-facing messages
-never hold the teacher's URL nor its response body: those are logged (WARNING) on the server.
+never hold the teacher's URL nor its response body: those are logged (WARNING) on the server. A routing
+fault (a broken router artifact, a bug in a router or specialist plugin) is no error: the teacher answers
+(``aad_route.reason`` names the fault's type, the log its cause, once a minute at most) and its answer is
+recorded like any other.
+
+Identity. The stored traces carry OpenAI's ``user`` parameter as ``Trace.user_id`` (or ``metadata.user_id``
+when the request has one) and ``metadata.session_id`` (``thread_id``, ``conversation_id``) as
+``Trace.session_id``, as ``aad ingest`` reads them; the redactor turns an id holding personal data (an
+e-mail address) into a keyed pseudonym.
 
 Keys. With ``api_key`` (``aad serve --api-key``, ``$AAD_SERVE_API_KEY``) every ``/v1/...`` route needs
 ``Authorization: Bearer <that key>`` (``/health`` stays open). The key that reaches the teacher is
@@ -71,7 +79,7 @@ from aad_core.serving.openai_errors import (OpenAIError, TeacherError, _ErrorsAs
 from aad_core.serving.prompt_tokens import _with_prompt_tokens, estimate_prompt_tokens, specialist_prompt_tokens
 from aad_core.serving.request_checks import parse_chat_body, read_json_body
 from aad_core.serving.upstream_teacher import (DEFAULT_TEACHER_TIMEOUT_S, UpstreamTeacher, _is_async_callable,
-                                               _TeacherGate, checked_completion)
+                                               _TeacherGate, checked_completion, configured_teacher)
 
 if TYPE_CHECKING:
     from aad_core.serving.engine import RoutedAnswer, RoutingEngine
@@ -81,8 +89,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES", "DEFAULT_TEACHER_CONCURRENCY", "DEFAULT_TEACHER_TIMEOUT_S", "ROUTED_MODEL",
     "SERVE_KEY_ENV", "TEACHER_KEY_ENV", "OpenAIError", "TeacherError", "UpstreamTeacher", "checked_completion",
-    "create_app", "error_response", "estimate_prompt_tokens", "parse_chat_body", "read_json_body", "serve",
-    "specialist_prompt_tokens",
+    "configured_teacher", "create_app", "error_response", "estimate_prompt_tokens", "parse_chat_body",
+    "read_json_body", "serve", "specialist_prompt_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -299,8 +307,13 @@ def create_app(
 
     def route(request: ChatRequest, shadow_teacher: Callable[[ChatRequest], Any] | None
               ) -> tuple[RoutedCall, RoutedAnswer | None]:
-        """Decide and try the specialist (a worker thread: the runtime batches concurrent requests)."""
-        call = engine.route_call(request, teacher_call=shadow_teacher)
+        """Decide and try the specialist (a worker thread: the runtime batches concurrent requests). A routing
+        fault (a broken router artifact, a bug in a plugin) never fails the request: the teacher answers it,
+        and its answer is recorded, as for any request the router sends to the teacher."""
+        try:
+            call = engine.route_call(request, teacher_call=shadow_teacher)
+        except Exception as err:  # RoutingEngine.route_call handles its own faults; an engine subclass may not
+            call = engine.fault_call(request, err)
         served = call.served_answer
         if served is not None and served.usage.prompt_tokens == 0:
             name = call.decision.specialist if call.specialist_answer is not None else None
@@ -321,7 +334,10 @@ def create_app(
     async def route_only(http_request: Request) -> Any:
         authorize(http_request)
         request = parse_chat_body(await read_json_body(http_request, max_body_bytes))
-        decisions = await anyio.to_thread.run_sync(engine.decide, [request])
+        try:
+            decisions = await anyio.to_thread.run_sync(engine.decide, [request])
+        except Exception as err:  # what /v1/chat/completions would do: the teacher (the fault is logged)
+            decisions = [engine.fault_call(request, err).decision]
         return decisions[0].model_dump()
 
     @app.post("/v1/chat/completions")
@@ -373,15 +389,19 @@ def create_app(
 def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 8000, teacher_url: str | None = None,
           teacher_model: str | None = None, preload: bool = True, api_key: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, teacher_concurrency: int = DEFAULT_TEACHER_CONCURRENCY,
-          teacher_timeout_s: float = DEFAULT_TEACHER_TIMEOUT_S) -> None:
+          teacher_timeout_s: float | None = None, teacher: UpstreamTeacher | None = None) -> None:
     """Run the server with uvicorn until interrupted (``preload``: load and warm the specialists first;
-    ``api_key`` None = ``$AAD_SERVE_API_KEY``; the other options as :func:`create_app` says)."""
+    ``api_key`` None = ``$AAD_SERVE_API_KEY``; the other options as :func:`create_app` says). The teacher:
+    ``teacher`` when given, else :func:`configured_teacher` of ``teacher_url`` / ``teacher_model`` /
+    ``teacher_timeout_s`` and the workspace's ``[teacher]`` section."""
     import uvicorn
 
     from aad_core.serving.engine import RoutingEngine
 
-    teacher = UpstreamTeacher(teacher_url, teacher_model, timeout_s=teacher_timeout_s) if teacher_url else None
-    engine = RoutingEngine(ws, teacher_model=teacher_model)
+    if teacher is None:
+        teacher = configured_teacher(ws.config.teacher, url=teacher_url, model=teacher_model,
+                                     timeout_s=teacher_timeout_s)
+    engine = RoutingEngine(ws, teacher_model=teacher.model if teacher is not None else teacher_model)
     app = create_app(ws, teacher=teacher, engine=engine, preload=preload,
                      api_key=api_key if api_key is not None else os.environ.get(SERVE_KEY_ENV),
                      max_body_bytes=max_body_bytes, teacher_concurrency=teacher_concurrency)

@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aad_core.config import TEACHER_KEY_ENV
 from aad_core.errors import AADError
@@ -25,6 +25,9 @@ try:
     import anyio
 except ImportError as _err:  # pragma: no cover - depends on the installed extras
     raise AADError(f"'aad serve' needs FastAPI: {_err}", hint="pip install 'aad[serve]'") from None
+
+if TYPE_CHECKING:
+    from aad_core.config import TeacherConfig
 
 # The server's logger (docs/routing.md names it), whichever of its modules logs.
 log = logging.getLogger("aad_core.serving.server")
@@ -163,6 +166,27 @@ class UpstreamTeacher:
         except httpx.HTTPError as err:
             raise self._failed(err) from None
         return self._parse(resp)
+
+
+def configured_teacher(cfg: TeacherConfig, *, url: str | None = None, model: str | None = None,
+                       timeout_s: float | None = None) -> UpstreamTeacher | None:
+    """The teacher ``aad serve`` forwards to: ``url`` (``--teacher-url``) with ``model`` and ``timeout_s``
+    (default :data:`DEFAULT_TEACHER_TIMEOUT_S`) and the key ``$AAD_TEACHER_API_KEY``; without ``url``, the
+    ``[teacher]`` section's ``base_url``, ``model``, key (``api_key_env``, else ``$AAD_TEACHER_API_KEY``)
+    and ``timeout_s``, the one ``aad augment`` uses, each overridden by ``model`` / ``timeout_s`` when
+    given. None when neither names a teacher."""
+    if url:
+        return UpstreamTeacher(url, model, timeout_s=DEFAULT_TEACHER_TIMEOUT_S if timeout_s is None else timeout_s)
+    if cfg.base_url is None:
+        return None
+    key: str | None = None  # None: $AAD_TEACHER_API_KEY
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env) or ""
+        if not key:
+            log.warning("[teacher]: the environment variable %s (api_key_env) is not set; the server sends the "
+                        "teacher no key of its own", cfg.api_key_env)
+    return UpstreamTeacher(cfg.base_url, model or cfg.model, api_key=key,
+                           timeout_s=cfg.timeout_s if timeout_s is None else timeout_s)
 
 
 def checked_completion(data: Any, *, where: str = "the teacher") -> Any:

