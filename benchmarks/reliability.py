@@ -10,7 +10,11 @@ Each case prints one line with its figures; the last line is the headline. Cases
 * ``disk-full``    the workspace on a tiny tmpfs (root) -- else ENOSPC injected in the store and the spool
 * ``poison``       one batch of 256 with a lone surrogate, deeply nested tool-call arguments and metadata
 * ``queue-16x500`` 16 threads x 500 calls: exactly 8,000 stored
-* ``queue-full``   16 threads x 1,500 calls with the default queue (10,000): agent-side latency, counts
+* ``queue-full``   16 threads x 1,500 calls with the default queue (10,000): agent-side latency, counts;
+                   then the same 16 threads call a stand-in (``deque.append``) instead of submit(), in the
+                   same process while the writer is still redacting the backlog: its p95 is the harness's
+                   own share (GIL scheduling of 16 threads and the writer), printed next to submit()'s.
+                   Holds when submit()'s p95 <= 2 ms
 * ``exit``         a child exits without close(): kept, tracebacks printed
 * ``pii-fields``   PII in every field (messages, refusal, reasoning, tool descriptions, tool-call
                    arguments and their log-probs, params, metadata, tags, error), all entities, every file
@@ -28,6 +32,7 @@ Each case prints one line with its figures; the last line is the headline. Cases
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import json
@@ -43,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
@@ -128,7 +133,7 @@ while True:
     w.submit(trace(i))
     i += 1
     if i % every == 0:
-        print(i, time.perf_counter(), w._counts["overflowed"], flush=True)
+        print(i, time.perf_counter(), w._overflowed.value, flush=True)
     if rate:
         time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
 """
@@ -326,40 +331,54 @@ def poison() -> None:
 
 
 # -- queue ---------------------------------------------------------------------------------------
-def queue_case(case: str, threads: int, per_thread: int, expect_all: bool) -> float:
+def run_agents(call: Callable[[Trace], object], threads: int, per_thread: int, first: int) -> tuple[list[float], float]:
+    """``threads`` threads each build ``per_thread`` traces and pass each to ``call``, timing the
+    call alone; the latencies (ms) and the seconds the threads took."""
+    lat: list[list[float]] = [[] for _ in range(threads)]
+
+    def agent(k: int) -> None:
+        for i in range(per_thread):
+            t = trace(first + k * per_thread + i)
+            t0 = time.perf_counter()
+            call(t)
+            lat[k].append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=agent, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return [v for xs in lat for v in xs], time.perf_counter() - t0
+
+
+def queue_case(case: str, threads: int, per_thread: int, expect_all: bool, baseline: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
         w = CaptureWriter(workspace=ws)
         w._redactor_ready.wait(120)
-        lat: list[list[float]] = [[] for _ in range(threads)]
-
-        def agent(k: int) -> None:
-            for i in range(per_thread):
-                t = trace(k * per_thread + i)
-                t0 = time.perf_counter()
-                w.submit(t)
-                lat[k].append((time.perf_counter() - t0) * 1000)
-
+        total = threads * per_thread
         t0 = time.perf_counter()
-        ts = [threading.Thread(target=agent, args=(k,)) for k in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        agent_s = time.perf_counter() - t0
+        all_lat, agent_s = run_agents(w.submit, threads, per_thread, 0)
+        base = ""
+        if baseline:
+            # The same harness with a trivial call, while the writer thread still redacts the
+            # backlog: what 16 threads and the GIL cost a call that takes no lock at all.
+            sink: collections.deque[Trace] = collections.deque()
+            base_lat, _ = run_agents(sink.append, threads, per_thread, total)
+            base = (f" (stand-in deque.append in the same harness: p50 {statistics.median(base_lat):.4f} ms, "
+                    f"p95 {pct(base_lat, 0.95):.4f} ms, max {max(base_lat):.1f} ms)")
         flushed = w.flush(900)
         drain_s = time.perf_counter() - t0
         s = w.stats()
         w.close(60)
         kept = SQLiteTraceStore(ws.db_path).count()
-        total = threads * per_thread
-        all_lat = [v for xs in lat for v in xs]
         p50, p95, worst = statistics.median(all_lat), pct(all_lat, 0.95), max(all_lat)
         counted = kept + s["lost"] == total
         ok = counted and flushed and p95 <= 2.0 and (kept == total if expect_all else True) and s["spool_files"] == 0
         report(case, ok, f"{threads} threads x {per_thread}: {kept} stored, {s['lost']} lost (queue full "
-               f"{s['overflowed']}), counts add up: {counted}; submit() p50 {p50:.3f} ms, p95 {p95:.3f} ms, "
-               f"max {worst:.1f} ms; agent {agent_s:.1f} s, all stored after {drain_s:.1f} s")
+               f"{s['overflowed']}), counts add up: {counted}; submit() p50 {p50:.4f} ms, p95 {p95:.4f} ms, "
+               f"max {worst:.1f} ms{base}; agent {agent_s:.1f} s, all stored after {drain_s:.1f} s")
         return p95
 
 
@@ -611,7 +630,7 @@ def main() -> None:
     if want("queue-16x500"):
         queue_case("queue-16x500", 16, 500, expect_all=True)
     if want("queue-full"):
-        queue_case("queue-full", 16, 1500, expect_all=False)
+        queue_case("queue-full", 16, 1500, expect_all=False, baseline=True)
     if want("exit"):
         exit_without_close()
     if want("pii-fields"):

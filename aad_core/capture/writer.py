@@ -1,7 +1,8 @@
 """The capture writer: a bounded queue, one background thread, batched inserts, and a spool.
 
-Capture paths call :meth:`CaptureWriter.submit` from the agent's threads; it only puts the trace
-on a queue and returns (it never redacts, never touches the disk, and never waits longer than
+Capture paths call :meth:`CaptureWriter.submit` from the agent's threads; it only appends the
+trace to an in-memory inbox and returns (it never redacts, never touches the disk, takes no lock
+unless the queue is full with ``full_policy = "block"``, and never waits longer than
 ``block_timeout_s``). The background thread builds the redactor as soon as the writer starts,
 redacts each trace (S2) and writes the batch in one transaction. Only redacted traces ever reach
 the disk: the store, and the spool.
@@ -32,6 +33,7 @@ The spool folder is :mod:`aad_core.capture.spool`; the workspace, the store and 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import queue
 import threading
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aad_core.capture.sampling import should_record
 from aad_core.capture.spool import Spool
 from aad_core.capture.target import StoreTarget, resolve_workspace, spool_dir_for, wal_dir_for
 from aad_core.config import AADSettings
@@ -81,32 +84,114 @@ class _Batch:
     seg: int | None
 
 
-class _Capacity:
-    """The bound on traces submitted and not yet redacted (``queue_size``): a counter that
-    ``submit`` takes from without waiting, or waiting at most ``block_timeout_s``."""
+class _Tally:
+    """A counter that any thread bumps without a lock: ``next()`` on an :func:`itertools.count` is
+    atomic under the GIL. Reading it is a ``next()`` too, so the reads are counted (under a lock:
+    they are rare) and taken off."""
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._free = size
-        self._cond = threading.Condition(threading.Lock())
-
-    def take(self, timeout: float = 0.0) -> bool:
-        with self._cond:
-            if self._free <= 0 and (timeout <= 0 or not self._cond.wait_for(lambda: self._free > 0, timeout)):
-                return False
-            self._free -= 1
-            return True
-
-    def give(self, n: int) -> None:
-        if n <= 0:
-            return
-        with self._cond:
-            self._free = min(self._size, self._free + n)
-            self._cond.notify(n)
+    def __init__(self) -> None:
+        self._count = itertools.count()
+        self.bump = self._count.__next__
+        self._reads = 0
+        self._lock = threading.Lock()
 
     @property
-    def used(self) -> int:
-        return self._size - self._free
+    def value(self) -> int:
+        with self._lock:
+            n = next(self._count) - self._reads
+            self._reads += 1
+            return n
+
+
+class _Inbox:
+    """What the agent's threads submit, in order with flush and stop markers: a deque (``append``
+    and ``popleft`` are atomic under the GIL), so :meth:`append` takes no lock. One consumer thread
+    takes the items off (the WAL thread, or the writer thread with ``[capture] wal = false``).
+
+    Waking the consumer: while it waits for an empty inbox it says so (``_idle``), and the first
+    :meth:`append` after that sets ``_event`` (the only lock an append can take, once per idle
+    period); :meth:`put_marker` (flush, close) always sets it, and also cuts short a
+    :meth:`pause` (the WAL's group-commit wait).
+
+    ``_lock`` is taken by the consumer for each item it takes off, by :meth:`put_marker` and by
+    :meth:`pending` (exact counts for stats, flush and close), never by :meth:`append`."""
+
+    def __init__(self) -> None:
+        self._items: deque[_Item] = deque()
+        self._event = threading.Event()
+        self._idle = False
+        self._lock = threading.Lock()
+        self._markers_in = 0  # markers appended so far (under _lock)
+        self._markers_out = 0  # markers taken off so far (under _lock)
+        self.taken = 0  # traces taken off so far (under _lock)
+
+    def append(self, trace: Trace) -> None:
+        self._items.append(trace)
+        if self._idle:
+            self._idle = False  # racy on purpose: a second set() is harmless, a missing one impossible
+            self._event.set()
+
+    def put_marker(self, marker: _Flush | _Stop) -> None:
+        with self._lock:
+            self._markers_in += 1
+            self._items.append(marker)
+        self._event.set()
+
+    def waiting(self) -> int:
+        """Traces in the inbox, without a lock: while items move, too few, never too many (the
+        reads are in the order that makes a marker taken off or added meanwhile count against)."""
+        out = self._markers_out
+        n = len(self._items)
+        return n - (self._markers_in - out)
+
+    def pending(self) -> int:
+        """Traces in the inbox plus those taken off so far, exactly (but for appends under way)."""
+        with self._lock:
+            return len(self._items) - (self._markers_in - self._markers_out) + self.taken
+
+    def get_nowait(self) -> _Item:
+        with self._lock:
+            try:
+                item = self._items.popleft()
+            except IndexError:
+                raise queue.Empty from None
+            if isinstance(item, Trace):
+                self.taken += 1
+            else:
+                self._markers_out += 1
+        return item
+
+    def get(self, timeout: float | None = None) -> _Item:
+        """The next item, waiting up to ``timeout`` seconds (None: no limit); :class:`queue.Empty`
+        when none came."""
+        try:
+            return self.get_nowait()
+        except queue.Empty:
+            if timeout is not None and timeout <= 0:
+                raise
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                # Idle first, then look: an append either sees _idle or is seen by this look.
+                self._event.clear()
+                self._idle = True
+                try:
+                    return self.get_nowait()
+                except queue.Empty:
+                    pass
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                self._event.wait(left)
+        finally:
+            self._idle = False
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when a flush or stop marker is (or comes) in the inbox."""
+        self._event.clear()
+        if self._markers_in > self._markers_out:
+            return
+        self._event.wait(seconds)
 
 
 _Item = Trace | _Batch | _Flush | _Stop
@@ -149,9 +234,11 @@ class CaptureWriter:
         Settings; None = the workspace's ``aad.toml`` (or defaults and ``AAD_*`` variables).
 
     Threads: with ``[capture] wal`` (the default), ``aad-capture-wal`` takes the submitted traces
-    off the queue every ``wal_flush_ms`` and appends them, encrypted, to the write-ahead log, and
+    off the inbox every ``wal_flush_ms`` and appends them, encrypted, to the write-ahead log, and
     ``aad-capture-writer`` redacts and stores them and recovers what dead writers left in the log;
-    without it the writer thread takes them off the queue itself.
+    without it the writer thread takes them off the inbox itself. The agent's threads share no
+    lock with these threads on :meth:`submit` (a deque append, lock-free counters), so a thread
+    preempted inside ``submit`` never makes the others wait (no lock convoy).
     """
 
     def __init__(
@@ -176,9 +263,17 @@ class CaptureWriter:
         self._spool_files = Spool(spool_dir_for(ws, store))
         self.wal_dir = wal_dir_for(ws, store)
 
-        # Submitted traces; `_capacity` bounds those not yet redacted to queue_size.
-        self._queue: queue.Queue[_Item] = queue.Queue()
-        self._capacity = _Capacity(cfg.queue_size)
+        # Submitted traces (no lock on submit); `_used()` (traces submitted and not yet redacted)
+        # is held to queue_size, give or take the threads submitting at that very moment.
+        self._inbox = _Inbox()
+        self._done = 0  # traces redacted or counted lost after leaving the inbox: the writer thread's
+        self._room = threading.Condition(threading.Lock())  # full_policy "block" waits on it
+        self._blocked = 0  # threads waiting on _room (changed under it)
+        # Counted on the agent's threads without a lock (stats() adds them to _counts).
+        self._captured = _Tally()
+        self._skipped = _Tally()
+        self._overflowed = _Tally()
+        self._overflow_logged = float("-inf")  # when the last queue-full loss line was logged
         # WAL thread -> writer thread (only with [capture] wal).
         self._handoff: queue.Queue[_Item] = queue.Queue()
         self._wal: WriteAheadLog | None = None  # opened on the WAL thread
@@ -220,27 +315,31 @@ class CaptureWriter:
         """Queue ``trace`` for writing. Never raises, never redacts or writes on the caller's
         thread, and never blocks longer than ``block_timeout_s`` (queue-full policy "block").
         When the queue is full the trace is counted as lost (``stats()["overflowed"]``) and a
-        warning is logged: it is never written unredacted."""
+        warning is logged: it is never written unredacted.
+
+        Lock-free under the GIL when the trace is queued and when it is dropped ("spool"), but
+        for waking the idle background thread (once per idle period): the bound is a check of
+        counters each written by one thread, then a deque append, so it may be overshot by at
+        most the number of threads submitting at that same moment."""
         try:
             if not isinstance(trace, Trace):
                 raise TypeError(f"CaptureWriter.submit expects an aad_core.schema.Trace. Got {type(trace).__name__} instead.")
-            from aad_core.capture.sampling import should_record
-
-            if not should_record(trace, self.config.capture):  # [capture] enabled (AAD_CAPTURE=0), sample_rate
-                with self._lock:
-                    self._counts["skipped"] = self._counts.get("skipped", 0) + 1
+            cfg = self.config.capture
+            if not should_record(trace, cfg):  # [capture] enabled (AAD_CAPTURE=0), sample_rate
+                self._skipped.bump()
                 return
-            self._count("captured")
+            self._captured.bump()
             if self._closed:
                 self._late(trace)
                 return
-            cfg = self.config.capture
-            if self._capacity.take() or (cfg.full_policy == "block" and self._capacity.take(cfg.block_timeout_s)):
-                self._queue.put_nowait(trace)
+            # No lock here: a check and an append (two threads may both pass the check for the
+            # last free place: the bound is overshot by at most the threads submitting at once).
+            if self._used(exact=False) < cfg.queue_size:
+                self._inbox.append(trace)
                 return
-            self._count("overflowed")
-            self._lose(1, "queue-full", f"the capture queue is full ({cfg.queue_size} traces waiting for redaction); "
-                       "raise [capture] queue_size for longer bursts")
+            if cfg.full_policy == "block" and self._wait_for_room(trace, cfg.block_timeout_s, cfg.queue_size):
+                return
+            self._overflow(cfg.queue_size)
         except Exception as err:  # last line of defence for the agent
             self._error("submit", err)
 
@@ -250,12 +349,12 @@ class CaptureWriter:
         (seconds) ran out first or when traces are still held in memory because neither the
         store nor the spool could be written."""
         if not self._thread.is_alive() or (self._wal_thread is not None and not self._wal_thread.is_alive()):
-            return self._capacity.used == 0 and not self._held
+            return self._used() == 0 and not self._held
         marker = _Flush()
-        self._queue.put(marker)
+        self._inbox.put_marker(marker)
         if not marker.done.wait(timeout):
             self._log_once("flush-timeout", logging.WARNING, "aad capture: flush() timed out with %d trace(s) queued",
-                           self._capacity.used)
+                           self._used())
             return False
         return not self._held
 
@@ -264,19 +363,19 @@ class CaptureWriter:
         True when every trace submitted was stored or spooled; otherwise (and whenever traces
         were lost or are left in the spool) a warning says how many and why."""
         if self._closed:
-            return not self._held and self._capacity.used == 0
+            return not self._held and self._used() == 0
         self.flush(timeout)
         self._closed = True
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._thread.is_alive():
-            self._queue.put(_Stop())  # through the WAL thread, if any, to the writer thread
+            self._inbox.put_marker(_Stop())  # through the WAL thread, if any, to the writer thread
             for thread in (self._wal_thread, self._thread):
                 if thread is not None:
                     thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        queued = self._capacity.used if self._thread.is_alive() else 0
+        queued = self._used() if self._thread.is_alive() else 0
         if not self._thread.is_alive():
             # Whatever is still queued (the thread stopped early) cannot be redacted any more.
-            for q in (self._queue, self._handoff):
+            for q in (self._inbox, self._handoff):
                 while True:
                     try:
                         item = q.get_nowait()
@@ -287,7 +386,7 @@ class CaptureWriter:
                     elif isinstance(item, (Trace, _Batch)):
                         n = 1 if isinstance(item, Trace) else len(item.traces)
                         self._lose(n, "closed", "the writer stopped before it could redact them")
-                        self._capacity.give(n)
+                        self._release(n)
                         if isinstance(item, _Batch) and item.seg is not None:
                             self._unacked.append((item.seg, n))
             if self._held:
@@ -323,8 +422,18 @@ class CaptureWriter:
         in the WAL folder, of every writer of the workspace)."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
-            out["lost_by"] = dict(self._lost_by)
-        out["queued"] = self._capacity.used
+            lost_by = dict(self._lost_by)
+        out["captured"] = self._captured.value
+        overflowed = self._overflowed.value
+        out["overflowed"] = overflowed
+        out["lost"] += overflowed
+        if overflowed:
+            lost_by["queue-full"] = lost_by.get("queue-full", 0) + overflowed
+        out["lost_by"] = lost_by
+        skipped = self._skipped.value
+        if skipped:
+            out["skipped"] = skipped
+        out["queued"] = self._used()
         out["held"] = len(self._held)
         out["spool_files"] = self._spool_files.count()
         out["wal_segments"] = self._wal.segments() if self._wal is not None else 0
@@ -349,7 +458,7 @@ class CaptureWriter:
         if self.redact:  # warm the redaction engine up now, off the agent's threads
             self._guard("redact", self._ensure_redactor)
         self._start_recovery()
-        source = self._handoff if self._wal_thread is not None else self._queue
+        source: _Inbox | queue.Queue[_Item] = self._handoff if self._wal_thread is not None else self._inbox
         batch_size = self.config.capture.batch_size
         linger = self.config.capture.linger_s
         poll = min(self.config.capture.retry_interval_s, 1.0)
@@ -398,7 +507,7 @@ class CaptureWriter:
                     break
             if batch:
                 ok = self._guard("write", lambda: self._process(batch))
-                self._capacity.give(len(batch))
+                self._release(len(batch))
                 if ok:  # else the WAL keeps them: a later writer recovers them
                     self._settle(acks)
                 if self._leftovers is not None:  # recovery goes on under load too
@@ -416,10 +525,11 @@ class CaptureWriter:
                     return
 
     def _run_wal(self) -> None:
-        """The WAL thread: every ``wal_flush_ms``, take what was submitted off the queue, append
+        """The WAL thread: every ``wal_flush_ms``, take what was submitted off the inbox, append
         it to the write-ahead log (encrypted, fsynced) and hand it to the writer thread, in order
-        with flush and stop markers. Serialising and encrypting take about 4 µs per small trace
-        (0.4 ms per hundred); the agent's threads never wait for this thread, only for the GIL."""
+        with flush and stop markers (which end the group-commit wait at once). Serialising and
+        encrypting take about 4 µs per small trace (0.4 ms per hundred); the agent's threads never
+        wait for this thread (no lock is shared with them), only for the GIL."""
         try:
             from aad_core.capture.wal import WriteAheadLog
 
@@ -430,22 +540,23 @@ class CaptureWriter:
         finally:
             self._wal_ready.set()
         interval = self.config.capture.wal_flush_ms / 1000.0
+        inbox = self._inbox
         last = float("-inf")
         backlog = False
         while True:
             try:
-                item = self._queue.get(timeout=1.0)
+                item = inbox.get(timeout=1.0)
             except queue.Empty:
                 continue
             if isinstance(item, Trace) and not backlog:  # group commit: one fsync per interval at most
                 wait = last + interval - time.monotonic()
                 if wait > 0:
-                    time.sleep(wait)
+                    inbox.pause(wait)  # flush() and close() cut it short
             last = time.monotonic()
             items: list[_Item] = [item]
             while len(items) < WAL_RECORD_MAX:
                 try:
-                    items.append(self._queue.get_nowait())
+                    items.append(inbox.get_nowait())
                 except queue.Empty:
                     break
             backlog = len(items) >= WAL_RECORD_MAX
@@ -742,6 +853,68 @@ class CaptureWriter:
         self._spool_pending = False
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def _used(self, exact: bool = True) -> int:
+        """Traces submitted and not yet redacted (nor counted lost): in the inbox, or taken off it
+        and not yet through the writer thread. ``exact``: under the inbox's lock (never taken by
+        submit); the traces the writer finishes meanwhile may still be counted, never the
+        reverse. Else (submit's check) without any lock, read in the order that can only count
+        too few (traces taken off or finished while it reads are missed), never too many: a
+        trace is never dropped while there is room; the bound may be overshot by one trace per
+        thread submitting at that moment."""
+        inbox = self._inbox
+        if exact:
+            done = self._done
+            return max(0, inbox.pending() - done)
+        taken = inbox.taken  # first: a trace taken off after this is then in neither term
+        waiting = inbox.waiting()
+        return max(0, waiting + taken - self._done)
+
+    def _release(self, n: int) -> None:
+        """``n`` traces left the queue (redacted, or counted lost): room for as many more. Called
+        by the writer thread (or by close() once it stopped)."""
+        if n <= 0:
+            return
+        self._done += n
+        if self._blocked:  # read without the lock: a thread that starts waiting after this sees _done
+            with self._room:
+                self._room.notify_all()
+
+    def _wait_for_room(self, trace: Trace, timeout: float, size: int) -> bool:
+        """``full_policy = "block"``: queue ``trace`` as soon as there is room, waiting at most
+        ``timeout`` seconds; False if there was none. (The slow path: it takes a lock.)"""
+        if timeout <= 0:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._room:
+            self._blocked += 1
+            try:
+                while self._used() >= size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._room.wait(left)
+                self._inbox.append(trace)  # under the lock: waiting threads never overshoot the bound
+                return True
+            finally:
+                self._blocked -= 1
+
+    def _overflow(self, size: int) -> None:
+        """A trace lost because the queue is full: counted without a lock and logged with the
+        running total, at most one line every LOSS_LOG_INTERVAL_S (a racy check of the time: two
+        threads may both log; the count is always exact)."""
+        self._overflowed.bump()
+        now = time.monotonic()
+        if now - self._overflow_logged >= LOSS_LOG_INTERVAL_S:
+            self._overflow_logged = now
+            level = logging.ERROR
+        elif log.isEnabledFor(logging.DEBUG):
+            level = logging.DEBUG
+        else:
+            return
+        log.log(level, "aad capture: %d trace(s) lost (%s): %s; %d lost for this reason so far", 1, "queue-full",
+                f"the capture queue is full ({size} traces waiting for redaction); raise [capture] queue_size "
+                "for longer bursts", self._overflowed.value + self._lost_by.get("queue-full", 0))
+
     def _notify(self, traces: list[Trace]) -> None:
         from aad_core.plugins import get_plugin_manager
 
