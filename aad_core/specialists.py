@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import re
 import shutil
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
     from aad_core.workspace import Workspace
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
+_unreadable_logged: set[Path] = set()  # manifests already reported as unreadable (logged once each)
+_unreadable_lock = threading.Lock()
 
 
 def specialist_name(cluster_id: int, label: str) -> str:
@@ -146,8 +152,26 @@ class SpecialistRegistry:
             return []
         out = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            out.extend(self._from_manifest(folder / str(v)) for v in self._versions(folder.name))
+            for v in self._versions(folder.name):
+                spec = self._readable(folder / str(v))
+                if spec is not None:
+                    out.append(spec)
         return out
+
+    def _readable(self, path: Path) -> Specialist | None:
+        """The specialist of ``path``, or None when its manifest cannot be read (damaged by hand or a
+        disk fault): that version is left out, logged once, and the other specialists keep serving."""
+        try:
+            return self._from_manifest(path)
+        except (OSError, ValueError, TypeError) as err:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+            with _unreadable_lock:
+                first = path not in _unreadable_logged
+                _unreadable_logged.add(path)
+            log.log(logging.ERROR if first else logging.DEBUG,
+                    "specialist %s v%s is left out: its %s cannot be read (%s: %s); 'aad train' writes a new "
+                    "version", path.parent.name, path.name, path / MANIFEST, type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "")
+            return None
 
     def get(self, name: str, version: int | None = None) -> Specialist:
         versions = self._versions(name)

@@ -29,7 +29,7 @@ from aad_core.schema import ChatRequest, Message, RoutingDecision, Trace, Usage
 from aad_core.serving.routed_call import (RoutedAnswer, RoutedCall, SpecialistOutcome, escalation_info,
                                          teacher_result)
 from aad_core.serving.openai_backend import specialist_backend
-from aad_core.serving.specialists import GenerationLike, SpecialistBackend, SpecialistPool
+from aad_core.serving.specialists import GenerationLike, SpecialistBackend, SpecialistPool, SpecialistUnavailable
 
 __all__ = ["GenerationLike", "RoutedAnswer", "RoutedCall", "RoutingEngine", "SpecialistBackend", "SpecialistOutcome",
            "SpecialistPool", "TeacherCall", "shared_engine"]
@@ -214,6 +214,8 @@ class RoutingEngine:
             future.cancel()
             return SpecialistOutcome(False, f"timeout: the specialist took longer than {timeout:g} s",
                                      latency_ms=(time.perf_counter() - start) * 1000)
+        except SpecialistUnavailable as err:  # its circuit breaker is open (logged when it opened)
+            return SpecialistOutcome(False, str(err), latency_ms=(time.perf_counter() - start) * 1000)
         except Exception as err:  # the specialist must never break the user's call
             log.warning("specialist %s raised: %s", name, err)
             return SpecialistOutcome(False, f"exception: {type(err).__name__}: {err}",

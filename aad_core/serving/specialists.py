@@ -4,8 +4,10 @@ default backend, a :class:`SpecialistPool` of the workspace's promoted specialis
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,6 +16,65 @@ from aad_core.schema import ChatRequest, Specialist
 
 if TYPE_CHECKING:
     from aad_core.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: Seconds a specialist stays disabled after its circuit breaker opened (then one request tries it again).
+RETRY_AFTER_S = 60.0
+#: Consecutive generation errors that open a specialist's breaker (a load error opens it at once).
+ERRORS_TO_OPEN = 3
+
+
+class SpecialistUnavailable(AADError):
+    """The specialist is disabled for a while (its circuit breaker is open): the request goes to the teacher."""
+
+
+class _Breaker:
+    """One specialist's circuit breaker: closed (serving), open (every request goes to the teacher at once,
+    without touching the broken artifact) until ``retry_after_s`` passed, then half-open (one request
+    tries it: success closes it, a failure opens it again). A load error opens it at once; generation
+    errors after :data:`ERRORS_TO_OPEN` in a row. Each opening is logged once, with the cause."""
+
+    def __init__(self, name: str, retry_after_s: float) -> None:
+        self.name = name
+        self.retry_after_s = retry_after_s
+        self.errors = 0
+        self.open_until = 0.0
+        self.cause = ""
+        self.openings = 0
+        self.trying = False  # half-open: one request is trying the specialist
+
+    def blocked(self) -> str:
+        """Why the specialist must not be tried now ("" = it may be); changes nothing."""
+        if not self.open_until:
+            return ""
+        left = self.open_until - time.monotonic()
+        if left > 0:
+            return f"specialist disabled after {self.cause} (retry in {left:.0f} s)"
+        return f"specialist disabled after {self.cause} (a retry is under way)" if self.trying else ""
+
+    def check(self) -> str:
+        """:meth:`blocked`, and when the cool-down is over, this caller is the one request that retries."""
+        why = self.blocked()
+        if not why and self.open_until:
+            self.trying = True
+        return why
+
+    def success(self) -> None:
+        if self.open_until:
+            log.warning("specialist %s answers again: circuit breaker closed", self.name)
+        self.errors, self.open_until, self.trying = 0, 0.0, False
+
+    def failure(self, err: BaseException, *, loading: bool) -> None:
+        self.errors += 1
+        self.trying = False
+        if not (loading or self.errors >= ERRORS_TO_OPEN or self.open_until):
+            return
+        self.cause = f"{'a load error' if loading else f'{self.errors} errors'} ({type(err).__name__})"
+        self.open_until = time.monotonic() + self.retry_after_s
+        self.openings += 1
+        log.error("specialist %s disabled for %.0f s (its requests go to the teacher), after %s: %s",
+                  self.name, self.retry_after_s, self.cause, err, exc_info=self.openings == 1)
 
 
 class GenerationLike(Protocol):
@@ -53,11 +114,18 @@ class SpecialistPool:
     loaded into it (PEFT multi-adapter), with prefix reuse, micro-batching, each adapter's fast copy and
     prompt-lookup decoding as ``[route] prefix_cache``, ``[route] batch_window_ms``, ``[route] fast_path``
     and ``[route] prompt_lookup_tokens`` say. Any other kind: the predictor its trainer component loads
-    (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`)."""
+    (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`).
+
+    ``retry_after_s``: how long a specialist whose artifact does not load (or that fails
+    :data:`ERRORS_TO_OPEN` times in a row) stays disabled before one request tries it again; meanwhile its
+    requests go to the teacher at once (:class:`SpecialistUnavailable`), and the other specialists serve on.
+    """
 
     def __init__(self, ws: Workspace | None, specialists: Sequence[Specialist], *, merge_hot: str | None = None,
-                 runtime_options: dict[str, Any] | None = None) -> None:
+                 runtime_options: dict[str, Any] | None = None, retry_after_s: float = RETRY_AFTER_S) -> None:
         self.ws = ws
+        self.retry_after_s = retry_after_s
+        self._breakers: dict[str, _Breaker] = {}
         self.specialists = {s.name: s for s in specialists}
         self.merge_hot = merge_hot
         if runtime_options is None and ws is not None:
@@ -100,11 +168,55 @@ class SpecialistPool:
                 predictor = self._predictors[spec.name] = load_predictor(spec, self.ws)
             return predictor
 
+    def _breaker(self, name: str) -> _Breaker:
+        with self._lock:
+            breaker = self._breakers.get(name)
+            if breaker is None:
+                breaker = self._breakers[name] = _Breaker(name, self.retry_after_s)
+            return breaker
+
+    def unavailable(self, name: str) -> str:
+        """Why specialist ``name`` is disabled right now ("" when it may be tried)."""
+        breaker = self._breakers.get(name)
+        return breaker.blocked() if breaker is not None else ""
+
+    def _guarded(self, name: str, load: Callable[[], Any], use: Callable[[Any], Any]) -> Any:
+        """``use(load())`` behind ``name``'s circuit breaker."""
+        breaker = self._breaker(name)
+        with self._lock:
+            why = breaker.check()
+        if why:
+            raise SpecialistUnavailable(f"{name}: {why}", hint="The server log names the cause.")
+        try:
+            model = load()
+        except Exception as err:
+            with self._lock:
+                breaker.failure(err, loading=True)
+            raise
+        try:
+            out = use(model)
+        except Exception as err:
+            with self._lock:
+                breaker.failure(err, loading=False)
+            raise
+        with self._lock:
+            breaker.success()
+        return out
+
     def generate(self, name: str, requests: list[ChatRequest], *, max_new_tokens: int) -> list[GenerationLike]:
         spec = self._spec(name)
         if spec.kind != "lora":
-            return self._predictor(spec).generate(requests, max_new_tokens=max_new_tokens)
-        return self._runtime(name).generate(requests, adapter=name, max_new_tokens=max_new_tokens)
+            return self._guarded(name, lambda: self._predictor(spec),
+                                 lambda p: p.generate(requests, max_new_tokens=max_new_tokens))
+
+        def loaded_runtime() -> Any:
+            rt = self._runtime(name)
+            if not rt.loaded:
+                rt.load()  # a broken base model or adapter raises here: a load error
+            return rt
+
+        return self._guarded(name, loaded_runtime,
+                             lambda rt: rt.generate(requests, adapter=name, max_new_tokens=max_new_tokens))
 
     def preload(self) -> None:
         """Load every specialist now (a LoRA runtime warms up with one dummy generation), so that the
@@ -131,6 +243,9 @@ class SpecialistPool:
         """Why ``request`` is too long for the LoRA specialist ``name`` ("" when it fits): a prompt longer
         than the tokens it was trained on was never seen in training, and holds the runtime for long."""
         spec = self._spec(name)
+        why = self.unavailable(name)
+        if why:  # to the teacher at once, without loading the broken artifact again
+            return why
         limit = self.max_length(name) if spec.kind == "lora" else None
         if limit is None:
             return ""
