@@ -387,6 +387,12 @@ class RouteConfig(_Section):
         "checked in one forward pass; the model's greedy choice decides, so the answer stays its own. Pays off when "
         "answers copy the request (extracted values, tool arguments). 'aad eval' uses it too. 0 = off."
     )
+    parallel_batches: int = Field(
+        2, ge=1, le=64, description="LoRA specialists on CPU (their fast copies): micro-batches that decode at once, "
+        "the cores split between them. A small student gains little from two threads per forward pass and much from "
+        "two passes at once, so concurrent requests that miss a running batch start their own instead of waiting for "
+        "it. 1 = one batch at a time."
+    )
     specialist_backend: Literal["local", "openai"] = Field(
         "local", description="Who answers the LoRA specialists: 'local' = aad's in-process runtime (prefix_cache, "
         "batch_window_ms, fast_path); 'openai' = an OpenAI-compatible endpoint serving every adapter on one base "

@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="A smoke run: 4 requests, one specialist, 16 new tokens.")
     ap.add_argument("--fast-path", choices=("int8", "merged", "none"), default=None,
                     help="How the specialists compute (default: the workspace's [route] fast_path).")
+    ap.add_argument("--parallel-batches", type=int, default=None,
+                    help="Micro-batches decoding at once (default: the workspace's [route] parallel_batches).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures to this file.")
     args = ap.parse_args()
 
@@ -148,13 +150,16 @@ def main() -> None:
     fast_path = args.fast_path or route.fast_path
     pool = SpecialistPool(ws, specs, runtime_options={"prefix_cache": route.prefix_cache,
                                                       "batch_window_ms": route.batch_window_ms,
-                                                      "fast_path": fast_path})
+                                                      "fast_path": fast_path,
+                                                      "prompt_lookup": route.prompt_lookup_tokens,
+                                                      "parallel_batches": args.parallel_batches or route.parallel_batches})
     started = time.perf_counter()
     pool.preload()
     load_s = time.perf_counter() - started
     print(f"Loaded and warmed {len(specs)} LoRA specialist(s) in {load_s:.1f} s "
           f"(prefix_cache {pool.runtime_options.get('prefix_cache')}, batch_window_ms "
-          f"{pool.runtime_options.get('batch_window_ms')}, fast_path {fast_path}); {n} requests each, "
+          f"{pool.runtime_options.get('batch_window_ms')}, fast_path {fast_path}, parallel_batches "
+          f"{pool.runtime_options.get('parallel_batches')}); {n} requests each, "
           f"max_new_tokens {max_new}.")
     results = []
     for spec in specs:

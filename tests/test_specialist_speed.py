@@ -145,6 +145,70 @@ def test_concurrent_calls_are_answered_in_one_batch(peaked_student: Path) -> Non
     assert rt.stats["batches"] == 1  # four calls, one forward pass
 
 
+def test_micro_batches_of_an_adapters_fast_copy_decode_side_by_side_with_the_same_answers(
+        peaked_student: Path, tmp_path: Path) -> None:
+    adapter = _adapter(peaked_student, tmp_path / "a", 3)
+    reference = _runtime(peaked_student, prefix_cache=0, fast_path="merged")
+    reference.add_adapter("a", adapter)
+    users = USERS * 3
+    expected = [reference.generate([_request(u)], max_new_tokens=10, adapter="a")[0] for u in users]
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", parallel_batches=2)
+    rt.add_adapter("a", adapter)
+    rt.load()
+    overlaps: list[int] = []
+    decode = rt._decode_plan
+
+    def watched(*args: Any, **kw: Any) -> Any:  # how many batches decode at this moment
+        overlaps.append(rt._busy)
+        time.sleep(0.05)  # long enough for a second batch to start beside this one
+        return decode(*args, **kw)
+
+    rt._decode_plan = watched  # type: ignore[method-assign]
+    results: list[Any] = [None] * len(users)
+
+    def call(i: int) -> None:
+        results[i] = rt.generate([_request(users[i])], max_new_tokens=10, adapter="a")[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(users))]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=60)
+    _same(results, expected)
+    assert max(overlaps) == 2, "two micro-batches decoded at once"
+    assert rt._busy == 0 and rt._slots.acquire(blocking=False) and rt._slots.acquire(blocking=False)
+
+
+def test_one_slot_or_the_shared_model_decodes_one_batch_at_a_time(peaked_student: Path, tmp_path: Path) -> None:
+    for options in ({"parallel_batches": 1, "fast_path": "merged"}, {"parallel_batches": 2, "fast_path": "none"}):
+        rt = _runtime(peaked_student, batch_window_ms=1, **options)
+        rt.add_adapter("a", _adapter(peaked_student, tmp_path / f"a{len(options)}{options['fast_path']}", 4))
+        rt.load()
+        seen: list[int] = []
+        decode = rt._decode_plan
+
+        def watched(*args: Any, _decode: Any = decode, _seen: list[int] = seen, _rt: Any = rt, **kw: Any) -> Any:
+            _seen.append(_rt._busy)
+            time.sleep(0.03)
+            return _decode(*args, **kw)
+
+        rt._decode_plan = watched  # type: ignore[method-assign]
+        threads = [threading.Thread(target=rt.generate, args=([_request(u)],), kwargs={"adapter": "a", "max_new_tokens": 4})
+                   for u in USERS]
+        for t in threads:
+            t.start()
+            time.sleep(0.01)
+        for t in threads:
+            t.join(timeout=60)
+        assert seen and max(seen) == 0, f"{options}: no batch decodes outside the model lock"
+
+
+def test_parallel_batches_must_be_a_positive_int(peaked_student: Path) -> None:
+    with pytest.raises(ValueError, match="The 'parallel_batches' parameter of SpecialistRuntime must be an int >= 1"):
+        _runtime(peaked_student, parallel_batches=0)
+
+
 def test_a_failed_micro_batch_raises_in_its_caller(peaked_student: Path) -> None:
     from aad_core.errors import AADError
 

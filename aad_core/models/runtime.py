@@ -32,6 +32,7 @@ What makes it fast on CPU (docs/routing.md, "Serving speed"):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import threading
@@ -111,11 +112,13 @@ class SpecialistRuntime:
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
                  warmup: bool = True, prefix_cache: int = 8, min_prefix_tokens: int = 16,
                  batch_window_ms: float = 5.0, fast_path: str = "int8", int8_lm_head: bool = True,
-                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP) -> None:
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, parallel_batches: int = 2) -> None:
         if fast_path not in FAST_PATHS:
             raise AADError(f"Unknown fast_path {fast_path!r}.", hint="Use one of: " + ", ".join(FAST_PATHS) + ".")
         if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or prompt_lookup < 0:
             raise param_error("prompt_lookup", "SpecialistRuntime", "an int >= 0", prompt_lookup)
+        if isinstance(parallel_batches, bool) or not isinstance(parallel_batches, int) or parallel_batches < 1:
+            raise param_error("parallel_batches", "SpecialistRuntime", "an int >= 1", parallel_batches)
         self.base_model = base_model
         self.device = device
         self.batch_size = batch_size
@@ -126,6 +129,13 @@ class SpecialistRuntime:
         self.fast_path = fast_path
         self.int8_lm_head = int8_lm_head
         self.prompt_lookup = prompt_lookup
+        self.parallel_batches = parallel_batches
+        # Micro-batches decoding at once (fast copies on CPU only; see _decode_in_slot) and the cores they share.
+        self._slots = threading.BoundedSemaphore(parallel_batches)
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._cores: int | None = None
+        self._decode_lock = threading.Lock()  # the tokenizer's decode() from parallel batches
         self._last_answer: dict[str | None, list[int]] = {}  # adapter -> its latest answer's tokens (drafts)
         self._fast: dict[str, Any] = {}  # adapter name -> its private merged (int8) copy of the base
         self._lock = threading.RLock()
@@ -330,7 +340,7 @@ class SpecialistRuntime:
         with self._pending_lock:
             self._pending.append(item)
         time.sleep(self.batch_window_ms / 1000)
-        with self._lock:
+        with self._slots:
             if not item.done.is_set():
                 with self._pending_lock:
                     taken, self._pending = self._pending, []
@@ -339,9 +349,7 @@ class SpecialistRuntime:
                     groups.setdefault((p.adapter, p.max_new_tokens), []).append(p)
                 for (name, max_new), members in groups.items():
                     try:
-                        self._ensure_loaded()
-                        self._check_adapter(name)
-                        gens = self._generate_locked([r for p in members for r in p.requests], name, max_new)
+                        gens = self._decode_in_slot([r for p in members for r in p.requests], name, max_new)
                         self.stats["batches"] += 1
                         start = 0
                         for p in members:
@@ -357,6 +365,42 @@ class SpecialistRuntime:
             raise item.error
         assert item.result is not None
         return item.result
+
+    def _decode_in_slot(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int) -> list[Generation]:
+        """One micro-batch, in one of ``parallel_batches`` slots. With an adapter's fast copy (CPU), only the
+        preparation (loading, tokenising, the prefix cache) holds the model lock, and the decoding runs beside
+        other slots' on its own copy of the prefix cache, with the cores split between the batches decoding at
+        once (a 135M model gains little from two threads per pass, much from two passes at once: 2 streams of
+        1 thread answered 2.5-2.7 requests/s where 1 stream of 2 threads answered 1.6). The shared PEFT model
+        (no fast copy: a GPU, ``fast_path="none"``, hints) switches adapters in place: its batches take turns."""
+        with self._lock:
+            self._ensure_loaded()
+            self._check_adapter(adapter)
+            if self.parallel_batches <= 1 or self._fast_model(adapter) is None:
+                return self._generate_locked(requests, adapter, max_new_tokens)
+            plan = self._plan(requests, adapter)
+        with self._shared_cores():
+            return self._decode_plan(plan, requests, adapter, max_new_tokens, None)
+
+    @contextlib.contextmanager
+    def _shared_cores(self) -> Any:
+        """Run this thread's torch ops on its share of the cores while other batches decode (torch's thread
+        count is per calling thread: other threads keep theirs)."""
+        import torch
+
+        with self._busy_lock:
+            if self._cores is None:
+                self._cores = max(1, torch.get_num_threads())
+            self._busy += 1
+            share = max(1, self._cores // self._busy)
+        before = torch.get_num_threads()
+        torch.set_num_threads(share)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+            with self._busy_lock:
+                self._busy -= 1
 
     def _adapter_context(self, adapter: str | None) -> Any:
         """A context in which the model runs as ``adapter`` (None = the base student)."""
@@ -451,6 +495,12 @@ class SpecialistRuntime:
     def _generate_locked(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
                          trie: _AnswerTrie | None = None) -> list[Generation]:
         """Greedy answers, ``batch_size`` at a time; requests that share a cached prefix batch together."""
+        return self._decode_plan(self._plan(requests, adapter), requests, adapter, max_new_tokens, trie)
+
+    def _plan(self, requests: list[ChatRequest], adapter: str | None
+              ) -> tuple[list[list[int]], list[_Prefix | None], dict[int, list[int]]]:
+        """Under the model lock: the prompts' token ids, their cached prefixes (built now if need be) and the
+        rows grouped by prefix."""
         from aad_core.models.chat_format import prompt_text
 
         tok = self._tokenizer
@@ -460,6 +510,12 @@ class SpecialistRuntime:
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prefixes):
             groups.setdefault(id(p) if p is not None else 0, []).append(i)
+        return ids, prefixes, groups
+
+    def _decode_plan(self, plan: tuple[list[list[int]], list[_Prefix | None], dict[int, list[int]]],
+                     requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
+                     trie: _AnswerTrie | None) -> list[Generation]:
+        ids, prefixes, groups = plan
         out: list[Generation | None] = [None] * len(requests)
         for rows in groups.values():
             prefix = prefixes[rows[0]]
@@ -583,8 +639,10 @@ class SpecialistRuntime:
         (``logprobs``, a tensor aligned with ``tokens``; the end-of-sequence token's when it came first)."""
         tok = self._tokenizer
         n = tokens.index(tok.eos_token_id) if tok.eos_token_id in tokens else len(tokens)
+        with self._decode_lock:
+            text = tok.decode(tokens[:n], skip_special_tokens=True).strip()
         return Generation(
-            text=tok.decode(tokens[:n], skip_special_tokens=True).strip(),
+            text=text,
             mean_logprob=float(logprobs[:n].mean()) if n else float(logprobs[0]),
             n_tokens=n,
             latency_ms=latency,

@@ -112,8 +112,8 @@ class SpecialistPool:
     """Promoted specialists, each served by its kind. Kind "lora": one
     :class:`~aad_core.models.runtime.SpecialistRuntime` per base model, every adapter of that base
     loaded into it (PEFT multi-adapter), with prefix reuse, micro-batching, each adapter's fast copy and
-    prompt-lookup decoding as ``[route] prefix_cache``, ``[route] batch_window_ms``, ``[route] fast_path``
-    and ``[route] prompt_lookup_tokens`` say. Any other kind: the predictor its trainer component loads
+    prompt-lookup decoding and parallel micro-batches as ``[route] prefix_cache``, ``[route] batch_window_ms``,
+    ``[route] fast_path``, ``[route] prompt_lookup_tokens`` and ``[route] parallel_batches`` say. Any other kind: the predictor its trainer component loads
     (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`).
 
     ``retry_after_s``: how long a specialist whose artifact does not load (or that fails
@@ -131,7 +131,8 @@ class SpecialistPool:
         if runtime_options is None and ws is not None:
             route = ws.config.route
             runtime_options = {"prefix_cache": route.prefix_cache, "batch_window_ms": route.batch_window_ms,
-                               "fast_path": route.fast_path, "prompt_lookup": route.prompt_lookup_tokens}
+                               "fast_path": route.fast_path, "prompt_lookup": route.prompt_lookup_tokens,
+                               "parallel_batches": route.parallel_batches}
         #: Keyword arguments of every :class:`~aad_core.models.runtime.SpecialistRuntime` the pool builds.
         self.runtime_options = dict(runtime_options or {})
         self._runtimes: dict[str, Any] = {}
