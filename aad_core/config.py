@@ -388,10 +388,12 @@ class RouteConfig(_Section):
         "answers copy the request (extracted values, tool arguments). 'aad eval' uses it too. 0 = off."
     )
     parallel_batches: int = Field(
-        2, ge=1, le=64, description="LoRA specialists on CPU (their fast copies): micro-batches that decode at once, "
-        "the cores split between them. A small student gains little from two threads per forward pass and much from "
-        "two passes at once, so concurrent requests that miss a running batch start their own instead of waiting for "
-        "it. 1 = one batch at a time."
+        1, ge=1, le=64, description="LoRA specialists on CPU (their fast copies): micro-batches that decode at once, "
+        "the cores split between them (torch.set_num_threads in the decoding thread, restored after: it also sets "
+        "the default of threads started meanwhile, hence off by default in a library that runs inside an agent). A "
+        "small student gains little from two threads per forward pass and much from two passes at once: concurrent "
+        "requests that miss a running batch start their own instead of waiting for it. 2 suits 'aad serve' on a "
+        "2-core machine. 1 = one batch at a time."
     )
     specialist_backend: Literal["local", "openai"] = Field(
         "local", description="Who answers the LoRA specialists: 'local' = aad's in-process runtime (prefix_cache, "

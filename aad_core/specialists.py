@@ -163,7 +163,7 @@ class SpecialistRegistry:
         disk fault): that version is left out, logged once, and the other specialists keep serving."""
         try:
             return self._from_manifest(path)
-        except (OSError, ValueError, TypeError) as err:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        except (OSError, ValueError, TypeError, AttributeError) as err:  # JSONDecodeError, ValidationError: ValueErrors
             with _unreadable_lock:
                 first = path not in _unreadable_logged
                 _unreadable_logged.add(path)

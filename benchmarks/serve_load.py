@@ -105,8 +105,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    import httpx
-
     from aad_core.workspace import Workspace
 
     ws = Workspace.find(args.workspace)
@@ -134,6 +132,26 @@ def main() -> None:
         server, engine = _server(ws, calls, args.teacher_ms, port)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
+    try:
+        figures = _load(args, calls, port, started, child, thread, server if thread is not None else None, engine)
+    finally:  # the server process never outlives this one (a failed start, an error, Ctrl-C)
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2))
+    print(figures.pop("line"))
+
+
+def _load(args: argparse.Namespace, calls: list[Any], port: int, started: float, child: Any, thread: Any,
+          server: Any, engine: Any) -> dict[str, Any]:
+    """Wait for the server, run the clients, stop an in-process server; the figures (and the headline)."""
+    import httpx
+
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(timeout=120) as client:
         while True:  # preload (router + specialists, warmed) runs before the server accepts requests
@@ -176,13 +194,7 @@ def main() -> None:
     for w in workers:
         w.join()
     wall = time.perf_counter() - load_started
-    if child is not None:
-        child.terminate()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-    else:
+    if child is None:
         server.should_exit = True
         thread.join(timeout=30)
         engine.close()
@@ -204,16 +216,13 @@ def main() -> None:
                "specialist_n": len(spec), "specialist_p50_ms": statistics.median(spec) if spec else None,
                "specialist_p95_ms": _pct(spec, 0.95) if spec else None, "teacher_n": len(teach),
                "teacher_p50_ms": statistics.median(teach) if teach else None, "teacher_stub_ms": args.teacher_ms, "server": args.server}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
     line = (f"serve: {args.clients} clients x {args.requests} requests, {len(errors)} errors; "
             + (f"specialist p50 {figures['specialist_p50_ms']:,.0f} ms / p95 {figures['specialist_p95_ms']:,.0f} ms "
                f"({len(spec)} served)" if spec else "no request served by a specialist")
             + (f"; teacher p50 {figures['teacher_p50_ms']:,.0f} ms ({len(teach)})" if teach else "")
             + f"; {figures['throughput_rps']:.1f} requests/s"
             + ("" if args.server == "process" else " (server in the clients' process)"))
-    print(line)
+    return {**figures, "line": line}
 
 
 if __name__ == "__main__":

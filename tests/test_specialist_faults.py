@@ -42,6 +42,9 @@ def test_an_unreadable_manifest_leaves_out_that_version_only(ws: Workspace, capl
     invalid = ws.specialists_dir / "c8-invalid" / "1"
     invalid.mkdir(parents=True)
     (invalid / MANIFEST).write_text('{"name": 5}', encoding="utf-8")
+    not_an_object = ws.specialists_dir / "c7-list" / "1"
+    not_an_object.mkdir(parents=True)
+    (not_an_object / MANIFEST).write_text("[]", encoding="utf-8")
 
     with caplog.at_level(logging.DEBUG, logger="aad_core.specialists"):
         registry = SpecialistRegistry(ws)
@@ -49,7 +52,7 @@ def test_an_unreadable_manifest_leaves_out_that_version_only(ws: Workspace, capl
         assert registry.promoted() == {0: registry.get(spec.name)}
         registry.list()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 2, "each unreadable manifest is logged once"
+    assert len(errors) == 3, "each unreadable manifest is logged once"
     assert any("c9-broken" in r.getMessage() and "aad train" in r.getMessage() for r in errors)
 
     engine = RoutingEngine(ws, teacher, router=ToSpecialist(spec.name), record=False)
@@ -108,4 +111,22 @@ def test_generation_errors_open_the_breaker_after_three_in_a_row(ws: Workspace, 
     assert all(a.message.content == "from the teacher" for a in answers)
     assert len(calls) == 3, "three errors in a row open the breaker; later requests never reach the predictor"
     assert "specialist disabled after 3 errors (RuntimeError)" in answers[-1].decision.reason
+    engine.close()
+
+
+def test_preload_with_a_broken_specialist_starts_and_sends_its_requests_to_the_teacher(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    import aad_core.specialists as registry_module
+
+    spec = _promoted_classifier(ws)
+    (Path(spec.path) / FILE).unlink()
+    loads: list[str] = []
+    real_load = registry_module.load_predictor
+    monkeypatch.setattr(registry_module, "load_predictor", lambda s, w: loads.append(s.name) or real_load(s, w))
+    engine = RoutingEngine(ws, teacher, router=ToSpecialist(spec.name), record=False)
+    with caplog.at_level(logging.ERROR, logger="aad_core.serving.specialists"):
+        engine.specialists.preload()  # what 'aad serve' does before it accepts requests: must not raise
+        answers = [engine.answer(REQUEST) for _ in range(3)]
+    assert [a.message.content for a in answers] == ["from the teacher"] * 3
+    assert loads == [spec.name] and sum("disabled for" in r.getMessage() for r in caplog.records) == 1
     engine.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -106,13 +107,15 @@ class SpecialistRuntime:
     int8 weights; ``int8_lm_head`` also for the output layer), ``"merged"`` (the merged copy in float32:
     the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
     ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
-    rows are generated freely (0 = off; closed answer sets decode plainly).
+    rows are generated freely (0 = off; closed answer sets decode plainly). ``parallel_batches``: micro-batches of
+    an adapter's fast copy that decode at once, outside the model lock, the cores split between them (1 = one at a
+    time; see :meth:`_decode_in_slot`).
     """
 
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
                  warmup: bool = True, prefix_cache: int = 8, min_prefix_tokens: int = 16,
                  batch_window_ms: float = 5.0, fast_path: str = "int8", int8_lm_head: bool = True,
-                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, parallel_batches: int = 2) -> None:
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, parallel_batches: int = 1) -> None:
         if fast_path not in FAST_PATHS:
             raise AADError(f"Unknown fast_path {fast_path!r}.", hint="Use one of: " + ", ".join(FAST_PATHS) + ".")
         if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or prompt_lookup < 0:
@@ -376,11 +379,14 @@ class SpecialistRuntime:
         with self._lock:
             self._ensure_loaded()
             self._check_adapter(adapter)
-            if self.parallel_batches <= 1 or self._fast_model(adapter) is None:
+            fast = self._fast_model(adapter) if self.parallel_batches > 1 else None
+            if fast is None:
                 return self._generate_locked(requests, adapter, max_new_tokens)
             plan = self._plan(requests, adapter)
+        # The model picked under the lock: an adapter replaced or merged meanwhile does not touch this batch.
         with self._shared_cores():
-            return self._decode_plan(plan, requests, adapter, max_new_tokens, None)
+            return self._decode_plan(plan, requests, adapter, max_new_tokens, None,
+                                     runner=(fast, contextlib.nullcontext()))
 
     @contextlib.contextmanager
     def _shared_cores(self) -> Any:
@@ -389,8 +395,8 @@ class SpecialistRuntime:
         import torch
 
         with self._busy_lock:
-            if self._cores is None:
-                self._cores = max(1, torch.get_num_threads())
+            if self._cores is None:  # the cores this process may use (not torch's count, which batches change)
+                self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             self._busy += 1
             share = max(1, self._cores // self._busy)
         before = torch.get_num_threads()
@@ -514,7 +520,7 @@ class SpecialistRuntime:
 
     def _decode_plan(self, plan: tuple[list[list[int]], list[_Prefix | None], dict[int, list[int]]],
                      requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
-                     trie: _AnswerTrie | None) -> list[Generation]:
+                     trie: _AnswerTrie | None, *, runner: tuple[Any, Any] | None = None) -> list[Generation]:
         ids, prefixes, groups = plan
         out: list[Generation | None] = [None] * len(requests)
         for rows in groups.values():
@@ -522,7 +528,7 @@ class SpecialistRuntime:
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i : i + self.batch_size]
                 for row, gen in zip(chunk, self._generate_ids([ids[j] for j in chunk], prefix, adapter,
-                                                              max_new_tokens, trie)):
+                                                              max_new_tokens, trie, runner=runner)):
                     out[row] = gen
         return [g for g in out if g is not None]
 
@@ -583,13 +589,13 @@ class SpecialistRuntime:
         return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
 
     def _generate_ids(self, ids: list[list[int]], prefix: _Prefix | None, adapter: str | None, max_new_tokens: int,
-                      trie: _AnswerTrie | None) -> list[Generation]:
+                      trie: _AnswerTrie | None, *, runner: tuple[Any, Any] | None = None) -> list[Generation]:
         """Greedy answers for prompts given as token ids. With ``prefix``, every prompt starts with its
         ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded. Rows decoded freely go
         through :meth:`_lookup_decode` (one row) or :meth:`_lookup_decode_batch` when ``prompt_lookup`` is on."""
         import torch
 
-        model, context = self._runner(adapter)
+        model, context = runner if runner is not None else self._runner(adapter)
         tok = self._tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         skip = len(prefix.ids) if prefix is not None else 0

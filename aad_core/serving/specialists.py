@@ -156,8 +156,14 @@ class SpecialistPool:
                 rt = SpecialistRuntime(spec.base_model, **self.runtime_options)
                 for s in self.specialists.values():
                     if s.base_model == spec.base_model and s.kind == "lora":
-                        rt.add_specialist(s)
+                        try:
+                            rt.add_specialist(s)
+                        except Exception as err:  # a broken adapter disables itself, not the others on its base
+                            breaker = self._breakers.setdefault(s.name, _Breaker(s.name, self.retry_after_s))
+                            breaker.failure(err, loading=True)
                 self._runtimes[spec.base_model] = rt
+            if name not in rt.adapters:  # left out above (broken), or its retry after the cool-down
+                rt.add_specialist(spec)
             return rt
 
     def _predictor(self, spec: Specialist) -> Any:
@@ -188,21 +194,29 @@ class SpecialistPool:
             why = breaker.check()
         if why:
             raise SpecialistUnavailable(f"{name}: {why}", hint="The server log names the cause.")
+        settled = False
         try:
-            model = load()
-        except Exception as err:
+            try:
+                model = load()
+            except Exception as err:
+                with self._lock:
+                    breaker.failure(err, loading=True)
+                settled = True
+                raise
+            try:
+                out = use(model)
+            except Exception as err:
+                with self._lock:
+                    breaker.failure(err, loading=False)
+                settled = True
+                raise
             with self._lock:
-                breaker.failure(err, loading=True)
-            raise
-        try:
-            out = use(model)
-        except Exception as err:
-            with self._lock:
-                breaker.failure(err, loading=False)
-            raise
-        with self._lock:
-            breaker.success()
-        return out
+                breaker.success()
+            settled = True
+            return out
+        finally:
+            if not settled:  # interrupted (KeyboardInterrupt, ...): a later request may retry
+                breaker.trying = False
 
     def generate(self, name: str, requests: list[ChatRequest], *, max_new_tokens: int) -> list[GenerationLike]:
         spec = self._spec(name)
@@ -221,12 +235,19 @@ class SpecialistPool:
 
     def preload(self) -> None:
         """Load every specialist now (a LoRA runtime warms up with one dummy generation), so that the
-        first request is not the cold one."""
+        first request is not the cold one. A specialist that cannot load is disabled by its circuit
+        breaker (logged once); the others still load."""
         for spec in self.specialists.values():
-            if spec.kind == "lora":
-                self._runtime(spec.name).load()
-            else:
-                self._predictor(spec)
+            try:
+                if spec.kind == "lora":
+                    self._runtime(spec.name).load()
+                else:
+                    self._predictor(spec)
+            except Exception as err:
+                breaker = self._breaker(spec.name)
+                with self._lock:
+                    if not breaker.blocked():  # not opened already while its runtime was built
+                        breaker.failure(err, loading=True)
 
     def max_length(self, name: str) -> int | None:
         """The prompt + answer tokens the specialist was trained on (``[train] max_length`` when it was
