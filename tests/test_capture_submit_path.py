@@ -215,3 +215,23 @@ def test_tally_counts_exactly_under_concurrent_bumps_and_reads():
     for t in ts:
         t.join()
     assert tally.value == 40_000 and all(0 <= r <= 40_000 for r in reads)
+
+
+def test_a_trace_appended_while_close_runs_is_not_left_in_the_inbox(workspace):
+    """A thread that passed submit()'s closed check before close() and appends after close() stopped
+    the background threads: the trace is taken back and handled as submitted after close (spooled,
+    redacted as far as configured), never left uncounted in the inbox."""
+    w = CaptureWriter(workspace=workspace, config=settings())
+    assert w.close(30)
+    w._closed = False  # this thread saw the writer open...
+    append = w._inbox.append
+
+    def append_then_closed(trace):  # type: ignore[no-untyped-def]
+        append(trace)
+        w._closed = True  # ...and close() finished before its append landed
+
+    w._inbox.append = append_then_closed  # type: ignore[method-assign]
+    w.submit(make_trace("late by a hair", "a"))
+    s = w.stats()
+    assert len(w._inbox._items) == 0 and s["queued"] == 0
+    assert s["captured"] == 1 and s["spooled"] + s["lost"] == 1

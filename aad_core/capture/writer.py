@@ -336,6 +336,8 @@ class CaptureWriter:
             # last free place: the bound is overshot by at most the threads submitting at once).
             if self._used(exact=False) < cfg.queue_size:
                 self._inbox.append(trace)
+                if self._closed:  # close() ran between the check above and the append: take it back if
+                    self._take_back(trace)  # no background thread will (else they store it as usual)
                 return
             if cfg.full_policy == "block" and self._wait_for_room(trace, cfg.block_timeout_s, cfg.queue_size):
                 return
@@ -781,6 +783,15 @@ class CaptureWriter:
                        "was (%s: %s); stored after a repair: %s", trace.id, type(first).__name__, str(first)[:200],
                        "; ".join(notes))
         return out
+
+    def _take_back(self, trace: Trace) -> None:
+        """A trace appended while :meth:`close` ran: if it is still in the inbox, it is handled as one
+        submitted after close (:meth:`_late`); if the background thread took it, that thread stores it."""
+        try:
+            self._inbox._items.remove(trace)  # atomic under the GIL; ValueError: already taken off
+        except ValueError:
+            return
+        self._late(trace)
 
     def _late(self, trace: Trace) -> None:
         """A trace submitted after close(): spooled (redacted) when the redactor is ready, else lost."""
