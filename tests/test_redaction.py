@@ -418,6 +418,11 @@ def test_an_unusable_key_file_never_lets_the_raw_id_through(workspace):
     r = create_component("redactor", "presidio", spacy_model=None, workspace=workspace)
     (out,) = r.redact([identity_trace(EMAIL)])
     assert out.user_id == "<EMAIL_ADDRESS_1>" and EMAIL not in out.model_dump_json()  # the placeholder, as before
+    # Repaired: the next try after the retry interval reads the key, and pseudonyms come back.
+    (workspace.data_dir / PSEUDONYM_KEY_FILE).unlink()
+    r._key_retry_at = 0.0
+    (out,) = r.redact([identity_trace(EMAIL)])
+    assert out.user_id.startswith("<EMAIL_ADDRESS>-") and EMAIL not in out.model_dump_json()
 
 
 def test_pseudonyms_are_stable_across_capture_writers_and_no_raw_id_reaches_the_disk(workspace):

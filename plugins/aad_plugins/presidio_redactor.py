@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -680,7 +681,9 @@ class PresidioRedactor(Redactor):
         return f"<{entity}>-{digest[:_PSEUDONYM_HEX]}"[:MAX_IDENTITY_CHARS]
 
     def _pseudonym_key(self) -> bytes | None:
-        if "pseudonym_key_" not in self.__dict__:
+        """The key, read once; after a failure (e.g. a full disk when it is first created) read again
+        at most every :data:`_KEY_RETRY_S` seconds, logged the first time only."""
+        if self.__dict__.get("pseudonym_key_") is None and time.monotonic() >= self.__dict__.get("_key_retry_at", 0.0):
             ws = _workspace_of(self.workspace)
             if ws is None:
                 self.pseudonym_key_: bytes | None = _process_key()
@@ -688,10 +691,12 @@ class PresidioRedactor(Redactor):
                 try:
                     self.pseudonym_key_ = ws.pseudonym_key()
                 except (OSError, RuntimeError) as err:
-                    log.error("the pseudonym key %s cannot be read or created (%s): identity fields with "
-                              "personal data are stored as placeholders", ws.pseudonym_key_path, err)
+                    if "_key_retry_at" not in self.__dict__:
+                        log.error("the pseudonym key %s cannot be read or created (%s): identity fields with "
+                                  "personal data are stored as placeholders until it can", ws.pseudonym_key_path, err)
+                    self._key_retry_at = time.monotonic() + _KEY_RETRY_S
                     self.pseudonym_key_ = None
-        return self.pseudonym_key_
+        return self.__dict__.get("pseudonym_key_")
 
     def _tokens_leak(self, trace: Trace, mapping: dict[tuple[str, str], str]) -> bool:
         """Whether the answer's tokens, joined, contain personal data (a value redacted anywhere in
@@ -706,6 +711,8 @@ class PresidioRedactor(Redactor):
 
 #: A placeholder of :meth:`PresidioRedactor._text`: ``<EMAIL_ADDRESS_1>`` (the entity is group 1).
 _PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*?)_\d+>")
+#: Seconds between two tries to read or create a pseudonym key that could not be had.
+_KEY_RETRY_S = 60.0
 #: Hex digits of HMAC-SHA256 kept in a pseudonym (48 bits).
 _PSEUDONYM_HEX = 12
 _PROCESS_KEY: list[bytes] = []
