@@ -1,9 +1,12 @@
-"""A chat-completions endpoint on 127.0.0.1 for tests: ``reply(body, request)`` gives each answer's JSON."""
+"""Test servers on 127.0.0.1: a chat-completions endpoint (``reply(body, request)`` gives each answer's JSON),
+and :func:`running_app` for an ASGI app (aad serve's) under uvicorn."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,3 +57,26 @@ def chat_stub(reply: Reply) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def running_app(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn on 127.0.0.1 at an ephemeral port, in a thread; yields its base URL
+    (``http://127.0.0.1:<port>``). Bounded: the test fails if it has not started within 30 s."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # it starts in well under a second
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
+from _chat_stub import running_app  # noqa: E402
 from test_router import TEACHER_ANSWER, engine_for, escalations, make_router  # noqa: E402
 from test_specialist_speed import SYSTEM, TOOLS, _adapter, peaked_student  # noqa: E402, F401  (module fixture)
 
@@ -58,23 +58,9 @@ def _use_endpoint(ws: Workspace, monkeypatch: pytest.MonkeyPatch, url: str, time
 
 @contextlib.contextmanager
 def _running(app: Any) -> Iterator[str]:
-    """``app`` served by uvicorn on 127.0.0.1 at an ephemeral port, in a thread; yields its /v1 base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # bounded: the server starts in well under a second
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    """``app`` on 127.0.0.1 (:func:`running_app`); yields its /v1 base URL."""
+    with running_app(app) as url:
+        yield f"{url}/v1"
 
 
 def _free_port() -> int:

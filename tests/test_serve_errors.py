@@ -7,11 +7,9 @@ teacher listen on 127.0.0.1 only; the fuzz is seeded and bounded."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
-from _chat_stub import chat_stub  # noqa: E402
+from _chat_stub import chat_stub, running_app  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from test_router import Scripted, engine_for  # noqa: E402
 from test_server import TEACHER_COMPLETION, body  # noqa: E402
@@ -49,24 +47,7 @@ def mock_teacher(handler: Any, *, url: str = INTERNAL_URL, api_key: str | None =
     return UpstreamTeacher(url, model="big-teacher", api_key=api_key, transport=httpx.MockTransport(handler))
 
 
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn on 127.0.0.1 at an ephemeral port, in a thread; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:  # bounded: it starts in well under a second
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+running = running_app  # aad serve's app on 127.0.0.1 (tests/_chat_stub.py)
 
 
 # -- statuses and shapes -----------------------------------------------------------------------------
