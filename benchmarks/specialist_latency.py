@@ -146,13 +146,12 @@ def main() -> None:
 
     from aad_core.serving.specialists import SpecialistPool
 
-    route = ws.config.route
-    fast_path = args.fast_path or route.fast_path
-    pool = SpecialistPool(ws, specs, runtime_options={"prefix_cache": route.prefix_cache,
-                                                      "batch_window_ms": route.batch_window_ms,
-                                                      "fast_path": fast_path,
-                                                      "prompt_lookup": route.prompt_lookup_tokens,
-                                                      "parallel_batches": args.parallel_batches or route.parallel_batches})
+    pool = SpecialistPool(ws, specs)  # the runtime options of the workspace's [route], as served
+    if args.fast_path:
+        pool.runtime_options["fast_path"] = args.fast_path
+    if args.parallel_batches:
+        pool.runtime_options["parallel_batches"] = args.parallel_batches
+    fast_path = pool.runtime_options["fast_path"]
     started = time.perf_counter()
     pool.preload()
     load_s = time.perf_counter() - started
