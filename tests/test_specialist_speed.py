@@ -177,7 +177,10 @@ def test_micro_batches_of_an_adapters_fast_copy_decode_side_by_side_with_the_sam
         t.join(timeout=60)
     _same(results, expected)
     assert max(overlaps) == 2, "two micro-batches decoded at once"
-    assert rt._busy == 0 and rt._slots.acquire(blocking=False) and rt._slots.acquire(blocking=False)
+    deadline = time.monotonic() + 10  # callers return as their rows finish; the workers wind down just after
+    while rt._busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt._busy == 0 and 1 <= rt._workers <= 2
 
 
 def test_one_slot_or_the_shared_model_decodes_one_batch_at_a_time(peaked_student: Path, tmp_path: Path) -> None:

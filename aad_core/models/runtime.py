@@ -12,8 +12,12 @@ What makes it fast on CPU (docs/routing.md, "Serving speed"):
   cached prefix encodes only the rest (``generate(cache=copy.deepcopy(prefix))``, transformers'
   "re-use a cache" pattern). The token sequence the model sees is the same as without the cache.
 - **Micro-batching.** Concurrent :meth:`SpecialistRuntime.generate` calls that arrive within
-  ``batch_window_ms`` of each other (or while a batch is running) are answered by one batched
-  forward pass per adapter instead of one after another.
+  ``batch_window_ms`` of each other are answered by one batched forward pass per adapter instead of
+  one after another, by a background batch worker. **Continuous batching**: a call that arrives while
+  an adapter's fast copy is decoding a batch joins it at its next pass (its prompt encoded on its own,
+  its key/value rows added to the batch's cache), and every row leaves the batch, and its caller gets
+  its answer, as soon as it is complete: a long answer never holds a short one, and nobody waits for
+  a running batch to drain.
 - **A fast copy per adapter** (``fast_path``, CPU only). An adapter's answers come from a private copy of
   the base with only that adapter merged into its weights (``merge_and_unload``: no LoRA detour per
   layer), whose Linear layers hold int8 weights (``"int8"``: weight-only, per output channel, bfloat16
@@ -58,7 +62,9 @@ DEFAULT_PROMPT_LOOKUP = 10
 LOOKUP_START = 4
 #: Longest n-gram whose earlier occurrence prompt lookup drafts from.
 LOOKUP_NGRAM = 3
-#: Micro-batches of up to this many rows decode with prompt lookup; larger ones with plain ``generate()``.
+#: A batch worker with no work for this long ends (the next call starts another).
+WORKER_IDLE_S = 10.0
+#: Micro-batches of up to this many rows decode with prompt lookup; larger ones without drafts.
 #: On 2 CPU cores (demo extract specialist, ``benchmarks/specialist_latency.py``) lookup took concurrency 4
 #: from 2.7 to 3.0-3.2 requests/s, but concurrency 8 from 4.1 down to 3.4-3.6: eight rows of drafts make
 #: each pass compute-bound, and the per-pass bookkeeping costs more than the drafts save.
@@ -87,7 +93,8 @@ class _Prefix:
 
 @dataclass
 class _Pending:
-    """One caller's :meth:`SpecialistRuntime.generate` waiting for a micro-batch."""
+    """One caller's :meth:`SpecialistRuntime.generate` waiting for a micro-batch (its rows may be answered one
+    by one, as each finishes)."""
 
     requests: list[ChatRequest]
     adapter: str | None
@@ -95,6 +102,27 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Generation] | None = None
     error: BaseException | None = None
+    answers: list[Generation | None] = field(default_factory=list)
+    next_batch: bool = False  # found unable to join a running batch: it waits for the next one
+
+    def __post_init__(self) -> None:
+        self.answers = [None] * len(self.requests)
+
+
+@dataclass
+class _Row:
+    """One prompt being decoded in a micro-batch by :meth:`SpecialistRuntime._lookup_decode_batch`."""
+
+    feed: list[int]  # its tokens not in the key/value cache yet
+    position: int  # the position of feed[0]
+    seq: list[int]  # what its drafts are copied from (see _lookup_decode)
+    span: int  # its current draft length
+    limit: int  # max new tokens
+    key: Any = None  # who asked for it (given back to ``deliver``)
+    started: float = 0.0
+    share: int = 1  # rows its latency is amortised over (those it started with)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 class SpecialistRuntime:
@@ -134,7 +162,6 @@ class SpecialistRuntime:
         self.prompt_lookup = prompt_lookup
         self.parallel_batches = parallel_batches
         # Micro-batches decoding at once (fast copies on CPU only; see _decode_in_slot) and the cores they share.
-        self._slots = threading.BoundedSemaphore(parallel_batches)
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._cores: int | None = None
@@ -148,15 +175,21 @@ class SpecialistRuntime:
         self._hints: dict[str, Any] = {}  # adapter name -> AnswerHints saved beside it
         self._merged: str | None = None
         self._prefixes: OrderedDict[tuple[str | None, tuple[int, ...]], _Prefix] = OrderedDict()
+        # Calls waiting for a micro-batch, and the batch workers that answer them (started on demand, at most
+        # parallel_batches, each gone after WORKER_IDLE_S without work); _work guards all three.
         self._pending: list[_Pending] = []
-        self._pending_lock = threading.Lock()
+        self._work = threading.Condition()
+        self._workers = 0
+        self._idle_workers = 0
         self._count_tokenizer: Any = None
         self._count_lock = threading.Lock()
         #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
         self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0,
                       "fast_builds": 0, "lookup_passes": 0, "lookup_tokens": 0,
                       # the same for micro-batches decoded by _lookup_decode_batch (lookup_* counts single rows)
-                      "lookup_batches": 0, "lookup_batch_passes": 0, "lookup_batch_tokens": 0}
+                      "lookup_batches": 0, "lookup_batch_passes": 0, "lookup_batch_tokens": 0,
+                      # continuous batching: rows that joined a running batch, and cache compactions
+                      "joined_rows": 0, "compactions": 0}
 
     @property
     def loaded(self) -> bool:
@@ -337,56 +370,140 @@ class SpecialistRuntime:
             return self._generate_locked(list(requests), adapter, max_new_tokens, trie)
 
     def _generate_batched(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int) -> list[Generation]:
-        """Join a micro-batch: wait ``batch_window_ms`` for concurrent calls, then whoever holds the
-        model lock first answers every waiting call of each (adapter, max_new_tokens) in one pass."""
+        """Queue the call for a batch worker (started if none is free) and wait for its answers."""
         item = _Pending(requests, adapter, max_new_tokens)
-        with self._pending_lock:
+        with self._work:
             self._pending.append(item)
-        time.sleep(self.batch_window_ms / 1000)
-        with self._slots:
-            if not item.done.is_set():
-                with self._pending_lock:
-                    taken, self._pending = self._pending, []
-                groups: dict[tuple[str | None, int], list[_Pending]] = {}
-                for p in taken:
-                    groups.setdefault((p.adapter, p.max_new_tokens), []).append(p)
-                for (name, max_new), members in groups.items():
-                    try:
-                        gens = self._decode_in_slot([r for p in members for r in p.requests], name, max_new)
-                        self.stats["batches"] += 1
-                        start = 0
-                        for p in members:
-                            p.result = gens[start : start + len(p.requests)]
-                            start += len(p.requests)
-                    except BaseException as err:  # every caller of the failed batch gets the error
-                        for p in members:
-                            p.error = err
-                    for p in members:
-                        p.done.set()
+            if self._idle_workers == 0 and self._workers < self.parallel_batches:
+                self._workers += 1
+                threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True).start()
+            self._work.notify()
         item.done.wait()
         if item.error is not None:
             raise item.error
         assert item.result is not None
         return item.result
 
-    def _decode_in_slot(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int) -> list[Generation]:
-        """One micro-batch, in one of ``parallel_batches`` slots. With an adapter's fast copy (CPU), only the
-        preparation (loading, tokenising, the prefix cache) holds the model lock, and the decoding runs beside
-        other slots' on its own copy of the prefix cache, with the cores split between the batches decoding at
-        once (a 135M model gains little from two threads per pass, much from two passes at once: 2 streams of
-        1 thread answered 2.5-2.7 requests/s where 1 stream of 2 threads answered 1.6). The shared PEFT model
-        (no fast copy: a GPU, ``fast_path="none"``, hints) switches adapters in place: its batches take turns."""
+    def _batch_worker(self) -> None:
+        """Answer queued calls in micro-batches until none has come for ``WORKER_IDLE_S``: wait
+        ``batch_window_ms`` for concurrent calls, take every waiting one, and decode each (adapter,
+        max_new_tokens) group as one batch, which later calls to the same adapter may join."""
+        while True:
+            with self._work:
+                self._idle_workers += 1
+                has_work = self._work.wait_for(lambda: bool(self._pending), timeout=WORKER_IDLE_S)
+                self._idle_workers -= 1
+                if not has_work:
+                    self._workers -= 1
+                    return
+            time.sleep(self.batch_window_ms / 1000)
+            with self._work:  # the oldest call's (adapter, max_new_tokens) group; the rest stays queued
+                if not self._pending:
+                    continue
+                group = (self._pending[0].adapter, self._pending[0].max_new_tokens)
+                members = [p for p in self._pending if (p.adapter, p.max_new_tokens) == group]
+                self._pending = [p for p in self._pending if (p.adapter, p.max_new_tokens) != group]
+                for p in self._pending:  # a new batch: each may try to join it
+                    p.next_batch = False
+            for name, max_new in (group,):
+                joined: list[_Pending] = []
+                try:
+                    owners = [(p, i) for p in members for i in range(len(p.requests))]
+                    gens = self._decode_in_slot([r for p in members for r in p.requests], name, max_new,
+                                                owners=owners, join=functools.partial(self._admit, name, joined))
+                    self.stats["batches"] += 1
+                    for owner, gen in zip(owners, gens):
+                        self._deliver(owner, gen)
+                except BaseException as err:  # every caller of the failed batch gets the error
+                    for p in members + joined:
+                        if not p.done.is_set():
+                            p.error = err
+                            p.done.set()
+
+    def _deliver(self, owner: tuple[_Pending, int], gen: Generation) -> None:
+        """Answer row ``owner[1]`` of a queued call; the call returns once all its rows are answered."""
+        item, i = owner
+        with self._work:
+            if item.done.is_set() or item.answers[i] is not None:
+                return
+            item.answers[i] = gen
+            if all(a is not None for a in item.answers):
+                item.result = list(item.answers)  # type: ignore[arg-type]
+                item.done.set()
+
+    def _admit(self, adapter: str | None, joined: list[_Pending], room: int, prefix: _Prefix | None
+               ) -> list[tuple[list[int], int, tuple[_Pending, int]]]:
+        """Queued calls to ``adapter`` that can join a running batch of its fast copy (continuous batching):
+        at most ``room`` rows, whose prompts start with the batch's cached ``prefix`` (or, for a batch
+        without one, would not use one). Returns per row its prompt ids, max new tokens and owner; calls
+        that cannot join stay queued, and while one waits nobody joins (the batch drains, so that a call to
+        another adapter or agent node is never starved by a batch that keeps taking calls in). Never waits for
+        the model lock: a busy lock means no one joins now."""
+        from aad_core.models.chat_format import prompt_text
+
+        if not self._lock.acquire(blocking=False):
+            return []
+        rows: list[tuple[list[int], int, tuple[_Pending, int]]] = []
+        back: list[_Pending] = []
+        try:
+            with self._work:
+                if any(p.adapter != adapter or p.next_batch for p in self._pending):
+                    return []
+                picked = []
+                for p in self._pending:
+                    if len(p.requests) <= room:
+                        picked.append(p)
+                        room -= len(p.requests)
+                if not picked:
+                    return []
+                self._pending = [p for p in self._pending if p not in picked]
+            tok = self._tokenizer
+            for p in picked:
+                ids = [list(x) for x in tok([prompt_text(tok, r) for r in p.requests],
+                                            add_special_tokens=False)["input_ids"]]
+                if prefix is not None:
+                    fits = all(len(row) > len(prefix.ids) and tuple(row[: len(prefix.ids)]) == prefix.ids
+                               for row in ids)
+                else:
+                    fits = self.prefix_cache <= 0 or all(
+                        self._context_length(r, row) < self.min_prefix_tokens for r, row in zip(p.requests, ids))
+                if fits:
+                    joined.append(p)
+                    rows.extend((row, p.max_new_tokens, (p, i)) for i, row in enumerate(ids))
+                else:
+                    back.append(p)
+        finally:
+            self._lock.release()
+        if back:
+            with self._work:
+                for p in back:
+                    p.next_batch = True
+                self._pending[:0] = back
+                self._work.notify()
+        return rows
+
+    def _decode_in_slot(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int, *,
+                        owners: list[Any] | None = None, join: Any = None) -> list[Generation]:
+        """One micro-batch, by a batch worker. With an adapter's fast copy (CPU), only the preparation
+        (loading, tokenising, the prefix cache) holds the model lock: the decoding runs on the private copy,
+        later calls join it (``join``, see :meth:`_admit`) and each row is answered as soon as it is complete
+        (``owners``, see :meth:`_deliver`); with ``parallel_batches`` > 1 beside other workers' batches, the
+        cores split between them (a 135M model gains little from two threads per pass, much from two passes
+        at once: 2 streams of 1 thread answered 2.5-2.7 requests/s where 1 stream of 2 threads answered 1.6).
+        The shared PEFT model (no fast copy: a GPU, ``fast_path="none"``, hints) switches adapters in place:
+        its batches take turns under the lock, and nobody joins them."""
         with self._lock:
             self._ensure_loaded()
             self._check_adapter(adapter)
-            fast = self._fast_model(adapter) if self.parallel_batches > 1 else None
+            fast = self._fast_model(adapter)
             if fast is None:
                 return self._generate_locked(requests, adapter, max_new_tokens)
             plan = self._plan(requests, adapter)
         # The model picked under the lock: an adapter replaced or merged meanwhile does not touch this batch.
-        with self._shared_cores():
+        cores = self._shared_cores() if self.parallel_batches > 1 else contextlib.nullcontext()
+        with cores:
             return self._decode_plan(plan, requests, adapter, max_new_tokens, None,
-                                     runner=(fast, contextlib.nullcontext()))
+                                     runner=(fast, contextlib.nullcontext()), owners=owners, join=join)
 
     @contextlib.contextmanager
     def _shared_cores(self) -> Any:
@@ -520,15 +637,18 @@ class SpecialistRuntime:
 
     def _decode_plan(self, plan: tuple[list[list[int]], list[_Prefix | None], dict[int, list[int]]],
                      requests: list[ChatRequest], adapter: str | None, max_new_tokens: int,
-                     trie: _AnswerTrie | None, *, runner: tuple[Any, Any] | None = None) -> list[Generation]:
+                     trie: _AnswerTrie | None, *, runner: tuple[Any, Any] | None = None,
+                     owners: list[Any] | None = None, join: Any = None) -> list[Generation]:
         ids, prefixes, groups = plan
         out: list[Generation | None] = [None] * len(requests)
         for rows in groups.values():
             prefix = prefixes[rows[0]]
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i : i + self.batch_size]
+                keys = [owners[j] for j in chunk] if owners is not None else None
                 for row, gen in zip(chunk, self._generate_ids([ids[j] for j in chunk], prefix, adapter,
-                                                              max_new_tokens, trie, runner=runner)):
+                                                              max_new_tokens, trie, runner=runner, keys=keys,
+                                                              join=join)):
                     out[row] = gen
         return [g for g in out if g is not None]
 
@@ -589,10 +709,13 @@ class SpecialistRuntime:
         return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
 
     def _generate_ids(self, ids: list[list[int]], prefix: _Prefix | None, adapter: str | None, max_new_tokens: int,
-                      trie: _AnswerTrie | None, *, runner: tuple[Any, Any] | None = None) -> list[Generation]:
+                      trie: _AnswerTrie | None, *, runner: tuple[Any, Any] | None = None, keys: list[Any] | None = None,
+                      join: Any = None) -> list[Generation]:
         """Greedy answers for prompts given as token ids. With ``prefix``, every prompt starts with its
         ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded. Rows decoded freely go
-        through :meth:`_lookup_decode` (one row) or :meth:`_lookup_decode_batch` when ``prompt_lookup`` is on."""
+        through :meth:`_lookup_decode` (one row) or :meth:`_lookup_decode_batch` when ``prompt_lookup`` is on;
+        with ``join`` (a batch worker's batch, see :meth:`_admit`) always the latter, which takes later calls
+        in and answers each row (``keys``, through :meth:`_deliver`) as soon as it is complete."""
         import torch
 
         model, context = runner if runner is not None else self._runner(adapter)
@@ -603,9 +726,13 @@ class SpecialistRuntime:
         if prefix is not None:
             self.stats["reused_tokens"] += skip * len(ids)
         self.stats["prompt_tokens"] += sum(len(r) for r in rest)
-        if trie is None and self.prompt_lookup > 0 and len(ids) <= LOOKUP_BATCH_ROWS and _plain_greedy(model):
+        continuous = join is not None and keys is not None
+        if (trie is None and self.prompt_lookup > 0 and (len(ids) <= LOOKUP_BATCH_ROWS or continuous)
+                and _plain_greedy(model)):
             started = time.perf_counter()
             with context, torch.no_grad():
+                if continuous:
+                    return self._lookup_decode_batch(model, ids, prefix, adapter, max_new_tokens, keys=keys, join=join)
                 if len(ids) == 1:
                     answers = [self._lookup_decode(model, ids[0], prefix, adapter, max_new_tokens)]
                 else:
@@ -712,7 +839,8 @@ class SpecialistRuntime:
         return tokens, logprobs
 
     def _lookup_decode_batch(self, model: Any, ids_rows: list[list[int]], prefix: _Prefix | None,
-                             adapter: str | None, max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+                             adapter: str | None, max_new_tokens: int, *, keys: list[Any] | None = None,
+                             join: Any = None) -> Any:
         """:meth:`_lookup_decode` for several prompts at once: each answer and the raw log-prob of each of its
         tokens are those of plain greedy decoding of that prompt alone (up to float rounding).
 
@@ -726,8 +854,15 @@ class SpecialistRuntime:
 
         Draft length: each row keeps its own span, adapted as in :meth:`_lookup_decode` (rows of one batch
         copy from their requests at different rates). The widest row sets the pass width and the others
-        fill the rest of it with more of the same copied span: those columns are computed anyway.
-        Returns, per row, its new tokens (up to end-of-sequence included) and their log-probs."""
+        fill the rest of it with more of the same copied span: those columns are computed anyway. A batch of
+        more than ``LOOKUP_BATCH_ROWS`` rows drafts nothing (its passes are compute-bound already).
+
+        Continuous batching (``keys`` and ``join``, from a batch worker): before each pass, ``join(room,
+        prefix)`` hands over later calls (:meth:`_admit`); each is encoded on its own on top of the prefix
+        (:meth:`_join_row`) and its key/value rows are added to the batch's cache, holes between. Every row is
+        answered as soon as it is complete (:meth:`_deliver` with its key), and the initial rows' answers are
+        returned as :class:`Generation`. Without ``keys``, returns per row its new tokens (up to
+        end-of-sequence included) and their log-probs."""
         import torch
 
         tok = self._tokenizer
@@ -736,6 +871,7 @@ class SpecialistRuntime:
         device = self.device_
         n_rows = len(ids_rows)
         skip = len(prefix.ids) if prefix is not None else 0
+        started = time.perf_counter()
         cache: Any = None
         if prefix is not None:
             cache = copy.deepcopy(prefix.cache)
@@ -743,38 +879,60 @@ class SpecialistRuntime:
                 cache.batch_repeat_interleave(n_rows)
         # Which cache columns each batch row may attend to (rows in the order of ``active``).
         valid = torch.ones(n_rows, skip, dtype=torch.bool, device=device)
-        feeds = [list(row[skip:]) for row in ids_rows]  # per row: its tokens not in the cache yet
-        positions = [skip] * n_rows  # per row: the position of the first token of its feed
         last = self._last_answer.get(adapter, [])
-        seqs = [last + list(row) for row in ids_rows]  # what drafts are copied from (see _lookup_decode)
-        spans = [min(LOOKUP_START, self.prompt_lookup)] * n_rows
-        tokens: list[list[int]] = [[] for _ in range(n_rows)]
-        logprobs: list[list[float]] = [[] for _ in range(n_rows)]
-        active = list(range(n_rows)) if max_new_tokens > 0 else []  # batch row -> row of ids_rows
+        rows = [_Row(feed=list(row[skip:]), position=skip, seq=last + list(row),
+                     span=min(LOOKUP_START, self.prompt_lookup), limit=max_new_tokens,
+                     key=None if keys is None else keys[i], started=started, share=n_rows)
+                for i, row in enumerate(ids_rows)]
+        active = list(rows) if max_new_tokens > 0 else []
         passes = 0
+        finished: list[_Row] = []
+
+        def finish(row: _Row) -> None:
+            finished.append(row)
+            if row.key is not None:
+                self._deliver(row.key, self._row_generation(row))
+
+        if not active:
+            for row in rows:
+                finish(row)
         while active:
-            caps = [max_new_tokens - len(tokens[r]) - 1 for r in active]
-            own = [_lookup_draft(seqs[r], spans[r])[: max(cap, 0)] for r, cap in zip(active, caps)]
+            if join is not None and cache is not None and len(active) < self.batch_size and _joinable(cache):
+                for ids, limit, key in join(self.batch_size - len(active), prefix):
+                    row = _Row(feed=[], position=0, seq=self._last_answer.get(adapter, []) + list(ids),
+                               span=min(LOOKUP_START, self.prompt_lookup), limit=limit, key=key,
+                               started=time.perf_counter())
+                    if limit > 0:
+                        valid = self._join_row(model, ids, prefix, row, cache, valid)
+                    if row.feed:
+                        active.append(row)
+                    else:  # done in its own pass
+                        finish(row)
+            drafting = self.prompt_lookup > 0 and len(active) <= LOOKUP_BATCH_ROWS
+            caps = [r.limit - len(r.tokens) - 1 for r in active]
+            own = [_lookup_draft(r.seq, r.span)[: max(cap, 0)] if drafting else [] for r, cap in zip(active, caps)]
             n_draft = max(len(d) for d in own)
-            drafts = [_lookup_draft(seqs[r], n_draft)[: max(cap, 0)] if len(d) < n_draft else d
+            drafts = [_lookup_draft(r.seq, n_draft)[: max(cap, 0)] if len(d) < n_draft else d
                       for r, d, cap in zip(active, own, caps)]
-            n_feed = max(len(feeds[r]) for r in active)
+            n_feed = max(len(r.feed) for r in active)
             # Row layout: [left pad | feed | drafts | right pad]; every row's last feed token is at column
             # n_feed - 1, so the logits to check are the last n_draft + 1 columns for all rows.
             inputs: list[list[int]] = []
             new_valid: list[list[bool]] = []
             pos: list[list[int]] = []
             for r, d in zip(active, drafts):
-                lead, tail, mine = n_feed - len(feeds[r]), n_draft - len(d), len(feeds[r]) + len(d)
-                inputs.append([pad] * lead + feeds[r] + d + [pad] * tail)
+                lead, tail, mine = n_feed - len(r.feed), n_draft - len(d), len(r.feed) + len(d)
+                inputs.append([pad] * lead + r.feed + d + [pad] * tail)
                 new_valid.append([False] * lead + [True] * mine + [False] * tail)
-                pos.append([0] * lead + list(range(positions[r], positions[r] + mine)) + [0] * tail)
+                pos.append([0] * lead + list(range(r.position, r.position + mine)) + [0] * tail)
             new = torch.tensor(new_valid, dtype=torch.bool, device=device)
             kwargs: dict[str, Any] = {} if cache is None else {_cache_kwarg(): cache}
-            out = model(input_ids=torch.tensor(inputs, device=device),
-                        attention_mask=torch.cat([valid, new], dim=1).long(),
-                        position_ids=torch.tensor(pos, device=device), use_cache=True,
-                        logits_to_keep=n_draft + 1, **kwargs)
+            if len(active) > 1 or not bool(valid.all()):
+                kwargs.update(attention_mask=torch.cat([valid, new], dim=1).long(),
+                              position_ids=torch.tensor(pos, device=device))
+            # else one row without holes: no mask, the positions follow the cache (as in _lookup_decode)
+            out = model(input_ids=torch.tensor(inputs, device=device), use_cache=True, logits_to_keep=n_draft + 1,
+                        **kwargs)
             passes += 1
             cache = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
             logits = out.logits[:, -(n_draft + 1):].float()
@@ -786,19 +944,20 @@ class SpecialistRuntime:
                 while n < len(d) and best[b][n] == d[n]:
                     n += 1
                 if own[b]:  # adapted on the row's own span only: the filled columns were free
-                    spans[r] = min(self.prompt_lookup, spans[r] + 2) if n >= len(own[b]) else max(1, spans[r] - 1)
+                    r.span = min(self.prompt_lookup, r.span + 2) if n >= len(own[b]) else max(1, r.span - 1)
                 for j, t in enumerate(best[b][: n + 1]):  # the accepted drafts, then the model's next token
-                    tokens[r].append(t)
-                    logprobs[r].append(float(step_lp[b, j, t]))
+                    r.tokens.append(t)
+                    r.logprobs.append(float(step_lp[b, j, t]))
                     if t == eos:
                         break
                 new[b, n_feed + n : n_feed + len(d)] = False  # rejected drafts: holes from now on
-                if tokens[r][-1] == eos or len(tokens[r]) >= max_new_tokens:
+                if r.tokens[-1] == eos or len(r.tokens) >= r.limit:
+                    finish(r)
                     continue
                 keep.append(b)
-                seqs[r].extend(best[b][: n + 1])
-                positions[r] += len(feeds[r]) + n
-                feeds[r] = [best[b][n]]
+                r.seq.extend(best[b][: n + 1])
+                r.position += len(r.feed) + n
+                r.feed = [best[b][n]]
             valid = torch.cat([valid, new], dim=1)
             if len(keep) < len(active):
                 if not keep:
@@ -807,17 +966,88 @@ class SpecialistRuntime:
                 cache.batch_select_indices(index)
                 valid = valid[index]
                 active = [active[b] for b in keep]
-            used = valid.any(dim=0).nonzero()
+            alive = valid.any(dim=0)
+            used = alive.nonzero()
             width = int(used[-1]) + 1 if len(used) else 0
             if width < valid.shape[1]:  # holes in every row at the end: gone (negative = tokens to remove)
                 cache.crop(-(valid.shape[1] - width))
-                valid = valid[:, :width]
+                valid, alive = valid[:, :width], alive[:width]
+            if join is not None and len(used) < 0.75 * width and _joinable(cache):
+                # A batch that takes later calls in never drains: the columns of rows gone and of rejected
+                # drafts would pile up; a column that is a hole in every row is dropped (positions are explicit).
+                index = used.squeeze(1)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+                valid = valid[:, index]
+                self.stats["compactions"] += 1
         self.stats["lookup_batches"] += 1
         self.stats["lookup_batch_passes"] += passes
-        self.stats["lookup_batch_tokens"] += sum(len(t) for t in tokens)
-        if any(tokens):  # the longest answer: the most of the node's fixed answer parts to draft from
-            self._last_answer[adapter] = max(tokens, key=len)
-        return list(zip(tokens, logprobs))
+        self.stats["lookup_batch_tokens"] += sum(len(r.tokens) for r in finished)
+        if any(r.tokens for r in finished):  # the longest answer: the most of the node's fixed answer parts to draft from
+            self._last_answer[adapter] = max((r.tokens for r in finished), key=len)
+        if keys is not None:
+            return [self._row_generation(r) for r in rows]
+        return [(r.tokens, r.logprobs) for r in rows]
+
+    def _row_generation(self, row: _Row) -> Generation:
+        """A decoded row's answer; its latency is its own time in the batch, amortised over the rows it started
+        with."""
+        import torch
+
+        latency = (time.perf_counter() - row.started) * 1000 / max(row.share, 1)
+        return self._generation(row.tokens, torch.tensor(row.logprobs or [0.0]), latency)
+
+    def _join_row(self, model: Any, ids: list[int], prefix: _Prefix | None, row: _Row, cache: Any, valid: Any) -> Any:
+        """Continuous batching: encode a later call's prompt on its own (on top of the batch's ``prefix``), take
+        its first token, and add its key/value rows to the batch's ``cache`` (in place): the prefix columns,
+        then its own tokens in the last columns, holes between (columns of holes are inserted after the prefix
+        for every row when its prompt is longer than the batch's cache). Returns the attention-mask rows of
+        the batch with its row added. ``row.feed`` stays empty when its first token already ends it."""
+        import torch
+
+        skip = len(prefix.ids) if prefix is not None else 0
+        rest = list(ids[skip:])
+        kwargs: dict[str, Any] = {} if prefix is None else {_cache_kwarg(): copy.deepcopy(prefix.cache)}
+        out = self._forward_rest(model, rest, kwargs)
+        mine = next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+        logits = out.logits[0, -1].float()
+        t = int(logits.argmax())
+        row.tokens.append(t)
+        row.logprobs.append(float(torch.log_softmax(logits, dim=-1)[t]))
+        self.stats["prompt_tokens"] += len(rest)
+        self.stats["reused_tokens"] += skip
+        self.stats["joined_rows"] += 1
+        if t == self._tokenizer.eos_token_id or len(row.tokens) >= row.limit:
+            return valid
+        gap = len(rest) - (valid.shape[1] - skip)
+        if gap > 0:  # room for its tokens: hole columns right after the prefix, in every row
+            for layer in cache.layers:
+                for name in ("keys", "values"):
+                    t_ = getattr(layer, name)
+                    holes = t_.new_zeros((*t_.shape[:2], gap, t_.shape[3]))
+                    setattr(layer, name, torch.cat([t_[:, :, :skip], holes, t_[:, :, skip:]], dim=2))
+            valid = torch.cat([valid[:, :skip], valid.new_zeros((valid.shape[0], gap)), valid[:, skip:]], dim=1)
+        width = valid.shape[1]
+        for layer, own in zip(cache.layers, mine.layers):
+            for name in ("keys", "values"):
+                batch_t, own_t = getattr(layer, name), getattr(own, name)
+                added = batch_t.new_zeros((1, *batch_t.shape[1:]))
+                added[:, :, :skip] = own_t[:, :, :skip]
+                added[:, :, width - len(rest):] = own_t[:, :, skip:]
+                setattr(layer, name, torch.cat([batch_t, added], dim=0))
+        mask = valid.new_zeros((1, width))
+        mask[0, :skip] = True
+        mask[0, width - len(rest):] = True
+        row.seq.append(t)
+        row.position = len(ids)
+        row.feed = [t]
+        return torch.cat([valid, mask], dim=0)
+
+    def _forward_rest(self, model: Any, rest: list[int], kwargs: dict[str, Any]) -> Any:
+        """One forward pass of a joining row's own prompt tokens (a seam for tests)."""
+        import torch
+
+        return model(input_ids=torch.tensor([rest], device=self.device_), use_cache=True, logits_to_keep=1, **kwargs)
 
     def prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens of ``request`` rendered as the specialists see it (chat template, generation prompt).
@@ -867,6 +1097,13 @@ def _lookup_draft(seq: list[int], k: int, max_ngram: int = LOOKUP_NGRAM) -> list
             if i >= n - 1 and seq[i - n + 1 : i + 1] == tail:
                 return seq[i + 1 : i + 1 + k]
     return []
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can be added to ``cache`` (continuous batching): a dynamic cache of plain key/value layers."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+                                and layer.keys.dim() == 4 for layer in layers)
 
 
 def _plain_greedy(model: Any) -> bool:

@@ -1,0 +1,168 @@
+"""Continuous batching (issue 16): a call that arrives while an adapter's fast copy decodes a batch joins it at
+the next pass and gets its answer as soon as it is complete — a long answer never holds a short one — and
+every answer is the one the prompt gets alone. Tiny random students; each pass is slowed down so that the
+calls below overlap on any machine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from test_specialist_speed import USERS, _adapter, _request, _runtime, _same, peaked_student  # noqa: F401
+
+LONG_USER = "exchange rate for a transfer fee, and why my card payment was declined twice " * 3
+
+
+def _slowed(rt: Any, adapter: str, delay: float = 0.02) -> list[int]:
+    """Slow every forward pass of ``adapter``'s fast copy; returns the rows of each pass."""
+    model = rt._fast_model(adapter)
+    forward = model.forward
+    rows: list[int] = []
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        rows.append(int(kw["input_ids"].shape[0]))
+        time.sleep(delay)
+        return forward(*args, **kw)
+
+    model.forward = slow
+    return rows
+
+
+def test_a_later_call_joins_the_running_batch_and_returns_before_a_longer_answer(peaked_student: Path,
+                                                                                   tmp_path: Path) -> None:
+    adapter = _adapter(peaked_student, tmp_path / "a", 5)
+    requests = {"long": _request(USERS[0]), "short": _request(USERS[1]), "pair_1": _request(USERS[2]),
+                "pair_2": _request(LONG_USER), "other_node": _request(USERS[4], system="Answer in one word.")}
+    budget = {"long": 48, "short": 3, "pair_1": 4, "pair_2": 4, "other_node": 3}
+    reference = _runtime(peaked_student, prefix_cache=0, fast_path="merged")
+    reference.add_adapter("a", adapter)
+    expected = {k: reference.generate([r], max_new_tokens=budget[k], adapter="a")[0] for k, r in requests.items()}
+    assert expected["long"].n_tokens > 20, "the long call must outlive the others for this test to mean anything"
+
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
+    rt.add_adapter("a", adapter)
+    rt.load()
+    passes = _slowed(rt, "a")
+    results: dict[str, Any] = {}
+    finished: dict[str, float] = {}
+
+    def call(keys: list[str]) -> None:
+        gens = rt.generate([requests[k] for k in keys], max_new_tokens=budget[keys[0]], adapter="a")
+        for k, g in zip(keys, gens):
+            results[k] = g
+            finished[k] = time.monotonic()
+
+    first = threading.Thread(target=call, args=(["long"],))
+    first.start()
+    while len(passes) < 3:  # the long call's batch is decoding
+        time.sleep(0.005)
+    later = [threading.Thread(target=call, args=(keys,)) for keys in (["short"], ["pair_1", "pair_2"], ["other_node"])]
+    for t in later:
+        t.start()
+    for t in [first, *later]:
+        t.join(timeout=120)
+
+    for key, gen in expected.items():
+        _same([results[key]], [gen])
+    assert rt.stats["joined_rows"] >= 3, "short and the pair joined the running batch"
+    assert max(passes) >= 3, "passes decoded the joined rows together with the long one"
+    for key in ("short", "pair_1", "pair_2"):
+        assert finished[key] < finished["long"], f"{key} waited for the longer answer"
+
+
+def test_a_batch_that_keeps_taking_calls_drops_dead_cache_columns_and_answers_each_alike(
+        peaked_student: Path, tmp_path: Path) -> None:
+    adapter = _adapter(peaked_student, tmp_path / "b", 6)
+    # A short system prompt (no cached prefix: the batch's columns are all its rows' own) and longer answers.
+    users = [USERS[i % len(USERS)] + " please" * (i % 4) for i in range(16)]
+    budget = [12 + 3 * (i % 5) for i in range(16)]
+    reference = _runtime(peaked_student, prefix_cache=0, fast_path="merged")
+    reference.add_adapter("b", adapter)
+    expected = [reference.generate([_request(u, system="Be brief.")], max_new_tokens=budget[i], adapter="b")[0]
+                for i, u in enumerate(users)]
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", batch_size=4)
+    rt.add_adapter("b", adapter)
+    rt.load()
+    _slowed(rt, "b", 0.01)
+    results: list[Any] = [None] * len(users)
+
+    def client(start: int) -> None:  # a closed loop: the next call as soon as the last one is answered
+        for i in range(start, len(users), 4):
+            results[i] = rt.generate([_request(users[i], system="Be brief.")], max_new_tokens=budget[i],
+                                     adapter="b")[0]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    _same(results, expected)
+    assert rt.stats["joined_rows"] >= 4 and rt.stats["compactions"] >= 1
+
+
+def test_a_failing_pass_answers_every_caller_of_the_batch_with_the_error(peaked_student: Path,
+                                                                          tmp_path: Path) -> None:
+    import pytest
+
+    adapter = _adapter(peaked_student, tmp_path / "c", 7)
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
+    rt.add_adapter("c", adapter)
+    rt.load()
+    passes = _slowed(rt, "c")
+    join_row = rt._join_row
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("out of memory in a joining row")
+
+    errors: list[BaseException] = []
+
+    def call(user: str, budget: int) -> None:
+        try:
+            rt.generate([_request(user)], max_new_tokens=budget, adapter="c")
+        except RuntimeError as err:
+            errors.append(err)
+
+    first = threading.Thread(target=call, args=(USERS[0], 48))
+    first.start()
+    while len(passes) < 2:
+        time.sleep(0.005)
+    rt._join_row = broken  # type: ignore[method-assign]
+    second = threading.Thread(target=call, args=(USERS[1], 4))
+    second.start()
+    for t in (first, second):
+        t.join(timeout=60)
+    assert not first.is_alive() and not second.is_alive()
+    assert len(errors) == 2 and all("joining row" in str(e) for e in errors)
+    rt._join_row = join_row  # type: ignore[method-assign]
+    assert rt.generate([_request(USERS[2])], max_new_tokens=3, adapter="c")[0].n_tokens >= 1  # the worker lives on
+
+
+def test_a_call_to_another_adapter_is_not_starved_by_a_batch_that_keeps_taking_calls(peaked_student: Path,
+                                                                                     tmp_path: Path) -> None:
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
+    rt.add_adapter("a", _adapter(peaked_student, tmp_path / "a", 8))
+    rt.add_adapter("b", _adapter(peaked_student, tmp_path / "b", 9))
+    rt.load()
+    passes = _slowed(rt, "a")
+    _slowed(rt, "b")
+    finished: dict[str, float] = {}
+
+    def call(key: str, adapter: str, user: str, budget: int) -> None:
+        rt.generate([_request(user)], max_new_tokens=budget, adapter=adapter)
+        finished[key] = time.monotonic()
+
+    first = threading.Thread(target=call, args=("a_long", "a", USERS[0], 40))
+    first.start()
+    while len(passes) < 2:
+        time.sleep(0.005)
+    other = threading.Thread(target=call, args=("b", "b", USERS[1], 3))
+    other.start()
+    time.sleep(0.05)  # queued behind the running batch
+    same = threading.Thread(target=call, args=("a_short", "a", USERS[2], 3))
+    same.start()
+    for t in (first, other, same):
+        t.join(timeout=120)
+    assert rt.stats["joined_rows"] == 0, "no call joined while a call to another adapter waited"
+    assert finished["b"] < finished["a_short"]
