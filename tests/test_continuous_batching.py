@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_specialist_speed import USERS, _adapter, _request, _runtime, _same, peaked_student  # noqa: F401
 
 LONG_USER = "exchange rate for a transfer fee, and why my card payment was declined twice " * 3
@@ -104,8 +105,6 @@ def test_a_batch_that_keeps_taking_calls_drops_dead_cache_columns_and_answers_ea
 
 def test_a_failing_pass_answers_every_caller_of_the_batch_with_the_error(peaked_student: Path,
                                                                           tmp_path: Path) -> None:
-    import pytest
-
     adapter = _adapter(peaked_student, tmp_path / "c", 7)
     rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
     rt.add_adapter("c", adapter)
@@ -166,3 +165,32 @@ def test_a_call_to_another_adapter_is_not_starved_by_a_batch_that_keeps_taking_c
         t.join(timeout=120)
     assert rt.stats["joined_rows"] == 0, "no call joined while a call to another adapter waited"
     assert finished["b"] < finished["a_short"]
+
+
+@pytest.mark.real_model
+def test_a_process_that_used_the_batch_workers_exits_cleanly(tmp_path: Path) -> None:
+    """The workers are daemon threads: with the real student (its forward passes run OpenMP regions in the
+    worker), one still alive when the interpreter finalises aborts the process ("terminate called without
+    an active exception", killed by SIGABRT; this test failed so before the fix). They are ended at exit."""
+    import subprocess
+    import sys
+
+    from aad_core.models.students import is_materialised, resolve_student
+
+    if not is_materialised("smollm2-135m"):
+        pytest.skip("SmolLM2-135M is not materialised (aad models pull smollm2-135m)")
+    script = (
+        "import sys\n"
+        "from aad_core.models.runtime import SpecialistRuntime\n"
+        "from aad_core.schema import ChatRequest, Message\n"
+        "rt = SpecialistRuntime('smollm2-135m', device='cpu')\n"
+        "rt.add_adapter('a', sys.argv[1])\n"
+        "r = ChatRequest(messages=[Message(role='system', content='Extract the order as JSON. ' * 5),\n"
+        "                          Message(role='user', content='card arrival?')])\n"
+        "for _ in range(3):\n"
+        "    print(rt.generate([r], max_new_tokens=8, adapter='a')[0].n_tokens)\n"
+    )
+    adapter = _adapter(resolve_student("smollm2-135m"), tmp_path / "adapter", 3)
+    done = subprocess.run([sys.executable, "-c", script, str(adapter)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr

@@ -36,12 +36,14 @@ What makes it fast on CPU (docs/routing.md, "Serving speed"):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -181,6 +183,8 @@ class SpecialistRuntime:
         self._work = threading.Condition()
         self._workers = 0
         self._idle_workers = 0
+        self._threads: list[threading.Thread] = []
+        self._closing = False
         self._count_tokenizer: Any = None
         self._count_lock = threading.Lock()
         #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
@@ -376,7 +380,10 @@ class SpecialistRuntime:
             self._pending.append(item)
             if self._idle_workers == 0 and self._workers < self.parallel_batches:
                 self._workers += 1
-                threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True).start()
+                _LIVE_RUNTIMES.add(self)
+                worker = threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [worker]
+                worker.start()
             self._work.notify()
         item.done.wait()
         if item.error is not None:
@@ -391,9 +398,9 @@ class SpecialistRuntime:
         while True:
             with self._work:
                 self._idle_workers += 1
-                has_work = self._work.wait_for(lambda: bool(self._pending), timeout=WORKER_IDLE_S)
+                has_work = self._work.wait_for(lambda: bool(self._pending) or self._closing, timeout=WORKER_IDLE_S)
                 self._idle_workers -= 1
-                if not has_work:
+                if not has_work or self._closing:
                     self._workers -= 1
                     return
             time.sleep(self.batch_window_ms / 1000)
@@ -419,6 +426,16 @@ class SpecialistRuntime:
                         if not p.done.is_set():
                             p.error = err
                             p.done.set()
+
+    def _stop_workers(self, timeout: float = 5.0) -> None:
+        """End the batch workers (at interpreter exit: a daemon thread still alive when the interpreter
+        finalises aborts the process with "terminate called without an active exception")."""
+        with self._work:
+            self._closing = True
+            self._work.notify_all()
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout)
 
     def _deliver(self, owner: tuple[_Pending, int], gen: Generation) -> None:
         """Answer row ``owner[1]`` of a queued call; the call returns once all its rows are answered."""
@@ -1097,6 +1114,16 @@ def _lookup_draft(seq: list[int], k: int, max_ngram: int = LOOKUP_NGRAM) -> list
             if i >= n - 1 and seq[i - n + 1 : i + 1] == tail:
                 return seq[i + 1 : i + 1 + k]
     return []
+
+
+#: Runtimes whose batch workers were started: their workers end at interpreter exit.
+_LIVE_RUNTIMES: weakref.WeakSet[SpecialistRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_batch_workers() -> None:
+    for runtime in list(_LIVE_RUNTIMES):
+        runtime._stop_workers()
 
 
 def _joinable(cache: Any) -> bool:
