@@ -51,9 +51,10 @@ def test_the_int8_copy_answers_every_request_with_finite_log_probs(peaked_studen
 
     from aad_core.models.runtime import _int8_linear_class
 
-    rt = _runtime(peaked_student)  # fast_path="int8" is the default
+    # fast_path="int8" is the default; int8 alone (no bfloat16 copy for wide matmuls): batch-invariant arithmetic
+    rt = _runtime(peaked_student, bf16_from_rows=0)
     assert rt.fast_path == "int8"
-    uncached = _runtime(peaked_student, prefix_cache=0)
+    uncached = _runtime(peaked_student, prefix_cache=0, bf16_from_rows=0)
     uncached.add_adapter("a", _adapter(peaked_student, tmp_path / "a", 1))
     rt.add_adapter("a", _adapter(peaked_student, tmp_path / "a", 1))
     requests = _requests()
@@ -151,7 +152,12 @@ def test_route_fast_path_reaches_the_pool_and_the_evaluation(workspace: Workspac
     workspace.config.eval.max_heldout = None
     with pytest.raises(RuntimeError, match="stop"):
         runner.evaluate_specialist(workspace, state, cluster, spec, store, {})
-    assert built == {"fast_path": "merged", "prompt_lookup": workspace.config.route.prompt_lookup_tokens}
+    workspace.config.route.bf16_from_rows = 0
+    with pytest.raises(RuntimeError, match="stop"):
+        runner.evaluate_specialist(workspace, state, cluster, spec, store, {})
+    assert built == {"fast_path": "merged", "prompt_lookup": workspace.config.route.prompt_lookup_tokens,
+                     "bf16_from_rows": 0}
+    assert SpecialistPool(workspace, []).runtime_options["bf16_from_rows"] == 0
 
 
 @pytest.mark.real_model
@@ -202,3 +208,37 @@ def test_int8_answers_on_smollm2_with_a_trained_adapter(tmp_path: Path) -> None:
             print(f"  int8 {a.text!r} vs unmerged {b!r}")
     assert same >= len(reference) - 1
     assert all(math.isfinite(g.mean_logprob) for g in answers["int8"])
+
+
+def test_wide_matmuls_use_the_bfloat16_copy_and_narrow_ones_the_int8_weights(peaked_student: Path,
+                                                                             tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from aad_core.models.runtime import _int8_linear_class, _int8_supported
+
+    if not _int8_supported():
+        pytest.skip("this torch build has no int8 weight-only CPU kernel")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32)
+    layer = _int8_linear_class()(dense, 4)
+    narrow, wide = torch.randn(3, 64), torch.randn(2, 3, 64)  # 3 rows, then 6
+    int8 = torch.ops.aten._weight_int8pack_mm(narrow.to(torch.bfloat16), layer.weight_int8, layer.scale).float()
+    assert torch.equal(layer(narrow), int8 + dense.bias)
+    bf16 = torch.nn.functional.linear(wide.reshape(6, 64).to(torch.bfloat16), dense.weight.to(torch.bfloat16)).float()
+    assert torch.equal(layer(wide), (bf16 + dense.bias).reshape(2, 3, 32))
+    assert _int8_linear_class()(dense, 0).weight_bf16 is None
+
+    adapter = _adapter(peaked_student, tmp_path / "a", 1)
+    runtimes = {rows: _runtime(peaked_student, bf16_from_rows=rows) for rows in (0, 16, 1)}
+    for rt in runtimes.values():
+        rt.add_adapter("a", adapter)
+    requests = _requests()
+    # A random tiny model's answers are near-ties everywhere, so the arithmetic of a pass can flip them: on
+    # the real student the served answers were measured identical instead (benchmarks/specialist_latency.py).
+    for rt in runtimes.values():
+        gens = rt.generate(requests, max_new_tokens=12, adapter="a")
+        assert len(gens) == len(requests) and all(math.isfinite(g.mean_logprob) for g in gens)
+    assert all(m.weight_bf16 is None for m in runtimes[0]._fast["a"].modules() if isinstance(m, _int8_linear_class()))
+    with pytest.raises(ValueError, match="The 'bf16_from_rows' parameter of SpecialistRuntime must be an int >= 0"):
+        _runtime(peaked_student, bf16_from_rows=-1)

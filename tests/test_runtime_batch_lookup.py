@@ -219,7 +219,7 @@ def test_batched_lookup_with_an_adapter_answers_as_plain_greedy(peaked_student: 
     requests = _requests()
     runtimes = {}
     for name, kw in {"plain": {"fast_path": "merged", "prompt_lookup": 0}, "merged": {"fast_path": "merged"},
-                     "plain8": {"prompt_lookup": 0}, "int8": {}}.items():
+                     "plain8": {"prompt_lookup": 0, "bf16_from_rows": 0}, "int8": {"bf16_from_rows": 0}}.items():
         runtimes[name] = _runtime(peaked_student, **kw)
         runtimes[name].add_adapter("a", adapter)
     reference = _singles(runtimes["plain"], requests, adapter="a")

@@ -64,6 +64,8 @@ DEFAULT_PROMPT_LOOKUP = 10
 LOOKUP_START = 4
 #: Longest n-gram whose earlier occurrence prompt lookup drafts from.
 LOOKUP_NGRAM = 3
+#: ``bf16_from_rows``: matmuls of at least this many rows use the fast copy's bfloat16 weights (see Int8Linear).
+BF16_FROM_ROWS = 16
 #: A batch worker with no work for this long ends (the next call starts another).
 WORKER_IDLE_S = 10.0
 #: Micro-batches of up to this many rows decode with prompt lookup; larger ones without drafts.
@@ -136,7 +138,9 @@ class SpecialistRuntime:
     adapter's answers are computed: ``"int8"`` (a private copy of the base with the adapter merged and
     int8 weights; ``int8_lm_head`` also for the output layer), ``"merged"`` (the merged copy in float32:
     the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
-    ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
+    ``bf16_from_rows`` (``fast_path="int8"``): matmuls of at least this many rows (a prompt's encoding, wide
+    batches) use a bfloat16 copy of the weights kept beside the int8 one (+2 bytes per parameter per adapter;
+    0 = int8 only). ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
     rows are generated freely (0 = off; closed answer sets decode plainly). ``parallel_batches``: micro-batches of
     an adapter's fast copy that decode at once, outside the model lock, the cores split between them (1 = one at a
     time; see :meth:`_decode_in_slot`).
@@ -145,13 +149,16 @@ class SpecialistRuntime:
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
                  warmup: bool = True, prefix_cache: int = 8, min_prefix_tokens: int = 16,
                  batch_window_ms: float = 5.0, fast_path: str = "int8", int8_lm_head: bool = True,
-                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, parallel_batches: int = 1) -> None:
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP, parallel_batches: int = 1,
+                 bf16_from_rows: int = BF16_FROM_ROWS) -> None:
         if fast_path not in FAST_PATHS:
             raise AADError(f"Unknown fast_path {fast_path!r}.", hint="Use one of: " + ", ".join(FAST_PATHS) + ".")
         if isinstance(prompt_lookup, bool) or not isinstance(prompt_lookup, int) or prompt_lookup < 0:
             raise param_error("prompt_lookup", "SpecialistRuntime", "an int >= 0", prompt_lookup)
         if isinstance(parallel_batches, bool) or not isinstance(parallel_batches, int) or parallel_batches < 1:
             raise param_error("parallel_batches", "SpecialistRuntime", "an int >= 1", parallel_batches)
+        if isinstance(bf16_from_rows, bool) or not isinstance(bf16_from_rows, int) or bf16_from_rows < 0:
+            raise param_error("bf16_from_rows", "SpecialistRuntime", "an int >= 0", bf16_from_rows)
         self.base_model = base_model
         self.device = device
         self.batch_size = batch_size
@@ -163,6 +170,7 @@ class SpecialistRuntime:
         self.int8_lm_head = int8_lm_head
         self.prompt_lookup = prompt_lookup
         self.parallel_batches = parallel_batches
+        self.bf16_from_rows = bf16_from_rows
         # Micro-batches decoding at once (fast copies on CPU only; see _decode_in_slot) and the cores they share.
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -337,7 +345,7 @@ class SpecialistRuntime:
             model = model.merge_and_unload()
         model.eval()
         if self.fast_path == "int8":
-            _int8_linears(model, lm_head=self.int8_lm_head)
+            _int8_linears(model, lm_head=self.int8_lm_head, bf16_from_rows=self.bf16_from_rows)
         return model
 
     def _check_adapter(self, adapter: str | None) -> None:
@@ -1169,7 +1177,7 @@ class _AnswerTrie:
         return list(node) or [self.eos]
 
 
-def _int8_linears(model: Any, *, lm_head: bool = True) -> Any:
+def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0) -> Any:
     """Store every ``nn.Linear`` of ``model`` (in place; the output layer too with ``lm_head``) as int8
     weights with one scale per output channel, multiplied by bfloat16 activations and returned as
     float32 (``torch.ops.aten._weight_int8pack_mm``; the residual stream, norms and attention stay
@@ -1186,7 +1194,7 @@ def _int8_linears(model: Any, *, lm_head: bool = True) -> Any:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and (lm_head or child is not model.get_output_embeddings()):
-                setattr(parent, name, linear(child))
+                setattr(parent, name, linear(child, bf16_from_rows))
     return model
 
 
@@ -1211,7 +1219,7 @@ def _int8_linear_class() -> type:
     class Int8Linear(torch.nn.Module):
         """A Linear layer with int8 weights (symmetric, per output channel) and float activations."""
 
-        def __init__(self, linear: torch.nn.Linear) -> None:
+        def __init__(self, linear: torch.nn.Linear, bf16_from_rows: int = 0) -> None:
             super().__init__()
             w = linear.weight.detach().float()
             scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
@@ -1220,10 +1228,17 @@ def _int8_linear_class() -> type:
                                  .contiguous())
             self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+            # Wide matmuls (a prompt's encoding, wide batches): the int8 kernel reads every weight again for each
+            # row, oneDNN's bfloat16 kernel reuses it across rows (34 rows x 1536 x 576: 440 vs 239 us on 2 cores).
+            self.bf16_from_rows = bf16_from_rows
+            self.register_buffer("weight_bf16", w.to(torch.bfloat16).contiguous() if bf16_from_rows > 0 else None)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)
+            if self.weight_bf16 is not None and flat.shape[0] >= self.bf16_from_rows:
+                y = torch.nn.functional.linear(flat, self.weight_bf16).to(x.dtype)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)

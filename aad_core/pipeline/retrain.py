@@ -216,8 +216,10 @@ def _generate_texts(ws: Workspace, spec: Specialist, requests: list[Any], runtim
     if spec.base_model not in runtimes:
         from aad_core.models.runtime import SpecialistRuntime
 
-        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model,
-                                                      prompt_lookup=ws.config.route.prompt_lookup_tokens)
+        route = ws.config.route
+        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model, fast_path=route.fast_path,
+                                                      prompt_lookup=route.prompt_lookup_tokens,
+                                                      bf16_from_rows=route.bf16_from_rows)
     runtime = runtimes[spec.base_model]
     adapter = f"{spec.name}@v{spec.version}"
     runtime.add_adapter(adapter, spec.path)

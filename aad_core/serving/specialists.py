@@ -113,7 +113,7 @@ class SpecialistPool:
     :class:`~aad_core.models.runtime.SpecialistRuntime` per base model, every adapter of that base
     loaded into it (PEFT multi-adapter), with prefix reuse, micro-batching, each adapter's fast copy and
     prompt-lookup decoding and parallel micro-batches as ``[route] prefix_cache``, ``[route] batch_window_ms``,
-    ``[route] fast_path``, ``[route] prompt_lookup_tokens`` and ``[route] parallel_batches`` say. Any other kind: the predictor its trainer component loads
+    ``[route] fast_path``, ``[route] prompt_lookup_tokens``, ``[route] parallel_batches`` and ``[route] bf16_from_rows`` say. Any other kind: the predictor its trainer component loads
     (``Trainer.load_predictor``, see :func:`aad_core.specialists.load_predictor`).
 
     ``retry_after_s``: how long a specialist whose artifact does not load (or that fails
@@ -132,7 +132,7 @@ class SpecialistPool:
             route = ws.config.route
             runtime_options = {"prefix_cache": route.prefix_cache, "batch_window_ms": route.batch_window_ms,
                                "fast_path": route.fast_path, "prompt_lookup": route.prompt_lookup_tokens,
-                               "parallel_batches": route.parallel_batches}
+                               "parallel_batches": route.parallel_batches, "bf16_from_rows": route.bf16_from_rows}
         #: Keyword arguments of every :class:`~aad_core.models.runtime.SpecialistRuntime` the pool builds.
         self.runtime_options = dict(runtime_options or {})
         self._runtimes: dict[str, Any] = {}

@@ -294,10 +294,12 @@ def evaluate_specialist(ws: Workspace, state: ClusterState, cluster: Cluster, sp
     if spec.base_model not in runtimes:
         from aad_core.models.runtime import SpecialistRuntime
 
-        # The arithmetic and decoding that serve the specialist ([route] fast_path, prompt_lookup_tokens), so
-        # that the gate judges what is served.
-        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model, fast_path=ws.config.route.fast_path,
-                                                      prompt_lookup=ws.config.route.prompt_lookup_tokens)
+        # The arithmetic and decoding that serve the specialist ([route] fast_path, bf16_from_rows,
+        # prompt_lookup_tokens), so that the gate judges what is served.
+        route = ws.config.route
+        runtimes[spec.base_model] = SpecialistRuntime(spec.base_model, fast_path=route.fast_path,
+                                                      prompt_lookup=route.prompt_lookup_tokens,
+                                                      bf16_from_rows=route.bf16_from_rows)
     runtime = runtimes[spec.base_model]
     runtime.add_specialist(spec)
     heldout, too_long = _servable(runtime, spec, heldout)
