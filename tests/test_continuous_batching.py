@@ -194,3 +194,39 @@ def test_a_process_that_used_the_batch_workers_exits_cleanly(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-c", script, str(adapter)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
+
+
+def test_a_call_larger_than_a_batch_is_decoded_chunk_by_chunk_and_only_the_last_chunk_takes_calls_in(
+        peaked_student: Path, tmp_path: Path) -> None:
+    adapter = _adapter(peaked_student, tmp_path / "d", 10)
+    users = [USERS[i % len(USERS)] + "!" * i for i in range(5)]
+    reference = _runtime(peaked_student, prefix_cache=0, fast_path="merged")
+    reference.add_adapter("d", adapter)
+    expected = [reference.generate([_request(u)], max_new_tokens=24, adapter="d")[0] for u in users]
+    late = reference.generate([_request(USERS[3])], max_new_tokens=4, adapter="d")[0]
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", batch_size=2)
+    rt.add_adapter("d", adapter)
+    rt.load()
+    passes = _slowed(rt, "d")
+    joins: list[int] = []
+    join_row = rt._join_row
+
+    def watched(*args: Any, **kw: Any) -> Any:
+        joins.append(len(passes))
+        return join_row(*args, **kw)
+
+    rt._join_row = watched  # type: ignore[method-assign]
+    results: dict[str, Any] = {}
+    big = threading.Thread(target=lambda: results.update(big=rt.generate([_request(u) for u in users],
+                                                                         max_new_tokens=24, adapter="d")))
+    big.start()
+    while len(passes) < 2:
+        time.sleep(0.005)
+    small = threading.Thread(target=lambda: results.update(small=rt.generate([_request(USERS[3])], max_new_tokens=4,
+                                                                             adapter="d")))
+    small.start()
+    for t in (big, small):
+        t.join(timeout=120)
+    _same(results["big"], expected)
+    _same(results["small"], [late])
+    assert joins, "the late call joined the last chunk"

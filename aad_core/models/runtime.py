@@ -666,15 +666,14 @@ class SpecialistRuntime:
                      owners: list[Any] | None = None, join: Any = None) -> list[Generation]:
         ids, prefixes, groups = plan
         out: list[Generation | None] = [None] * len(requests)
-        for rows in groups.values():
-            prefix = prefixes[rows[0]]
-            for i in range(0, len(rows), self.batch_size):
-                chunk = rows[i : i + self.batch_size]
-                keys = [owners[j] for j in chunk] if owners is not None else None
-                for row, gen in zip(chunk, self._generate_ids([ids[j] for j in chunk], prefix, adapter,
-                                                              max_new_tokens, trie, runner=runner, keys=keys,
-                                                              join=join)):
-                    out[row] = gen
+        chunks = [rows[i : i + self.batch_size] for rows in groups.values() for i in range(0, len(rows), self.batch_size)]
+        for n, chunk in enumerate(chunks):
+            keys = [owners[j] for j in chunk] if owners is not None else None
+            # Only the last chunk takes later calls in: one that never drained would starve the chunks after it.
+            for row, gen in zip(chunk, self._generate_ids([ids[j] for j in chunk], prefixes[chunk[0]], adapter,
+                                                          max_new_tokens, trie, runner=runner, keys=keys,
+                                                          join=join if n == len(chunks) - 1 else None)):
+                out[row] = gen
         return [g for g in out if g is not None]
 
     def _prefix_for(self, request: ChatRequest, ids: list[int], adapter: str | None) -> _Prefix | None:
@@ -739,8 +738,8 @@ class SpecialistRuntime:
         """Greedy answers for prompts given as token ids. With ``prefix``, every prompt starts with its
         ids: the rows are ``prefix | left-padded rest`` and only the rest is encoded. Rows decoded freely go
         through :meth:`_lookup_decode` (one row) or :meth:`_lookup_decode_batch` when ``prompt_lookup`` is on;
-        with ``join`` (a batch worker's batch, see :meth:`_admit`) always the latter, which takes later calls
-        in and answers each row (``keys``, through :meth:`_deliver`) as soon as it is complete."""
+        with ``keys`` (a batch worker's batch) always the latter, which answers each row as soon as it is
+        complete (through :meth:`_deliver`) and, given ``join`` (see :meth:`_admit`), takes later calls in."""
         import torch
 
         model, context = runner if runner is not None else self._runner(adapter)
@@ -751,7 +750,7 @@ class SpecialistRuntime:
         if prefix is not None:
             self.stats["reused_tokens"] += skip * len(ids)
         self.stats["prompt_tokens"] += sum(len(r) for r in rest)
-        continuous = join is not None and keys is not None
+        continuous = keys is not None  # a batch worker's batch: answered row by row, later calls may join
         if (trie is None and self.prompt_lookup > 0 and (len(ids) <= LOOKUP_BATCH_ROWS or continuous)
                 and _plain_greedy(model)):
             started = time.perf_counter()
