@@ -230,3 +230,44 @@ def test_a_call_larger_than_a_batch_is_decoded_chunk_by_chunk_and_only_the_last_
     _same(results["big"], expected)
     _same(results["small"], [late])
     assert joins, "the late call joined the last chunk"
+
+
+def test_a_joining_call_whose_prompt_cannot_be_rendered_fails_alone(peaked_student: Path, tmp_path: Path,
+                                                                   monkeypatch: Any) -> None:
+    import pytest
+
+    from aad_core.models import chat_format
+
+    adapter = _adapter(peaked_student, tmp_path / "e", 11)
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
+    rt.add_adapter("e", adapter)
+    rt.load()
+    passes = _slowed(rt, "e")
+    render = chat_format.prompt_text
+
+    def fragile(tok: Any, request: Any, *a: Any, **kw: Any) -> Any:
+        if "BOOM" in str(request.messages[-1].content):
+            raise ValueError("cannot render this prompt")
+        return render(tok, request, *a, **kw)
+
+    monkeypatch.setattr(chat_format, "prompt_text", fragile)
+    results: dict[str, Any] = {}
+
+    def call(key: str, user: str, budget: int) -> None:
+        try:
+            results[key] = rt.generate([_request(user)], max_new_tokens=budget, adapter="e")[0]
+        except ValueError as err:
+            results[key] = err
+
+    first = threading.Thread(target=call, args=("long", USERS[0], 40))
+    first.start()
+    while len(passes) < 2:
+        time.sleep(0.005)
+    bad = threading.Thread(target=call, args=("bad", "BOOM " + USERS[1], 4))
+    bad.start()
+    for t in (first, bad):
+        t.join(timeout=60)
+    assert isinstance(results["bad"], ValueError)
+    assert not isinstance(results["long"], BaseException) and results["long"].n_tokens > 0
+    with pytest.raises(ValueError, match="cannot render"):  # alone, it fails in its own batch's preparation
+        rt.generate([_request("BOOM")], max_new_tokens=4, adapter="e")

@@ -387,11 +387,7 @@ class SpecialistRuntime:
         with self._work:
             self._pending.append(item)
             if self._idle_workers == 0 and self._workers < self.parallel_batches:
-                self._workers += 1
-                _LIVE_RUNTIMES.add(self)
-                worker = threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True)
-                self._threads = [t for t in self._threads if t.is_alive()] + [worker]
-                worker.start()
+                self._start_worker_locked()
             self._work.notify()
         item.done.wait()
         if item.error is not None:
@@ -399,17 +395,36 @@ class SpecialistRuntime:
         assert item.result is not None
         return item.result
 
+    def _start_worker_locked(self) -> None:
+        """Start one more batch worker (``self._work`` held)."""
+        self._workers += 1
+        _LIVE_RUNTIMES.add(self)
+        worker = threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [worker]
+        worker.start()
+
     def _batch_worker(self) -> None:
-        """Answer queued calls in micro-batches until none has come for ``WORKER_IDLE_S``: wait
-        ``batch_window_ms`` for concurrent calls, take every waiting one, and decode each (adapter,
-        max_new_tokens) group as one batch, which later calls to the same adapter may join."""
+        """Answer queued calls until none has come for ``WORKER_IDLE_S`` (see :meth:`_serve_batches`); a worker
+        that dies of an unexpected error hands its queue to a new one, so that no call waits forever."""
+        try:
+            self._serve_batches()
+        except BaseException:
+            with self._work:
+                self._workers -= 1
+                if self._pending and not self._closing:
+                    self._start_worker_locked()
+            raise
+
+    def _serve_batches(self) -> None:
+        """Wait ``batch_window_ms`` for concurrent calls, take the oldest call's (adapter, max_new_tokens)
+        group, and decode it as one batch, which later calls to the same adapter may join; until idle."""
         while True:
             with self._work:
                 self._idle_workers += 1
                 has_work = self._work.wait_for(lambda: bool(self._pending) or self._closing, timeout=WORKER_IDLE_S)
                 self._idle_workers -= 1
                 if not has_work or self._closing:
-                    self._workers -= 1
+                    self._workers -= 1  # decided and counted under the lock: a new call starts another worker
                     return
             time.sleep(self.batch_window_ms / 1000)
             with self._work:  # the oldest call's (adapter, max_new_tokens) group; the rest stays queued
@@ -420,20 +435,20 @@ class SpecialistRuntime:
                 self._pending = [p for p in self._pending if (p.adapter, p.max_new_tokens) != group]
                 for p in self._pending:  # a new batch: each may try to join it
                     p.next_batch = False
-            for name, max_new in (group,):
-                joined: list[_Pending] = []
-                try:
-                    owners = [(p, i) for p in members for i in range(len(p.requests))]
-                    gens = self._decode_in_slot([r for p in members for r in p.requests], name, max_new,
-                                                owners=owners, join=functools.partial(self._admit, name, joined))
-                    self.stats["batches"] += 1
-                    for owner, gen in zip(owners, gens):
-                        self._deliver(owner, gen)
-                except BaseException as err:  # every caller of the failed batch gets the error
-                    for p in members + joined:
-                        if not p.done.is_set():
-                            p.error = err
-                            p.done.set()
+            name, max_new = group
+            joined: list[_Pending] = []
+            try:
+                owners = [(p, i) for p in members for i in range(len(p.requests))]
+                gens = self._decode_in_slot([r for p in members for r in p.requests], name, max_new,
+                                            owners=owners, join=functools.partial(self._admit, name, joined))
+                self.stats["batches"] += 1
+                for owner, gen in zip(owners, gens):
+                    self._deliver(owner, gen)
+            except BaseException as err:  # every caller of the failed batch gets the error
+                for p in members + joined:
+                    if not p.done.is_set():
+                        p.error = err
+                        p.done.set()
 
     def _stop_workers(self, timeout: float = 5.0) -> None:
         """End the batch workers (at interpreter exit: a daemon thread still alive when the interpreter
@@ -484,8 +499,13 @@ class SpecialistRuntime:
                 self._pending = [p for p in self._pending if p not in picked]
             tok = self._tokenizer
             for p in picked:
-                ids = [list(x) for x in tok([prompt_text(tok, r) for r in p.requests],
-                                            add_special_tokens=False)["input_ids"]]
+                try:
+                    ids = [list(x) for x in tok([prompt_text(tok, r) for r in p.requests],
+                                                add_special_tokens=False)["input_ids"]]
+                except Exception as err:  # this call's own fault (its prompt): it fails alone, the batch goes on
+                    p.error = err
+                    p.done.set()
+                    continue
                 if prefix is not None:
                     fits = all(len(row) > len(prefix.ids) and tuple(row[: len(prefix.ids)]) == prefix.ids
                                for row in ids)
