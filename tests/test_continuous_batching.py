@@ -271,3 +271,69 @@ def test_a_joining_call_whose_prompt_cannot_be_rendered_fails_alone(peaked_stude
     assert not isinstance(results["long"], BaseException) and results["long"].n_tokens > 0
     with pytest.raises(ValueError, match="cannot render"):  # alone, it fails in its own batch's preparation
         rt.generate([_request("BOOM")], max_new_tokens=4, adapter="e")
+
+
+def test_after_the_workers_are_stopped_a_call_is_answered_in_its_callers_thread(peaked_student: Path,
+                                                                                tmp_path: Path) -> None:
+    adapter = _adapter(peaked_student, tmp_path / "f", 12)
+    reference = _runtime(peaked_student, prefix_cache=0, fast_path="merged")
+    reference.add_adapter("f", adapter)
+    expected = reference.generate([_request(USERS[1])], max_new_tokens=6, adapter="f")
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
+    rt.add_adapter("f", adapter)
+    _same(rt.generate([_request(USERS[1])], max_new_tokens=6, adapter="f"), expected)
+    rt._stop_workers()  # what the exit hook does; an app's own exit hook may still call the specialist
+    got: list[Any] = []
+    caller = threading.Thread(target=lambda: got.extend(rt.generate([_request(USERS[1])], max_new_tokens=6,
+                                                                    adapter="f")))
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "the call waited for a worker that is gone"
+    _same(got, expected)
+    assert rt._workers == 0
+
+
+def test_admission_is_first_come_first_served_and_stops_for_new_weights(peaked_student: Path,
+                                                                         tmp_path: Path) -> None:
+    from aad_core.models.runtime import _Pending
+
+    rt = _runtime(peaked_student, fast_path="merged", prefix_cache=0)
+    rt.add_adapter("g", _adapter(peaked_student, tmp_path / "g", 13))
+    rt.load()
+    model = rt._fast_model("g")
+    big = _Pending([_request(USERS[0]), _request(USERS[1])], "g", 4)
+    small = _Pending([_request(USERS[2])], "g", 4)
+    rt._pending = [big, small]
+    joined: list[Any] = []
+    assert rt._admit("g", joined, 1, None, model) == []  # the 2-row call came first: the small one waits too
+    assert big.next_batch and rt._pending == [big, small]
+    assert rt._admit("g", joined, 3, None, model) == []  # and nobody joins until the batch has drained
+    big.next_batch = False
+    rows = rt._admit("g", joined, 3, None, model)
+    assert [key for _, _, key in rows] == [(big, 0), (big, 1), (small, 0)] and rt._pending == []
+    rt._pending = [_Pending([_request(USERS[3])], "g", 4)]
+    rt.add_adapter("g", _adapter(peaked_student, tmp_path / "g2", 14))  # new weights under the same name
+    assert rt._admit("g", joined, 3, None, model) == [] and len(rt._pending) == 1
+
+
+def test_without_prompt_lookup_later_calls_still_join(peaked_student: Path, tmp_path: Path) -> None:
+    adapter = _adapter(peaked_student, tmp_path / "h", 15)
+    reference = _runtime(peaked_student, prefix_cache=0, fast_path="merged", prompt_lookup=0)
+    reference.add_adapter("h", adapter)
+    expected = {u: reference.generate([_request(u)], max_new_tokens=b, adapter="h")[0]
+                for u, b in ((USERS[0], 40), (USERS[1], 3))}
+    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", prompt_lookup=0)
+    rt.add_adapter("h", adapter)
+    rt.load()
+    passes = _slowed(rt, "h")
+    results: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: results.update(
+        long=rt.generate([_request(USERS[0])], max_new_tokens=40, adapter="h")[0]))
+    first.start()
+    while len(passes) < 2:
+        time.sleep(0.005)
+    results["short"] = rt.generate([_request(USERS[1])], max_new_tokens=3, adapter="h")[0]
+    short_done = first.is_alive()
+    first.join(timeout=60)
+    _same([results["long"], results["short"]], [expected[USERS[0]], expected[USERS[1]]])
+    assert rt.stats["joined_rows"] == 1 and short_done

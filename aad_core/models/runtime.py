@@ -127,6 +127,7 @@ class _Row:
     share: int = 1  # rows its latency is amortised over (those it started with)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    generation: Generation | None = None  # its answer, once delivered
 
 
 class SpecialistRuntime:
@@ -385,10 +386,18 @@ class SpecialistRuntime:
         """Queue the call for a batch worker (started if none is free) and wait for its answers."""
         item = _Pending(requests, adapter, max_new_tokens)
         with self._work:
-            self._pending.append(item)
-            if self._idle_workers == 0 and self._workers < self.parallel_batches:
-                self._start_worker_locked()
-            self._work.notify()
+            closing = self._closing
+            if not closing:
+                self._pending.append(item)
+                if self._idle_workers == 0 and self._workers < self.parallel_batches:
+                    try:
+                        self._start_worker_locked()
+                    except BaseException:
+                        self._pending.remove(item)
+                        raise
+                self._work.notify()
+        if closing:  # the interpreter is exiting (an exit hook of the app): answered here, not by a worker
+            return self._decode_in_slot(requests, adapter, max_new_tokens)
         item.done.wait()
         if item.error is not None:
             raise item.error
@@ -397,11 +406,11 @@ class SpecialistRuntime:
 
     def _start_worker_locked(self) -> None:
         """Start one more batch worker (``self._work`` held)."""
+        worker = threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True)
+        worker.start()  # "can't start new thread": nothing counted, the caller's call fails
         self._workers += 1
         _LIVE_RUNTIMES.add(self)
-        worker = threading.Thread(target=self._batch_worker, name="aad-specialist-batches", daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()] + [worker]
-        worker.start()
 
     def _batch_worker(self) -> None:
         """Answer queued calls until none has come for ``WORKER_IDLE_S`` (see :meth:`_serve_batches`); a worker
@@ -423,7 +432,7 @@ class SpecialistRuntime:
                 self._idle_workers += 1
                 has_work = self._work.wait_for(lambda: bool(self._pending) or self._closing, timeout=WORKER_IDLE_S)
                 self._idle_workers -= 1
-                if not has_work or self._closing:
+                if not has_work or not self._pending:  # idle, or closing with nothing queued (queued calls are served)
                     self._workers -= 1  # decided and counted under the lock: a new call starts another worker
                     return
             time.sleep(self.batch_window_ms / 1000)
@@ -458,7 +467,8 @@ class SpecialistRuntime:
             self._work.notify_all()
             threads = list(self._threads)
         for t in threads:
-            t.join(timeout)
+            if t.ident is not None:
+                t.join(timeout)
 
     def _deliver(self, owner: tuple[_Pending, int], gen: Generation) -> None:
         """Answer row ``owner[1]`` of a queued call; the call returns once all its rows are answered."""
@@ -471,14 +481,16 @@ class SpecialistRuntime:
                 item.result = list(item.answers)  # type: ignore[arg-type]
                 item.done.set()
 
-    def _admit(self, adapter: str | None, joined: list[_Pending], room: int, prefix: _Prefix | None
+    def _admit(self, adapter: str | None, joined: list[_Pending], room: int, prefix: _Prefix | None, model: Any
                ) -> list[tuple[list[int], int, tuple[_Pending, int]]]:
-        """Queued calls to ``adapter`` that can join a running batch of its fast copy (continuous batching):
-        at most ``room`` rows, whose prompts start with the batch's cached ``prefix`` (or, for a batch
-        without one, would not use one). Returns per row its prompt ids, max new tokens and owner; calls
-        that cannot join stay queued, and while one waits nobody joins (the batch drains, so that a call to
-        another adapter or agent node is never starved by a batch that keeps taking calls in). Never waits for
-        the model lock: a busy lock means no one joins now."""
+        """Queued calls to ``adapter`` that can join a running batch of its fast copy ``model`` (continuous
+        batching), in the order they came: at most ``room`` rows, whose prompts start with the batch's cached
+        ``prefix`` (or, for a batch without one, would not use one). Returns per row its prompt ids, max new
+        tokens and owner. A call that cannot join (another adapter or agent node, more rows than the room
+        left) stays queued, and while one waits nobody joins: the batch drains, so that no call is starved by
+        a batch that keeps taking calls in. Nobody joins either once the adapter was loaded again (its calls
+        get the new weights in the next batch) or the runtime is closing. Never waits for the model lock: a
+        busy lock means no one joins now."""
         from aad_core.models.chat_format import prompt_text
 
         if not self._lock.acquire(blocking=False):
@@ -487,31 +499,35 @@ class SpecialistRuntime:
         back: list[_Pending] = []
         try:
             with self._work:
-                if any(p.adapter != adapter or p.next_batch for p in self._pending):
+                if self._closing or self._fast.get(adapter) is not model or any(
+                        p.adapter != adapter or p.next_batch for p in self._pending):
                     return []
                 picked = []
                 for p in self._pending:
-                    if len(p.requests) <= room:
-                        picked.append(p)
-                        room -= len(p.requests)
+                    if len(p.requests) > room:  # first come, first served: it starts the next batch
+                        p.next_batch = True
+                        break
+                    picked.append(p)
+                    room -= len(p.requests)
                 if not picked:
                     return []
                 self._pending = [p for p in self._pending if p not in picked]
+            joined[:] = [p for p in joined if not p.done.is_set()]  # kept only to be failed with the batch
             tok = self._tokenizer
             for p in picked:
                 try:
                     ids = [list(x) for x in tok([prompt_text(tok, r) for r in p.requests],
                                                 add_special_tokens=False)["input_ids"]]
+                    if prefix is not None:
+                        fits = all(len(row) > len(prefix.ids) and tuple(row[: len(prefix.ids)]) == prefix.ids
+                                   for row in ids)
+                    else:
+                        fits = self.prefix_cache <= 0 or all(
+                            self._context_length(r, row) < self.min_prefix_tokens for r, row in zip(p.requests, ids))
                 except Exception as err:  # this call's own fault (its prompt): it fails alone, the batch goes on
                     p.error = err
                     p.done.set()
                     continue
-                if prefix is not None:
-                    fits = all(len(row) > len(prefix.ids) and tuple(row[: len(prefix.ids)]) == prefix.ids
-                               for row in ids)
-                else:
-                    fits = self.prefix_cache <= 0 or all(
-                        self._context_length(r, row) < self.min_prefix_tokens for r, row in zip(p.requests, ids))
                 if fits:
                     joined.append(p)
                     rows.extend((row, p.max_new_tokens, (p, i)) for i, row in enumerate(ids))
@@ -771,7 +787,7 @@ class SpecialistRuntime:
             self.stats["reused_tokens"] += skip * len(ids)
         self.stats["prompt_tokens"] += sum(len(r) for r in rest)
         continuous = keys is not None  # a batch worker's batch: answered row by row, later calls may join
-        if (trie is None and self.prompt_lookup > 0 and (len(ids) <= LOOKUP_BATCH_ROWS or continuous)
+        if (trie is None and (continuous or (self.prompt_lookup > 0 and len(ids) <= LOOKUP_BATCH_ROWS))
                 and _plain_greedy(model)):
             started = time.perf_counter()
             with context, torch.no_grad():
@@ -930,19 +946,23 @@ class SpecialistRuntime:
                 for i, row in enumerate(ids_rows)]
         active = list(rows) if max_new_tokens > 0 else []
         passes = 0
-        finished: list[_Row] = []
+        longest = [0]
 
         def finish(row: _Row) -> None:
-            finished.append(row)
+            self.stats["lookup_batch_tokens"] += len(row.tokens)
+            if row.tokens and len(row.tokens) >= longest[0]:  # the batch's longest answer: the most of the node's
+                longest[0] = len(row.tokens)                   # fixed answer parts to draft from
+                self._last_answer[adapter] = row.tokens
             if row.key is not None:
-                self._deliver(row.key, self._row_generation(row))
+                row.generation = self._row_generation(row)
+                self._deliver(row.key, row.generation)
 
         if not active:
             for row in rows:
                 finish(row)
         while active:
             if join is not None and cache is not None and len(active) < self.batch_size and _joinable(cache):
-                for ids, limit, key in join(self.batch_size - len(active), prefix):
+                for ids, limit, key in join(self.batch_size - len(active), prefix, model):
                     row = _Row(feed=[], position=0, seq=self._last_answer.get(adapter, []) + list(ids),
                                span=min(LOOKUP_START, self.prompt_lookup), limit=limit, key=key,
                                started=time.perf_counter())
@@ -1026,11 +1046,8 @@ class SpecialistRuntime:
                 self.stats["compactions"] += 1
         self.stats["lookup_batches"] += 1
         self.stats["lookup_batch_passes"] += passes
-        self.stats["lookup_batch_tokens"] += sum(len(r.tokens) for r in finished)
-        if any(r.tokens for r in finished):  # the longest answer: the most of the node's fixed answer parts to draft from
-            self._last_answer[adapter] = max((r.tokens for r in finished), key=len)
         if keys is not None:
-            return [self._row_generation(r) for r in rows]
+            return [r.generation or self._row_generation(r) for r in rows]
         return [(r.tokens, r.logprobs) for r in rows]
 
     def _row_generation(self, row: _Row) -> Generation:
@@ -1150,7 +1167,8 @@ _LIVE_RUNTIMES: weakref.WeakSet[SpecialistRuntime] = weakref.WeakSet()
 @atexit.register
 def _stop_batch_workers() -> None:
     for runtime in list(_LIVE_RUNTIMES):
-        runtime._stop_workers()
+        with contextlib.suppress(Exception):
+            runtime._stop_workers()
 
 
 def _joinable(cache: Any) -> bool:
@@ -1201,7 +1219,8 @@ def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0) 
     weights with one scale per output channel, multiplied by bfloat16 activations and returned as
     float32 (``torch.ops.aten._weight_int8pack_mm``; the residual stream, norms and attention stay
     float32). A tied output layer gets its own int8 copy and the input embeddings stay float32. Weight-only:
-    a row's result does not depend on the other rows of its batch, whereas per-tensor dynamic activation
+    a row's result does not depend on the other rows of its batch (unless ``bf16_from_rows`` > 0 sends wide
+    matmuls to a bfloat16 copy of the weights: then it depends on how wide its pass is), whereas per-tensor dynamic activation
     quantization (``torch.ao.quantization.quantize_dynamic``) does, and changed 9 of 12 held-out answers of
     a demo specialist on SmolLM2-135M (this: 12 of 12 identical). Where the kernel is missing, the layers
     stay float32 (the "merged" path)."""
