@@ -66,8 +66,8 @@ LOOKUP_START = 4
 LOOKUP_NGRAM = 3
 #: ``bf16_from_rows``: matmuls of at least this many rows use the fast copy's bfloat16 weights (see Int8Linear).
 BF16_FROM_ROWS = 16
-#: A batch worker with no work for this long ends (the next call starts another).
-WORKER_IDLE_S = 10.0
+#: A batch worker with no work for this long ends (the next call starts another, whose first passes are slower).
+WORKER_IDLE_S = 300.0
 #: Micro-batches of up to this many rows decode with prompt lookup; larger ones without drafts.
 #: On 2 CPU cores (demo extract specialist, ``benchmarks/specialist_latency.py``) lookup took concurrency 4
 #: from 2.7 to 3.0-3.2 requests/s, but concurrency 8 from 4.1 down to 3.4-3.6: eight rows of drafts make
@@ -214,9 +214,16 @@ class SpecialistRuntime:
         adapter loaded so far, so that the first request is not the cold one."""
         with self._lock:
             self._ensure_loaded()
-            for name in self._adapters:
-                if self._fast_model(name) is not None and self.warmup:
-                    self._warm(name)
+            warmed = [name for name in self._adapters if self._fast_model(name) is not None and self.warmup]
+            for name in warmed:
+                self._warm(name)
+        if warmed and self.batch_window_ms > 0:
+            # Requests are decoded by a batch worker thread, whose first forward passes are slow again (its own
+            # OpenMP team and kernel caches): one dummy request through it. (Outside the model lock: the worker
+            # takes it.)
+            from aad_core.schema import ChatRequest, Message
+
+            self._generate_batched([ChatRequest(messages=[Message(role="user", content="Hi")])], warmed[0], 2)
 
     def _warm(self, adapter: str | None) -> None:
         """One dummy generation (the first ``generate()`` of a model is slow); with ``prompt_lookup``, also
