@@ -31,6 +31,15 @@ def _slowed(rt: Any, adapter: str, delay: float = 0.02) -> list[int]:
     return rows
 
 
+def _serving(student: Path, adapter: Path, name: str, delay: float = 0.02, **kw: Any) -> tuple[Any, list[int]]:
+    """A loaded runtime that micro-batches ``adapter`` (as ``name``) on its merged fast copy, each pass slowed
+    down (see :func:`_slowed`); returns it and the rows of each pass."""
+    rt = _runtime(student, batch_window_ms=1, fast_path="merged", **kw)
+    rt.add_adapter(name, adapter)
+    rt.load()
+    return rt, _slowed(rt, name, delay)
+
+
 def test_a_later_call_joins_the_running_batch_and_returns_before_a_longer_answer(peaked_student: Path,
                                                                                    tmp_path: Path) -> None:
     adapter = _adapter(peaked_student, tmp_path / "a", 5)
@@ -42,10 +51,7 @@ def test_a_later_call_joins_the_running_batch_and_returns_before_a_longer_answer
     expected = {k: reference.generate([r], max_new_tokens=budget[k], adapter="a")[0] for k, r in requests.items()}
     assert expected["long"].n_tokens > 20, "the long call must outlive the others for this test to mean anything"
 
-    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
-    rt.add_adapter("a", adapter)
-    rt.load()
-    passes = _slowed(rt, "a")
+    rt, passes = _serving(peaked_student, adapter, "a")
     results: dict[str, Any] = {}
     finished: dict[str, float] = {}
 
@@ -83,10 +89,7 @@ def test_a_batch_that_keeps_taking_calls_drops_dead_cache_columns_and_answers_ea
     reference.add_adapter("b", adapter)
     expected = [reference.generate([_request(u, system="Be brief.")], max_new_tokens=budget[i], adapter="b")[0]
                 for i, u in enumerate(users)]
-    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", batch_size=4)
-    rt.add_adapter("b", adapter)
-    rt.load()
-    _slowed(rt, "b", 0.01)
+    rt, _ = _serving(peaked_student, adapter, "b", 0.01, batch_size=4)
     results: list[Any] = [None] * len(users)
 
     def client(start: int) -> None:  # a closed loop: the next call as soon as the last one is answered
@@ -106,10 +109,7 @@ def test_a_batch_that_keeps_taking_calls_drops_dead_cache_columns_and_answers_ea
 def test_a_failing_pass_answers_every_caller_of_the_batch_with_the_error(peaked_student: Path,
                                                                           tmp_path: Path) -> None:
     adapter = _adapter(peaked_student, tmp_path / "c", 7)
-    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
-    rt.add_adapter("c", adapter)
-    rt.load()
-    passes = _slowed(rt, "c")
+    rt, passes = _serving(peaked_student, adapter, "c")
     join_row = rt._join_row
 
     def broken(*args: Any, **kw: Any) -> Any:
@@ -204,10 +204,7 @@ def test_a_call_larger_than_a_batch_is_decoded_chunk_by_chunk_and_only_the_last_
     reference.add_adapter("d", adapter)
     expected = [reference.generate([_request(u)], max_new_tokens=24, adapter="d")[0] for u in users]
     late = reference.generate([_request(USERS[3])], max_new_tokens=4, adapter="d")[0]
-    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", batch_size=2)
-    rt.add_adapter("d", adapter)
-    rt.load()
-    passes = _slowed(rt, "d")
+    rt, passes = _serving(peaked_student, adapter, "d", batch_size=2)
     joins: list[int] = []
     join_row = rt._join_row
 
@@ -239,10 +236,7 @@ def test_a_joining_call_whose_prompt_cannot_be_rendered_fails_alone(peaked_stude
     from aad_core.models import chat_format
 
     adapter = _adapter(peaked_student, tmp_path / "e", 11)
-    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged")
-    rt.add_adapter("e", adapter)
-    rt.load()
-    passes = _slowed(rt, "e")
+    rt, passes = _serving(peaked_student, adapter, "e")
     render = chat_format.prompt_text
 
     def fragile(tok: Any, request: Any, *a: Any, **kw: Any) -> Any:
@@ -322,10 +316,7 @@ def test_without_prompt_lookup_later_calls_still_join(peaked_student: Path, tmp_
     reference.add_adapter("h", adapter)
     expected = {u: reference.generate([_request(u)], max_new_tokens=b, adapter="h")[0]
                 for u, b in ((USERS[0], 40), (USERS[1], 3))}
-    rt = _runtime(peaked_student, batch_window_ms=1, fast_path="merged", prompt_lookup=0)
-    rt.add_adapter("h", adapter)
-    rt.load()
-    passes = _slowed(rt, "h")
+    rt, passes = _serving(peaked_student, adapter, "h", prompt_lookup=0)
     results: dict[str, Any] = {}
     first = threading.Thread(target=lambda: results.update(
         long=rt.generate([_request(USERS[0])], max_new_tokens=40, adapter="h")[0]))
