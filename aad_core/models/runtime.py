@@ -104,7 +104,6 @@ class _Pending:
     adapter: str | None
     max_new_tokens: int
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[Generation] | None = None
     error: BaseException | None = None
     answers: list[Generation | None] = field(default_factory=list)
     next_batch: bool = False  # found unable to join a running batch: it waits for the next one
@@ -144,7 +143,7 @@ class SpecialistRuntime:
     0 = int8 only). ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
     rows are generated freely (0 = off; closed answer sets decode plainly). ``parallel_batches``: micro-batches of
     an adapter's fast copy that decode at once, outside the model lock, the cores split between them (1 = one at a
-    time; see :meth:`_decode_in_slot`).
+    time; see :meth:`_decode_batch`).
     """
 
     def __init__(self, base_model: str | Path, *, device: str | None = None, batch_size: int = 8,
@@ -172,7 +171,7 @@ class SpecialistRuntime:
         self.prompt_lookup = prompt_lookup
         self.parallel_batches = parallel_batches
         self.bf16_from_rows = bf16_from_rows
-        # Micro-batches decoding at once (fast copies on CPU only; see _decode_in_slot) and the cores they share.
+        # Micro-batches decoding at once (fast copies on CPU only; see _decode_batch) and the cores they share.
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._cores: int | None = None
@@ -404,12 +403,11 @@ class SpecialistRuntime:
                         raise
                 self._work.notify()
         if closing:  # the interpreter is exiting (an exit hook of the app): answered here, not by a worker
-            return self._decode_in_slot(requests, adapter, max_new_tokens)
+            return self._decode_batch(requests, adapter, max_new_tokens)
         item.done.wait()
         if item.error is not None:
             raise item.error
-        assert item.result is not None
-        return item.result
+        return [a for a in item.answers if a is not None]
 
     def _start_worker_locked(self) -> None:
         """Start one more batch worker (``self._work`` held)."""
@@ -455,7 +453,7 @@ class SpecialistRuntime:
             joined: list[_Pending] = []
             try:
                 owners = [(p, i) for p in members for i in range(len(p.requests))]
-                gens = self._decode_in_slot([r for p in members for r in p.requests], name, max_new,
+                gens = self._decode_batch([r for p in members for r in p.requests], name, max_new,
                                             owners=owners, join=functools.partial(self._admit, name, joined))
                 self.stats["batches"] += 1
                 for owner, gen in zip(owners, gens):
@@ -485,7 +483,6 @@ class SpecialistRuntime:
                 return
             item.answers[i] = gen
             if all(a is not None for a in item.answers):
-                item.result = list(item.answers)  # type: ignore[arg-type]
                 item.done.set()
 
     def _admit(self, adapter: str | None, joined: list[_Pending], room: int, prefix: _Prefix | None, model: Any
@@ -550,7 +547,7 @@ class SpecialistRuntime:
                 self._work.notify()
         return rows
 
-    def _decode_in_slot(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int, *,
+    def _decode_batch(self, requests: list[ChatRequest], adapter: str | None, max_new_tokens: int, *,
                         owners: list[Any] | None = None, join: Any = None) -> list[Generation]:
         """One micro-batch, by a batch worker. With an adapter's fast copy (CPU), only the preparation
         (loading, tokenising, the prefix cache) holds the model lock: the decoding runs on the private copy,
