@@ -1,0 +1,182 @@
+"""A lean forward pass for the fast copies of Llama-architecture students (SmolLM2).
+
+transformers' ``LlamaForCausalLM.forward`` spends most of a one-token decoding pass on CPU outside the
+matrix products: module calls, keyword plumbing, output-recording hooks, mask building and three
+projections (and casts) where one would do. :class:`LeanLlamaForward` computes the same function from
+the same (merged, int8) weights with fewer operations: one fused query/key/value product, one fused
+gate/up product, the rotary tables once per pass, the attention mask once per pass. It takes and returns
+what the runtime passes to and reads from the transformers forward (``input_ids``, ``attention_mask``,
+``position_ids``, the ``DynamicCache``, ``logits_to_keep``; ``.logits`` and the cache), so prefix
+caches, row splicing and cropping keep working on the same cache object.
+
+It is installed only where it applies (:func:`lean_forward`): a ``llama`` model without biases, with
+SiLU and the rotary module transformers built for it. Anything else keeps transformers' forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["LeanLlamaForward", "lean_forward"]
+
+
+def lean_forward(model: Any) -> LeanLlamaForward | None:
+    """A :class:`LeanLlamaForward` for ``model`` (a fast copy whose Linear layers are ``Int8Linear``), or None
+    when ``model`` is not a plain Llama it can compute."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "llama":
+        return None
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return None
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return None
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
+        return None
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not all(hasattr(getattr(attn, p, None), "weight_int8") for p in projections):
+            return None
+        if not all(hasattr(getattr(mlp, p, None), "weight_int8") for p in ("gate_proj", "up_proj", "down_proj")):
+            return None
+    return LeanLlamaForward(model)
+
+
+class _Matmul:
+    """One int8 weight-only product (several Linear layers' weights stacked, for one input), with the
+    bfloat16 copy for wide inputs as ``Int8Linear`` has it."""
+
+    __slots__ = ("weight_int8", "scale", "weight_bf16", "from_rows", "out_features")
+
+    def __init__(self, linears: list[Any]) -> None:
+        import torch
+
+        self.weight_int8 = torch.cat([lin.weight_int8 for lin in linears]).contiguous()
+        self.scale = torch.cat([lin.scale for lin in linears]).contiguous()
+        copies = [lin.weight_bf16 for lin in linears]
+        self.weight_bf16 = None if any(c is None for c in copies) else torch.cat(copies).contiguous()
+        self.from_rows = linears[0].bf16_from_rows
+        self.out_features = int(self.weight_int8.shape[0])
+        # The layers keep their weights as views into the stacked ones: no second copy in memory.
+        start = 0
+        for lin in linears:
+            end = start + lin.out_features
+            lin.weight_int8, lin.scale = self.weight_int8[start:end], self.scale[start:end]
+            if self.weight_bf16 is not None:
+                lin.weight_bf16 = self.weight_bf16[start:end]
+            start = end
+
+    def __call__(self, flat_bf16: Any) -> Any:
+        """``flat_bf16``: (rows, in) bfloat16, contiguous. Returns (rows, out) float32."""
+        import torch
+
+        if self.weight_bf16 is not None and flat_bf16.shape[0] >= self.from_rows:
+            return torch.nn.functional.linear(flat_bf16, self.weight_bf16).float()
+        return torch.ops.aten._weight_int8pack_mm(flat_bf16, self.weight_int8, self.scale).float()
+
+
+class LeanLlamaForward:
+    """``model(input_ids=..., use_cache=True, logits_to_keep=..., attention_mask=..., position_ids=...,
+    past_key_values=...)`` for a Llama fast copy, with fewer operations than transformers' forward (see the
+    module docstring). The weights are the model's own tensors (stacked copies of the projections)."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        config = model.config
+        inner = model.model
+        self._config = config
+        self._embed = inner.embed_tokens.weight
+        self._rotary = inner.rotary_emb
+        self._norm = inner.norm.weight
+        self._eps = float(inner.norm.variance_epsilon)
+        self._head = model.lm_head
+        self._heads = int(config.num_attention_heads)
+        self._kv_heads = int(config.num_key_value_heads)
+        self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self._scaling = self._head_dim ** -0.5
+        self._layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self._layers.append((
+                layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
+                _Matmul([attn.q_proj, attn.k_proj, attn.v_proj]), _Matmul([attn.o_proj]),
+                layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
+                _Matmul([mlp.gate_proj, mlp.up_proj]), _Matmul([mlp.down_proj]),
+            ))
+        self._split = (self._heads * self._head_dim, self._kv_heads * self._head_dim, self._kv_heads * self._head_dim)
+        self._torch = torch
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        self._output = CausalLMOutputWithPast
+        self._cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+    def __call__(self, input_ids: Any, *, use_cache: bool = True, logits_to_keep: int = 0,
+                 attention_mask: Any = None, position_ids: Any = None, past_key_values: Any = None,
+                 cache: Any = None, **_: Any) -> Any:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        kv = cache if cache is not None else past_key_values
+        if kv is None:
+            kv = DynamicCache(config=self._config)
+        batch, width = input_ids.shape
+        past = kv.get_seq_length()
+        total = past + width
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = (torch.arange(width, device=device) + past).unsqueeze(0)
+        hidden = torch.nn.functional.embedding(input_ids, self._embed)
+        cos, sin = self._rotary(hidden, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = self._mask(attention_mask, batch, width, past, total, device)
+        heads, kv_heads, dim = self._heads, self._kv_heads, self._head_dim
+        half = dim // 2
+        rows = batch * width
+        for index, (ln1, eps1, qkv, out_proj, ln2, eps2, gate_up, down) in enumerate(self._layers):
+            x = _rms(hidden, ln1, eps1).reshape(rows, -1).to(torch.bfloat16)
+            q, k, v = qkv(x).split(self._split, dim=-1)
+            q = q.view(batch, width, heads, dim).transpose(1, 2)
+            k = k.view(batch, width, kv_heads, dim).transpose(1, 2)
+            v = v.view(batch, width, kv_heads, dim).transpose(1, 2)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            k, v = kv.update(k, v, index)
+            attn = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self._scaling, enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(rows, -1).to(torch.bfloat16)
+            hidden = hidden + out_proj(attn).view(batch, width, -1)
+            x = _rms(hidden, ln2, eps2).reshape(rows, -1).to(torch.bfloat16)
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            x = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+            hidden = hidden + down(x).view(batch, width, -1)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        hidden = _rms(hidden, self._norm, self._eps)
+        return self._output(logits=self._head(hidden), **{self._cache_field: kv})
+
+    def _mask(self, attention_mask: Any, batch: int, width: int, past: int, total: int, device: Any) -> Any:
+        """The boolean attention mask of one pass (True = may attend): causal over cache columns, and the
+        2D ``attention_mask``'s holes; None for one row of one token without holes."""
+        torch = self._torch
+        if attention_mask is None and width == 1:
+            return None
+        cols = torch.arange(total, device=device)
+        mine = torch.arange(width, device=device) + past
+        mask = (cols[None, :] <= mine[:, None])[None, None]  # (1, 1, width, total)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :total].bool()
+            # A padding column's own query sees nothing else: let it see itself, so that its (unused) output
+            # and the key/value rows computed from it stay finite.
+            mask = mask | (cols[None, :] == mine[:, None])[None, None]
+        return mask.expand(batch, 1, width, total)
+
+
+def _rms(hidden: Any, weight: Any, eps: float) -> Any:
+    """LlamaRMSNorm's arithmetic (float32 throughout)."""
+    import torch
+
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return weight * (hidden * torch.rsqrt(variance + eps))

@@ -1,0 +1,124 @@
+"""The lean forward pass of int8 fast copies (issue 16): the same logits as transformers' Llama forward,
+bit for bit, in every shape the runtime feeds it (a prompt without cache, one token, drafted tokens, a
+batch with holes and explicit positions), installed only where it applies. Tiny random students, and one
+real SmolLM2 test."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_specialist_speed import _adapter, _request, _runtime, peaked_student  # noqa: F401
+from tiny_models import make_tiny_student  # noqa: F401
+
+
+def _int8_copy(student: Path, bf16_from_rows: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from aad_core.models.runtime import _int8_linears
+
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    return _int8_linears(model, bf16_from_rows=bf16_from_rows)
+
+
+def _cache_of(out: Any) -> Any:
+    return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+
+
+@pytest.mark.parametrize("bf16_from_rows", [0, 4])
+def test_the_lean_forward_computes_transformers_logits_bit_for_bit(peaked_student: Path,
+                                                                   bf16_from_rows: int) -> None:
+    import torch
+
+    from aad_core.models.lean_llama import LeanLlamaForward, lean_forward
+    from aad_core.models.runtime import _cache_kwarg
+
+    reference = _int8_copy(peaked_student, bf16_from_rows)
+    lean_model = _int8_copy(peaked_student, bf16_from_rows)
+    lean = lean_forward(lean_model)
+    assert isinstance(lean, LeanLlamaForward)
+    key = _cache_kwarg()
+    torch.manual_seed(0)
+    prompt = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        a, b = reference(input_ids=prompt, use_cache=True), lean(input_ids=prompt, use_cache=True)
+        assert torch.equal(a.logits, b.logits)
+        ca, cb = _cache_of(a), _cache_of(b)
+        for width in (1, 5):  # the next token; the next token plus drafts
+            step = torch.randint(3, 300, (1, width))
+            x = reference(input_ids=step, use_cache=True, logits_to_keep=width, **{key: copy.deepcopy(ca)})
+            y = lean(input_ids=step, use_cache=True, logits_to_keep=width, **{key: copy.deepcopy(cb)})
+            assert x.logits.shape == y.logits.shape == (1, width, a.logits.shape[-1])
+            assert torch.equal(x.logits, y.logits)
+            for la, lb in zip(_cache_of(x).layers, _cache_of(y).layers):
+                assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        # A batch as _lookup_decode_batch feeds it: holes in the cache (a joined row's), left and right padding.
+        ba, bb = copy.deepcopy(ca), copy.deepcopy(cb)
+        ba.batch_repeat_interleave(3)
+        bb.batch_repeat_interleave(3)
+        valid = torch.ones(3, 20, dtype=torch.bool)
+        valid[1, 8:12] = False
+        new = torch.tensor([[True, True, True, True, False], [False, True, True, True, True], [True] * 5])
+        mask = torch.cat([valid, new], dim=1).long()
+        positions = torch.tensor([[20, 21, 22, 23, 0], [0, 16, 17, 18, 19], [20, 21, 22, 23, 24]])
+        step = torch.randint(3, 300, (3, 5))
+        x = reference(input_ids=step, use_cache=True, logits_to_keep=5, attention_mask=mask, position_ids=positions,
+                      **{key: ba})
+        y = lean(input_ids=step, use_cache=True, logits_to_keep=5, attention_mask=mask, position_ids=positions,
+                 **{key: bb})
+        assert torch.equal(x.logits[new], y.logits[new])  # the padding columns' outputs are never read
+        assert torch.isfinite(y.logits).all()
+        for lb in _cache_of(y).layers:
+            assert torch.isfinite(lb.keys).all() and torch.isfinite(lb.values).all()
+
+
+def test_the_lean_forward_applies_only_to_llama_int8_copies(peaked_student: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from aad_core.models.lean_llama import lean_forward
+
+    float_model = AutoModelForCausalLM.from_pretrained(peaked_student)
+    assert lean_forward(float_model) is None  # no int8 layers: the "merged" path keeps transformers' forward
+    biased = _int8_copy(peaked_student)
+    biased.config.attention_bias = True
+    assert lean_forward(biased) is None
+    assert lean_forward(object()) is None
+
+
+def test_the_runtime_answers_through_the_lean_forward_as_before(peaked_student: Path, tmp_path: Path) -> None:
+    from test_specialist_speed import USERS, _same
+
+    from aad_core.models.lean_llama import LeanLlamaForward
+
+    adapter = _adapter(peaked_student, tmp_path / "a", 1)
+    rt = _runtime(peaked_student, bf16_from_rows=0)
+    rt.add_adapter("a", adapter)
+    requests = [_request(u) for u in USERS]
+    answers = [rt.generate([r], max_new_tokens=12, adapter="a")[0] for r in requests]
+    assert isinstance(rt._fast["a"].forward, LeanLlamaForward)
+    # The same copy through transformers' forward answers the same (prefix cache emptied: built by the lean one).
+    del rt._fast["a"].forward
+    rt._drop_prefixes("a")
+    assert not isinstance(rt._fast["a"].forward, LeanLlamaForward)
+    _same([rt.generate([r], max_new_tokens=12, adapter="a")[0] for r in requests], answers)
+
+
+@pytest.mark.real_model
+def test_the_lean_forward_matches_transformers_on_the_real_student() -> None:
+    import torch
+
+    from aad_core.models.lean_llama import lean_forward
+    from aad_core.models.runtime import _int8_linears
+    from aad_core.models.students import load_student
+
+    model, tok = load_student("smollm2-135m", device="cpu")
+    model = _int8_linears(copy.deepcopy(model).eval())
+    ids = tok("Extract the order id from: my order 12345 of a blue kettle never came.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = model(input_ids=ids, use_cache=True)
+        lean = lean_forward(model)
+        assert lean is not None
+        b = lean(input_ids=ids, use_cache=True)
+    assert torch.equal(a.logits, b.logits)
