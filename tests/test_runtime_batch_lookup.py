@@ -185,10 +185,12 @@ def test_generate_decodes_micro_batches_with_prompt_lookup(peaked_student: Path,
     plain = _runtime(peaked_student, prefix_cache=0, prompt_lookup=0)
     reference = _singles(plain, requests)
     assert plain.stats["lookup_batches"] == 0
-    # by default a batch of more than LOOKUP_BATCH_ROWS rows decodes plainly (the same answers)
+    # a batch of more than LOOKUP_BATCH_ROWS rows decodes plainly (the same answers)
+    assert runtime_module.LOOKUP_BATCH_ROWS == 8  # the default: the batch size's
+    monkeypatch.setattr(runtime_module, "LOOKUP_BATCH_ROWS", 4)
     rt = _runtime(peaked_student, prefix_cache=8)
     _same(rt.generate(requests, max_new_tokens=24), reference)
-    assert runtime_module.LOOKUP_BATCH_ROWS == 4 and rt.stats["lookup_batches"] == 1  # the 2 rows with tools
+    assert rt.stats["lookup_batches"] == 1  # the 2 rows with tools
     monkeypatch.setattr(runtime_module, "LOOKUP_BATCH_ROWS", 8)
     for prefix_cache in (0, 8):
         rt = _runtime(peaked_student, prefix_cache=prefix_cache)

@@ -70,10 +70,10 @@ BF16_FROM_ROWS = 16
 #: A batch worker with no work for this long ends (the next call starts another, whose first passes are slower).
 WORKER_IDLE_S = 300.0
 #: Micro-batches of up to this many rows decode with prompt lookup; larger ones without drafts.
-#: On 2 CPU cores (demo extract specialist, ``benchmarks/specialist_latency.py``) lookup took concurrency 4
-#: from 2.7 to 3.0-3.2 requests/s, but concurrency 8 from 4.1 down to 3.4-3.6: eight rows of drafts make
-#: each pass compute-bound, and the per-pass bookkeeping costs more than the drafts save.
-LOOKUP_BATCH_ROWS = 4
+#: On 2 CPU cores (demo extract specialist, 48 requests at concurrency 8, lean forward): 8 rows drafting took
+#: 90 passes and 5.1-5.3 requests/s, 4 (8 rows decoding plainly) 174 passes and 4.3-4.6 requests/s. (With
+#: transformers' forward, whose passes cost more outside the matrix products, 4 had been the better limit.)
+LOOKUP_BATCH_ROWS = 8
 
 
 @dataclass
