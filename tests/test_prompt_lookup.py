@@ -84,6 +84,21 @@ def test_the_draft_is_what_followed_the_most_recent_occurrence_of_the_longest_ma
     assert _lookup_draft([1, 2, 3], 4) == [] and _lookup_draft([7], 4) == [] and _lookup_draft([], 4) == []
 
 
+def test_an_equal_ngram_is_drafted_from_the_answer_so_far_then_the_previous_answer_then_the_prompt() -> None:
+    from aad_core.models.runtime import _lookup_draft
+
+    previous, prompt = [10, 11, 12, 2], [20, 10, 30, 31, 40]
+    regions = (len(previous), len(previous) + len(prompt))
+    # "10" occurs in the previous answer and (later) in the prompt: the previous answer's continuation, cut at
+    # its end (2 = its end-of-sequence), not the prompt's
+    assert _lookup_draft(previous + prompt + [10], 8, regions=regions) == [11, 12, 2]
+    assert _lookup_draft(previous + prompt + [10], 8) == [30, 31, 40, 10]  # without regions: the latest one
+    # a longer n-gram wins wherever it is ("20 10" only in the prompt) ...
+    assert _lookup_draft(previous + prompt + [20, 10], 2, regions=regions) == [30, 31]
+    # ... and the answer so far comes first among equals
+    assert _lookup_draft(previous + prompt + [10, 50, 10], 3, regions=regions) == [50, 10]
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "10", None])
 def test_prompt_lookup_is_validated(peaked_student: Path, bad: Any) -> None:
     from aad_core.models.runtime import SpecialistRuntime

@@ -117,7 +117,7 @@ def test_accepted_partly_rejected_and_missing_drafts_leave_every_row_unchanged(
     vocab = len(rt._tokenizer)
     kinds: list[str] = []
 
-    def drafts(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    def drafts(seq: list[int], k: int, max_ngram: int = 3, regions: tuple[int, int] = (0, 0)) -> list[int]:
         # The true continuation (accepted), cut short, wrong from some token on (rejected there), or none.
         r = next(i for i, row in enumerate(ids) if seq[: len(row)] == row)
         so_far = len(seq) - len(ids[r])

@@ -120,6 +120,7 @@ class _Row:
     feed: list[int]  # its tokens not in the key/value cache yet
     position: int  # the position of feed[0]
     seq: list[int]  # what its drafts are copied from (see _lookup_decode)
+    regions: tuple[int, int]  # the ends of the previous answer and of the prompt in seq (see _lookup_draft)
     span: int  # its current draft length
     limit: int  # max new tokens
     key: Any = None  # who asked for it (given back to ``deliver``)
@@ -869,7 +870,9 @@ class SpecialistRuntime:
         feed = list(ids[len(prefix.ids):]) if prefix is not None else list(ids)
         # Drafts come from the prompt, the answer so far, and the adapter's previous answer (its fixed parts,
         # e.g. the JSON keys); only where they are drafted from depends on it, never what is kept.
-        seq = self._last_answer.get(adapter, []) + list(ids)
+        previous = self._last_answer.get(adapter, [])
+        seq = previous + list(ids)
+        regions = (len(previous), len(seq))
         tokens: list[int] = []
         logprobs: list[float] = []
         passes = 0
@@ -877,7 +880,7 @@ class SpecialistRuntime:
         # grows by 2 while every draft is kept and shrinks by 1 when one is rejected (transformers' heuristic).
         span = min(LOOKUP_START, self.prompt_lookup)
         while len(tokens) < max_new_tokens:
-            draft = _lookup_draft(seq, span)[: max_new_tokens - len(tokens) - 1]
+            draft = _lookup_draft(seq, span, regions=regions)[: max_new_tokens - len(tokens) - 1]
             kwargs: dict[str, Any] = {} if cache is None else {_cache_kwarg(): cache}
             out = model(input_ids=torch.tensor([feed + draft], device=self.device_), use_cache=True,
                         logits_to_keep=len(draft) + 1, **kwargs)
@@ -949,7 +952,7 @@ class SpecialistRuntime:
         # Which cache columns each batch row may attend to (rows in the order of ``active``).
         valid = torch.ones(n_rows, skip, dtype=torch.bool, device=device)
         last = self._last_answer.get(adapter, [])
-        rows = [_Row(feed=list(row[skip:]), position=skip, seq=last + list(row),
+        rows = [_Row(feed=list(row[skip:]), position=skip, seq=last + list(row), regions=(len(last), len(last) + len(row)),
                      span=min(LOOKUP_START, self.prompt_lookup), limit=max_new_tokens,
                      key=None if keys is None else keys[i], started=started, share=n_rows)
                 for i, row in enumerate(ids_rows)]
@@ -972,7 +975,9 @@ class SpecialistRuntime:
         while active:
             if join is not None and cache is not None and len(active) < self.batch_size and _joinable(cache):
                 for ids, limit, key in join(self.batch_size - len(active), prefix, model):
-                    row = _Row(feed=[], position=0, seq=self._last_answer.get(adapter, []) + list(ids),
+                    previous = self._last_answer.get(adapter, [])
+                    row = _Row(feed=[], position=0, seq=previous + list(ids),
+                               regions=(len(previous), len(previous) + len(ids)),
                                span=min(LOOKUP_START, self.prompt_lookup), limit=limit, key=key,
                                started=time.perf_counter())
                     if limit > 0:
@@ -983,9 +988,10 @@ class SpecialistRuntime:
                         finish(row)
             drafting = self.prompt_lookup > 0 and len(active) <= LOOKUP_BATCH_ROWS
             caps = [r.limit - len(r.tokens) - 1 for r in active]
-            own = [_lookup_draft(r.seq, r.span)[: max(cap, 0)] if drafting else [] for r, cap in zip(active, caps)]
+            own = [_lookup_draft(r.seq, r.span, regions=r.regions)[: max(cap, 0)] if drafting else []
+                   for r, cap in zip(active, caps)]
             n_draft = max(len(d) for d in own)
-            drafts = [_lookup_draft(r.seq, n_draft)[: max(cap, 0)] if len(d) < n_draft else d
+            drafts = [_lookup_draft(r.seq, n_draft, regions=r.regions)[: max(cap, 0)] if len(d) < n_draft else d
                       for r, d, cap in zip(active, own, caps)]
             n_feed = max(len(r.feed) for r in active)
             # Row layout: [left pad | feed | drafts | right pad]; every row's last feed token is at column
@@ -1153,19 +1159,29 @@ def _cache_kwarg() -> str:
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def _lookup_draft(seq: list[int], k: int, max_ngram: int = LOOKUP_NGRAM) -> list[int]:
-    """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n tokens of
-    ``seq`` (the longest n <= ``max_ngram`` that occurs), or none."""
+def _lookup_draft(seq: list[int], k: int, max_ngram: int = LOOKUP_NGRAM, regions: tuple[int, int] = (0, 0)) -> list[int]:
+    """Up to ``k`` tokens that followed an earlier occurrence of the last n tokens of ``seq`` (the longest
+    n <= ``max_ngram`` that occurs), or none.
+
+    ``regions`` = (end of the previous answer, end of the prompt): ``seq`` is the adapter's previous answer,
+    the prompt, then the answer so far. Among occurrences of the same n-gram, one in the answer so far comes
+    first, then one in the previous answer (the fixed parts of a node's answers: JSON keys, punctuation, the
+    end), then one in the prompt; the latest first within each. A draft from the previous answer stops at
+    its end. The default (0, 0) takes the most recent occurrence anywhere."""
     end = len(seq)
     if end < 2:
         return []
+    answer_end, prompt_end = regions
     last = seq[-1]
     ends = [i for i in range(end - 2, -1, -1) if seq[i] == last]  # earlier occurrences of the last token
+    ranked = ([i for i in ends if i >= prompt_end] + [i for i in ends if i < answer_end]
+              + [i for i in ends if answer_end <= i < prompt_end])
     for n in range(min(max_ngram, end - 1), 0, -1):
         tail = seq[end - n:]
-        for i in ends:
+        for i in ranked:
             if i >= n - 1 and seq[i - n + 1 : i + 1] == tail:
-                return seq[i + 1 : i + 1 + k]
+                stop = answer_end if i < answer_end else end
+                return seq[i + 1 : min(i + 1 + k, stop)]
     return []
 
 
