@@ -74,6 +74,44 @@ def test_the_lean_forward_computes_transformers_logits_bit_for_bit(peaked_studen
             assert torch.isfinite(lb.keys).all() and torch.isfinite(lb.values).all()
 
 
+def test_consecutive_passes_with_cropped_drafts_and_selected_rows_keep_the_cache_exact(peaked_student: Path) -> None:
+    """The lean forward writes new columns into room kept after the cache's columns: passes after a crop
+    (rejected drafts), a row selection (finished rows leaving) and a splice (a row joining) still see
+    exactly transformers' cache."""
+    import torch
+
+    from aad_core.models.lean_llama import lean_forward
+    from aad_core.models.runtime import _cache_kwarg
+
+    reference, lean_model = _int8_copy(peaked_student), _int8_copy(peaked_student)
+    lean = lean_forward(lean_model)
+    key = _cache_kwarg()
+    torch.manual_seed(1)
+    prompt = torch.randint(3, 300, (3, 12))
+    with torch.no_grad():
+        ca, cb = _cache_of(reference(input_ids=prompt, use_cache=True)), _cache_of(lean(input_ids=prompt, use_cache=True))
+        for step in range(8):
+            rows = ca.layers[0].keys.shape[0]
+            ids = torch.randint(3, 300, (rows, 3))
+            x = reference(input_ids=ids, use_cache=True, logits_to_keep=3, **{key: ca})
+            y = lean(input_ids=ids, use_cache=True, logits_to_keep=3, **{key: cb})
+            assert torch.equal(x.logits, y.logits), step
+            ca, cb = _cache_of(x), _cache_of(y)
+            ca.crop(-2)  # two drafts rejected
+            cb.crop(-2)
+            if step == 3:  # a row leaves
+                for c in (ca, cb):
+                    c.batch_select_indices(torch.tensor([0, 2]))
+            if step == 5:  # a row joins: its columns copied from row 0
+                for c in (ca, cb):
+                    for layer in c.layers:
+                        layer.keys = torch.cat([layer.keys, layer.keys[:1]])
+                        layer.values = torch.cat([layer.values, layer.values[:1]])
+            for la, lb in zip(ca.layers, cb.layers):
+                assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        assert cb.get_seq_length() == ca.get_seq_length() == 12 + 8
+
+
 def test_the_lean_forward_applies_only_to_llama_int8_copies(peaked_student: Path) -> None:
     from transformers import AutoModelForCausalLM
 

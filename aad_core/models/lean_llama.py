@@ -4,7 +4,8 @@ transformers' ``LlamaForCausalLM.forward`` spends most of a one-token decoding p
 matrix products: module calls, keyword plumbing, output-recording hooks, mask building and three
 projections (and casts) where one would do. :class:`LeanLlamaForward` computes the same function from
 the same (merged, int8) weights with fewer operations: one fused query/key/value product, one fused
-gate/up product, the rotary tables once per pass, the attention mask once per pass. It takes and returns
+gate/up product, the rotary tables once per pass, the attention mask once per pass, new key/value columns
+written into room kept after the cache's (no copy of the whole cache per pass). It takes and returns
 what the runtime passes to and reads from the transformers forward (``input_ids``, ``attention_mask``,
 ``position_ids``, the ``DynamicCache``, ``logits_to_keep``; ``.logits`` and the cache), so prefix
 caches, row splicing and cropping keep working on the same cache object.
@@ -143,7 +144,7 @@ class LeanLlamaForward:
             v = v.view(batch, width, kv_heads, dim).transpose(1, 2)
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
-            k, v = kv.update(k, v, index)
+            k, v = _append(kv, index, k, v)
             attn = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self._scaling, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(rows, -1).to(torch.bfloat16)
@@ -172,6 +173,36 @@ class LeanLlamaForward:
             # and the key/value rows computed from it stay finite.
             mask = mask | (cols[None, :] == mine[:, None])[None, None]
         return mask.expand(batch, 1, width, total)
+
+
+def _append(kv: Any, index: int, keys: Any, values: Any) -> tuple[Any, Any]:
+    """``kv.update(keys, values, index)`` without copying the whole cache each pass: an initialised
+    ``DynamicLayer`` keeps its keys and values as the leading columns of buffers with room for more, and
+    new columns are written after them. A layer whose tensors were replaced since (rows selected or spliced
+    in, columns compacted) gets new buffers; one that was cropped keeps its buffers (the cropped columns are
+    written over). Other layers and first passes go through ``update``."""
+    layers = getattr(kv, "layers", None)
+    if layers is None or index >= len(layers) or type(layers[index]).__name__ != "DynamicLayer" \
+            or not getattr(layers[index], "is_initialized", False):
+        return kv.update(keys, values, index)
+    layer = layers[index]
+    layer.keys, layer._aad_keys = _grow(layer.keys, getattr(layer, "_aad_keys", None), keys)
+    layer.values, layer._aad_values = _grow(layer.values, getattr(layer, "_aad_values", None), values)
+    return layer.keys, layer.values
+
+
+def _grow(view: Any, buffer: Any, new: Any) -> tuple[Any, Any]:
+    """``view`` (batch, heads, columns, dim) with ``new``'s columns after it, as the leading columns of
+    ``buffer`` (reused when ``view`` is its leading part and it has room, else a new one with room for
+    more); returns (the view, the buffer)."""
+    used, added = view.shape[2], new.shape[2]
+    if (buffer is None or view.data_ptr() != buffer.data_ptr() or view.shape[:2] != buffer.shape[:2]
+            or view.stride() != buffer.stride() or used + added > buffer.shape[2]):
+        need = used + added
+        buffer = view.new_empty((view.shape[0], view.shape[1], need + max(64, need // 2), view.shape[3]))
+        buffer[:, :, :used] = view
+    buffer[:, :, used:used + added] = new
+    return buffer[:, :, :used + added], buffer
 
 
 def _rms(hidden: Any, weight: Any, eps: float) -> Any:
