@@ -190,14 +190,20 @@ def test_int8_answers_on_smollm2_with_a_trained_adapter(tmp_path: Path) -> None:
     answers: dict[str, list[Any]] = {}
     from aad_core.models.runtime import SpecialistRuntime
 
-    for mode in ("none", "merged", "int8"):
-        rt = SpecialistRuntime("smollm2-135m", device="cpu", warmup=False, batch_window_ms=0, fast_path=mode)
+    batched: dict[str, list[str]] = {}
+    for mode, extra in (("none", {}), ("merged", {}), ("int8", {}), ("int8 only", {"bf16_from_rows": 0})):
+        rt = SpecialistRuntime("smollm2-135m", device="cpu", warmup=False, batch_window_ms=0,
+                               fast_path=mode.split()[0], **extra)
         rt.add_adapter("b77", out)
         answers[mode] = [rt.generate([r], max_new_tokens=12, adapter="b77")[0] for r in requests]
-        if mode == "int8":  # batched as evaluation does: the same answers as one at a time
-            assert [g.text for g in rt.generate(requests, max_new_tokens=12, adapter="b77")] == \
-                [g.text for g in answers[mode]]
+        if mode.startswith("int8"):  # batched as evaluation does
+            batched[mode] = [g.text for g in rt.generate(requests, max_new_tokens=12, adapter="b77")]
         del rt
+    # int8 alone is row by row: batched answers are the ones a request gets alone. The default also answers
+    # passes of 16+ rows (8 rows drafting) with bfloat16 copies, which round by the pass's width: a near-tie
+    # may flip.
+    assert batched["int8 only"] == [g.text for g in answers["int8 only"]]
+    assert sum(a != b.text for a, b in zip(batched["int8"], answers["int8"])) <= 1
     reference = [g.text for g in answers["none"]]
     assert [g.text for g in answers["merged"]] == reference
     same = sum(a.text == b for a, b in zip(answers["int8"], reference))

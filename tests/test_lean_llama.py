@@ -112,6 +112,30 @@ def test_consecutive_passes_with_cropped_drafts_and_selected_rows_keep_the_cache
         assert cb.get_seq_length() == ca.get_seq_length() == 12 + 8
 
 
+def test_a_row_decodes_with_the_same_arithmetic_alone_and_in_a_batch(peaked_student: Path) -> None:
+    """Int8 weight-only products are row by row: a row's logits are the same alone and beside 5 other rows,
+    through the lean forward's batch layout (with ``bf16_from_rows`` > 0 the passes of at least that many
+    rows use bfloat16 copies, whose rounding depends on the pass's width)."""
+    import torch
+
+    from aad_core.models.lean_llama import lean_forward
+    from aad_core.models.runtime import _cache_kwarg
+
+    lean = lean_forward(_int8_copy(peaked_student, bf16_from_rows=0))
+    key = _cache_kwarg()
+    torch.manual_seed(2)
+    prompts = torch.randint(3, 300, (6, 10))
+    steps = torch.randint(3, 300, (6, 3))  # a token and two drafts per row: 18 rows of matmul in the batch
+    with torch.no_grad():
+        batch = lean(input_ids=prompts, use_cache=True)
+        together = lean(input_ids=steps, use_cache=True, logits_to_keep=3, **{key: _cache_of(batch)}).logits
+        for row in range(6):
+            alone = lean(input_ids=prompts[row:row + 1], use_cache=True)
+            assert torch.equal(alone.logits, batch.logits[row:row + 1])
+            step = lean(input_ids=steps[row:row + 1], use_cache=True, logits_to_keep=3, **{key: _cache_of(alone)})
+            assert torch.equal(step.logits, together[row:row + 1])
+
+
 def test_the_lean_forward_applies_only_to_llama_int8_copies(peaked_student: Path) -> None:
     from transformers import AutoModelForCausalLM
 
