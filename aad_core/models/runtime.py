@@ -138,7 +138,8 @@ class SpecialistRuntime:
     ``min_prefix_tokens`` is not cached. ``batch_window_ms``: how long a ``generate()`` call waits for
     concurrent calls to join its batch (0 = no micro-batching). ``fast_path`` (CPU only): how an
     adapter's answers are computed: ``"int8"`` (a private copy of the base with the adapter merged and
-    int8 weights; ``int8_lm_head`` also for the output layer), ``"merged"`` (the merged copy in float32:
+    int8 weights; ``int8_lm_head`` also for the output layer; a Llama student's copy decodes through
+    :class:`~aad_core.models.lean_llama.LeanLlamaForward`, the same logits with fewer operations), ``"merged"`` (the merged copy in float32:
     the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
     ``bf16_from_rows`` (``fast_path="int8"``): matmuls of at least this many rows (a prompt's encoding, wide
     batches) use a bfloat16 copy of the weights kept beside the int8 one (+2 bytes per parameter per adapter;
