@@ -136,6 +136,70 @@ def test_a_row_decodes_with_the_same_arithmetic_alone_and_in_a_batch(peaked_stud
             assert torch.equal(step.logits, together[row:row + 1])
 
 
+@pytest.fixture(scope="module")
+def smollm2_shaped() -> Any:
+    """A random 2-layer Llama with SmolLM2-135M's attention shape (576 wide, 9 query heads over 3 key/value
+    heads of 64), weights scaled up so that rounding differences show in the logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096,
+                         rope_theta=100000.0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("bf16_from_rows", [0, 16])
+def test_masked_one_token_passes_and_left_padded_generate_match_transformers(smollm2_shaped: Any,
+                                                                            bf16_from_rows: int) -> None:
+    """transformers attends one masked query token through another route (its query heads packed per
+    key/value head) than several tokens, and drops an all-ones mask of one token: the lean forward follows
+    both, so a batch decoding one token per row with holes, and generate() over left-padded prompts, get
+    transformers' logits exactly."""
+    import torch
+
+    from aad_core.models.lean_llama import lean_forward
+    from aad_core.models.runtime import _cache_kwarg, _int8_linears
+
+    reference = _int8_linears(copy.deepcopy(smollm2_shaped), bf16_from_rows=bf16_from_rows)
+    lean_model = _int8_linears(copy.deepcopy(smollm2_shaped), bf16_from_rows=bf16_from_rows)
+    lean_model.forward = lean_forward(lean_model)
+    key = _cache_kwarg()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        prompt = torch.randint(3, 1000, (1, 30))
+        ca, cb = _cache_of(reference(input_ids=prompt, use_cache=True)), _cache_of(lean_model(input_ids=prompt, use_cache=True))
+        for rows in (4, 1):  # a batch with holes; one row with holes; then one row without (mask all ones)
+            ba, bb = copy.deepcopy(ca), copy.deepcopy(cb)
+            if rows > 1:
+                ba.batch_repeat_interleave(rows)
+                bb.batch_repeat_interleave(rows)
+            valid = torch.ones(rows, 30, dtype=torch.bool)
+            for r in range(rows):
+                valid[r, 5 + r: 9 + 2 * r] = False
+            for holes in (True, False):
+                mask = torch.cat([valid if holes else torch.ones_like(valid), torch.ones(rows, 1, dtype=torch.bool)], 1)
+                ids = torch.randint(3, 1000, (rows, 1))
+                kw = {"attention_mask": mask.long(), "position_ids": mask.sum(1, keepdim=True) - 1}
+                x = reference(input_ids=ids, use_cache=True, logits_to_keep=1, **kw, **{key: copy.deepcopy(ba)})
+                y = lean_model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw, **{key: copy.deepcopy(bb)})
+                assert torch.equal(x.logits, y.logits), (rows, holes)
+        rest = [torch.randint(3, 1000, (n,)).tolist() for n in (4, 9, 6)]
+        ids = torch.tensor([[0] * (9 - len(r)) + r for r in rest])
+        mask = torch.tensor([[0] * (9 - len(r)) + [1] * len(r) for r in rest])
+        outs = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+                for m in (reference, lean_model)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0].logits, outs[1].logits))
+
+
 def test_the_lean_forward_applies_only_to_llama_int8_copies(peaked_student: Path) -> None:
     from transformers import AutoModelForCausalLM
 

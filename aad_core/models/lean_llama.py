@@ -145,8 +145,15 @@ class LeanLlamaForward:
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
             k, v = _append(kv, index, k, v)
-            attn = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self._scaling, enable_gqa=True)
+            if mask is not None and width == 1 and heads != kv_heads:
+                # transformers' route for one masked query token (pack_gqa): the query heads of each key/value
+                # head as rows of one query; it rounds differently from enable_gqa
+                attn = torch.nn.functional.scaled_dot_product_attention(
+                    q.reshape(batch, kv_heads, heads // kv_heads, dim), k, v, attn_mask=mask,
+                    scale=self._scaling).reshape(batch, heads, 1, dim)
+            else:
+                attn = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=self._scaling, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(rows, -1).to(torch.bfloat16)
             hidden = hidden + out_proj(attn).view(batch, width, -1)
             x = _rms(hidden, ln2, eps2).reshape(rows, -1).to(torch.bfloat16)
@@ -162,8 +169,8 @@ class LeanLlamaForward:
         """The boolean attention mask of one pass (True = may attend): causal over cache columns, and the
         2D ``attention_mask``'s holes; None for one row of one token without holes."""
         torch = self._torch
-        if attention_mask is None and width == 1:
-            return None
+        if width == 1 and (attention_mask is None or bool(attention_mask[:, :total].all())):
+            return None  # as transformers: one query token that may see every column needs no mask
         cols = torch.arange(total, device=device)
         mine = torch.arange(width, device=device) + past
         mask = (cols[None, :] <= mine[:, None])[None, None]  # (1, 1, width, total)
