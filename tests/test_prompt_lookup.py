@@ -97,6 +97,8 @@ def test_an_equal_ngram_is_drafted_from_the_answer_so_far_then_the_previous_answ
     assert _lookup_draft(previous + prompt + [20, 10], 2, regions=regions) == [30, 31]
     # ... and the answer so far comes first among equals
     assert _lookup_draft(previous + prompt + [10, 50, 10], 3, regions=regions) == [50, 10]
+    # a match on the previous answer's last token has nothing to draft: the prompt's occurrence is used
+    assert _lookup_draft([3, 4, 5, 5, 6, 8, 9, 5], 4, regions=(3, 7)) == [6, 8, 9, 5]
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "10", None])

@@ -1180,8 +1180,8 @@ def _lookup_draft(seq: list[int], k: int, max_ngram: int = LOOKUP_NGRAM, regions
     for n in range(min(max_ngram, end - 1), 0, -1):
         tail = seq[end - n:]
         for i in ranked:
-            if i >= n - 1 and seq[i - n + 1 : i + 1] == tail:
-                stop = answer_end if i < answer_end else end
+            stop = answer_end if i < answer_end else end
+            if i >= n - 1 and i + 1 < stop and seq[i - n + 1 : i + 1] == tail:  # (nothing after it: try the next)
                 return seq[i + 1 : min(i + 1 + k, stop)]
     return []
 
