@@ -374,10 +374,12 @@ class RouteConfig(_Section):
         "specialist to join one batched forward pass (requests arriving while a batch runs join the next one). "
         "0 = no micro-batching."
     )
-    fast_path: Literal["int8", "merged", "none"] = Field(
+    fast_path: Literal["int8", "int4", "merged", "none"] = Field(
         "int8", description="LoRA specialists on CPU: each adapter answers from a private copy of the base student "
         "with only that adapter merged into its weights; 'int8' also stores that copy's Linear weights as int8 (weight-"
-        "only, per output channel, bfloat16 matmul inputs): about 3x faster per token; 'merged' keeps float32 weights (the "
+        "only, per output channel, bfloat16 matmul inputs): about 3x faster per token; 'int4' also keeps int4 codes "
+        "(groups of 32 inputs) for decoding passes: about 20 % faster again, answers not guaranteed equal (measure them "
+        "with benchmarks/specialist_latency.py --fast-path int4); 'merged' keeps float32 weights (the "
         "unmerged answers exactly, without the LoRA detour); 'none' = the shared PEFT model. 'aad eval' scores "
         "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
     )

@@ -18,7 +18,7 @@ It ends with the headline line, e.g.
 faster than the teacher`` (the factors are the smallest over the specialists).
 
     python benchmarks/specialist_latency.py --workspace demo-workspace [--train] [--n 24] [--quick]
-        [--fast-path int8|merged|none]
+        [--fast-path int8|int4|merged|none]
 
 Run it on a quiet machine: every figure is wall-clock time.
 """
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="Held-out requests per specialist.")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="Default: [route] max_new_tokens.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 4 requests, one specialist, 16 new tokens.")
-    ap.add_argument("--fast-path", choices=("int8", "merged", "none"), default=None,
+    ap.add_argument("--fast-path", choices=("int8", "int4", "merged", "none"), default=None,
                     help="How the specialists compute (default: the workspace's [route] fast_path).")
     ap.add_argument("--parallel-batches", type=int, default=None,
                     help="Micro-batches decoding at once (default: the workspace's [route] parallel_batches).")

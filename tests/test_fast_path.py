@@ -121,7 +121,7 @@ def test_load_builds_and_warms_every_adapters_copy_and_the_base_and_hints_keep_t
     from aad_core.errors import AADError
 
     with pytest.raises(AADError, match="fast_path"):
-        SpecialistRuntime(peaked_student, fast_path="int4")
+        SpecialistRuntime(peaked_student, fast_path="fp8")
 
 
 def test_route_fast_path_reaches_the_pool_and_the_evaluation(workspace: Workspace, peaked_student: Path,
@@ -248,3 +248,24 @@ def test_wide_matmuls_use_the_bfloat16_copy_and_narrow_ones_the_int8_weights(pea
     assert all(m.weight_bf16 is None for m in runtimes[0]._fast["a"].modules() if isinstance(m, _int8_linear_class()))
     with pytest.raises(ValueError, match="The 'bf16_from_rows' parameter of SpecialistRuntime must be an int >= 0"):
         _runtime(peaked_student, bf16_from_rows=-1)
+
+
+def test_the_int4_copy_decodes_with_int4_codes_and_answers_each_row_as_alone(peaked_student: Path,
+                                                                             tmp_path: Path) -> None:
+    """``fast_path="int4"``: the copy's layers keep int4 codes (groups of 32 inputs) beside the int8 weights,
+    decoding passes use them, and (int4 products being row by row too) a batched answer is the answer alone."""
+    from aad_core.models.lean_llama import LeanLlamaForward
+    from aad_core.models.runtime import INT4_GROUP, _int4_supported, _int8_linear_class
+
+    if not _int4_supported():
+        pytest.skip("this torch build has no CPU int4 kernel")
+    rt = _runtime(peaked_student, fast_path="int4", bf16_from_rows=0)
+    rt.add_adapter("a", _adapter(peaked_student, tmp_path / "a", 1))
+    requests = _requests()
+    singles = [rt.generate([r], max_new_tokens=12, adapter="a")[0] for r in requests]
+    copy_ = rt._fast["a"]
+    layers = [m for m in copy_.modules() if isinstance(m, _int8_linear_class())]
+    assert isinstance(copy_.forward, LeanLlamaForward)
+    assert any(m.int4_group == INT4_GROUP and m.weight_int4 is not None for m in layers)
+    assert all(math.isfinite(g.mean_logprob) for g in singles)
+    assert [g.text for g in rt.generate(requests, max_new_tokens=12, adapter="a")] == [g.text for g in singles]

@@ -14,29 +14,31 @@ from test_specialist_speed import _adapter, _request, _runtime, peaked_student  
 from tiny_models import make_tiny_student  # noqa: F401
 
 
-def _int8_copy(student: Path, bf16_from_rows: int = 0) -> Any:
+def _int8_copy(student: Path, bf16_from_rows: int = 0, int4_group: int = 0) -> Any:
     from transformers import AutoModelForCausalLM
 
     from aad_core.models.runtime import _int8_linears
 
     model = AutoModelForCausalLM.from_pretrained(student).eval()
-    return _int8_linears(model, bf16_from_rows=bf16_from_rows)
+    return _int8_linears(model, bf16_from_rows=bf16_from_rows, int4_group=int4_group)
 
 
 def _cache_of(out: Any) -> Any:
     return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
 
 
-@pytest.mark.parametrize("bf16_from_rows", [0, 4])
-def test_the_lean_forward_computes_transformers_logits_bit_for_bit(peaked_student: Path,
-                                                                   bf16_from_rows: int) -> None:
+@pytest.mark.parametrize(("bf16_from_rows", "int4_group"), [(0, 0), (4, 0), (4, 32), (0, 32)])
+def test_the_lean_forward_computes_transformers_logits_bit_for_bit(peaked_student: Path, bf16_from_rows: int,
+                                                                   int4_group: int) -> None:
     import torch
 
     from aad_core.models.lean_llama import LeanLlamaForward, lean_forward
     from aad_core.models.runtime import _cache_kwarg
 
-    reference = _int8_copy(peaked_student, bf16_from_rows)
-    lean_model = _int8_copy(peaked_student, bf16_from_rows)
+    reference = _int8_copy(peaked_student, bf16_from_rows, int4_group)
+    lean_model = _int8_copy(peaked_student, bf16_from_rows, int4_group)
+    if int4_group:
+        assert all(m.weight_int4 is not None for m in reference.modules() if hasattr(m, "weight_int4"))
     lean = lean_forward(lean_model)
     assert isinstance(lean, LeanLlamaForward)
     key = _cache_kwarg()
@@ -155,9 +157,9 @@ def smollm2_shaped() -> Any:
     return model
 
 
-@pytest.mark.parametrize("bf16_from_rows", [0, 16])
+@pytest.mark.parametrize(("bf16_from_rows", "int4_group"), [(0, 0), (16, 0), (16, 32)])
 def test_masked_one_token_passes_and_left_padded_generate_match_transformers(smollm2_shaped: Any,
-                                                                            bf16_from_rows: int) -> None:
+                                                                            bf16_from_rows: int, int4_group: int) -> None:
     """transformers attends one masked query token through another route (its query heads packed per
     key/value head) than several tokens, and drops an all-ones mask of one token: the lean forward follows
     both, so a batch decoding one token per row with holes, and generate() over left-padded prompts, get
@@ -167,8 +169,8 @@ def test_masked_one_token_passes_and_left_padded_generate_match_transformers(smo
     from aad_core.models.lean_llama import lean_forward
     from aad_core.models.runtime import _cache_kwarg, _int8_linears
 
-    reference = _int8_linears(copy.deepcopy(smollm2_shaped), bf16_from_rows=bf16_from_rows)
-    lean_model = _int8_linears(copy.deepcopy(smollm2_shaped), bf16_from_rows=bf16_from_rows)
+    reference = _int8_linears(copy.deepcopy(smollm2_shaped), bf16_from_rows=bf16_from_rows, int4_group=int4_group)
+    lean_model = _int8_linears(copy.deepcopy(smollm2_shaped), bf16_from_rows=bf16_from_rows, int4_group=int4_group)
     lean_model.forward = lean_forward(lean_model)
     key = _cache_kwarg()
     torch.manual_seed(3)

@@ -49,7 +49,8 @@ class _Matmul:
     """One int8 weight-only product (several Linear layers' weights stacked, for one input), with the
     bfloat16 copy for wide inputs as ``Int8Linear`` has it."""
 
-    __slots__ = ("weight_int8", "scale", "weight_bf16", "from_rows", "out_features")
+    __slots__ = ("weight_int8", "scale", "weight_bf16", "weight_int4", "int4_scales", "int4_parts", "int4_group",
+                 "from_rows", "out_features")
 
     def __init__(self, linears: list[Any]) -> None:
         import torch
@@ -58,6 +59,20 @@ class _Matmul:
         self.scale = torch.cat([lin.scale for lin in linears]).contiguous()
         copies = [lin.weight_bf16 for lin in linears]
         self.weight_bf16 = None if any(c is None for c in copies) else torch.cat(copies).contiguous()
+        # int4 codes are packed in blocks of 64 output channels: layers whose widths are multiples of 64 stack
+        # (and answer as separately); others keep their own products, concatenated
+        groups = {getattr(lin, "int4_group", 0) for lin in linears}
+        self.int4_group = groups.pop() if len(groups) == 1 else 0
+        self.weight_int4 = self.int4_scales = None
+        self.int4_parts: list[tuple[Any, Any]] = []
+        if self.int4_group and all(lin.weight_int4 is not None for lin in linears):
+            if all(lin.out_features % 64 == 0 for lin in linears):
+                self.weight_int4 = torch.cat([lin.weight_int4 for lin in linears]).contiguous()
+                self.int4_scales = torch.cat([lin.int4_scales for lin in linears], dim=1).contiguous()
+            else:
+                self.int4_parts = [(lin.weight_int4, lin.int4_scales) for lin in linears]
+        else:
+            self.int4_group = 0
         self.from_rows = linears[0].bf16_from_rows
         self.out_features = int(self.weight_int8.shape[0])
         # The layers keep their weights as views into the stacked ones: no second copy in memory.
@@ -67,6 +82,9 @@ class _Matmul:
             lin.weight_int8, lin.scale = self.weight_int8[start:end], self.scale[start:end]
             if self.weight_bf16 is not None:
                 lin.weight_bf16 = self.weight_bf16[start:end]
+            if self.weight_int4 is not None:
+                lin.weight_int4 = self.weight_int4[start:end]
+                lin.int4_scales = self.int4_scales[:, start:end].contiguous()
             start = end
 
     def __call__(self, flat_bf16: Any) -> Any:
@@ -75,6 +93,12 @@ class _Matmul:
 
         if self.weight_bf16 is not None and flat_bf16.shape[0] >= self.from_rows:
             return torch.nn.functional.linear(flat_bf16, self.weight_bf16).float()
+        if self.weight_int4 is not None:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, self.weight_int4, self.int4_group,
+                                                              self.int4_scales).float()
+        if self.int4_parts:
+            return torch.cat([torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, codes, self.int4_group, scales)
+                              for codes, scales in self.int4_parts], dim=-1).float()
         return torch.ops.aten._weight_int8pack_mm(flat_bf16, self.weight_int8, self.scale).float()
 
 

@@ -21,8 +21,9 @@ What makes it fast on CPU (docs/routing.md, "Serving speed"):
 - **A fast copy per adapter** (``fast_path``, CPU only). An adapter's answers come from a private copy of
   the base with only that adapter merged into its weights (``merge_and_unload``: no LoRA detour per
   layer), whose Linear layers hold int8 weights (``"int8"``: weight-only, per output channel, bfloat16
-  inputs to the matmul, so a row's answer does not depend on the batch it is in) or stay float32
-  (``"merged"``).
+  inputs to the matmul, so a row's answer does not depend on the batch it is in), also int4 codes for
+  narrow products (``"int4"``: groups of ``INT4_GROUP`` inputs, half the bytes read per token), or stay
+  float32 (``"merged"``).
   Built at the adapter's first generation (or :meth:`SpecialistRuntime.load`); the base student,
   :meth:`SpecialistRuntime.answer_logprobs`, candidate scoring and adapters with answer hints keep the
   shared, unmerged model.
@@ -58,7 +59,9 @@ if TYPE_CHECKING:
     from aad_core.schema import ChatRequest, Specialist
 
 #: What :class:`SpecialistRuntime` ``fast_path`` accepts.
-FAST_PATHS = ("int8", "merged", "none")
+FAST_PATHS = ("int8", "int4", "merged", "none")
+#: ``fast_path="int4"``: inputs per int4 group (one scale and zero point each, per output channel).
+INT4_GROUP = 32
 #: Most tokens drafted per pass by prompt-lookup decoding (``prompt_lookup``; ``[route] prompt_lookup_tokens``).
 DEFAULT_PROMPT_LOOKUP = 10
 #: Tokens drafted in the first pass of an answer (then adapted, up to ``prompt_lookup``).
@@ -338,7 +341,7 @@ class SpecialistRuntime:
 
     def _build_fast(self, adapter: str) -> Any:
         """A copy of the base weights with only ``adapter`` merged into them (the shared PEFT model is not
-        touched), int8 for ``fast_path="int8"``."""
+        touched), int8 for ``fast_path="int8"``, int8 plus int4 codes for ``"int4"``."""
         from peft import PeftModel
 
         from aad_core.models.quiet import quiet_loading
@@ -354,8 +357,9 @@ class SpecialistRuntime:
                 model = PeftModel.from_pretrained(model, self._adapters[adapter], adapter_name=adapter)
             model = model.merge_and_unload()
         model.eval()
-        if self.fast_path == "int8":
-            _int8_linears(model, lm_head=self.int8_lm_head, bf16_from_rows=self.bf16_from_rows)
+        if self.fast_path in ("int8", "int4"):
+            group = INT4_GROUP if self.fast_path == "int4" and _int4_supported() else 0
+            _int8_linears(model, lm_head=self.int8_lm_head, bf16_from_rows=self.bf16_from_rows, int4_group=group)
             # The same function with fewer operations per pass (Llama students; bit-identical logits).
             lean = lean_forward(model)
             if lean is not None:
@@ -1240,7 +1244,7 @@ class _AnswerTrie:
         return list(node) or [self.eos]
 
 
-def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0) -> Any:
+def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0, int4_group: int = 0) -> Any:
     """Store every ``nn.Linear`` of ``model`` (in place; the output layer too with ``lm_head``) as int8
     weights with one scale per output channel, multiplied by bfloat16 activations and returned as
     float32 (``torch.ops.aten._weight_int8pack_mm``; the residual stream, norms and attention stay
@@ -1248,8 +1252,11 @@ def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0) 
     a row's result does not depend on the other rows of its batch (unless ``bf16_from_rows`` > 0 sends wide
     matmuls to a bfloat16 copy of the weights: then it depends on how wide its pass is), whereas per-tensor dynamic activation
     quantization (``torch.ao.quantization.quantize_dynamic``) does, and changed 9 of 12 held-out answers of
-    a demo specialist on SmolLM2-135M (this: 12 of 12 identical). Where the kernel is missing, the layers
-    stay float32 (the "merged" path)."""
+    a demo specialist on SmolLM2-135M (this: 12 of 12 identical). With ``int4_group`` > 0, each layer whose
+    inputs divide into such groups also keeps int4 codes of its weights (asymmetric, one scale and zero point
+    per group of ``int4_group`` inputs of an output channel, from the float32 weights), which answer the products
+    narrower than ``bf16_from_rows`` rows (``torch.ops.aten._weight_int4pack_mm_for_cpu``; also row by row).
+    Where the int8 kernel is missing, the layers stay float32 (the "merged" path)."""
     import torch
 
     if not _int8_supported():
@@ -1258,7 +1265,7 @@ def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0) 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and (lm_head or child is not model.get_output_embeddings()):
-                setattr(parent, name, linear(child, bf16_from_rows))
+                setattr(parent, name, linear(child, bf16_from_rows, int4_group))
     return model
 
 
@@ -1276,14 +1283,44 @@ def _int8_supported() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def _int4_supported() -> bool:
+    """Whether this torch build has the CPU int4 weight-only matmul kernels (``fast_path="int4"``; else int8)."""
+    import torch
+
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 2)
+        scales = torch.ones(64 // INT4_GROUP, 16, 2, dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(2, 64, dtype=torch.bfloat16), packed, INT4_GROUP, scales)
+        return bool(out.shape == (2, 16))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _int4_codes(w: Any, group: int) -> tuple[Any, Any]:
+    """Packed int4 codes of float weights ``w`` (out, in) and their (in / group, out, 2) bfloat16 scales and
+    zero points, as ``_weight_int4pack_mm_for_cpu`` reads them (a code q stands for (q - 8) * scale + zero)."""
+    import torch
+
+    n, k = w.shape
+    grouped = w.float().reshape(n, k // group, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = torch.clamp(torch.round((grouped - low) / scale), 0, 15).to(torch.int32).reshape(n, k)
+    scales = torch.stack([scale.squeeze(-1), (low + 8 * scale).squeeze(-1)], dim=-1).transpose(0, 1)
+    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2),
+            scales.contiguous().to(torch.bfloat16))
+
+
+@functools.lru_cache(maxsize=1)
 def _int8_linear_class() -> type:
     """``Int8Linear`` (defined on first use: ``import aad_core`` does not import torch)."""
     import torch
 
     class Int8Linear(torch.nn.Module):
-        """A Linear layer with int8 weights (symmetric, per output channel) and float activations."""
+        """A Linear layer with int8 weights (symmetric, per output channel) and float activations; optionally
+        int4 codes for narrow products and a bfloat16 copy for wide ones (see :func:`_int8_linears`)."""
 
-        def __init__(self, linear: torch.nn.Linear, bf16_from_rows: int = 0) -> None:
+        def __init__(self, linear: torch.nn.Linear, bf16_from_rows: int = 0, int4_group: int = 0) -> None:
             super().__init__()
             w = linear.weight.detach().float()
             scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
@@ -1296,11 +1333,20 @@ def _int8_linear_class() -> type:
             # row, oneDNN's bfloat16 kernel reuses it across rows (34 rows x 1536 x 576: 440 vs 239 us on 2 cores).
             self.bf16_from_rows = bf16_from_rows
             self.register_buffer("weight_bf16", w.to(torch.bfloat16).contiguous() if bf16_from_rows > 0 else None)
+            # (the kernel packs output channels in blocks of 16; the inputs in groups)
+            fits = int4_group > 0 and self.in_features % int4_group == 0 and self.out_features % 16 == 0
+            self.int4_group = int4_group if fits else 0
+            packed, scales = _int4_codes(w, self.int4_group) if self.int4_group else (None, None)
+            self.register_buffer("weight_int4", packed)
+            self.register_buffer("int4_scales", scales)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             if self.weight_bf16 is not None and flat.shape[0] >= self.bf16_from_rows:
                 y = torch.nn.functional.linear(flat, self.weight_bf16).to(x.dtype)
+            elif self.weight_int4 is not None:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.int4_group,
+                                                               self.int4_scales).to(x.dtype)
             else:
                 y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)
             if self.bias is not None:
@@ -1308,6 +1354,7 @@ def _int8_linear_class() -> type:
             return y.reshape(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+            return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+                    + (f", int4 codes (groups of {self.int4_group})" if self.int4_group else ""))
 
     return Int8Linear
