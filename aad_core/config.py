@@ -384,7 +384,7 @@ class RouteConfig(_Section):
         "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
     )
     bf16_from_rows: int = Field(
-        16, ge=0, description="LoRA specialists with fast_path 'int8': matmuls of at least this many rows (a prompt's "
+        16, ge=0, description="LoRA specialists with fast_path 'int8' or 'int4': matmuls of at least this many rows (a prompt's "
         "encoding, wide batches) use a bfloat16 copy of the weights kept beside the int8 one: the int8 kernel reads "
         "every weight again for each row, oneDNN's bfloat16 kernel reuses it (on 2 cores, 34 rows: 2x faster; the "
         "output layer 3x). Costs 2 bytes per parameter per adapter (270 MB for SmolLM2-135M). Measured on the demo's "

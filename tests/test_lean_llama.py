@@ -202,6 +202,31 @@ def test_masked_one_token_passes_and_left_padded_generate_match_transformers(smo
     assert all(torch.equal(a, b) for a, b in zip(outs[0].logits, outs[1].logits))
 
 
+def test_int4_layers_beside_layers_the_kernel_cannot_pack_match_transformers() -> None:
+    """A key projection 8 channels wide cannot hold int4 codes (the kernel packs 16 at a time) while the query
+    projection beside it does: the lean forward multiplies each as its own Int8Linear would."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aad_core.models.lean_llama import lean_forward
+    from aad_core.models.runtime import _int4_supported, _int8_linears
+
+    if not _int4_supported():
+        pytest.skip("this torch build has no CPU int4 kernel")
+    torch.manual_seed(4)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=1, max_position_embeddings=256)
+    base = LlamaForCausalLM(config).eval()
+    reference = _int8_linears(copy.deepcopy(base), int4_group=32)
+    lean_model = _int8_linears(copy.deepcopy(base), int4_group=32)
+    attn = reference.model.layers[0].self_attn
+    assert attn.q_proj.weight_int4 is not None and attn.k_proj.weight_int4 is None
+    lean = lean_forward(lean_model)
+    with torch.no_grad():
+        prompt = torch.randint(3, 256, (2, 7))
+        assert torch.equal(reference(input_ids=prompt).logits, lean(input_ids=prompt).logits)
+
+
 def test_the_lean_forward_applies_only_to_llama_int8_copies(peaked_student: Path) -> None:
     from transformers import AutoModelForCausalLM
 

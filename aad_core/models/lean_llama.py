@@ -60,22 +60,23 @@ class _Matmul:
         copies = [lin.weight_bf16 for lin in linears]
         self.weight_bf16 = None if any(c is None for c in copies) else torch.cat(copies).contiguous()
         # int4 codes are packed in blocks of 64 output channels: layers whose widths are multiples of 64 stack
-        # (and answer as separately); others keep their own products, concatenated
-        groups = {getattr(lin, "int4_group", 0) for lin in linears}
-        self.int4_group = groups.pop() if len(groups) == 1 else 0
+        # (and answer as separately); otherwise each layer keeps its own product (int4 where it has codes, int8
+        # where not, as its Int8Linear.forward picks), concatenated
         self.weight_int4 = self.int4_scales = None
-        self.int4_parts: list[tuple[Any, Any]] = []
-        if self.int4_group and all(lin.weight_int4 is not None for lin in linears):
-            if all(lin.out_features % 64 == 0 for lin in linears):
-                self.weight_int4 = torch.cat([lin.weight_int4 for lin in linears]).contiguous()
-                self.int4_scales = torch.cat([lin.int4_scales for lin in linears], dim=1).contiguous()
-            else:
-                self.int4_parts = [(lin.weight_int4, lin.int4_scales) for lin in linears]
-        else:
-            self.int4_group = 0
+        self.int4_parts: list[tuple[int, Any, Any]] = []  # (int4 group or 0 for int8, weights, scales)
+        coded = [getattr(lin, "weight_int4", None) is not None for lin in linears]
+        groups = {lin.int4_group for lin, c in zip(linears, coded) if c}
+        self.int4_group = groups.pop() if len(groups) == 1 else 0
+        if all(coded) and self.int4_group and all(lin.out_features % 64 == 0 for lin in linears):
+            self.weight_int4 = torch.cat([lin.weight_int4 for lin in linears]).contiguous()
+            self.int4_scales = torch.cat([lin.int4_scales for lin in linears], dim=1).contiguous()
+        elif any(coded):
+            self.int4_parts = [(lin.int4_group, lin.weight_int4, lin.int4_scales) if c else (0, lin, None)
+                               for lin, c in zip(linears, coded)]
         self.from_rows = linears[0].bf16_from_rows
         self.out_features = int(self.weight_int8.shape[0])
-        # The layers keep their weights as views into the stacked ones: no second copy in memory.
+        # The layers keep their weights as views into the stacked ones: no second copy in memory (but for the
+        # small int4 scales, whose column slices are copied).
         start = 0
         for lin in linears:
             end = start + lin.out_features
@@ -97,8 +98,10 @@ class _Matmul:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, self.weight_int4, self.int4_group,
                                                               self.int4_scales).float()
         if self.int4_parts:
-            return torch.cat([torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, codes, self.int4_group, scales)
-                              for codes, scales in self.int4_parts], dim=-1).float()
+            return torch.cat([
+                torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, codes, group, scales) if group
+                else torch.ops.aten._weight_int8pack_mm(flat_bf16, codes.weight_int8, codes.scale)
+                for group, codes, scales in self.int4_parts], dim=-1).float()
         return torch.ops.aten._weight_int8pack_mm(flat_bf16, self.weight_int8, self.scale).float()
 
 

@@ -142,11 +142,13 @@ class SpecialistRuntime:
     concurrent calls to join its batch (0 = no micro-batching). ``fast_path`` (CPU only): how an
     adapter's answers are computed: ``"int8"`` (a private copy of the base with the adapter merged and
     int8 weights; ``int8_lm_head`` also for the output layer; a Llama student's copy decodes through
-    :class:`~aad_core.models.lean_llama.LeanLlamaForward`, the same logits with fewer operations), ``"merged"`` (the merged copy in float32:
+    :class:`~aad_core.models.lean_llama.LeanLlamaForward`, the same logits with fewer operations), ``"int4"``
+    (the same, plus int4 codes for the products narrower than ``bf16_from_rows`` rows, all of them with 0;
+    where this torch has no int4 kernel, int8), ``"merged"`` (the merged copy in float32:
     the same answers as unmerged, without the LoRA detour) or ``"none"`` (the shared PEFT model).
-    ``bf16_from_rows`` (``fast_path="int8"``): matmuls of at least this many rows (a prompt's encoding, wide
-    batches) use a bfloat16 copy of the weights kept beside the int8 one (+2 bytes per parameter per adapter;
-    0 = int8 only). ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
+    ``bf16_from_rows`` (``fast_path`` ``"int8"`` or ``"int4"``): matmuls of at least this many rows (a prompt's
+    encoding, wide batches) use a bfloat16 copy of the weights kept beside the int8 one (+2 bytes per parameter
+    per adapter; 0 = never). ``prompt_lookup``: the most tokens drafted per row and pass by prompt-lookup speculative decoding when
     rows are generated freely (0 = off; closed answer sets decode plainly). ``parallel_batches``: micro-batches of
     an adapter's fast copy that decode at once, outside the model lock, the cores split between them (1 = one at a
     time; see :meth:`_decode_batch`).
@@ -1255,7 +1257,8 @@ def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0, 
     a demo specialist on SmolLM2-135M (this: 12 of 12 identical). With ``int4_group`` > 0, each layer whose
     inputs divide into such groups also keeps int4 codes of its weights (asymmetric, one scale and zero point
     per group of ``int4_group`` inputs of an output channel, from the float32 weights), which answer the products
-    narrower than ``bf16_from_rows`` rows (``torch.ops.aten._weight_int4pack_mm_for_cpu``; also row by row).
+    narrower than ``bf16_from_rows`` rows, every product with 0 (``torch.ops.aten._weight_int4pack_mm_for_cpu``;
+    also row by row).
     Where the int8 kernel is missing, the layers stay float32 (the "merged" path)."""
     import torch
 
