@@ -237,6 +237,9 @@ def test_the_lean_forward_applies_only_to_llama_int8_copies(peaked_student: Path
     biased = _int8_copy(peaked_student)
     biased.config.attention_bias = True
     assert lean_forward(biased) is None
+    eager = _int8_copy(peaked_student)
+    eager.config._attn_implementation = "eager"  # its attention rounds otherwise than SDPA
+    assert lean_forward(eager) is None
     assert lean_forward(object()) is None
 
 

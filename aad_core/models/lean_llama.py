@@ -11,7 +11,8 @@ what the runtime passes to and reads from the transformers forward (``input_ids`
 caches, row splicing and cropping keep working on the same cache object.
 
 It is installed only where it applies (:func:`lean_forward`): a ``llama`` model without biases, with
-SiLU and the rotary module transformers built for it. Anything else keeps transformers' forward.
+SiLU, SDPA attention and the rotary module transformers built for it. Anything else keeps transformers'
+forward.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def lean_forward(model: Any) -> LeanLlamaForward | None:
         return None
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return None
+    if getattr(config, "_attn_implementation", "sdpa") not in (None, "sdpa"):  # eager attention rounds otherwise
+        return None
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
@@ -46,8 +49,8 @@ def lean_forward(model: Any) -> LeanLlamaForward | None:
 
 
 class _Matmul:
-    """One int8 weight-only product (several Linear layers' weights stacked, for one input), with the
-    bfloat16 copy for wide inputs as ``Int8Linear`` has it."""
+    """One weight-only product (several Linear layers' weights stacked, for one input), choosing between the
+    int8 weights, the int4 codes and the bfloat16 copy as ``Int8Linear.forward`` does."""
 
     __slots__ = ("weight_int8", "scale", "weight_bf16", "weight_int4", "int4_scales", "int4_parts", "int4_group",
                  "from_rows", "out_features")
