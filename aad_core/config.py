@@ -378,8 +378,9 @@ class RouteConfig(_Section):
         "int8", description="LoRA specialists on CPU: each adapter answers from a private copy of the base student "
         "with only that adapter merged into its weights; 'int8' also stores that copy's Linear weights as int8 (weight-"
         "only, per output channel, bfloat16 matmul inputs): about 3x faster per token; 'int4' also keeps int4 codes "
-        "(groups of 32 inputs) for decoding passes: about 20 % faster again, answers not guaranteed equal (measure them "
-        "with benchmarks/specialist_latency.py --fast-path int4); 'merged' keeps float32 weights (the "
+        "(groups of 32 inputs; not the output layer) for decoding passes: about 12 % faster again, the demo's extraction "
+        "answers equal, but 4 of 32 labels of a weakly trained label adapter (int8: 31); measure yours with "
+        "benchmarks/specialist_latency.py --fast-path int4; 'merged' keeps float32 weights (the "
         "unmerged answers exactly, without the LoRA detour); 'none' = the shared PEFT model. 'aad eval' scores "
         "specialists through the same path, so the gate judges what is served. Ignored on a GPU."
     )

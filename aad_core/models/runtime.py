@@ -1254,7 +1254,8 @@ def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0, 
     a row's result does not depend on the other rows of its batch (unless ``bf16_from_rows`` > 0 sends wide
     matmuls to a bfloat16 copy of the weights: then it depends on how wide its pass is), whereas per-tensor dynamic activation
     quantization (``torch.ao.quantization.quantize_dynamic``) does, and changed 9 of 12 held-out answers of
-    a demo specialist on SmolLM2-135M (this: 12 of 12 identical). With ``int4_group`` > 0, each layer whose
+    a demo specialist on SmolLM2-135M (this: 12 of 12 identical). With ``int4_group`` > 0, each layer but the
+    output layer whose
     inputs divide into such groups also keeps int4 codes of its weights (asymmetric, one scale and zero point
     per group of ``int4_group`` inputs of an output channel, from the float32 weights), which answer the products
     narrower than ``bf16_from_rows`` rows, every product with 0 (``torch.ops.aten._weight_int4pack_mm_for_cpu``;
@@ -1265,10 +1266,12 @@ def _int8_linears(model: Any, *, lm_head: bool = True, bf16_from_rows: int = 0, 
     if not _int8_supported():
         return model
     linear = _int8_linear_class()
+    output = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and (lm_head or child is not model.get_output_embeddings()):
-                setattr(parent, name, linear(child, bf16_from_rows, int4_group))
+            if type(child) is torch.nn.Linear and (lm_head or child is not output):
+                # the output layer stays int8: its int4 codes changed 2 of 48 extraction answers, int8 none
+                setattr(parent, name, linear(child, bf16_from_rows, 0 if child is output else int4_group))
     return model
 
 
