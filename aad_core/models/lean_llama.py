@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aad_core.models.weight_only import weight_only_product
+
 __all__ = ["LeanLlamaForward", "lean_forward"]
 
 
@@ -49,11 +51,11 @@ def lean_forward(model: Any) -> LeanLlamaForward | None:
 
 
 class _Matmul:
-    """One weight-only product (several Linear layers' weights stacked, for one input), choosing between the
-    int8 weights, the int4 codes and the bfloat16 copy as ``Int8Linear.forward`` does."""
+    """One weight-only product of several Linear layers (``Int8Linear``) for one input, their weights stacked;
+    it picks its kernel as each layer's own forward does (:func:`weight_only_product`)."""
 
-    __slots__ = ("weight_int8", "scale", "weight_bf16", "weight_int4", "int4_scales", "int4_parts", "int4_group",
-                 "from_rows", "out_features")
+    __slots__ = ("weight_int8", "scale", "weight_bf16", "bf16_from_rows", "weight_int4", "int4_scales",
+                 "int4_group", "parts", "out_features")
 
     def __init__(self, linears: list[Any]) -> None:
         import torch
@@ -62,22 +64,18 @@ class _Matmul:
         self.scale = torch.cat([lin.scale for lin in linears]).contiguous()
         copies = [lin.weight_bf16 for lin in linears]
         self.weight_bf16 = None if any(c is None for c in copies) else torch.cat(copies).contiguous()
-        # int4 codes are packed in blocks of 64 output channels: layers whose widths are multiples of 64 stack
-        # (and answer as separately); otherwise each layer keeps its own product (int4 where it has codes, int8
-        # where not, as its Int8Linear.forward picks), concatenated
-        self.weight_int4 = self.int4_scales = None
-        self.int4_parts: list[tuple[int, Any, Any]] = []  # (int4 group or 0 for int8, weights, scales)
-        coded = [getattr(lin, "weight_int4", None) is not None for lin in linears]
-        groups = {lin.int4_group for lin, c in zip(linears, coded) if c}
-        self.int4_group = groups.pop() if len(groups) == 1 else 0
-        if all(coded) and self.int4_group and all(lin.out_features % 64 == 0 for lin in linears):
-            self.weight_int4 = torch.cat([lin.weight_int4 for lin in linears]).contiguous()
-            self.int4_scales = torch.cat([lin.int4_scales for lin in linears], dim=1).contiguous()
-        elif any(coded):
-            self.int4_parts = [(lin.int4_group, lin.weight_int4, lin.int4_scales) if c else (0, lin, None)
-                               for lin, c in zip(linears, coded)]
-        self.from_rows = linears[0].bf16_from_rows
+        self.bf16_from_rows = linears[0].bf16_from_rows
         self.out_features = int(self.weight_int8.shape[0])
+        # int4 codes are packed in blocks of 64 output channels: layers that all have codes and widths that are
+        # multiples of 64 stack them (and answer as separately); otherwise, if any has codes, each layer keeps
+        # its own product (``parts``), concatenated
+        coded = [getattr(lin, "weight_int4", None) is not None for lin in linears]
+        stack = all(coded) and len({lin.int4_group for lin in linears}) == 1 \
+            and all(lin.out_features % 64 == 0 for lin in linears)
+        self.weight_int4 = torch.cat([lin.weight_int4 for lin in linears]).contiguous() if stack else None
+        self.int4_scales = torch.cat([lin.int4_scales for lin in linears], dim=1).contiguous() if stack else None
+        self.int4_group = linears[0].int4_group if stack else 0
+        self.parts = list(linears) if any(coded) and not stack else []
         # The layers keep their weights as views into the stacked ones: no second copy in memory (but for the
         # small int4 scales, whose column slices are copied).
         start = 0
@@ -95,17 +93,9 @@ class _Matmul:
         """``flat_bf16``: (rows, in) bfloat16, contiguous. Returns (rows, out) float32."""
         import torch
 
-        if self.weight_bf16 is not None and flat_bf16.shape[0] >= self.from_rows:
-            return torch.nn.functional.linear(flat_bf16, self.weight_bf16).float()
-        if self.weight_int4 is not None:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, self.weight_int4, self.int4_group,
-                                                              self.int4_scales).float()
-        if self.int4_parts:
-            return torch.cat([
-                torch.ops.aten._weight_int4pack_mm_for_cpu(flat_bf16, codes, group, scales) if group
-                else torch.ops.aten._weight_int8pack_mm(flat_bf16, codes.weight_int8, codes.scale)
-                for group, codes, scales in self.int4_parts], dim=-1).float()
-        return torch.ops.aten._weight_int8pack_mm(flat_bf16, self.weight_int8, self.scale).float()
+        if self.parts and not (self.weight_bf16 is not None and flat_bf16.shape[0] >= self.bf16_from_rows):
+            return torch.cat([weight_only_product(lin, flat_bf16) for lin in self.parts], dim=-1).float()
+        return weight_only_product(self, flat_bf16).float()
 
 
 class LeanLlamaForward:

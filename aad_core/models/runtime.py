@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from aad_core.errors import AADError, param_error
 from aad_core.models.lean_llama import lean_forward
+from aad_core.models.weight_only import weight_only_product
 from aad_core.plugins.components import Predictor
 
 if TYPE_CHECKING:
@@ -1348,13 +1349,7 @@ def _int8_linear_class() -> type:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            if self.weight_bf16 is not None and flat.shape[0] >= self.bf16_from_rows:
-                y = torch.nn.functional.linear(flat, self.weight_bf16).to(x.dtype)
-            elif self.weight_int4 is not None:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.int4_group,
-                                                               self.int4_scales).to(x.dtype)
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale).to(x.dtype)
+            y = weight_only_product(self, flat).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
