@@ -315,3 +315,36 @@ def test_training_leaves_out_the_few_calls_longer_than_max_length(tiny_student: 
     metrics = _trainer(tiny_student, max_steps=1, max_length=64).train(
         _traces(1) + long, [], tmp_path / "mostly", show_progress=False)
     assert metrics["n_train"] == 3 and metrics["n_too_long"] == 0
+
+
+def test_bf16_autocast_trains_float32_weights_and_differs_from_fp32(tiny_student: Path, tmp_path: Path) -> None:
+    """precision='bf16' computes the passes in bfloat16 (a different loss curve from 'fp32') while the
+    saved adapter stays float32 and still learns."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        out = tmp_path / precision
+        runs[precision] = _trainer(tiny_student, max_steps=8, early_stopping_patience=0, precision=precision).train(
+            _traces(12), _traces(4), out, show_progress=False)
+        weights = load_file(out / "adapter_model.safetensors")
+        assert weights and {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+    bf16, fp32 = runs["bf16"], runs["fp32"]
+    assert (bf16["precision"], fp32["precision"]) == ("bf16-autocast", "fp32")
+    assert bf16["train_loss_last"] < bf16["train_loss_first"]
+    assert bf16["train_loss_first"] != fp32["train_loss_first"]  # autocast really changed the arithmetic
+    assert abs(bf16["train_loss_first"] - fp32["train_loss_first"]) < 0.05 * fp32["train_loss_first"]
+
+
+def test_precision_auto_follows_the_cpu_and_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aad_plugins.qlora import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    assert QLoRATrainer()._bf16("cpu", four_bit=False) is False
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)
+    assert QLoRATrainer()._bf16("cpu", four_bit=False) is True
+    assert QLoRATrainer()._bf16("cuda", four_bit=False) is False  # auto leaves CUDA's fp32 LoRA alone
+    assert QLoRATrainer(precision="bf16")._bf16("cuda", four_bit=True) is False  # 4-bit computes in bf16 already
+    assert QLoRATrainer(precision="fp32")._bf16("cpu", four_bit=False) is False
+    with pytest.raises(ValueError, match="precision"):
+        _trainer(Path("unused"), precision="half").train(_traces(2), [], Path("unused"), show_progress=False)

@@ -154,6 +154,7 @@ class TrainingLoop:
     eval_batch_size: int
     patience: int
     curriculum: Curriculum | None = None  # easy-to-hard phases; None = shuffled epochs over every row
+    autocast_bf16: bool = False  # forward and backward passes under bfloat16 autocast (float32 weights and optimizer)
     schedule: BatchSchedule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,7 +199,8 @@ class TrainingLoop:
         step_loss = 0.0
         for mb in micro_batches:
             batch = {k: v.to(self.device) for k, v in pad_batch([enc[i] for i in mb], self.pad_id).items()}
-            loss = self.loss(self.model, batch, [self.data.soft[i] for i in mb])
+            with self._autocast():
+                loss = self.loss(self.model, batch, [self.data.soft[i] for i in mb])
             # Weight each micro-batch by its share of the step's answer tokens.
             mb_tokens = int((batch["labels"][:, 1:] != -100).sum())
             (loss * mb_tokens / max(n_tokens, 1)).backward()
@@ -212,6 +214,15 @@ class TrainingLoop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if not self.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
 
     def _evaluate(self, state: dict[str, Any], output_dir: Path) -> bool:
         """Eval, keep the best adapter, checkpoint; True when early stopping ends the run."""

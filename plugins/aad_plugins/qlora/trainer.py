@@ -77,6 +77,13 @@ class QLoRATrainer(Trainer):
         Prompt + answer tokens kept per sample (``[train] max_length``; the prompt is cut from the left).
     quantization : {"auto", "4bit", "none"}
         'auto' = 4-bit NF4 QLoRA on CUDA, fp32 LoRA on CPU.
+    precision : {"auto", "bf16", "fp32"}
+        Arithmetic of the training passes without 4-bit weights. 'bf16' runs them under torch autocast
+        to bfloat16 (the weights, the adapter, its gradients and AdamW's state stay float32; the loss
+        is computed in float32); 'fp32' computes in float32. 'auto' = 'bf16' on a CPU with native
+        bfloat16 instructions (AVX512-BF16 or AMX), else 'fp32' (CUDA keeps fp32 LoRA, or bfloat16
+        compute under 4-bit). Measured on 2 cores with AVX512-BF16 (SmolLM2-135M, batch 8 x 130
+        tokens): 3.9 s per step against 6.2 s; the adapters' held-out scores: docs/specialists.md.
     distill_alpha : float
         alpha in alpha*CE + (1-alpha)*T^2*KL when teacher distributions exist.
     temperature : float
@@ -135,6 +142,7 @@ class QLoRATrainer(Trainer):
         max_steps: int | None = None,
         max_length: int = 384,
         quantization: Literal["auto", "4bit", "none"] = "auto",
+        precision: Literal["auto", "bf16", "fp32"] = "auto",
         distill_alpha: float = 0.5,
         temperature: float = 2.0,
         early_stopping_patience: int = 2,
@@ -165,6 +173,7 @@ class QLoRATrainer(Trainer):
         self.max_steps = max_steps
         self.max_length = max_length
         self.quantization = quantization
+        self.precision = precision
         self.distill_alpha = distill_alpha
         self.temperature = temperature
         self.early_stopping_patience = early_stopping_patience
@@ -214,6 +223,8 @@ class QLoRATrainer(Trainer):
                 raise param_error(name, owner, "an int >= 1", v)
         if self.quantization not in ("auto", "4bit", "none"):
             raise param_error("quantization", owner, "one of 'auto', '4bit', 'none'", self.quantization)
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise param_error("precision", owner, "one of 'auto', 'bf16', 'fp32'", self.precision)
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
             raise param_error("lr_scheduler", owner, "one of 'constant', 'linear', 'cosine'", self.lr_scheduler)
         if not (0 <= self.warmup_ratio < 1):
@@ -315,6 +326,7 @@ class QLoRATrainer(Trainer):
         if curriculum is not None:
             announce(f"Curriculum easy-to-hard: {curriculum.describe()}.", show_progress)
         loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum)
+        loop.autocast_bf16 = self._bf16(device, four_bit)
 
         state, resumed_from = new_state(), None
         ckpt = output_dir / CHECKPOINT_DIR
@@ -331,6 +343,7 @@ class QLoRATrainer(Trainer):
         return {
             "device": device,
             "quantization": "4bit-nf4" if four_bit else "none",
+            "precision": "bf16-autocast" if loop.autocast_bf16 else ("bf16-compute" if four_bit else "fp32"),
             "base_model_path": source,
             **_run_metrics(data, plan, state, stats, resumed_from, soft_all=teacher is not None),
             "curriculum": curriculum.as_metrics() if curriculum is not None else {"kind": "none"},
@@ -359,10 +372,23 @@ class QLoRATrainer(Trainer):
                 raise AADError("4-bit QLoRA needs bitsandbytes.", hint="pip install bitsandbytes, or set [trainer.qlora] quantization = \"none\".") from None
         return device, four_bit
 
+    def _bf16(self, device: str, four_bit: bool) -> bool:
+        """Whether the training passes run under bfloat16 autocast (``precision``)."""
+        if four_bit or self.precision == "fp32":
+            return False
+        if self.precision == "bf16":
+            return True
+        return device == "cpu" and cpu_has_native_bf16()
+
     def _model(self, device: str, four_bit: bool, show: bool) -> tuple[Any, Any, str]:
         """The student with a fresh adapter, its tokenizer, and the base model's path."""
         base, tokenizer, source = self._load_base(device, four_bit)
-        mode = "QLoRA: 4-bit NF4 (double quant) + paged AdamW 8-bit" if four_bit else "LoRA in fp32 with AdamW (no 4-bit on CPU)"
+        if four_bit:
+            mode = "QLoRA: 4-bit NF4 (double quant) + paged AdamW 8-bit"
+        elif self._bf16(device, four_bit):
+            mode = "LoRA with float32 weights and AdamW, passes in bfloat16 (autocast)"
+        else:
+            mode = "LoRA in fp32 with AdamW"
         announce(f"Training on {device}: {mode}; r={self.lora_r}, alpha={self.lora_alpha}, lr={self.learning_rate}.", show)
         model = self._prepare_model(base)
         model.peft_config["default"].base_model_name_or_path = source
@@ -418,6 +444,15 @@ class QLoRATrainer(Trainer):
         runtime = SpecialistRuntime(base or self.student, device=self.device)
         runtime.add_adapter(folder.parent.name or "specialist", folder)
         return AdapterPredictor(runtime, folder.parent.name or "specialist")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles): elsewhere torch
+    emulates it, slower than float32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def _run_metrics(data: TrainingData, plan: StepPlan, state: dict[str, Any], stats: LoopStats,
