@@ -76,7 +76,11 @@ def test_demo_config_is_valid_and_carries_the_demo_values(tmp_path):
     path.write_text(demo_config_toml({("trainer.qlora", "max_steps"): 3}), encoding="utf-8")
     cfg = load_config(path)
     trainer = cfg.component_table("trainer", "qlora")
-    assert trainer["max_steps"] == 3 and trainer["batch_size"] == 8 and cfg.eval.max_heldout == 24
+    assert trainer["max_steps"] == 3 and cfg.eval.max_heldout == 24 and cfg.train.max_length == 160
+    # Training itself follows the trainer's defaults: besides the length cap, the demo sets no batch, steps or rate.
+    marked = {line.split(" =")[0] for line in path.read_text(encoding="utf-8").splitlines() if line.endswith("# demo")}
+    assert marked == {"fraction", "max_length", "max_steps", "max_new_tokens", "max_heldout"}  # max_steps: this test's
+    assert trainer["batch_size"] == 16 and trainer["learning_rate"] == 1e-3  # the defaults
 
 
 def test_demo_workspace_is_ingested_idempotently_with_attribution(tmp_path):
