@@ -3,7 +3,8 @@
 Data: aad_core/demo/data/banking77 (PolyAI, CC-BY-4.0). Each query becomes a recorded "teacher call":
 a short system prompt + the query as the user message, the gold intent label as the teacher's
 answer. The specialist trains on at most ``--n-train`` (<= 1,000) training queries, stratified
-over the 77 intents, with aad's ``qlora`` trainer (fp32 LoRA on CPU), and is scored on held-out
+over the 77 intents, with aad's ``qlora`` trainer (LoRA on float32 weights on CPU, its passes in bf16 autocast
+where the CPU has native bf16; the figures in docs/specialists.md before 2026-12-01 are float32 passes), and is scored on held-out
 test queries by exact match of its answer. By default (``--answer-candidates 5``) the specialist
 answers with the best of the 5 nearest training queries' labels, by its log-prob plus a
 neighbour vote weighted as fitted on ``--n-eval`` held-out queries; ``--answer-candidates 0``
@@ -121,7 +122,7 @@ def main() -> int:
     ap.add_argument("--scheduler", default="cosine", choices=["constant", "linear", "cosine"])
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--quantization", default="auto", choices=["auto", "4bit", "none"],
-                    help="auto = 4-bit QLoRA on CUDA, fp32 LoRA on CPU")
+                    help="auto = 4-bit QLoRA on CUDA, LoRA on float32 weights on CPU")
     ap.add_argument("--constrain", action="store_true",
                     help="also score the specialist with decoding restricted to the 77 labels seen in training")
     ap.add_argument("--skip-base", action="store_true", help="do not score the base student")
@@ -171,7 +172,7 @@ def main() -> int:
         (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"trained: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}, "
           f"held-out loss {metrics['best_eval_loss']:.4f}, {metrics['wall_s']:.0f} s, {metrics['tokens_per_s']:.0f} tok/s "
-          f"({metrics['device']}, quantization={metrics['quantization']})", flush=True)
+          f"({metrics['device']}, quantization={metrics['quantization']}, precision={metrics.get('precision')})", flush=True)
 
     runtime = SpecialistRuntime(args.student, batch_size=16)
     runtime.add_adapter("banking77", out_dir)

@@ -9,7 +9,7 @@ SmolLM2-135M, same seed, samples, order and steps) trained with ``precision = "f
 Each adapter answers the held-out calls greedily, scored by the evaluator ``aad eval`` picks (labels:
 accuracy; JSON: canonical equality). The headline::
 
-    train precision: bf16 1.31x the training tokens/s of fp32; held-out banking77 0.838 vs 0.812, extract 1.000 vs 1.000
+    train precision: bf16 1.28x the training tokens/s of fp32; held-out banking77 0.838 vs 0.800, extract 1.000 vs 1.000
 
 Run on a quiet machine (the two precisions run one after the other, in one process)::
 

@@ -140,3 +140,21 @@ def test_template_without_tool_support_folds_tools_into_text(tiny_student: Path)
     assert answer_text(tok, req, call).startswith('<tool_call>{"name": "get_weather"')
     tok.chat_template = None
     assert prompt_text(tok, req).endswith("<|im_start|>assistant\n")  # the plain fallback layout
+
+
+def test_local_teacher_soft_targets_stay_float32_under_the_students_bf16_autocast(tiny_student: Path) -> None:
+    """The trainer runs the student's passes under bfloat16 autocast (precision 'bf16'); the local
+    teacher's distributions inside that block must be the float32 ones."""
+    from transformers import AutoTokenizer
+
+    from aad_core.models.teacher_signal import LocalTeacher
+
+    teacher = LocalTeacher(str(tiny_student), device="cpu").load(AutoTokenizer.from_pretrained(tiny_student))
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40]])
+    mask = torch.ones_like(ids)
+    plain = teacher.answer_logprobs(ids, mask, temperature=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = teacher.answer_logprobs(ids, mask, temperature=2.0)
+        student_like = teacher.model_(input_ids=ids, attention_mask=mask).logits  # what autocast does to a pass
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    assert student_like.dtype == torch.bfloat16  # so the test would see a teacher pass left under autocast

@@ -21,7 +21,7 @@ def _traces(n: int) -> list:
 
 def _trainer(student: Path, **kw) -> QLoRATrainer:
     params = dict(student=str(student), batch_size=4, gradient_accumulation=1, learning_rate=5e-3,
-                  max_length=48, quantization="none", seed=0, device="cpu")
+                  max_length=48, quantization="none", precision="fp32", seed=0, device="cpu")
     params.update(kw)
     return QLoRATrainer(**params)
 
@@ -344,7 +344,26 @@ def test_precision_auto_follows_the_cpu_and_is_validated(monkeypatch: pytest.Mon
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: True)
     assert QLoRATrainer()._bf16("cpu", four_bit=False) is True
     assert QLoRATrainer()._bf16("cuda", four_bit=False) is False  # auto leaves CUDA's fp32 LoRA alone
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert QLoRATrainer(precision="bf16")._bf16("cuda", four_bit=False) is False  # no such GPU here: not applied
     assert QLoRATrainer(precision="bf16")._bf16("cuda", four_bit=True) is False  # 4-bit computes in bf16 already
     assert QLoRATrainer(precision="fp32")._bf16("cpu", four_bit=False) is False
     with pytest.raises(ValueError, match="precision"):
         _trainer(Path("unused"), precision="half").train(_traces(2), [], Path("unused"), show_progress=False)
+
+
+def test_native_bf16_detection_survives_torch_builds_without_the_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from aad_plugins.qlora.trainer import cpu_has_native_bf16
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert cpu_has_native_bf16() is False
+
+    def broken() -> bool:
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_has_native_bf16() is True

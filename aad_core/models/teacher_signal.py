@@ -179,6 +179,7 @@ class LocalTeacher:
         """Teacher log-probs (B, L, V) predicting each next token, at ``temperature``."""
         import torch
 
-        with torch.no_grad():
+        # Soft targets in float32 even when the student's passes run under bfloat16 autocast.
+        with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
             logits = self.model_(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         return torch.log_softmax(logits / temperature, dim=-1)

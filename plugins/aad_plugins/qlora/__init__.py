@@ -1,4 +1,5 @@
-"""Trainer ``qlora``: one LoRA adapter per cluster, QLoRA (4-bit NF4) on CUDA, fp32 LoRA on CPU.
+"""Trainer ``qlora``: one LoRA adapter per cluster, QLoRA (4-bit NF4) on CUDA, LoRA with float32
+weights on CPU (its passes in bfloat16 autocast where the CPU has native bfloat16: ``precision``).
 
 QLoRA paper defaults (r=16, alpha=32, dropout 0.05, all linear layers) with the rate, schedule and batch
 measured for the 135M default student (lr 1e-3, cosine, 16 x 1); the steps and the effective batch
@@ -33,6 +34,7 @@ def aad_register_trainers(register: Any) -> None:
     register(
         "qlora",
         QLoRATrainer,
-        description="LoRA r16/a32 per cluster; 4-bit NF4 QLoRA + paged AdamW 8-bit on CUDA, fp32 LoRA on CPU; "
+        description="LoRA r16/a32 per cluster; 4-bit NF4 QLoRA + paged AdamW 8-bit on CUDA, float32 LoRA on CPU (bf16 autocast passes where "
+        "the CPU has native bf16); "
         "answer-only CE, + soft-target KL when teacher distributions exist",
     )

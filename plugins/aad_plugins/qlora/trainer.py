@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class QLoRATrainer(Trainer):
-    """One LoRA adapter per cluster: 4-bit NF4 QLoRA on CUDA, fp32 LoRA on CPU (set in ``[trainer.qlora]``).
+    """One LoRA adapter per cluster: 4-bit NF4 QLoRA on CUDA, LoRA with float32 weights on CPU (bf16
+    autocast passes where the CPU has native bf16: ``precision``) (set in ``[trainer.qlora]``).
 
     Parameters
     ----------
@@ -76,7 +77,7 @@ class QLoRATrainer(Trainer):
     max_length : int
         Prompt + answer tokens kept per sample (``[train] max_length``; the prompt is cut from the left).
     quantization : {"auto", "4bit", "none"}
-        'auto' = 4-bit NF4 QLoRA on CUDA, fp32 LoRA on CPU.
+        'auto' = 4-bit NF4 QLoRA on CUDA, LoRA on float32 weights on CPU ('none').
     precision : {"auto", "bf16", "fp32"}
         Arithmetic of the training passes without 4-bit weights. 'bf16' runs them under torch autocast
         to bfloat16 (the weights, the adapter, its gradients and AdamW's state stay float32; the loss
@@ -363,7 +364,7 @@ class QLoRATrainer(Trainer):
         if four_bit and not device.startswith("cuda"):
             raise AADError(
                 "quantization = \"4bit\" needs a CUDA GPU: 4-bit bitsandbytes weights on CPU can silently stop LoRA gradients.",
-                hint="Set [trainer.qlora] quantization = \"auto\" or \"none\" (fp32 LoRA on CPU).",
+                hint="Set [trainer.qlora] quantization = \"auto\" or \"none\" (LoRA on float32 weights on CPU).",
             )
         if four_bit:
             try:
@@ -376,9 +377,12 @@ class QLoRATrainer(Trainer):
         """Whether the training passes run under bfloat16 autocast (``precision``)."""
         if four_bit or self.precision == "fp32":
             return False
-        if self.precision == "bf16":
-            return True
-        return device == "cpu" and cpu_has_native_bf16()
+        if device.startswith("cuda"):
+            import torch
+
+            # 'auto' leaves CUDA's fp32 LoRA alone; an explicit 'bf16' needs a GPU that has it.
+            return self.precision == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return self.precision == "bf16" or (device == "cpu" and cpu_has_native_bf16())
 
     def _model(self, device: str, four_bit: bool, show: bool) -> tuple[Any, Any, str]:
         """The student with a fresh adapter, its tokenizer, and the base model's path."""
@@ -452,7 +456,13 @@ def cpu_has_native_bf16() -> bool:
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    for name in probes:
+        try:
+            if bool(getattr(torch.cpu, name, lambda: False)()):
+                return True
+        except Exception:  # a private probe of another torch build: no answer means no
+            continue
+    return False
 
 
 def _run_metrics(data: TrainingData, plan: StepPlan, state: dict[str, Any], stats: LoopStats,
