@@ -13,20 +13,21 @@ from aad_core.workspace import Workspace
 
 TRACES_FILE = "demo-traces.jsonl"
 
-#: Config the demo workspace is written with, sized for ~13 minutes of install + `aad distill` on 2
-#: CPU cores (SmolLM2-135M, LoRA on all linear layers: ~7 s per step at batch 8 x ~130 tokens).
+#: Config the demo workspace is written with, sized for ~10 minutes of install + `aad distill` on 2
+#: CPU cores (SmolLM2-135M, LoRA on all linear layers: ~9 s per step at batch 16 x ~130 tokens with
+#: bfloat16 passes; about 1.3x that on a CPU without native bfloat16).
 #: Tasks come from the defaults ([cluster] unit = "task"): one per agent node and answer space, the
 #: seven per-database SQL prompts and the small plan suites pooled by answer space; the distillability
 #: estimate leaves text-to-SQL and the multi-step plans to the teacher.
 DEMO_CONFIG: dict[tuple[str, str], Any] = {
     # The selector is the default ('random', which needs no scoring pass). The demo's LoRA tasks are
-    # small (~120 training traces), so 60 % rather than the paper's 30 %: 30 % leaves ~40 samples for
-    # the few dozen steps below. (The intent node's classifier trains on its whole split.)
+    # small (~120 training traces), so 60 % rather than the paper's 30 %: 30 % leaves ~40 samples, which
+    # the trainer's 30 steps of 16 would pass over a dozen times. (The intent node's classifier trains on its whole split.)
     ("select", "fraction"): 0.6,
     # The trainer's defaults set everything about training: the rate, schedule, batch and steps (lr 1e-3,
     # cosine, 16 x 1, at least 30 steps fitted to each task's samples). The demo only caps the length, to
     # run in ~10 minutes on 2 CPU cores: 160 tokens hold the extraction prompts. The tool_call node's
-    # calls (system prompt + tool schemas, median 224 tokens) do not fit, so the LoRA kind declines that
+    # calls (system prompt + tool schemas, median 279 tokens with the answer) do not fit, so the LoRA kind declines that
     # task and it stays with the teacher. At the default max_length 384 it trains (8 min for 24 steps of
     # 8 on one core) but scores 0.167 (2 of 12 test calls): the 135M student misspells copied values
     # ("Manhattan" -> "Manaisha") and adds optional arguments the teacher left out, so it would not be
