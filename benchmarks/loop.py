@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -462,6 +463,39 @@ def _snapshot_each_eval(trainer: Any) -> None:
     trainer._loop = loop_with_snapshots
 
 
+@dataclass
+class HeldOutTask:
+    """A part-(d) task ready to train and score: its recipe, calls, references and evaluator."""
+
+    name: str
+    recipe: dict[str, Any]
+    train: list[Any]
+    test: list[Any]
+    refs: list[str]
+    evaluator_name: str
+    evaluator: Any
+
+    @property
+    def requests(self) -> list[Any]:
+        return [t.request for t in self.test]
+
+
+def held_out_task(task: str, seed: int, recipe: dict[str, Any] | None = None,
+                  student: str = "smollm2-135m") -> HeldOutTask:
+    """``task``'s recipe (``CURRICULUM_TASKS``, updated with ``recipe``), its training and held-out calls,
+    and the evaluator ``aad eval`` picks for their answers."""
+    from aad_core.pipeline.evaluate.choose import choose_evaluator
+    from aad_core.plugins import create_component
+
+    r = CURRICULUM_TASKS[task] | (recipe or {})
+    name, train, test = (_extract_calls if task == "extract" else _banking77_calls)(r, seed)
+    if r["max_length"] is None:
+        r["max_length"] = _longest_call(student, train + test)
+    evaluator_name = choose_evaluator(train)
+    return HeldOutTask(name, r, train, test, [t.response.text() if t.response else "" for t in test],
+                       evaluator_name, create_component("evaluator", evaluator_name))
+
+
 def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | None = None,
                student: str = "smollm2-135m", task: str = "banking77") -> dict[str, Any]:
     """Part (d): a LoRA adapter trained with ``curriculum = "easy-to-hard"`` and with ``"none"``, same
@@ -471,17 +505,11 @@ def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | N
     the adapter is saved then and scored too (a curve); the last step's adapter is the one scored, as
     without evals (the trainer's own pick, the best held-out loss, is not)."""
     from aad_core.models.runtime import SpecialistRuntime
-    from aad_core.pipeline.evaluate.choose import choose_evaluator
     from aad_core.plugins import create_component
 
-    r = CURRICULUM_TASKS[task] | (recipe or {})
-    name, train, test = (_extract_calls if task == "extract" else _banking77_calls)(r, seed)
-    if r["max_length"] is None:
-        r["max_length"] = _longest_call(student, train + test)
-    requests = [t.request for t in test]
-    refs = [t.response.text() if t.response else "" for t in test]
-    evaluator_name = choose_evaluator(train)
-    evaluator = create_component("evaluator", evaluator_name)
+    held = held_out_task(task, seed, recipe, student)
+    r, name, train, test, requests, refs = held.recipe, held.name, held.train, held.test, held.requests, held.refs
+    evaluator_name, evaluator = held.evaluator_name, held.evaluator
     runtime = SpecialistRuntime(student, batch_size=16)
     curve = r["points"] > 1
     log(f"  (d) {name}: {len(train)} training and {len(requests)} held-out calls, max_length {r['max_length']}, "

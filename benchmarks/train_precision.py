@@ -29,24 +29,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loop import CURRICULUM_TASKS, _banking77_calls, _extract_calls, _longest_call, log  # noqa: E402
+from loop import CURRICULUM_TASKS, held_out_task, log  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def run_task(task: str, work: Path, seed: int, student: str = "smollm2-135m") -> dict[str, Any]:
     from aad_core.models.runtime import SpecialistRuntime
-    from aad_core.pipeline.evaluate.choose import choose_evaluator
     from aad_core.plugins import create_component
 
-    r = dict(CURRICULUM_TASKS[task])
-    name, train, test = (_extract_calls if task == "extract" else _banking77_calls)(r, seed)
-    if r["max_length"] is None:
-        r["max_length"] = _longest_call(student, train + test)
-    requests = [t.request for t in test]
-    refs = [t.response.text() if t.response else "" for t in test]
-    evaluator_name = choose_evaluator(train)
-    evaluator = create_component("evaluator", evaluator_name)
+    held = held_out_task(task, seed, student=student)
+    r, name, train, test, requests, refs = held.recipe, held.name, held.train, held.test, held.requests, held.refs
+    evaluator_name, evaluator = held.evaluator_name, held.evaluator
     runtime = SpecialistRuntime(student, batch_size=16)
     log(f"{name}: {len(train)} training and {len(test)} held-out calls, max_length {r['max_length']}, "
         f"{r['steps']} steps of {r['batch_size']}, evaluator {evaluator_name}")
