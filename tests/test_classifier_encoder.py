@@ -84,6 +84,23 @@ def test_the_split_forward_pass_matches_the_model(tiny_st: Path) -> None:
     assert np.abs(encoder.encode(texts) - theirs).max() < 1e-5
 
 
+def test_frozen_layers_never_drop_out_even_on_a_model_left_in_training_mode(tiny_st: Path) -> None:
+    """A shared model someone left in train mode (the ONNX exporter once did) must not make the frozen
+    layers' states random: the encoder puts them in eval mode, so two passes agree exactly."""
+    import torch
+
+    st = _load(tiny_st)
+    st.train()
+    for module in st[0].auto_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5  # the tiny model's own dropout may be 0: make a left-on dropout visible
+    encoder = TunedEncoder(st, 2)
+    texts = ["where is my card", "my pin got blocked after wrong tries please"]
+    first, second = encoder.lower(texts), encoder.lower(texts)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not st[0].auto_model.training
+
+
 def test_tuning_lowers_the_loss_and_round_trips_through_safetensors(tiny_st: Path, tmp_path: Path) -> None:
     st = _load(tiny_st)
     traces = _label_traces(8)

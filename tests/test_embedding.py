@@ -137,6 +137,10 @@ def test_real_minilm_onnx_backend_matches_torch_and_exports_once(tmp_path, monke
     vt, vo = torch_emb.embed(texts), onnx_emb.embed(texts)
     assert (torch_emb.backend_, onnx_emb.backend_) == ("torch", "onnx")
     assert float(np.min(np.sum(vt * vo, axis=1))) > 0.9999
+    # The export leaves the shared model as it found it: in eval mode, its dropout off (the tuned
+    # classifier's frozen layers read it; in train mode a first run in a fresh cache drew other answers).
+    bert = onnx_emb.model_[0].auto_model
+    assert not bert.training and not any(m.training for m in bert.modules())
     exported = list(tmp_path.glob("embedders/*/model.onnx"))
     assert len(exported) == 1
     mtime = exported[0].stat().st_mtime_ns

@@ -97,6 +97,7 @@ class TunedEncoder:
         self.top = copy.deepcopy(layers[self.start :])
         for p in self.bert.parameters():
             p.requires_grad_(False)
+        self.bert.eval()  # the frozen layers never drop out (only the tuned copy trains)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Any] = OrderedDict()
 

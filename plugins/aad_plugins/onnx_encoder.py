@@ -99,12 +99,19 @@ class OnnxTransformer:
             tmp = path.with_name(f".{os.getpid()}.{path.name}")
             log.info("exporting %s to ONNX (once) at %s", type(transformer).__name__, path)
             axes = {n: {0: "batch", 1: "seq"} for n in [*names, "token_embeddings"]}
-            with warnings.catch_warnings(), torch.inference_mode():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    _Wrapped(), tuple(probe[n] for n in names), str(tmp), input_names=names,
-                    output_names=["token_embeddings"], dynamic_axes=axes, opset_version=17, dynamo=False,
-                )
+            # The exporter puts the wrapper back in the mode it found it in, recursively: a wrapper left in
+            # (nn.Module's default) training mode would leave the shared model's dropout on for the rest of
+            # the process (the classifier's tuned encoder reads its frozen layers), so it is built in eval.
+            wrapped = _Wrapped().eval()
+            try:
+                with warnings.catch_warnings(), torch.inference_mode():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(
+                        wrapped, tuple(probe[n] for n in names), str(tmp), input_names=names,
+                        output_names=["token_embeddings"], dynamic_axes=axes, opset_version=17, dynamo=False,
+                    )
+            finally:
+                transformer.eval()
             tmp.replace(path)
 
     def embed(self, texts: list[str]) -> np.ndarray:
