@@ -22,16 +22,17 @@ TRACES_FILE = "demo-traces.jsonl"
 DEMO_CONFIG: dict[tuple[str, str], Any] = {
     # The selector is the default ('random', which needs no scoring pass). The demo's LoRA tasks are
     # small (~120 training traces), so 60 % rather than the paper's 30 %: 30 % leaves ~40 samples, which
-    # the trainer's 30 steps of 16 would pass over a dozen times. (The intent node's classifier trains on its whole split.)
+    # the trainer's 30 steps of 16 would pass over a dozen times. (The intent node's classifier trains
+    # on its whole split.)
     ("select", "fraction"): 0.6,
     # The trainer's defaults set everything about training: the rate, schedule, batch and steps (lr 1e-3,
     # cosine, 16 x 1, at least 30 steps fitted to each task's samples). The demo only caps the length, to
     # run in ~10 minutes on 2 CPU cores: 160 tokens hold the extraction prompts. The tool_call node's
-    # calls (system prompt + tool schemas, median 279 tokens with the answer) do not fit, so the LoRA kind declines that
-    # task and it stays with the teacher. At the default max_length 384 it trains (8 min for 24 steps of
-    # 8 on one core) but scores 0.167 (2 of 12 test calls): the 135M student misspells copied values
-    # ("Manhattan" -> "Manaisha") and adds optional arguments the teacher left out, so it would not be
-    # promoted either.
+    # calls (system prompt + tool schemas + answer, median 279 tokens) do not fit, so the LoRA kind
+    # declines that task and it stays with the teacher. At the default max_length 384 it trains (8 min
+    # for 24 steps of 8 on one core) but scores 0.167 (2 of 12 test calls): the 135M student misspells
+    # copied values ("Manhattan" -> "Manaisha") and adds optional arguments the teacher left out, so it
+    # would not be promoted either.
     ("train", "max_length"): 160,
     # 24 held-out samples per cluster: with 16, one miss already fails the 0.95 parity gate.
     ("eval", "max_heldout"): 24,

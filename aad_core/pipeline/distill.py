@@ -61,11 +61,11 @@ QUICK = Profile(
     "quick",
     # 24 held-out calls, not fewer: the risk-coverage gate checks agreement on the test part, and with 8
     # calls one miss already reads as 0.875 (the demo's intent classifier was refused that way).
-    overrides={("trainer.*", "max_steps"): 8, ("trainer.*", "batch_size"): 8, ("train", "max_length"): 128, ("eval", "max_heldout"): 24,
-               ("eval", "max_new_tokens"): 40},
+    overrides={("trainer.*", "max_steps"): 8, ("trainer.*", "batch_size"): 8, ("train", "max_length"): 128,
+               ("eval", "max_heldout"): 24, ("eval", "max_new_tokens"): 40},
     max_specialists=2,
-    description="train at most the 2 routine clusters with most calls, for at most 8 steps of 8 each at 128 tokens; evaluate "
-    "on 24 held-out samples with at most 40 new tokens",
+    description="train at most the 2 routine clusters with most calls, for at most 8 steps of 8 each at "
+    "128 tokens; evaluate on 24 held-out samples with at most 40 new tokens",
 )
 PROFILES = {"full": FULL, "quick": QUICK}
 

@@ -34,7 +34,7 @@ def aad_register_trainers(register: Any) -> None:
     register(
         "qlora",
         QLoRATrainer,
-        description="LoRA r16/a32 per cluster; 4-bit NF4 QLoRA + paged AdamW 8-bit on CUDA, float32 LoRA on CPU (bf16 autocast passes where "
-        "the CPU has native bf16); "
-        "answer-only CE, + soft-target KL when teacher distributions exist",
+        description="LoRA r16/a32 per cluster; 4-bit NF4 QLoRA + paged AdamW 8-bit on CUDA, float32 "
+        "LoRA on CPU (bf16 autocast passes where the CPU has native bf16); answer-only CE, + soft-target "
+        "KL when teacher distributions exist",
     )

@@ -154,7 +154,7 @@ class TrainingLoop:
     eval_batch_size: int
     patience: int
     curriculum: Curriculum | None = None  # easy-to-hard phases; None = shuffled epochs over every row
-    autocast_bf16: bool = False  # forward and backward passes under bfloat16 autocast (float32 weights and optimizer)
+    autocast_bf16: bool = False  # passes under bfloat16 autocast (float32 weights, optimizer and loss)
     schedule: BatchSchedule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -327,7 +327,6 @@ class QLoRATrainer(Trainer):
         if curriculum is not None:
             announce(f"Curriculum easy-to-hard: {curriculum.describe()}.", show_progress)
         loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum)
-        loop.autocast_bf16 = self._bf16(device, four_bit)
 
         state, resumed_from = new_state(), None
         ckpt = output_dir / CHECKPOINT_DIR
@@ -428,6 +427,7 @@ class QLoRATrainer(Trainer):
             device=device, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             seed=self.seed, group_by_length=self.group_by_length, eval_batch_size=self.batch_size,
             patience=self.early_stopping_patience, curriculum=curriculum,
+            autocast_bf16=self._bf16(device, four_bit),
         )
 
     # -- serving -----------------------------------------------------------------------------
