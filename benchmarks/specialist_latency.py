@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 
+from aad_core.models.runtime import FAST_PATHS  # noqa: E402
 from aad_core.schema import ChatRequest, Specialist, Trace  # noqa: E402
 from aad_core.workspace import Workspace  # noqa: E402
 
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="Held-out requests per specialist.")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="Default: [route] max_new_tokens.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 4 requests, one specialist, 16 new tokens.")
-    ap.add_argument("--fast-path", choices=("int8", "int4", "merged", "none"), default=None,
+    ap.add_argument("--fast-path", choices=FAST_PATHS, default=None,
                     help="How the specialists compute (default: the workspace's [route] fast_path).")
     ap.add_argument("--parallel-batches", type=int, default=None,
                     help="Micro-batches decoding at once (default: the workspace's [route] parallel_batches).")
