@@ -204,6 +204,7 @@ class SpecialistRuntime:
         self._closing = False
         self._count_tokenizer: Any = None
         self._count_lock = threading.Lock()
+        self._stats_lock = threading.Lock()  # decoding threads outside the model lock count too
         #: Counters: prompt tokens taken from a cached prefix, and prompt tokens encoded.
         self.stats = {"prefix_hits": 0, "prefix_builds": 0, "reused_tokens": 0, "prompt_tokens": 0, "batches": 0,
                       "fast_builds": 0, "lookup_passes": 0, "lookup_tokens": 0,
@@ -339,7 +340,7 @@ class SpecialistRuntime:
         if model is None:
             model = self._fast[adapter] = self._build_fast(adapter)
             self._drop_prefixes(adapter)  # encoded by the shared model
-            self.stats["fast_builds"] += 1
+            self._bump(fast_builds=1)
         return model
 
     def _build_fast(self, adapter: str) -> Any:
@@ -469,7 +470,7 @@ class SpecialistRuntime:
                 owners = [(p, i) for p in members for i in range(len(p.requests))]
                 gens = self._decode_batch([r for p in members for r in p.requests], name, max_new,
                                             owners=owners, join=functools.partial(self._admit, name, joined))
-                self.stats["batches"] += 1
+                self._bump(batches=1)
                 for owner, gen in zip(owners, gens):
                     self._deliver(owner, gen)
             except BaseException as err:  # every caller of the failed batch gets the error
@@ -742,7 +743,7 @@ class SpecialistRuntime:
                 best = p
         if best is not None:
             self._prefixes.move_to_end((adapter, best.ids))
-            self.stats["prefix_hits"] += 1
+            self._bump(prefix_hits=1)
             return best
         n = self._context_length(request, ids)
         if n < self.min_prefix_tokens:
@@ -751,7 +752,7 @@ class SpecialistRuntime:
         self._prefixes[(adapter, prefix.ids)] = prefix
         while len(self._prefixes) > self.prefix_cache:
             self._prefixes.popitem(last=False)
-        self.stats["prefix_builds"] += 1
+        self._bump(prefix_builds=1)
         return prefix
 
     def _context_length(self, request: ChatRequest, ids: list[int]) -> int:
@@ -802,8 +803,8 @@ class SpecialistRuntime:
         skip = len(prefix.ids) if prefix is not None else 0
         rest = [row[skip:] for row in ids]
         if prefix is not None:
-            self.stats["reused_tokens"] += skip * len(ids)
-        self.stats["prompt_tokens"] += sum(len(r) for r in rest)
+            self._bump(reused_tokens=skip * len(ids))
+        self._bump(prompt_tokens=sum(len(r) for r in rest))
         continuous = keys is not None  # a batch worker's batch: answered row by row, later calls may join
         if (trie is None and (continuous or (self.prompt_lookup > 0 and len(ids) <= LOOKUP_BATCH_ROWS))
                 and _plain_greedy(model)):
@@ -913,8 +914,7 @@ class SpecialistRuntime:
             if len(draft) > n:  # negative: remove that many tokens (transformers 5; 4.x read it alike)
                 cache.crop(-(len(draft) - n))
             feed = [best[n]]  # not in the cache yet
-        self.stats["lookup_passes"] += passes
-        self.stats["lookup_tokens"] += len(tokens)
+        self._bump(lookup_passes=passes, lookup_tokens=len(tokens))
         self._last_answer[adapter] = tokens
         return tokens, logprobs
 
@@ -969,7 +969,7 @@ class SpecialistRuntime:
         longest = [0]
 
         def finish(row: _Row) -> None:
-            self.stats["lookup_batch_tokens"] += len(row.tokens)
+            self._bump(lookup_batch_tokens=len(row.tokens))
             if row.tokens and len(row.tokens) >= longest[0]:  # the batch's longest answer: the most of the node's
                 longest[0] = len(row.tokens)                   # fixed answer parts to draft from
                 self._last_answer[adapter] = row.tokens
@@ -1066,9 +1066,8 @@ class SpecialistRuntime:
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
                 valid = valid[:, index]
-                self.stats["compactions"] += 1
-        self.stats["lookup_batches"] += 1
-        self.stats["lookup_batch_passes"] += passes
+                self._bump(compactions=1)
+        self._bump(lookup_batches=1, lookup_batch_passes=passes)
         if keys is not None:
             return [r.generation or self._row_generation(r) for r in rows]
         return [(r.tokens, r.logprobs) for r in rows]
@@ -1098,9 +1097,7 @@ class SpecialistRuntime:
         t = int(logits.argmax())
         row.tokens.append(t)
         row.logprobs.append(float(torch.log_softmax(logits, dim=-1)[t]))
-        self.stats["prompt_tokens"] += len(rest)
-        self.stats["reused_tokens"] += skip
-        self.stats["joined_rows"] += 1
+        self._bump(prompt_tokens=len(rest), reused_tokens=skip, joined_rows=1)
         if t == self._tokenizer.eos_token_id or len(row.tokens) >= row.limit:
             return valid
         gap = len(rest) - (valid.shape[1] - skip)
@@ -1132,6 +1129,12 @@ class SpecialistRuntime:
         import torch
 
         return model(input_ids=torch.tensor([rest], device=self.device_), use_cache=True, logits_to_keep=1, **kwargs)
+
+    def _bump(self, **counts: int) -> None:
+        """Adds ``counts`` to :attr:`stats`."""
+        with self._stats_lock:
+            for key, n in counts.items():
+                self.stats[key] += n
 
     def prompt_tokens(self, request: ChatRequest) -> int:
         """Tokens of ``request`` rendered as the specialists see it (chat template, generation prompt).
