@@ -88,6 +88,21 @@ def test_resume_continues_from_checkpoint(tiny_student: Path, tmp_path: Path) ->
     assert [e["step"] for e in second["eval_history"]] == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(tiny_student: Path, tmp_path: Path) -> None:
+    # "auto" resolves per machine: a checkpoint resumed on a CPU of another kind must not switch precision
+    out = tmp_path / "resume-bf16"
+    first = _trainer(tiny_student, max_steps=2, eval_every=1, keep_checkpoint=True, early_stopping_patience=0,
+                     precision="bf16").train(_traces(8), _traces(4), out, show_progress=False)
+    assert first["precision"] == "bf16-autocast"
+    assert json.loads((out / ".checkpoint" / "trainer_state.json").read_text())["autocast_bf16"] is True
+    second = _trainer(tiny_student, max_steps=4, eval_every=1, early_stopping_patience=0, precision="fp32").train(
+        _traces(8), _traces(4), out, show_progress=False)
+    assert second["resumed_from_step"] == 2 and second["precision"] == "bf16-autocast"
+    fresh = _trainer(tiny_student, max_steps=1, precision="fp32").train(_traces(8), [], tmp_path / "fresh",
+                                                                         show_progress=False)
+    assert fresh["precision"] == "fp32"
+
+
 def test_four_bit_on_cpu_is_refused(tiny_student: Path, tmp_path: Path) -> None:
     with pytest.raises(AADError, match="CUDA"):
         _trainer(tiny_student, quantization="4bit", max_steps=1).train(_traces(4), [], tmp_path / "x", show_progress=False)

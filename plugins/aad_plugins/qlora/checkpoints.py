@@ -31,6 +31,13 @@ def out_of_patience(state: dict[str, Any], patience: int) -> bool:
     return bool(patience) and state["bad_evals"] >= patience
 
 
+def saved_state(ckpt: Path) -> dict[str, Any] | None:
+    """The counters of the checkpoint in ``ckpt`` (None when there is none), read before the model is built:
+    a resumed run keeps the precision it was trained in."""
+    path = ckpt / "trainer_state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def save_checkpoint(model: Any, optimizer: Any, scheduler: Any, ckpt: Path, state: dict[str, Any]) -> None:
     import torch
 

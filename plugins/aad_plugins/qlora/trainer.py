@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aad_core.errors import AADError, param_error
 from aad_core.plugins import Predictor, Trainer
 from aad_plugins.qlora.answer_bank import fit_bank, save_bank, with_hints
-from aad_plugins.qlora.checkpoints import CHECKPOINT_DIR, finish_adapter, load_checkpoint, new_state
+from aad_plugins.qlora.checkpoints import CHECKPOINT_DIR, finish_adapter, load_checkpoint, new_state, saved_state
 from aad_plugins.qlora.console import announce
 from aad_plugins.qlora.curriculum import CURRICULA, Curriculum, difficulty
 from aad_plugins.qlora.data import StepPlan, TrainingData, encode
@@ -85,6 +85,7 @@ class QLoRATrainer(Trainer):
         bfloat16 instructions (AVX512-BF16 or AMX), else 'fp32' (CUDA keeps fp32 LoRA, or bfloat16
         compute under 4-bit). Measured on 2 cores with AVX512-BF16 (SmolLM2-135M, batch 8 x 130
         tokens): 3.9 s per step against 6.2 s; the adapters' held-out scores: docs/specialists.md.
+        A run resumed from a checkpoint keeps the precision the checkpoint was trained in.
     distill_alpha : float
         alpha in alpha*CE + (1-alpha)*T^2*KL when teacher distributions exist.
     temperature : float
@@ -326,13 +327,17 @@ class QLoRATrainer(Trainer):
         curriculum = self._curriculum(data, plan)
         if curriculum is not None:
             announce(f"Curriculum easy-to-hard: {curriculum.describe()}.", show_progress)
-        loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum)
-
-        state, resumed_from = new_state(), None
         ckpt = output_dir / CHECKPOINT_DIR
-        if resume and (ckpt / "trainer_state.json").exists():
+        saved = saved_state(ckpt) if resume else None
+        # "auto" resolves on this machine; a resumed run keeps the precision its checkpoint was trained in
+        bf16 = self._bf16(device, four_bit) if saved is None or "autocast_bf16" not in saved else saved["autocast_bf16"]
+        loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum, autocast_bf16=bf16)
+
+        state, resumed_from = {**new_state(), "autocast_bf16": bf16}, None
+        if saved is not None:
             resumed_from = load_checkpoint(model, loop.optimizer, loop.scheduler, ckpt, state)
-            announce(f"Resuming from checkpoint at step {resumed_from}.", show_progress)
+            announce(f"Resuming from checkpoint at step {resumed_from}"
+                     f"{' (bf16 autocast, as it was trained)' if bf16 else ''}.", show_progress)
         stats = loop.run(state, output_dir, show_progress)
 
         finish_adapter(model, output_dir, source, best_saved=bool(data.eval))
@@ -416,7 +421,7 @@ class QLoRATrainer(Trainer):
         return Curriculum.easy_to_hard(difficulty(data.measures), plan.total_steps)
 
     def _loop(self, model: Any, tokenizer: Any, data: TrainingData, plan: StepPlan, teacher: Any, device: str,
-              four_bit: bool, curriculum: Curriculum | None = None) -> TrainingLoop:
+              four_bit: bool, curriculum: Curriculum | None = None, *, autocast_bf16: bool = False) -> TrainingLoop:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, self.learning_rate, four_bit=four_bit)
         return TrainingLoop(
@@ -427,7 +432,7 @@ class QLoRATrainer(Trainer):
             device=device, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             seed=self.seed, group_by_length=self.group_by_length, eval_batch_size=self.batch_size,
             patience=self.early_stopping_patience, curriculum=curriculum,
-            autocast_bf16=self._bf16(device, four_bit),
+            autocast_bf16=autocast_bf16,
         )
 
     # -- serving -----------------------------------------------------------------------------
