@@ -37,7 +37,7 @@ node's system prompt, the gold label as the teacher's answer; every other node e
    its recorded answer. It reports the share of the calls each tier answered and each tier's agreement
    with the recorded teacher answer. ``--only cascade`` runs this part alone (about a minute or two).
 
-4. **(d) curriculum.** The same LoRA adapter (``qlora`` trainer, SmolLM2-135M, fp32 on CPU) trained twice
+4. **(d) curriculum.** The same LoRA adapter (``qlora`` trainer, SmolLM2-135M, ``precision = "fp32"``) trained twice
    with the same seed, samples and steps on a Banking77 subset (the demo's 8 intents, 20 training
    queries each, max_length 96, 40 steps of batch 8 = 2 epochs): ``curriculum = "easy-to-hard"``
    (three phases over the easiest third, two thirds, then all samples; docs/specialists.md) vs
@@ -381,12 +381,13 @@ def print_cascade(c: dict[str, Any]) -> None:
 
 #: Part (d): the Banking77 subset and recipe both runs share (``--curriculum-task banking77``).
 CURRICULUM_RECIPE: dict[str, Any] = {"per_intent_train": 20, "per_intent_test": 10, "max_length": 96,
-                                     "batch_size": 8, "steps": 40, "max_new_tokens": 16, "points": 1}
+                                     "batch_size": 8, "steps": 40, "max_new_tokens": 16, "points": 1,
+                                     "precision": "fp32"}  # the recorded figures' precision, on any CPU
 #: Part (d) on the demo's ``extract`` node (``--curriculum-task extract``): generated tickets, JSON answers.
 #: ``max_length`` None = the longest call (prompt + answer) in the student's tokens, so that none is cut;
 #: ``points`` = held-out scores at steps/points, 2*steps/points, ..., and the last step.
 EXTRACT_RECIPE: dict[str, Any] = {"n_train": 96, "n_test": 32, "max_length": None, "batch_size": 8, "steps": 24,
-                                  "max_new_tokens": 64, "points": 3}
+                                  "max_new_tokens": 64, "points": 3, "precision": "fp32"}
 CURRICULUM_TASKS: dict[str, dict[str, Any]] = {"banking77": CURRICULUM_RECIPE, "extract": EXTRACT_RECIPE}
 
 
@@ -522,7 +523,7 @@ def curriculum(work: Path, seed: int, seeds: int = 1, recipe: dict[str, Any] | N
             trainer = create_component(
                 "trainer", "qlora", student=student, batch_size=r["batch_size"], gradient_accumulation=1,
                 max_steps=r["steps"], max_length=r["max_length"], early_stopping_patience=0, seed=s,
-                quantization="none", curriculum=kind, eval_every=max(1, r["steps"] // r["points"]) if curve else None)
+                quantization="none", precision=r["precision"], curriculum=kind, eval_every=max(1, r["steps"] // r["points"]) if curve else None)
             if curve:
                 _snapshot_each_eval(trainer)
             info = trainer.train(train, test if curve else [], out, show_progress=False)

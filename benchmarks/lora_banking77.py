@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"],
+                    help="training precision (the recorded figures: fp32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -162,7 +164,8 @@ def main() -> int:
     trainer = QLoRATrainer(
         student=args.student, lora_r=args.r, lora_alpha=args.alpha, target_modules=args.targets.split(","),
         learning_rate=args.lr, lr_scheduler=args.scheduler, lora_dropout=args.dropout, batch_size=args.batch_size, gradient_accumulation=args.accum, epochs=args.epochs,
-        max_length=args.max_length, quantization=args.quantization, seed=args.seed, early_stopping_patience=2,
+        max_length=args.max_length, quantization=args.quantization, precision=args.precision, seed=args.seed,
+        early_stopping_patience=2,
         eval_every=None, answer_hints=args.answer_hints, answer_candidates=args.answer_candidates,
     )
     if args.skip_training:

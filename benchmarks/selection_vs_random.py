@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--student", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"],
+                    help="training precision (the recorded figures: fp32)")
     ap.add_argument("--workspace", type=Path, help="also write .aad/state/selection_curve.json here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "selection_vs_random.json")
     args = ap.parse_args(argv)
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer = create_component(
                     "trainer", "qlora", student=args.student, batch_size=8, gradient_accumulation=1,
                     epochs=args.epochs, min_steps=1, max_length=args.max_length, learning_rate=args.lr,
-                    early_stopping_patience=0, seed=args.seed, quantization="none",
+                    early_stopping_patience=0, seed=args.seed, quantization="none", precision=args.precision,
                 )
                 info = trainer.train([by_id[i] for i in picked], [], out, show_progress=False)
                 runtime.add_adapter(tag, out)

@@ -40,6 +40,7 @@ def run_task(task: str, work: Path, seed: int, student: str = "smollm2-135m") ->
 
     held = held_out_task(task, seed, student=student)
     r, name, train, test, requests, refs = held.recipe, held.name, held.train, held.test, held.requests, held.refs
+    r = {k: v for k, v in r.items() if k != "precision"}  # both precisions run here
     evaluator_name, evaluator = held.evaluator_name, held.evaluator
     runtime = SpecialistRuntime(student, batch_size=16)
     log(f"{name}: {len(train)} training and {len(test)} held-out calls, max_length {r['max_length']}, "
