@@ -70,6 +70,33 @@ def test_teacher_is_called_upstream_and_escalations_recorded(workspace: Workspac
     assert trace.metadata["aad_escalation"]["specialist_output"] == "{broken"
 
 
+#: What api.openai.com and vLLM send today: token details (null in vLLM), a refusal and annotations.
+OPENAI_USAGE = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0}}
+VLLM_USAGE = {"prompt_tokens": 9, "total_tokens": 11, "completion_tokens": 2, "prompt_tokens_details": None}
+
+
+@pytest.mark.parametrize("usage", [OPENAI_USAGE, VLLM_USAGE], ids=["openai", "vllm"])
+def test_real_openai_and_vllm_completions_are_read_whatever_else_their_usage_carries(workspace: Workspace,
+                                                                                      usage: dict) -> None:
+    reply = {**TEACHER_COMPLETION, "service_tier": "default", "system_fingerprint": "fp_x", "usage": usage,
+             "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "teacher says hi", "refusal": None,
+                                      "annotations": []}}]}
+    teacher = UpstreamTeacher("http://teacher.test/v1", model="big-teacher", api_key="sk-test",
+                              transport=httpx.MockTransport(lambda request: httpx.Response(200, json=reply)))
+    with TestClient(create_app(workspace, teacher=teacher, engine=engine_for(workspace, Scripted("{broken")))) as c:
+        other = c.post("/v1/chat/completions", json=body("plan my trip"))
+        escalated = c.post("/v1/chat/completions", json=body("my card has not arrived"))
+    for r in (other, escalated):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "teacher says hi"
+    assert escalated.json()["aad_route"]["escalated"]
+    (trace,) = escalations(workspace)
+    assert trace.usage.total_tokens == 11 and trace.usage.prompt_tokens == 9
+
+
 def test_stream_tools_and_errors(workspace: Workspace) -> None:
     tools = [{"type": "function", "function": {"name": "lookup_card", "parameters": {"type": "object"}}}]
     backend = Scripted('<tool_call>{"name": "lookup_card", "arguments": {"card_id": 7}}</tool_call>')

@@ -70,11 +70,21 @@ def teacher_result(result: Any) -> tuple[Message, Usage | None, str | None]:
         return result, None, None
     if isinstance(result, dict) and "choices" in result:
         msg = Message.model_validate({k: v for k, v in result["choices"][0]["message"].items() if v is not None})
-        usage = Usage.model_validate(result["usage"]) if isinstance(result.get("usage"), dict) else None
-        return msg, usage, result.get("model")
+        return msg, _usage(result.get("usage")), result.get("model")
     if isinstance(result, str):
         return Message(role="assistant", content=result), None, None
     raise TypeError(f"A teacher call must return a Message, an OpenAI chat completion dict or a string. Got {type(result).__name__}.")
+
+
+def _usage(raw: Any) -> Usage | None:
+    """The three token counts of a chat completion's ``usage``: OpenAI adds ``*_tokens_details``, vLLM
+    sends them as null, and a count the teacher got wrong never costs the user the answer."""
+    from aad_core.capture.convert import usage_from
+
+    try:
+        return usage_from(raw)
+    except (TypeError, ValueError):
+        return None
 
 
 class RoutedCall:
