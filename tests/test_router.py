@@ -265,6 +265,21 @@ def test_a_valid_specialist_answer_is_returned(workspace: Workspace) -> None:
     assert escalations(workspace) == []
 
 
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", "max_new_tokens"])
+def test_the_specialist_answers_within_the_token_budget_the_request_asks_for(workspace: Workspace, key: str) -> None:
+    budgets = []
+
+    class Budgeted(Scripted):
+        def generate(self, name, requests, *, max_new_tokens):  # noqa: ANN001, ANN201
+            budgets.append(max_new_tokens)
+            return super().generate(name, requests, max_new_tokens=max_new_tokens)
+
+    engine = engine_for(workspace, Budgeted())
+    engine.answer(card_request(**{key: 7}))
+    engine.answer(card_request())
+    assert budgets == [7, workspace.config.route.max_new_tokens]
+
+
 @pytest.mark.parametrize(
     ("backend", "kwargs", "reason"),
     [

@@ -198,11 +198,11 @@ class RoutingEngine:
         """Generate with the decision's specialist and run every check. Never raises."""
         from aad_core.formats.tool_calls import ToolCallParseError, parse_tool_calls
         from aad_core.formats.validators import validate_output
+        from aad_core.serving.request_checks import max_new_tokens
 
         start = time.perf_counter()
         name = decision.specialist or ""
-        max_new = int(request.params.get("max_tokens") or request.params.get("max_new_tokens")
-                      or self.ws.config.route.max_new_tokens)
+        max_new = max_new_tokens(request.params, self.ws.config.route.max_new_tokens)
         too_long = self._too_long(name, request)
         if too_long:  # to the teacher at once: it would hold the specialist long, on a prompt it never saw
             return SpecialistOutcome(False, too_long, latency_ms=(time.perf_counter() - start) * 1000)

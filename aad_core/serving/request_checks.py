@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aad_core.errors import AADError
@@ -59,6 +59,13 @@ _NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 _BOOLEANS = ("stream", "logprobs", "parallel_tool_calls", "store")
 _OBJECTS = ("stream_options", "metadata", "logit_bias")
+
+
+def max_new_tokens(params: Mapping[str, Any], default: int) -> int:
+    """The answer's token budget a request asks for: ``max_tokens``, ``max_completion_tokens`` (newer
+    OpenAI clients) or ``max_new_tokens``, else ``default``."""
+    return int(params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_new_tokens")
+               or default)
 
 
 def _check_params(body: dict[str, Any]) -> None:

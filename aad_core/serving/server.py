@@ -77,7 +77,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed extra
 from aad_core.serving.openai_errors import (OpenAIError, TeacherError, _ErrorsAsJSON, _internal_error,
                                             _openai_error_response, error_response)
 from aad_core.serving.prompt_tokens import _with_prompt_tokens, estimate_prompt_tokens, specialist_prompt_tokens
-from aad_core.serving.request_checks import parse_chat_body, read_json_body
+from aad_core.serving.request_checks import max_new_tokens, parse_chat_body, read_json_body
 from aad_core.serving.upstream_teacher import (DEFAULT_TEACHER_TIMEOUT_S, UpstreamTeacher, _is_async_callable,
                                                _TeacherGate, checked_completion, configured_teacher)
 
@@ -127,7 +127,7 @@ def _specialist_completion(engine: RoutingEngine, name: str, body: dict[str, Any
                            request: ChatRequest) -> dict[str, Any]:
     """The specialist ``name``'s own answer to ``request``, as a chat completion (what vLLM returns for a LoRA
     adapter's name): greedy, ``max_tokens`` (default ``[route] max_new_tokens``), cut at ``stop``."""
-    max_new = int(body.get("max_tokens") or body.get("max_completion_tokens") or engine.ws.config.route.max_new_tokens)
+    max_new = max_new_tokens(body, engine.ws.config.route.max_new_tokens)
     gen = engine.specialists.generate(name, [request], max_new_tokens=max_new)[0]
     text, n = str(gen.text), int(getattr(gen, "n_tokens", 0) or 0)
     finish = "length" if n >= max_new else "stop"
