@@ -196,6 +196,26 @@ def test_a_specialist_that_disagrees_live_is_demoted_and_stops_serving(workspace
     assert listed.exit_code == 0 and json.loads(listed.output)[0]["promoted"] is True
 
 
+def test_a_second_demotion_keeps_the_first_until_the_registry_promotes_it_again(workspace: Workspace) -> None:
+    register_cards(workspace)
+    registry = SpecialistRegistry(workspace)
+    folder = workspace.root / "sql-adapter"
+    folder.mkdir()
+    (folder / "classifier.npz").write_bytes(b"x")
+    sql = registry.save(cluster_id=1, label="sql", adapter_dir=folder, base_model="-", name="sql",
+                        kind="classifier", trainer="classifier")
+    registry.set_promoted("sql", sql.version, True, "test")
+    eng = shadowed(workspace, rate=0.0)
+    eng.shadow.demote("cards", 1, "demoted by shadow evaluation (test)")
+    eng.shadow.demote("sql", sql.version, "demoted by shadow evaluation (test)")
+    assert set(eng.demoted) == {"cards", "sql"}
+    assert eng.answer(card(0)).decision.reason.startswith("demoted: cards")
+    registry.set_promoted("cards", 1, True, "promoted again by hand")
+    eng.reload()
+    assert set(eng.demoted) == {"sql"} and eng.answer(card(1)).decision.target == "specialist"
+    eng.close()
+
+
 def test_agreeing_pairs_keep_the_specialist(workspace: Workspace) -> None:
     register_cards(workspace)
     eng = shadowed(workspace, score=lambda *_: 1.0)

@@ -122,14 +122,26 @@ class RoutingEngine:
 
     def reload(self) -> None:
         """Forget the loaded router state, specialists and thresholds (after re-calibration or
-        a new promotion); they load again on the next request."""
+        a new promotion); they load again on the next request. A specialist demoted while this engine
+        runs stays demoted until the registry promotes it again."""
         with self._lock:
             self._router = self._given_router
             self._specialists = self._given_specialists
             self._cluster_info = None
-            self.demoted = {}
+            self.demoted = self._still_demoted()
             if self._cascade is not None:
                 self._cascade.reload()
+
+    def _still_demoted(self) -> dict[str, str]:
+        if not self.demoted:
+            return {}
+        from aad_core.specialists import SpecialistRegistry
+
+        try:
+            promoted = {spec.name for spec in SpecialistRegistry(self.ws).promoted().values()}
+        except Exception:  # an unreadable registry promotes nothing back
+            return dict(self.demoted)
+        return {name: why for name, why in self.demoted.items() if name not in promoted}
 
     @property
     def shadow(self) -> Any:
