@@ -97,6 +97,28 @@ def test_real_openai_and_vllm_completions_are_read_whatever_else_their_usage_car
     assert trace.usage.total_tokens == 11 and trace.usage.prompt_tokens == 9
 
 
+def test_a_trace_that_cannot_be_recorded_never_costs_the_user_the_teachers_answer(
+        workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    reply = {**TEACHER_COMPLETION, "model": 7}  # a teacher that names its model with a number
+    teacher = UpstreamTeacher("http://teacher.test/v1", model="big-teacher", api_key="sk-test",
+                              transport=httpx.MockTransport(lambda request: httpx.Response(200, json=reply)))
+    engine = engine_for(workspace, Scripted("{broken"))
+    with TestClient(create_app(workspace, teacher=teacher, engine=engine)) as c:
+        escalated = c.post("/v1/chat/completions", json=body("my card has not arrived"))
+        assert escalated.status_code == 200 and escalated.json()["choices"][0]["message"]["content"] == "teacher says hi"
+        engine.flush()
+        (trace,) = escalations(workspace)
+        assert trace.model == "7"
+
+        def broken(_params):  # noqa: ANN001, ANN202
+            raise RuntimeError("identity lookup failed")
+
+        monkeypatch.setattr("aad_core.serving.engine.request_identity", broken)
+        for text in ("plan my trip", "my card has not arrived"):  # the router's teacher answer, an escalation
+            r = c.post("/v1/chat/completions", json=body(text))
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "teacher says hi"
+
+
 def test_stream_tools_and_errors(workspace: Workspace) -> None:
     tools = [{"type": "function", "function": {"name": "lookup_card", "parameters": {"type": "object"}}}]
     backend = Scripted('<tool_call>{"name": "lookup_card", "arguments": {"card_id": 7}}</tool_call>')

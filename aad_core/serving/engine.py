@@ -377,12 +377,14 @@ class RoutingEngine:
         ``aad_escalation`` metadata, default :func:`escalation_info`)."""
         if not self.record:
             return None
-        session_id, user_id = request_identity(request.params)
-        trace = Trace(
-            source="router", model=model or self.teacher_model, request=request, response=teacher_message,
-            usage=usage, latency_ms=latency_ms, tags=["escalation"], session_id=session_id, user_id=user_id,
-            metadata={"aad_escalation": info or escalation_info(decision, outcome)},
-        )
+
+        def trace() -> Trace:
+            session_id, user_id = request_identity(request.params)
+            return Trace(
+                source="router", model=self._model_name(model), request=request, response=teacher_message,
+                usage=usage, latency_ms=latency_ms, tags=["escalation"], session_id=session_id, user_id=user_id,
+                metadata={"aad_escalation": info or escalation_info(decision, outcome)},
+            )
         return self._record(trace, "the escalation trace")
 
     def record_teacher_answer(self, request: ChatRequest, teacher_message: Message, decision: RoutingDecision, *,
@@ -390,18 +392,24 @@ class RoutingEngine:
                               latency_ms: float | None = None) -> Trace | None:
         """Store a teacher answer the router chose (no specialist was tried): training data like any
         captured call, redacted by the capture writer. Never raises."""
-        session_id, user_id = request_identity(request.params)
-        trace = Trace(source="serve", model=model or self.teacher_model, request=request, response=teacher_message,
-                      usage=usage, latency_ms=latency_ms, session_id=session_id, user_id=user_id,
-                      metadata={"aad_route": {
-                          "reason": decision.reason, "cluster_id": decision.cluster_id,
-                          "similarity": decision.similarity}})
+        def trace() -> Trace:
+            session_id, user_id = request_identity(request.params)
+            return Trace(source="serve", model=self._model_name(model), request=request, response=teacher_message,
+                         usage=usage, latency_ms=latency_ms, session_id=session_id, user_id=user_id,
+                         metadata={"aad_route": {
+                             "reason": decision.reason, "cluster_id": decision.cluster_id,
+                             "similarity": decision.similarity}})
         return self._record(trace, "the teacher's answer")
 
-    def _record(self, trace: Trace, what: str) -> Trace | None:
-        """Hand ``trace`` to the capture writer; None when that failed (logged: recording must never
-        break the user's call)."""
+    def _model_name(self, model: Any) -> str | None:
+        """The teacher's model name as the trace stores it (a teacher may report it as a number)."""
+        return self.teacher_model if model is None or model == "" else str(model)
+
+    def _record(self, build: Callable[[], Trace], what: str) -> Trace | None:
+        """Build the trace and hand it to the capture writer; None when either failed (logged:
+        recording must never break the user's call, whose answer is already there)."""
         try:
+            trace = build()
             self._write(trace)
         except Exception:
             log.exception("could not record %s", what)

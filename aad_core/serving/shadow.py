@@ -289,7 +289,7 @@ class ShadowEvaluator:
             evaluator, agreement = self.score(decision.cluster_id, spec_text, teacher_text)
             name = "" if tier is not None else decision.specialist or ""
             version = None if tier is not None else self.version_of(name)
-            teacher_model = model or self.engine.teacher_model
+            teacher_model = self.engine._model_name(model)
             spec_name = None if tier is not None else name  # a middle tier's pair names no specialist
             info = {"cluster_id": decision.cluster_id, "specialist": spec_name, "version": version,
                     "specialist_output": spec_text, "agreement": agreement, "evaluator": evaluator,
@@ -298,7 +298,7 @@ class ShadowEvaluator:
                 info["tier"] = tier.tier
             trace = Trace(source="shadow", model=teacher_model, request=request, response=message, usage=usage,
                           latency_ms=latency_ms, tags=["shadow"], metadata={"aad_shadow": info})
-            self.engine._record(trace, "the shadow teacher answer")
+            self.engine._record(lambda: trace, "the shadow teacher answer")
             now = _now()
             row = {"event": "pair", "time": now.isoformat(), "day": now.date().isoformat(), "trace_id": trace.id,
                    "cluster_id": decision.cluster_id, "specialist": spec_name, "version": version,
