@@ -63,6 +63,17 @@ def test_teacher_answers_the_rest_and_escalations(workspace: Workspace) -> None:
     assert trace.metadata["aad_escalation"]["specialist_output"] == "{broken json"
 
 
+def test_a_message_role_openai_does_not_have_still_routes_and_reaches_the_teacher(workspace: Workspace) -> None:
+    from langchain_core.messages import ChatMessage
+
+    llm = routed(workspace, Scripted('{"intent": "card_arrival"}'))
+    msgs = [ChatMessage(role="critic", content="be terse"), HumanMessage("plan my trip to Japan")]
+    msg = llm.invoke(msgs)
+    assert msg.content == "teacher says hi" and msg.response_metadata["aad_route"]["target"] == "teacher"
+    served = llm.invoke([ChatMessage(role="critic", content="be terse"), HumanMessage("my card has not arrived")])
+    assert json.loads(served.content) == {"intent": "card_arrival"}
+
+
 def test_stream_batch_and_async(workspace: Workspace) -> None:
     llm = routed(workspace, Scripted('{"intent": "card_arrival"}'),
                  teacher=GenericFakeChatModel(messages=iter([AIMessage("streamed teacher answer")] * 3)))
