@@ -198,11 +198,17 @@ class SpecialistRegistry:
                 out[spec.cluster_id] = spec
         return out
 
-    def set_promoted(self, name: str, version: int, promoted: bool, reason: str) -> Specialist:
+    def set_promoted(self, name: str, version: int, promoted: bool, reason: str, *,
+                     gate: dict[str, Any] | None = None) -> Specialist:
+        """Promote or demote one version, with the reason; ``gate``: the verdict of the risk-coverage gate
+        that judged this very version (its mode, confidence signal and threshold), kept with it so that it
+        serves with its own threshold whatever later versions are judged (a rollback, a refused retrain)."""
         spec = self.get(name, version)
         path = Path(spec.path) / MANIFEST
         data = json.loads(path.read_text(encoding="utf-8"))
         data["promoted"], data["promotion_reason"] = bool(promoted), reason
+        if gate is not None:
+            data["gate"] = gate
         data["promoted_at"] = datetime.now(timezone.utc).isoformat()
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")

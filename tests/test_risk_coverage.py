@@ -250,7 +250,7 @@ def test_the_router_takes_the_threshold_the_gate_chose_for_that_version(workspac
         {"cluster_id": 0, "status": "evaluated", "promoted": True, "specialist": {"name": "c0", "version": 2}, "gate": gate},
         {"cluster_id": 1, "status": "evaluated", "promoted": True, "specialist": {"name": "c1", "version": 1}, "gate": gate},
     ]).save(workspace)
-    out = {"0": {"confidence_threshold": None}, "1": {"confidence_threshold": None}}
+    out = {"0": {"confidence_threshold": None, "specialist": "c0"}, "1": {"confidence_threshold": None, "specialist": "c1"}}
     specs = {0: Specialist(name="c0", cluster_id=0, version=2, base_model="tiny", path="/x"),
              1: Specialist(name="c1", cluster_id=1, version=3, base_model="tiny", path="/x")}  # retrained since
     _confidence_thresholds(workspace, specs, out)
@@ -258,7 +258,40 @@ def test_the_router_takes_the_threshold_the_gate_chose_for_that_version(workspac
     assert out["0"]["confidence_label"] == "mean token log-prob"
     assert out["0"]["confidence_calibration"] == {k: calibration[k] for k in ("coverage", "agreement", "lower_bound",
                                                                               "n_served", "n")}
-    assert out["1"]["confidence_threshold"] is None  # another version was evaluated: no threshold of its own
+    # another version was evaluated and this one has no verdict of its own (promoted by hand): no threshold, said so
+    assert out["1"]["confidence_threshold"] is None and "no gate verdict of its own" in out["1"]["confidence_note"]
+
+
+def test_an_older_version_still_promoted_serves_with_its_own_threshold_after_a_refused_retrain(
+        workspace: Workspace) -> None:
+    """eval.json holds the newest version's verdict only: v2 refused, v1 (still promoted) must keep the
+    threshold its own gate chose, not serve every request without one."""
+    from aad_core.artifacts import EvalReport
+    from aad_core.pipeline.calibrate import _confidence_thresholds
+    from aad_core.pipeline.evaluate.runner import served_gate
+    from aad_core.specialists import SpecialistRegistry
+
+    registry = SpecialistRegistry(workspace)
+    versions = []
+    for v in (1, 2):
+        folder = workspace.root / f"cards-{v}"
+        folder.mkdir()
+        (folder / "classifier.npz").write_bytes(b"x")
+        versions.append(registry.save(cluster_id=0, label="cards", adapter_dir=folder, base_model="-", name="cards",
+                                      kind="classifier", trainer="classifier"))
+    v1_gate = {"mode": "risk-coverage", "signal": "confidence", "threshold": 0.61,
+               "calibration": {"coverage": 0.7, "agreement": 0.97, "lower_bound": 0.951, "n_served": 400, "n": 571}}
+    registry.set_promoted("cards", 1, True, "promoted: v1", gate=served_gate(v1_gate))
+    registry.set_promoted("cards", 2, False, "not promoted: v2", gate=served_gate({**v1_gate, "threshold": 0.8}))
+    EvalReport(clusters=[{"cluster_id": 0, "status": "evaluated", "promoted": False,
+                          "specialist": {"name": "cards", "version": 2}, "gate": {**v1_gate, "threshold": 0.8}}]
+               ).save(workspace)
+    served = registry.promoted()
+    assert served[0].version == 1
+    out = {"0": {"confidence_threshold": None, "specialist": "cards"}}
+    _confidence_thresholds(workspace, served, out)
+    assert out["0"]["specialist"] == "cards" and out["0"]["confidence_threshold"] == 0.61
+    assert out["0"]["confidence_signal"] == "confidence" and out["0"]["confidence_calibration"]["n"] == 571
 
 
 def test_the_eval_table_shows_a_parity_fallback_verdict() -> None:

@@ -245,6 +245,29 @@ def test_rollback_returns_the_task_to_its_previous_version(workspace: Workspace)
     assert result.exit_code == 0 and json.loads(result.output)["served"]["version"] == 2
 
 
+def test_a_rollback_serves_the_earlier_version_with_the_threshold_its_own_gate_chose(workspace: Workspace) -> None:
+    from aad_core.artifacts import RouterState
+    from aad_core.pipeline.evaluate.runner import served_gate
+
+    register_cards(workspace, versions=2)
+    registry = SpecialistRegistry(workspace)
+    calibration = {"coverage": 0.7, "agreement": 0.97, "lower_bound": 0.951, "n_served": 400, "n": 571}
+    for version, threshold in ((1, 0.61), (2, 0.8)):
+        registry.set_promoted("cards", version, True, "test", gate=served_gate(
+            {"mode": "risk-coverage", "signal": "confidence", "threshold": threshold, "calibration": calibration}))
+    RouterState(clusters={0: {"threshold": 0.5, "specialist": "cards", "confidence_threshold": 0.8,
+                              "confidence_signal": "confidence"}}).save(workspace)
+    ws = str(workspace.root)
+    assert runner.invoke(app, ["specialists", "rollback", "0", "-w", ws]).exit_code == 0
+    entry = RouterState.load(workspace).clusters[0]
+    assert entry["specialist"] == "cards" and entry["confidence_threshold"] == 0.61 and entry["threshold"] == 0.5
+    assert runner.invoke(app, ["specialists", "demote", "cards", "-w", ws]).exit_code == 0
+    entry = RouterState.load(workspace).clusters[0]
+    assert entry["specialist"] is None and entry["confidence_threshold"] is None
+    assert runner.invoke(app, ["specialists", "promote", "cards", "--version", "2", "-w", ws]).exit_code == 0
+    assert RouterState.load(workspace).clusters[0]["confidence_threshold"] == 0.8
+
+
 def test_unknown_task_is_a_clear_error(workspace: Workspace) -> None:
     result = runner.invoke(app, ["specialists", "rollback", "nope", "-w", str(workspace.root)])
     assert result.exit_code == 1 and "No task 'nope'" in result.output

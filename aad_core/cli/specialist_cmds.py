@@ -123,11 +123,13 @@ def promote_cmd(
 ) -> None:
     """Promote a specialist by hand (e.g. undo an automatic demotion): the router serves it again
     (restart 'aad serve', or the engine's reload(), to pick it up)."""
+    from aad_core.pipeline.calibrate import refresh_served_gates
     from aad_core.specialists import SpecialistRegistry
 
     registry = SpecialistRegistry(open_workspace(workspace))
     spec = registry.get(name, version)
     spec = registry.set_promoted(spec.name, spec.version, True, "promoted by hand ('aad specialists promote')")
+    refresh_served_gates(registry.ws)
     served = registry.promoted().get(spec.cluster_id)
     _say_promotion(spec, served, as_json)
 
@@ -140,6 +142,7 @@ def demote_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Demote a specialist by hand: its task goes back to an earlier promoted version, or to the teacher."""
+    from aad_core.pipeline.calibrate import refresh_served_gates
     from aad_core.specialists import SpecialistRegistry
 
     registry = SpecialistRegistry(open_workspace(workspace))
@@ -148,6 +151,7 @@ def demote_cmd(
         promoted = [s for s in registry.list() if s.name == name and s.promoted]
         spec = promoted[-1] if promoted else spec
     spec = registry.set_promoted(spec.name, spec.version, False, "demoted by hand ('aad specialists demote')")
+    refresh_served_gates(registry.ws)
     _say_promotion(spec, registry.promoted().get(spec.cluster_id), as_json)
 
 
@@ -160,6 +164,7 @@ def rollback_cmd(
     """Return a task to its previous promoted version: the served version is demoted and the newest
     earlier version that is still promoted serves instead."""
     from aad_core.errors import AADError
+    from aad_core.pipeline.calibrate import refresh_served_gates
     from aad_core.specialists import SpecialistRegistry
 
     registry = SpecialistRegistry(open_workspace(workspace))
@@ -175,6 +180,7 @@ def rollback_cmd(
                        "'aad specialists promote NAME --version V' promotes a given version.")
     spec = registry.set_promoted(current.name, current.version, False,
                                  "rolled back ('aad specialists rollback')")
+    refresh_served_gates(registry.ws)
     _say_promotion(spec, registry.promoted().get(cluster_id), as_json)
 
 

@@ -212,18 +212,57 @@ def _request_shapes(ws: Workspace, by_cluster: dict[int, list[str]]) -> dict[int
     return {c: shape_envelope(s) for c, s in shapes.items()}
 
 
+#: The fields of a task's router.json entry that follow the specialist version it serves.
+_SERVED_FIELDS = ("specialist", "confidence_threshold", "confidence_signal", "confidence_label",
+                  "confidence_calibration", "confidence_note")
+
+
+def refresh_served_gates(ws: Workspace) -> bool:
+    """Make router.json follow the versions the tasks serve now, after a promotion, demotion or
+    rollback that ran no calibration: each task takes the confidence threshold its served version's own
+    gate chose (the similarity thresholds stay; nothing is embedded). False when there is no router.json."""
+    from aad_core.specialists import SpecialistRegistry
+
+    saved = RouterState.load_optional(ws)
+    if saved is None:
+        return False
+    served = SpecialistRegistry(ws).promoted()
+    clusters_out: dict[str, Any] = {}
+    for cid, entry in saved.clusters.items():
+        spec = served.get(cid)
+        clusters_out[str(cid)] = {**{k: v for k, v in entry.items() if k not in _SERVED_FIELDS},
+                                  "specialist": spec.name if spec else None, "confidence_threshold": None}
+    _confidence_thresholds(ws, {c: s for c, s in served.items() if str(c) in clusters_out}, clusters_out)
+    saved.clusters = {int(cid): entry for cid, entry in clusters_out.items()}
+    saved.save(ws)
+    return True
+
+
 def _confidence_thresholds(ws: Workspace, specialists: dict[int, Specialist], clusters_out: dict[str, Any]) -> None:
     """Each promoted specialist's confidence threshold, signal and calibration figures: those the
-    risk-coverage gate chose when it evaluated that very specialist version (``eval.json``)."""
+    risk-coverage gate chose when it evaluated that very specialist version (``eval.json``, else the
+    verdict its manifest keeps: eval.json holds only the newest version of each task). A version no
+    gate has judged (promoted by hand before any 'aad eval') serves without a threshold, and says so."""
     from aad_core.artifacts import EvalReport
     from aad_core.pipeline.evaluate.risk_coverage import SIGNAL_LABELS
+    from aad_core.specialists import SpecialistRegistry
 
     evaluation = EvalReport.load_optional(ws)
     entries = {int(r["cluster_id"]): r for r in (evaluation.evaluated() if evaluation else [])}
+    registry = SpecialistRegistry(ws)
     for cid, spec in specialists.items():
         entry = entries.get(cid) or {}
         gate, evaluated = entry.get("gate") or {}, entry.get("specialist") or {}
-        if gate.get("threshold") is None or (evaluated.get("name"), evaluated.get("version")) != (spec.name, spec.version):
+        if (evaluated.get("name"), evaluated.get("version")) != (spec.name, spec.version):
+            try:
+                gate = registry.manifest(spec).get("gate") or {}
+            except (OSError, ValueError):  # no readable manifest: no verdict
+                gate = {}
+        if gate.get("threshold") is None:
+            clusters_out[str(cid)]["confidence_note"] = (
+                "promoted by parity: no confidence threshold" if gate.get("mode") else
+                f"{spec.name} v{spec.version} has no gate verdict of its own (promoted by hand?): it serves without "
+                "a confidence threshold; 'aad eval' judges the newest version of its task")
             continue
         calibration = gate.get("calibration") or {}
         signal = str(gate.get("signal") or "mean_logprob")

@@ -427,6 +427,12 @@ class ShadowEvaluator:
                                               "reason": reason, "k": k, "n": n}])
             self._pairs.pop((name, version), None)
             self._versions = None
+        try:  # an earlier promoted version serves now: router.json takes its own threshold
+            from aad_core.pipeline.calibrate import refresh_served_gates
+
+            refresh_served_gates(self.engine.ws)
+        except Exception:
+            log.exception("shadow evaluation: could not refresh router.json after demoting %s v%s", name, version)
         self.engine.reload()
         self.engine.demoted[name] = reason
 

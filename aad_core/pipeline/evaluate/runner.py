@@ -344,6 +344,14 @@ def candidate_summary(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def served_gate(gate: dict[str, Any] | None) -> dict[str, Any]:
+    """What serving needs of a version's gate verdict (the specialist's manifest keeps it)."""
+    gate = gate or {}
+    calibration = gate.get("calibration") or {}
+    return {"mode": gate.get("mode"), "signal": gate.get("signal"), "threshold": gate.get("threshold"),
+            "calibration": {k: calibration.get(k) for k in ("coverage", "agreement", "lower_bound", "n_served", "n")}}
+
+
 def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]:
     """Evaluate every cluster's latest specialist on its held-out split, apply the risk-coverage gate,
     record promotions in the specialist registry, and write ``.aad/state/eval.json``."""
@@ -395,7 +403,8 @@ def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]
                 if entry["status"] == "evaluated":
                     before = (registry.manifest(spec).get("hyperparameters") or {}).get("candidates_before") or []
                     entry["candidates"] = [*before, candidate_summary(entry)]
-                registry.set_promoted(spec.name, spec.version, entry["promoted"], entry["reason"])
+                registry.set_promoted(spec.name, spec.version, entry["promoted"], entry["reason"],
+                                      gate=served_gate(entry.get("gate")) if entry["status"] == "evaluated" else None)
                 results.append(entry)
                 progress.advance(task)
     finally:
