@@ -97,6 +97,22 @@ def test_config_change_redoes_that_stage_and_the_ones_after_it(ws):
     assert calls == ["train", "evaluate", "route"]
 
 
+@pytest.mark.parametrize(("old", "new", "redone"), [
+    ('fast_path = "int8"', 'fast_path = "int4"', ["train", "evaluate", "route"]),  # the answers the gate judges
+    ("target_agreement = 0.95", "target_agreement = 0.97", ["train", "evaluate", "route"]),  # the auditions' gate
+    ("teacher_price_per_mtok = 10.0", "teacher_price_per_mtok = 3.0", ["evaluate", "route"]),  # no training decision
+])
+def test_a_change_to_what_the_gate_judges_redoes_the_stages_that_ran_the_gate(ws, old, new, redone):
+    calls: list[str] = []
+    _run(ws, calls)
+    calls.clear()
+    text = ws.config_path.read_text().replace(old, new)
+    assert text != ws.config_path.read_text()
+    ws.config_path.write_text(text)
+    _run(ws, calls)
+    assert calls == redone
+
+
 def test_new_traces_redo_everything_and_force_redoes_everything(ws):
     calls: list[str] = []
     _run(ws, calls)

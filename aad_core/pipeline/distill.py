@@ -25,12 +25,18 @@ from aad_core.artifacts import ClusterState, DistillState, Selection
 from aad_core.workspace import Workspace
 
 STAGES: tuple[str, ...] = ("cluster", "select", "train", "evaluate", "route")
+#: The [route] keys that change a LoRA specialist's answers, which the gate judges as they are served.
+SERVED_ANSWERS: tuple[str, ...] = ("route.fast_path", "route.prompt_lookup_tokens", "route.bf16_from_rows")
 #: Config sections (or ``section.key``) each stage reads (besides ``seed``).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "cluster": ("capture", "embed", "cluster"),
     "select": ("select", "train.student", "train.max_length"),  # scoring runs the [train] student
-    "train": ("train", "eval.test_fraction"),  # training sees only the held-out calibration part
-    "evaluate": ("eval",),
+    # training sees only the held-out calibration part; its auditions (a refused kind -> the next kind) run the
+    # gate on answers generated as served
+    "train": ("train", *(f"eval.{k}" for k in ("test_fraction", "target_agreement", "min_coverage", "gate_alpha",
+                                              "parity", "max_heldout", "max_new_tokens", "evaluator",
+                                              "cluster_evaluators")), *SERVED_ANSWERS),
+    "evaluate": ("eval", *SERVED_ANSWERS),
     "route": ("route", "eval"),
 }
 #: Component kinds whose ``[<kind>.<name>]`` table (of the component the config picks) each stage reads;
@@ -38,7 +44,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "cluster": ("embedder", "clusterer"),
     "select": ("scorer", "selector"),
-    "train": ("trainer",),
+    "train": ("trainer", "evaluator"),
     "evaluate": ("evaluator",),
     "route": ("router",),
 }

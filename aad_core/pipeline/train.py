@@ -50,7 +50,7 @@ def run_train(
     from aad_core.artifacts import UNFIT, ClusterState, Selection, read_unfit
     from aad_core.formats.answers import teacher_answer_wrong
     from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split
-    from aad_core.pipeline.evaluate.runner import candidate_summary, evaluate_specialist
+    from aad_core.pipeline.evaluate.runner import candidate_summary, evaluate_specialist, served_gate
     from aad_core.specialists import SpecialistRegistry
 
     cfg = ws.config
@@ -138,7 +138,8 @@ def run_train(
                     break
                 audition = evaluate_specialist(ws, state, clusters[cid], spec, store, runtimes)
                 registry.set_promoted(spec.name, spec.version, bool(audition.get("promoted")),
-                                      str(audition.get("reason", "")))
+                                      str(audition.get("reason", "")), gate=served_gate(audition.get("gate"))
+                                      if audition.get("status") == "evaluated" else None)
                 if audition.get("status") != "evaluated" or audition.get("promoted"):
                     break
                 before.append(candidate_summary(audition))
