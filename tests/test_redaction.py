@@ -82,6 +82,35 @@ def test_params_metadata_and_tags_are_redacted_too(redactor):
     assert out.tags == ["owner:<EMAIL_ADDRESS_1>", "prod"]
 
 
+def test_keys_of_params_metadata_feedback_and_tool_arguments_are_redacted_but_declared_names_kept(redactor):
+    tools = [{"type": "function", "function": {"name": "notify", "parameters": {
+        "type": "object", "properties": {"recipient": {"type": "string"}, "channel": {"type": "string"}}}}}]
+    t = Trace(request=ChatRequest(
+        messages=[Message(role="user", content="notify them"),
+                  Message(role="assistant", content=None,
+                          tool_calls=[tool_call({"recipient": EMAIL, "channel": "mail", EMAIL: "primary"})])],
+        tools=tools, params={"extra_headers": {EMAIL: "x"}}),
+        response=Message(role="assistant", content="done"),
+        metadata={"recipients": {EMAIL: "to"}}, feedback={"by": {EMAIL: 1}})
+    (out,) = redactor.redact([t])
+    assert EMAIL not in out.model_dump_json()
+    args = json.loads(out.request.messages[1].tool_calls[0].function.arguments)
+    assert args == {"recipient": "<EMAIL_ADDRESS_1>", "channel": "mail", "<EMAIL_ADDRESS_1>": "primary"}
+    assert out.request.params == {"extra_headers": {"<EMAIL_ADDRESS_1>": "x"}}
+    assert out.metadata["recipients"] == {"<EMAIL_ADDRESS_1>": "to"} and out.feedback == {"by": {"<EMAIL_ADDRESS_1>": 1}}
+
+
+def test_text_that_starts_like_a_data_url_is_redacted_and_inline_base64_is_kept(redactor):
+    image = "data:image/png;base64,iVBORw0KGgo="
+    t = Trace(request=ChatRequest(messages=[Message(role="user", content=[
+        {"type": "text", "text": f"data: please mail {EMAIL}"},
+        {"type": "image_url", "image_url": {"url": image, "detail": f"from {EMAIL}"}}])]))
+    (out,) = redactor.redact([t])
+    text, picture = out.request.messages[0].content
+    assert text["text"] == "data: please mail <EMAIL_ADDRESS_1>"
+    assert picture["image_url"] == {"url": image, "detail": "from <EMAIL_ADDRESS_1>"}
+
+
 def test_task_content_without_pii_is_left_alone(redactor):
     sql = "SELECT name, SUM(amount) FROM orders WHERE year = 2024 GROUP BY name LIMIT 10"
     t = Trace(request=ChatRequest(messages=[Message(role="user", content=sql)]),

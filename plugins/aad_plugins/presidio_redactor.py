@@ -93,6 +93,34 @@ _CURRENCIES = frozenset("ruble rouble euro euros dollar dollars pound pounds yen
 _SWEEP_MIN_CHARS = 3
 #: Keys of a tool's JSON schema whose string values are identifiers, not prose: kept as they are.
 _SCHEMA_KEYS_KEPT = frozenset({"type", "name", "required", "$ref", "$schema", "format", "pattern", "strict"})
+#: Inline base64 data (an image, audio): kept as it is; any other string that starts with "data:" is text.
+_DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,")
+
+
+def _is_data_url(value: Any) -> bool:
+    return isinstance(value, str) and _DATA_URL.match(value) is not None
+
+
+def _parameter_names(tools: Any) -> frozenset[str]:
+    """Every property name the request's tool schemas declare: the keys of tool-call arguments that are
+    identifiers of the schema, not data."""
+    names: set[str] = set()
+
+    def visit(node: Any, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict):
+                names.update(k for k in props if isinstance(k, str))
+            for v in node.values():
+                visit(v, depth + 1)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v, depth + 1)
+
+    visit(tools)
+    return frozenset(names)
 #: Card numbers of every current IIN range, as (first digits low, high, allowed lengths); Presidio's
 #: own pattern misses Mastercard's 2-series (2221-2720), Mir (2200-2204), Maestro 56-69 and Troy.
 _CARD_RANGES: tuple[tuple[int, int, frozenset[int]], ...] = (
@@ -550,31 +578,34 @@ class PresidioRedactor(Redactor):
         return sweep.apply(out) if sweep is not None else out
 
     def _walk(self, node: Any, mapping: dict[tuple[str, str], str], keep: frozenset[str] = frozenset(),
-              keys: bool = False) -> Any:
+              keys: bool = False, names: frozenset[str] = frozenset()) -> Any:
         """``node`` (JSON-like) with every string value redacted; keys are kept (redacted too with
-        ``keys``), and so are the string values of the keys in ``keep`` (identifiers such as a tool's name)."""
+        ``keys``, except the declared ``names``: a tool's parameter names), and so are the string values of
+        the keys in ``keep`` (identifiers such as a tool's name)."""
         if isinstance(node, str):
             return self._text(node, mapping)
         if isinstance(node, (list, tuple)):
-            return [self._walk(v, mapping, keep, keys) for v in node]
+            return [self._walk(v, mapping, keep, keys, names) for v in node]
         if isinstance(node, dict):
-            return {(self._text(k, mapping) if keys and isinstance(k, str) else k):
-                    v if (k in keep and isinstance(v, str)) else self._walk(v, mapping, keep, keys)
+            return {(self._text(k, mapping) if keys and isinstance(k, str) and k not in names else k):
+                    v if (k in keep and isinstance(v, str)) else self._walk(v, mapping, keep, keys, names)
                     for k, v in node.items()}
         return node
 
-    def _json_args(self, arguments: str, mapping: dict[tuple[str, str], str], keys: bool = False) -> str:
+    def _json_args(self, arguments: str, mapping: dict[tuple[str, str], str], keys: bool = False,
+                   names: frozenset[str] = frozenset()) -> str:
         try:
             obj = json.loads(arguments)
         except (ValueError, TypeError, RecursionError):  # not JSON, or nested too deep to parse: redact it as text
             return self._text(arguments, mapping)
         try:
-            new = self._walk(obj, mapping, keys=keys)
+            new = self._walk(obj, mapping, keys=keys, names=names)
         except RecursionError:  # parsed, but nested too deep to walk: redact it as text
             return self._text(arguments, mapping)
         return json.dumps(new, ensure_ascii=False) if new != obj else arguments
 
-    def _message(self, msg: Message, mapping: dict[tuple[str, str], str]) -> None:
+    def _message(self, msg: Message, mapping: dict[tuple[str, str], str],
+                 names: frozenset[str] = frozenset()) -> None:
         if isinstance(msg.content, str) and msg.role in ("tool", "function") and msg.content.lstrip()[:1] in ("{", "["):
             # a JSON tool result: its string values one by one (an address with "\n" in JSON text is whole
             # again), re-serialised only when something was replaced, so it stays valid JSON
@@ -585,8 +616,8 @@ class PresidioRedactor(Redactor):
             msg.content = [self._part(part, mapping) for part in msg.content]
         if msg.name:
             msg.name = self._text(msg.name, mapping)
-        for call in msg.tool_calls or []:
-            call.function.arguments = self._json_args(call.function.arguments, mapping)
+        for call in msg.tool_calls or []:  # argument keys too (a dict keyed by e-mail), but the declared names
+            call.function.arguments = self._json_args(call.function.arguments, mapping, keys=True, names=names)
         # Every other field of the message: refusal, reasoning_content, audio transcripts, annotations, ...
         for key, value in list((msg.model_extra or {}).items()):
             setattr(msg, key, self._walk(value, mapping, _SCHEMA_KEYS_KEPT))
@@ -597,13 +628,12 @@ class PresidioRedactor(Redactor):
             return self._walk(part, mapping)
         out = {}
         for k, v in part.items():
-            if k == "type" or (isinstance(v, str) and v.startswith("data:")):
+            if k == "type" or (k != "text" and _is_data_url(v)):
                 out[k] = v
             elif isinstance(v, dict):
-                out[k] = {kk: vv if isinstance(vv, str) and vv.startswith("data:") else self._walk(vv, mapping)
-                          for kk, vv in v.items()}
+                out[k] = {kk: vv if _is_data_url(vv) else self._walk(vv, mapping, keys=True) for kk, vv in v.items()}
             else:
-                out[k] = self._walk(v, mapping)
+                out[k] = self._walk(v, mapping, keys=True)
         return out
 
     def _redact_trace(self, trace: Trace) -> Trace:
@@ -624,14 +654,15 @@ class PresidioRedactor(Redactor):
             out = Trace.model_validate_json(trace.model_dump_json())
         except (ValueError, RecursionError):  # e.g. a lone surrogate: not JSON-serialisable
             out = trace.model_copy(deep=True)
+        names = _parameter_names(out.request.tools)
         for msg in out.request.messages:
-            self._message(msg, mapping)
+            self._message(msg, mapping, names)
         # Tool descriptions and parameter descriptions, enums, defaults, examples (names kept).
         if out.request.tools:
             out.request.tools = self._walk(out.request.tools, mapping, _SCHEMA_KEYS_KEPT)
         answer_before = out.response.model_dump_json() if out.response is not None else ""
         if out.response is not None:
-            self._message(out.response, mapping)
+            self._message(out.response, mapping, names)
         answer_changed = out.response is not None and out.response.model_dump_json() != answer_before
         if out.error:
             out.error = self._text(out.error, mapping)
@@ -639,11 +670,12 @@ class PresidioRedactor(Redactor):
         out.session_id = self._identity(out.session_id, mapping)
         out.user_id = self._identity(out.user_id, mapping)
         # Parameters (e.g. OpenAI's "user"), metadata, tags and feedback often carry user ids and e-mails.
-        out.request.params = self._walk(out.request.params, mapping)
+        # Their keys too: a dict keyed by e-mail address or name is as personal as its values.
+        out.request.params = self._walk(out.request.params, mapping, keys=True)
         out.tags = [self._text(t, mapping) for t in out.tags]
         if out.feedback:
-            out.feedback = self._walk(out.feedback, mapping)
-        meta = self._walk(dict(out.metadata), mapping)
+            out.feedback = self._walk(out.feedback, mapping, keys=True)
+        meta = self._walk(dict(out.metadata), mapping, keys=True)
         if out.teacher_logprobs and (answer_changed or self._tokens_leak(out, mapping)):
             # The tokens would spell the removed value out again (in text or in tool-call arguments).
             out.teacher_logprobs = None
