@@ -255,6 +255,50 @@ def test_recovery_skips_traces_the_dead_writer_had_stored_and_storing_twice_is_h
     assert not segments(workspace)
 
 
+def test_a_writer_told_not_to_redact_leaves_a_redacting_writers_log_to_one_that_redacts(workspace, redactors):
+    dead = WriteAheadLog(workspace.data_dir / "wal")  # a redacting writer killed before it stored these
+    dead.append([trace(i).model_dump_json().encode() for i in (1, 2)])
+    dead.close()
+    plain = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"), redact=False)
+    assert plain.flush(10)
+    assert plain.stats()["recovered"] == 0 and plain.store.count() == 0 and segments(workspace)
+    plain.close()
+    w = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"))
+    assert w.flush(10)
+    assert w.stats()["recovered"] == 2 and all(t.redacted for t in w.store.iter_traces())
+    w.close()
+    assert not segments(workspace) and b"walter" not in files_bytes(workspace.data_dir)
+
+
+class BrokenRedactor(Redactor):
+    """A redactor whose engine cannot be built (e.g. its spaCy model is not installed)."""
+
+    def redact(self, traces):  # type: ignore[no-untyped-def]
+        raise RuntimeError("spaCy model 'en_core_web_lg' is not installed")
+
+
+def test_a_redactor_that_cannot_be_built_loses_no_trace_they_wait_in_the_log(workspace, redactors):
+    class Broken:
+        @hookimpl
+        def aad_register_redactors(self, register):  # type: ignore[no-untyped-def]
+            register("broken", BrokenRedactor)
+
+    get_plugin_manager().add_plugin(Broken(), name="wal-test-broken-redactor")
+    w = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="broken"))
+    for i in range(3):
+        w.submit(trace(i))
+    w.flush(5)
+    s = w.stats()
+    w.close()
+    assert (s["written"], s["dropped"], s["lost"]) == (0, 0, 0)  # not poison: the redactor is missing
+    assert segments(workspace) and w._redactor_failure is not None
+    fixed = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"))
+    assert fixed.flush(10)
+    assert fixed.stats()["recovered"] == 3 and fixed.store.count() == 3
+    fixed.close()
+    assert b"walter" not in files_bytes(workspace.data_dir)
+
+
 def test_submit_stays_fast_and_a_closed_writer_leaves_only_the_key(workspace, redactors):
     w = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="stall"))
     traces = [trace(i) for i in range(2000)]

@@ -168,8 +168,11 @@ def test_failed_redaction_never_writes_unredacted_traces(workspace):
     w.submit(make_trace("mail me at ada@example.org", "ok"))
     assert w.flush(10)
     s = w.stats()
-    assert w.store.count() == 0 and s["spooled"] == 0 and s["dropped"] == 1 and s["lost_by"] == {"poison": 1}
+    assert w.store.count() == 0 and s["spooled"] == 0
     assert not w.spool_dir.exists() or not any(w.spool_dir.iterdir())  # nothing unredacted anywhere
+    # A redactor that cannot even redact its warm-up trace is missing, not given a poison trace: the call
+    # waits, encrypted, in the write-ahead log for a writer with a working redactor (tests/test_capture_wal.py).
+    assert s["dropped"] == 0 and s["lost"] == 0 and list((workspace.data_dir / "wal").glob("*.seg"))
     w.close()
 
 

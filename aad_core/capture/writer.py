@@ -64,6 +64,8 @@ WRITE_WINDOW_S = 0.1
 LOSS_LOG_INTERVAL_S = 5.0
 #: Most traces in one WAL record (a larger backlog is appended as several records, without a pause).
 WAL_RECORD_MAX = 2048
+#: Seconds before a redactor that failed to build is tried again (its traces wait in the WAL meanwhile).
+REDACTOR_RETRY_S = 30.0
 
 
 @dataclass
@@ -291,6 +293,7 @@ class CaptureWriter:
         self._last_loss_log: dict[str, float] = {}
         self._redactor: Any = None  # built on the background thread as soon as it starts
         self._redactor_ready = threading.Event()
+        self._redactor_failure: tuple[float, BaseException] | None = None  # (when, why) the last build failed
         # Redacted traces that neither the store nor the spool could take (disk full): retried.
         self._held: deque[Trace] = deque()
         self._target = StoreTarget(ws, store, write_timeout_s=cfg.write_timeout_s,
@@ -510,8 +513,10 @@ class CaptureWriter:
             if batch:
                 ok = self._guard("write", lambda: self._process(batch))
                 self._release(len(batch))
-                if ok:  # else the WAL keeps them: a later writer recovers them
+                if ok:  # else the WAL keeps them: a later writer (or this one, later) recovers them
                     self._settle(acks)
+                else:
+                    self._lose_unlogged(len(batch) - sum(n for _, n in acks))
                 if self._leftovers is not None:  # recovery goes on under load too
                     self._guard("recover", lambda: self._recover(batch_size))
             for m in markers:
@@ -646,6 +651,10 @@ class CaptureWriter:
         if self.redact and not self._redactor_ready.is_set():
             self._leftovers = None  # no redactor (it failed to build): the segments wait for a later writer
             return
+        if not self.redact and self.config.capture.redact:
+            # A writer told not to redact must not store a redacting writer's raw traces: they wait.
+            self._leftovers = None
+            return
         done = 0
         while limit is None or done < limit:
             left = self._leftover
@@ -674,6 +683,13 @@ class CaptureWriter:
                     left.release()
                 else:
                     left.remove()
+
+    def _lose_unlogged(self, n: int) -> None:
+        """Count the traces of a failed batch that have no WAL copy (``[capture] wal = false``)."""
+        if n > 0:
+            cause = (f"no redactor ({type(self._redactor_failure[1]).__name__}: {self._redactor_failure[1]})"
+                     if self._redactor_failure is not None else "the batch failed before it was stored")
+            self._lose(n, "unprocessed", f"{cause}, and these traces have no write-ahead-log copy")
 
     def _not_stored(self, traces: list[Trace]) -> list[Trace]:
         """``traces`` less those already in the store (the dead writer stored them before it
@@ -736,12 +752,23 @@ class CaptureWriter:
 
     # -- redaction and poison traces ---------------------------------------------------------
     def _ensure_redactor(self) -> Any:
+        """The redactor, built on first use; a failed build raises again, at once, for
+        :data:`REDACTOR_RETRY_S` (not once per trace), then is tried again."""
         if self._redactor is None:
+            failed = self._redactor_failure
+            if failed is not None and time.monotonic() - failed[0] < REDACTOR_RETRY_S:
+                raise failed[1]
             from aad_core.capture.redaction import get_redactor
 
-            redactor = get_redactor(self.config, self.workspace)
-            # A redactor that builds its engine lazily (presidio) builds it now, on this thread.
-            redactor.redact([Trace.model_validate({"request": {"messages": [{"role": "user", "content": "warm-up"}]}})])
+            try:
+                redactor = get_redactor(self.config, self.workspace)
+                # A redactor that builds its engine lazily (presidio) builds it now, on this thread.
+                redactor.redact([Trace.model_validate({"request": {"messages": [{"role": "user",
+                                                                                  "content": "warm-up"}]}})])
+            except Exception as err:
+                self._redactor_failure = (time.monotonic(), err)
+                raise
+            self._redactor_failure = None
             self._redactor = redactor
             self._redactor_ready.set()
         return self._redactor
@@ -756,7 +783,10 @@ class CaptureWriter:
 
     def _clean(self, trace: Trace) -> Trace | None:
         """``trace`` redacted and known to serialise; a poison trace repaired, or None (dropped,
-        counted and logged with its id and reason). Never an unredacted trace."""
+        counted and logged with its id and reason). Never an unredacted trace. Without a redactor (it
+        failed to build) this raises: the trace is not poison, and its batch waits in the WAL."""
+        if self.redact and not trace.redacted:
+            self._ensure_redactor()
         try:
             out = self._redact_one(trace)
             out.model_dump_json(exclude_none=True)
