@@ -74,6 +74,22 @@ def test_broken_fourth_line_stores_nothing_then_skip_invalid_stores_three(worksp
     assert workspace.store().count() == 3
 
 
+def test_a_line_of_bad_bytes_or_deep_nesting_is_rejected_by_line_and_the_valid_lines_kept(workspace,
+                                                                                         tmp_path: Path) -> None:
+    f = tmp_path / "mixed.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + chat_line(1).encode() + b"\n"  # a byte-order mark on line 1
+                  + chat_line(2).replace("query 2", "caf\u00e9").encode("latin-1") + b"\n"  # not UTF-8
+                  + b'{"request": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"  # too deep for json
+                  + chat_line(4).encode() + b"\n")
+    result = read_jsonl(f, "openai-chat")
+    assert [t.request.last_user_message() for t in result.traces] == ["query 1", "query 4"] and result.lines == 4
+    utf8, deep = result.errors
+    assert utf8.location == f"{f}:2" and "not valid UTF-8: byte 0xe9" in utf8.message
+    assert deep.location == f"{f}:3" and "nested too deep" in deep.message
+    res = run("ingest", str(f), "--skip-invalid", "--no-redact", "-w", str(workspace.root))
+    assert "stored 2 new trace(s)" in res.output and f"{f}:2" in res.output and "Traceback" not in res.output
+
+
 def test_schema_error_names_line_and_field(tmp_path: Path) -> None:
     f = write(tmp_path / "a.jsonl", [chat_line(1), json.dumps({"request": {"messages": [{"role": "wizard", "content": "x"}]},
                                                              "response": {"choices": [{"message": {"role": "assistant", "content": "y"}}]}})])

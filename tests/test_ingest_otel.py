@@ -59,6 +59,27 @@ def test_cli_ingest_otel_is_idempotent_and_reports_bad_spans(workspace: Workspac
     assert res.exit_code == 1 and "span s1" in res.output and "without input messages" in res.output
 
 
+def test_odd_spans_are_read_or_rejected_by_name_never_a_traceback(tmp_path: Path) -> None:
+    llm = [{"key": "openinference.span.kind", "value": {"stringValue": "LLM"}},
+           {"key": "llm.input_messages.0.message.role", "value": {"stringValue": "user"}},
+           {"key": "llm.input_messages.0.message.content", "value": {"stringValue": "hi"}}]
+    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
+        {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": "b7ad6b7169203331", "status": "ERROR",
+         "attributes": llm},  # the status code alone, as some exporters write it
+        "not a span"]}]}]}
+    f = tmp_path / "odd.json"
+    f.write_text(json.dumps(doc), encoding="utf-8")
+    result = read_otlp_json(f)
+    [trace] = result.traces
+    assert trace.status == "error" and result.lines == 2
+    [err] = result.errors
+    assert "a span must be a JSON object" in err.message
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps(doc).encode().replace(b'"hi"', b'"caf\xe9"'))
+    with pytest.raises(Exception, match="not valid UTF-8: byte 0xe9 at line 1"):
+        read_otlp_json(latin)
+
+
 # -- the real OpenInference LangChain instrumentation, exported by the OTel SDK ----------------------
 
 def _instrumentation() -> tuple[Any, Any]:

@@ -135,19 +135,33 @@ def read_jsonl(path: Path, fmt: str) -> IngestResult:
     result = IngestResult()
     hint = f"Fix the line, or pass --skip-invalid to import the valid lines only (format: {fmt})."
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")  # lines decoded one by one: one bad byte costs its line, not the file
     except OSError as err:
         raise IngestError(f"cannot open: {err.strerror}", location=str(path), hint="Check the path.") from None
     with handle:
-        for lineno, line in enumerate(handle, 1):
+        for lineno, raw in enumerate(handle, 1):
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if raw.strip():
+                    result.lines += 1
+                    result.errors.append(IngestError(
+                        f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}", location=loc,
+                        hint=f"Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8). {hint}"))
+                continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
             if not line.strip():
                 continue
             result.lines += 1
-            loc = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 result.errors.append(IngestError(f"not valid JSON: {err.msg} at column {err.colno}", location=loc, hint=hint))
+                continue
+            except RecursionError:
+                result.errors.append(IngestError("not readable JSON: nested too deep", location=loc, hint=hint))
                 continue
             if not isinstance(obj, dict):
                 result.errors.append(IngestError(f"expected a JSON object, got {type(obj).__name__}", location=loc, hint=hint))
@@ -156,8 +170,10 @@ def read_jsonl(path: Path, fmt: str) -> IngestResult:
                 result.traces.append(parse(obj))
             except ValidationError as err:
                 result.errors.append(IngestError(_validation_message(err), location=loc, hint=hint))
-            except (ValueError, TypeError, KeyError) as err:
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
                 result.errors.append(IngestError(str(err), location=loc, hint=hint))
+            except RecursionError:
+                result.errors.append(IngestError("a record nested too deep to read", location=loc, hint=hint))
     return result
 
 

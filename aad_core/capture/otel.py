@@ -286,6 +286,8 @@ def span_to_trace(span: dict[str, Any]) -> Trace | None:
     span_id = otel_id(span.get("spanId") or span.get("span_id") or context.get("span_id"), 8)
     parent = otel_id(span.get("parentSpanId") or span.get("parent_span_id") or span.get("parent_id"), 8) or None
     status = span.get("status") or {}
+    if not isinstance(status, dict):  # some exporters write the status code alone ("ERROR")
+        status = {"code": status}
     failed = (status.get("code") in (2, "STATUS_CODE_ERROR", "ERROR")
               or status.get("status_code") in ("ERROR", "STATUS_CODE_ERROR"))
     metadata: dict[str, Any] = {"otel_trace_id": trace_id, "otel_span_name": span.get("name")}
@@ -343,6 +345,11 @@ def read_otlp_json(path: Path):  # -> aad_core.capture.ingest.IngestResult
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise IngestError(f"cannot open: {err.strerror}", location=str(path), hint="Check the path.") from None
+    except UnicodeDecodeError as err:
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, err.start) + 1
+        raise IngestError(f"not valid UTF-8: byte 0x{data[err.start]:02x} at line {line}", location=f"{path}:{line}",
+                          hint="Save the file as UTF-8 (OTLP JSON is UTF-8).") from None
     docs: list[tuple[str, Any]] = []
     try:  # one document, JSON Lines, or documents written one after another
         decoder, pos = json.JSONDecoder(), 0
@@ -354,7 +361,7 @@ def read_otlp_json(path: Path):  # -> aad_core.capture.ingest.IngestResult
             doc, end = decoder.raw_decode(text, pos)
             docs.append((f"{path}:{text.count(chr(10), 0, pos) + 1}", doc))
             pos = end
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         docs = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -364,15 +371,33 @@ def read_otlp_json(path: Path):  # -> aad_core.capture.ingest.IngestResult
             except json.JSONDecodeError as err:
                 result.errors.append(IngestError(f"not valid JSON: {err.msg} at column {err.colno}",
                                                  location=f"{path}:{lineno}", hint=hint))
+            except RecursionError:
+                result.errors.append(IngestError("not readable JSON: nested too deep", location=f"{path}:{lineno}",
+                                                 hint=hint))
     for where, doc in docs:
-        for span in iter_spans(doc):
+        try:
+            spans = list(iter_spans(doc))
+        except (AttributeError, TypeError) as err:  # e.g. "scopeSpans" holding a string
             result.lines += 1
-            sid = span.get("spanId") or span.get("span_id") or (span.get("context") or {}).get("span_id")
+            result.errors.append(IngestError(f"not an OTLP JSON document: {err}", location=where, hint=hint))
+            continue
+        for span in spans:
+            result.lines += 1
+            if not isinstance(span, dict):
+                result.errors.append(IngestError(f"a span must be a JSON object, got {type(span).__name__}",
+                                                 location=f"{where} span ?", hint=hint))
+                continue
+            context = span.get("context")
+            sid = span.get("spanId") or span.get("span_id") or (context.get("span_id") if isinstance(context, dict)
+                                                                 else None)
             loc = f"{where} span {otel_id(sid, 8) or '?'}"
             try:
                 trace = span_to_trace(span)
-            except (ValueError, TypeError, KeyError) as err:
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
                 result.errors.append(IngestError(str(err).splitlines()[0], location=loc, hint=hint))
+                continue
+            except RecursionError:
+                result.errors.append(IngestError("a span nested too deep to read", location=loc, hint=hint))
                 continue
             if trace is not None:
                 result.traces.append(trace)
