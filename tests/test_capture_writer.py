@@ -176,6 +176,23 @@ def test_failed_redaction_never_writes_unredacted_traces(workspace):
     w.close()
 
 
+def test_making_a_writer_never_waits_for_a_store_another_process_is_writing_to(workspace):
+    workspace.store().close()  # the database exists
+    holder = sqlite3.connect(workspace.db_path, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    try:
+        started = time.perf_counter()
+        w = CaptureWriter(workspace=workspace, config=settings(write_timeout_s=3.0))
+        made_in = time.perf_counter() - started
+        w.submit(make_trace("q", "a"))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert made_in < 1.5  # not the 3 s the store's first statement may wait for the lock
+    assert w.flush(20) and w.store.count() == 1
+    w.close()
+
+
 def test_unknown_redactor_fails_at_construction(workspace):
     with pytest.raises(UnknownComponentError, match="Known redactors"):
         CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="nope"))

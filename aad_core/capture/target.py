@@ -4,6 +4,7 @@ after each failure before the store is tried again)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,15 +62,23 @@ class StoreTarget:
         self.next_retry = 0.0
         self._write_timeout_s = write_timeout_s
         self._retry_interval_s = retry_interval_s
+        self._opening = threading.Lock()
 
     def open(self) -> Any:
         assert self.workspace is not None
         return self.workspace.store(timeout_s=self._write_timeout_s)  # [store] url: SQLite or PostgreSQL
 
+    def ensure(self) -> Any:
+        """The store, opened now if it is not yet (once, whichever thread asks first)."""
+        with self._opening:
+            if self.store is None:
+                self.store = self.open()
+        return self.store
+
     def check(self) -> None:
         """Open the store if it is not open; raise :class:`StoreGone` when its file was deleted."""
         if self.store is None:
-            self.store = self.open()
+            self.ensure()
             return
         path = getattr(self.store, "path", None)
         if path is None or Path(path).exists():

@@ -300,11 +300,8 @@ class CaptureWriter:
                                    retry_interval_s=cfg.retry_interval_s)
         self._spool_pending = True  # a previous run may have left spooled traces
         self._closed = False
-        if self._target.owned:
-            try:
-                self._target.store = self._target.open()
-            except Exception as err:  # e.g. locked right now: spool until it opens
-                self._store_failed(err)
+        # The store opens on the writer thread (its first statement can wait out another process's write
+        # lock for write_timeout_s): making a writer, or a callback handler, never waits for it.
         self._wal_thread: threading.Thread | None = None
         if cfg.wal:
             self._wal_thread = threading.Thread(target=self._run_wal, name="aad-capture-wal", daemon=True)
@@ -446,6 +443,12 @@ class CaptureWriter:
 
     @property
     def store(self) -> Any:
+        """The trace store (opened on first use when the writer owns it; None while it cannot be opened)."""
+        if self._target.store is None and self._target.owned:
+            try:
+                self._target.ensure()
+            except Exception:  # the writer thread reports it, and spools meanwhile
+                pass
         return self._target.store
 
     @property
@@ -460,6 +463,11 @@ class CaptureWriter:
 
     # -- background thread -------------------------------------------------------------------
     def _run(self) -> None:
+        if self._target.owned:
+            try:
+                self._target.ensure()
+            except Exception as err:  # e.g. locked right now: spool until it opens
+                self._store_failed(err)
         if self.redact:  # warm the redaction engine up now, off the agent's threads
             self._guard("redact", self._ensure_redactor)
         self._start_recovery()
