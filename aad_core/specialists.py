@@ -39,11 +39,16 @@ def specialist_name(cluster_id: int, label: str) -> str:
     return f"c{cluster_id}-{slug}" if slug else f"c{cluster_id}"
 
 
+#: The libraries whose versions change a specialist's weights or answers (LoRA: torch, transformers, peft;
+#: classifier: scikit-learn's head, numpy, the sentence-transformers MiniLM; both: safetensors files).
+STAMPED_LIBRARIES = ("torch", "transformers", "peft", "scikit-learn", "numpy", "sentence-transformers", "safetensors")
+
+
 def library_versions() -> dict[str, str | None]:
     from aad_core import __version__
 
     out: dict[str, str | None] = {"aad": __version__}
-    for dist in ("torch", "transformers", "peft"):
+    for dist in STAMPED_LIBRARIES:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

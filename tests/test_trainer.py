@@ -155,6 +155,8 @@ def test_registry_versions_and_runtime_serves_adapters(tiny_student: Path, tmp_p
     assert [s.version for s in reg.list()] == [1, 2]
     manifest = reg.manifest(reg.get("c3-card-arrival", 1))
     assert manifest["seed"] == 7 and manifest["selection"] == ["t1"] and manifest["versions"]["peft"]
+    # a classifier's head and encoder come from these: stamped too
+    assert all(manifest["versions"][lib] for lib in ("scikit-learn", "numpy", "sentence-transformers", "safetensors"))
     promoted = reg.set_promoted("c3-card-arrival", 1, True, "reached 97% of teacher")
     assert promoted.promoted and reg.manifest(promoted)["promotion_reason"] == "reached 97% of teacher"
     trained.append(s1)
