@@ -22,9 +22,11 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+import types
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -75,8 +77,30 @@ def _drop_retired(data: dict[str, Any], where: Any) -> None:
             log.warning("%s: [%s] %s is no longer used and is ignored: %s.", where(section, key), section, key, why)
 
 
+def _is_number(annotation: Any) -> bool:
+    """Whether a field holds an int or float (optionally None)."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(a in (int, float) for a in get_args(annotation))
+    return False
+
+
+def _no_boolean_number(value: Any, annotation: Any) -> Any:
+    # pydantic reads true as 1: "seed = true" or "max_heldout = true" would be taken silently
+    if isinstance(value, bool) and _is_number(annotation):
+        raise ValueError(f"a number, not {str(value).lower()}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        return _no_boolean_number(value, field.annotation if field else None)
 
 
 class CaptureConfig(_Section):
@@ -352,7 +376,7 @@ class RouteConfig(_Section):
         0.02, ge=0, lt=1, description="Per-cluster threshold = this quantile of the cluster's own held-out similarities."
     )
     min_confidence: float | None = Field(
-        None, description="Escalate a specialist's answer when its mean token log-prob is below this: a manual "
+        None, le=0, description="Escalate a specialist's answer when its mean token log-prob is below this: a manual "
         "cut-off for specialists whose gate signal is the log-prob (LoRA). Specialists with a probability signal "
         "(the classifier) keep their gate threshold. None = the threshold the risk-coverage gate of 'aad eval' chose."
     )
@@ -564,7 +588,8 @@ class AADSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
-    seed: int = Field(0, description="Seed for every random step (splits, clustering, selection, training).")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for every random step (splits, clustering, selection, "
+                      "training); 0 to 2**32 - 1, as numpy and torch take it.")
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
@@ -583,6 +608,11 @@ class AADSettings(BaseSettings):
     trainer: ComponentTables = _tables_field("trainer")
     evaluator: ComponentTables = _tables_field("evaluator")
     router: ComponentTables = _tables_field("router")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_is_not_a_boolean(cls, value: Any) -> Any:
+        return _no_boolean_number(value, int)
 
     #: (kind, component_key(name), key) -> where the value was set ("path:line" or "AAD_...").
     _param_sources: dict[tuple[str, str, str], str] = PrivateAttr(default_factory=dict)
@@ -879,7 +909,8 @@ def _config_error(err: ValidationError, path: Path | None, text: str) -> ConfigE
             instead = f"set {env_var(kind, name, key)} instead" if var else f"write it under [{kind}.{name}]"
             moved.append(f"{where}: [{loc[0]}] {loc[1]} moved to [{kind}.{name}] {key}: {instead}.")
             continue
-        problem = f"{where}: [{'.'.join(loc)}] {e['msg']} (got {e.get('input')!r})"
+        problem = (f"{where}: [{'.'.join(loc)}] {e['msg']} (got {e.get('input')!r})" if e["type"] == "extra_forbidden"
+                   else f"{where}: {_must_be(loc, e)}")
         if e["type"] == "extra_forbidden" and len(loc) == 2:
             problem += _extra_key_hint(loc[0], loc[1])
         elif e["type"] == "extra_forbidden" and len(loc) == 1:
@@ -898,6 +929,22 @@ def _config_error(err: ValidationError, path: Path | None, text: str) -> ConfigE
         "Invalid aad configuration:\n  " + "\n  ".join(problems),
         hint=f"Edit {path or CONFIG_FILE} (or unset {env_keys[0]}); 'aad config' shows every key with its help.",
     )
+
+
+def _must_be(loc: tuple[str, ...], error: Any) -> str:
+    """One pydantic error as "The 'x' parameter of [section] must be ... Got ... instead."."""
+    owner = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "aad.toml"
+    msg = str(error["msg"])
+    own = msg.removeprefix("Value error, ")
+    if own.startswith("The '"):  # a validator's own message of that form (a whole section's check)
+        return f"[{'.'.join(loc)}] {own}"
+    for lead in ("Input should be ", "Value error, "):
+        if msg.startswith(lead):
+            msg = "must be " + msg[len(lead):]
+            break
+    else:
+        msg = f"is invalid: {msg}"
+    return f"The '{loc[-1]}' parameter of {owner} {msg}. Got {error.get('input')!r} instead."
 
 
 def _extra_key_hint(section: str, key: str) -> str:

@@ -144,8 +144,25 @@ def test_bad_value_names_file_line_key_and_fix(tmp_path: Path) -> None:
         load_config(path)
     msg = str(err.value)
     assert f"{path}:{_line(path, 'fraction =')}" in msg
-    assert "[select.fraction]" in msg and "1.5" in msg
+    assert "The 'fraction' parameter of [select] must be less than or equal to 1. Got 1.5 instead." in msg
     assert "AAD_SELECT__FRACTION" in msg
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("seed = 0", "seed = -1", "The 'seed' parameter of aad.toml must be greater than or equal to 0. Got -1 instead."),
+    ("seed = 0", "seed = true", "The 'seed' parameter of aad.toml must be a number, not true. Got True instead."),
+    ("max_heldout = 200", "max_heldout = true", "The 'max_heldout' parameter of [eval] must be a number, not true."),
+    ("[route]\n", "[route]\nmin_confidence = 0.5\n",
+     "The 'min_confidence' parameter of [route] must be less than or equal to 0. Got 0.5 instead."),
+])
+def test_values_pydantic_would_coerce_or_accept_silently_are_refused_by_line(tmp_path: Path, old: str, new: str,
+                                                                             expected: str) -> None:
+    text = default_config_toml()
+    assert old in text
+    path = _write(tmp_path, text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert expected in str(err.value) and f"{path}:" in str(err.value)
 
 
 def test_a_bad_environment_value_names_the_variable_not_the_file_line(tmp_path: Path, monkeypatch) -> None:
