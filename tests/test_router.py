@@ -265,6 +265,38 @@ def test_a_valid_specialist_answer_is_returned(workspace: Workspace) -> None:
     assert escalations(workspace) == []
 
 
+def test_a_hung_specialist_holds_at_most_two_workers_and_never_starves_the_others(workspace: Workspace) -> None:
+    import threading
+
+    from aad_core.serving.engine import MAX_STUCK_CALLS
+
+    release = threading.Event()
+
+    class HungCards(Scripted):
+        def generate(self, name, requests, *, max_new_tokens):  # noqa: ANN001, ANN201
+            self.calls.append(name)
+            if name == "cards":
+                release.wait(30)  # a wedged device or an endpoint without a read timeout
+            return [Gen("SELECT id FROM users" if name == "sql" else '{"intent": "card_arrival"}') for _ in requests]
+
+    backend = HungCards()
+    engine = engine_for(workspace, backend, timeout_s=0.2)
+    sql = ChatRequest(messages=[Message(role="user", content="write sql for all users")])
+    try:
+        reasons = [engine.answer(card_request()).decision.reason for _ in range(10)]
+        assert backend.calls.count("cards") == MAX_STUCK_CALLS  # the rest went to the teacher at once
+        assert reasons[0].startswith("escalated: timeout") and "specialist busy" in reasons[-1]
+        healthy = engine.answer(sql)
+        assert healthy.decision.target == "specialist" and healthy.model == "sql"
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while engine._stuck and time.monotonic() < deadline:  # the hung calls return: cards is tried again
+        time.sleep(0.01)
+    assert engine.answer(card_request()).decision.target == "specialist"
+    engine.close()
+
+
 @pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", "max_new_tokens"])
 def test_the_specialist_answers_within_the_token_budget_the_request_asks_for(workspace: Workspace, key: str) -> None:
     budgets = []

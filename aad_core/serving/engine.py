@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 
 TeacherCall = Callable[[ChatRequest], Any]
+#: Timed-out calls of one specialist still running (a thread cannot be stopped) after which its requests go
+#: to the teacher at once, until one returns: a hung specialist holds at most this many of the 8 workers.
+MAX_STUCK_CALLS = 2
 #: A routing fault of one kind is logged (with its traceback) at most this often; DEBUG in between.
 FAULT_LOG_INTERVAL_S = 60.0
 
@@ -79,6 +82,9 @@ class RoutingEngine:
         self.timeout_s = ws.config.route.timeout_s if timeout_s is None else timeout_s
         # Enough concurrent callers to fill one micro-batch of the LoRA runtime (its batch_size, 8).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aad-specialist")
+        #: Per specialist, its calls that timed out and still hold a worker (a call cannot be stopped).
+        self._stuck: dict[str, int] = {}
+        self._stuck_lock = threading.Lock()
         self._writer: Any = None
         self._lock = threading.Lock()
         self._cluster_info: dict[int, dict[str, Any]] | None = None
@@ -218,12 +224,20 @@ class RoutingEngine:
         too_long = self._too_long(name, request)
         if too_long:  # to the teacher at once: it would hold the specialist long, on a prompt it never saw
             return SpecialistOutcome(False, too_long, latency_ms=(time.perf_counter() - start) * 1000)
+        with self._stuck_lock:
+            stuck = self._stuck.get(name, 0)
+        if stuck >= MAX_STUCK_CALLS:  # hung: more calls would only take the other specialists' workers too
+            return SpecialistOutcome(False, f"specialist busy: {stuck} of its calls timed out and are still running",
+                                     latency_ms=(time.perf_counter() - start) * 1000)
         future = self._executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             gen = future.result(timeout=timeout)[0]
         except concurrent.futures.TimeoutError:
-            future.cancel()
+            if not future.cancel():  # running: it holds its worker until it returns
+                with self._stuck_lock:
+                    self._stuck[name] = self._stuck.get(name, 0) + 1
+                future.add_done_callback(lambda _f: self._unstuck(name))
             return SpecialistOutcome(False, f"timeout: the specialist took longer than {timeout:g} s",
                                      latency_ms=(time.perf_counter() - start) * 1000)
         except SpecialistUnavailable as err:  # its circuit breaker is open (logged when it opened)
@@ -266,6 +280,14 @@ class RoutingEngine:
         out.message = Message(role="assistant", content=content if (content or not calls) else None,
                               tool_calls=calls or None)
         return out
+
+    def _unstuck(self, name: str) -> None:
+        with self._stuck_lock:
+            left = self._stuck.get(name, 0) - 1
+            if left > 0:
+                self._stuck[name] = left
+            else:
+                self._stuck.pop(name, None)
 
     def _too_long(self, name: str, request: ChatRequest) -> str:
         """Why the request's prompt is longer than the specialist was trained on ("" when it fits, or when
