@@ -392,8 +392,33 @@ def test_the_calibration_part_is_training_data_and_the_gate_never_scores_it(ws: 
     assert entry["n_heldout"] == len(test) == 12 and entry["gate"]["test"]["n"] == 12
 
 
-def test_a_one_answer_task_keeps_its_calibration_part_for_the_gate(ws: Workspace, tmp_path: Path) -> None:
+def test_a_one_answer_task_is_calibrated_on_its_out_of_fold_answers_and_gated_by_its_bound(
+        ws: Workspace, tmp_path: Path) -> None:
+    """A node that always answered the same (the demo's no_tool refusal): each fold's head answers that,
+    sure of it, so every training call is a calibration pair; the bound, not the parity rule, decides."""
+    from aad_core.pipeline.evaluate.runner import evaluate_cluster
+    from aad_core.schema import Cluster, Specialist
+
     same = [make_trace(f"what is the weather in city {i}", "NO_TOOL") for i in range(12)]
     calibration = [make_trace(f"weather in town {i}", "NO_TOOL") for i in range(3)]
     metrics = ClassifierTrainer(workspace=ws).train(same, calibration, tmp_path / "one", show_progress=False)
-    assert metrics["heldout_trained_on"] == [] and metrics["n_train"] == 12 and "calibration" not in metrics
+    assert metrics["n_train"] == 15 and metrics["heldout_trained_on"] == [t.id for t in calibration]
+    cal = metrics["calibration"]
+    assert cal["confidence"] == [1.0] * 15 and all(cal["agreement"])
+
+    cluster = Cluster(id=0, label="no tool", size=80, variance=0.1, mean_similarity=0.9, routine=True)
+    heldout = [make_trace(f"weather near village {i}", "NO_TOOL") for i in range(6)]
+
+    def evaluate(n: int) -> dict[str, Any]:
+        out = tmp_path / f"one-{n}"
+        trainer = ClassifierTrainer(workspace=ws)
+        trained = trainer.train([make_trace(f"is it raining in place {i}", "NO_TOOL") for i in range(n)], [], out,
+                                show_progress=False)
+        spec = Specialist(name="c0-no-tool", cluster_id=0, version=1, base_model="-", path=str(out),
+                          kind="classifier", metrics=trained)
+        return evaluate_cluster(ws, cluster, heldout, None, spec, predictor=trainer.load_predictor(out))
+
+    few, enough = evaluate(20), evaluate(64)
+    assert few["gate"]["mode"] == "parity-fallback"  # 20 pairs cannot show 0.95 (that needs 59)
+    assert enough["gate"]["mode"] == "risk-coverage" and enough["promoted"]  # 64 of 64: lower bound 0.954
+    assert enough["gate"]["calibration"]["n"] == 64 and enough["gate"]["test"]["coverage"] == 1.0

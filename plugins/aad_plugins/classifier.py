@@ -261,12 +261,11 @@ class ClassifierTrainer(Trainer):
                            hint="Run 'aad select' again, or check the task's traces.")
         wall_started = time.perf_counter()
         fitted_heldout: list[str] = []
-        # (one answer only: no out-of-fold pairs, so the gate needs the calibration part as it is)
-        answers = {a.strip().lower() for a, _ in answer_pairs(train)}
-        # (and only when out-of-fold pairs will replace it: frozen vectors, cross-fitted or shared-encoder folds)
+        # (only when out-of-fold pairs will replace it: frozen vectors, cross-fitted or shared-encoder folds; a
+        # node that always answered the same gets pairs too: each fold's head answers that, with probability 1)
         pairs = (self.encoder == "frozen" or self.calibration_encoder == "cross-fitted"
                  or self.tuned_calibration_folds >= 2)
-        if self.fit_calibration_part and self.calibration_folds >= 2 and len(answers) > 1 and pairs:
+        if self.fit_calibration_part and self.calibration_folds >= 2 and pairs:
             from aad_core.formats.answers import teacher_answer_wrong
 
             # The gate calibrates on out-of-fold answers of the training calls, so the held-out calls
@@ -408,8 +407,10 @@ class ClassifierTrainer(Trainer):
 
         wanted = self.calibration_folds if folds is None else folds
         folds = min(wanted, len(y))
-        if wanted < 2 or folds < 2 or n_classes < 2:
+        if wanted < 2 or folds < 2:
             return None
+        if n_classes == 1:  # a node that always answered the same: every fold's head answers it, sure of it
+            return np.ones((len(y), 1), dtype=np.float64)
         order = np.random.default_rng(self.seed).permutation(len(y))
         out = np.zeros((len(y), n_classes), dtype=np.float64)
         for k in range(folds):
