@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 
 TeacherCall = Callable[[ChatRequest], Any]
+#: Worker threads of each specialist's own pool: one LoRA micro-batch (the runtime's batch_size).
+SPECIALIST_WORKERS = 8
 #: Timed-out calls of one specialist still running (a thread cannot be stopped) after which its requests go
-#: to the teacher at once, until one returns: a hung specialist holds at most this many of the 8 workers.
+#: to the teacher at once, without waiting out the timeout, until one returns.
 MAX_STUCK_CALLS = 2
 #: A routing fault of one kind is logged (with its traceback) at most this often; DEBUG in between.
 FAULT_LOG_INTERVAL_S = 60.0
@@ -80,8 +82,9 @@ class RoutingEngine:
         self._specialists = self._given_specialists = specialists
         self.record = ws.config.route.record_escalations if record is None else record
         self.timeout_s = ws.config.route.timeout_s if timeout_s is None else timeout_s
-        # Enough concurrent callers to fill one micro-batch of the LoRA runtime (its batch_size, 8).
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aad-specialist")
+        # One pool per specialist, each with enough workers to fill one micro-batch of the LoRA runtime (its
+        # batch_size, 8): a specialist that hangs holds only its own workers, never another specialist's.
+        self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         #: Per specialist, its calls that timed out and still hold a worker (a call cannot be stopped).
         self._stuck: dict[str, int] = {}
         self._stuck_lock = threading.Lock()
@@ -226,10 +229,14 @@ class RoutingEngine:
             return SpecialistOutcome(False, too_long, latency_ms=(time.perf_counter() - start) * 1000)
         with self._stuck_lock:
             stuck = self._stuck.get(name, 0)
-        if stuck >= MAX_STUCK_CALLS:  # hung: more calls would only take the other specialists' workers too
+            executor = self._executors.get(name)
+            if executor is None:
+                executor = self._executors[name] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=SPECIALIST_WORKERS, thread_name_prefix=f"aad-specialist-{name[:24]}")
+        if stuck >= MAX_STUCK_CALLS:  # hung: each new call would wait out its timeout, then hold a thread too
             return SpecialistOutcome(False, f"specialist busy: {stuck} of its calls timed out and are still running",
                                      latency_ms=(time.perf_counter() - start) * 1000)
-        future = self._executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
+        future = executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             gen = future.result(timeout=timeout)[0]
@@ -460,7 +467,10 @@ class RoutingEngine:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._stuck_lock:
+            executors, self._executors = list(self._executors.values()), {}
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def answer(self, request: ChatRequest, teacher_call: TeacherCall | None = None) -> RoutedAnswer:
         """Route one request end to end and return the answer the user should get."""
