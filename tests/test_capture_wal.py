@@ -287,10 +287,10 @@ def test_a_redactor_that_cannot_be_built_loses_no_trace_they_wait_in_the_log(wor
     w = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="broken"))
     for i in range(3):
         w.submit(trace(i))
-    w.flush(5)
+    assert not w.flush(5)
     s = w.stats()
-    w.close()
-    assert (s["written"], s["dropped"], s["lost"]) == (0, 0, 0)  # not poison: the redactor is missing
+    assert not w.close()
+    assert (s["written"], s["dropped"], s["lost"], s["waiting_in_wal"]) == (0, 0, 0, 3)  # not poison: no redactor
     assert segments(workspace) and w._redactor_failure is not None
     fixed = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"))
     assert fixed.flush(10)

@@ -166,14 +166,14 @@ def test_failed_redaction_never_writes_unredacted_traces(workspace):
     get_plugin_manager().add_plugin(BrokenRedactorPlugin(), name="broken-redactor")
     w = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="broken"))
     w.submit(make_trace("mail me at ada@example.org", "ok"))
-    assert w.flush(10)
+    assert not w.flush(10)  # not stored nor spooled: flush says so
     s = w.stats()
-    assert w.store.count() == 0 and s["spooled"] == 0
+    assert w.store.count() == 0 and s["spooled"] == 0 and s["waiting_in_wal"] == 1
     assert not w.spool_dir.exists() or not any(w.spool_dir.iterdir())  # nothing unredacted anywhere
     # A redactor that cannot even redact its warm-up trace is missing, not given a poison trace: the call
     # waits, encrypted, in the write-ahead log for a writer with a working redactor (tests/test_capture_wal.py).
     assert s["dropped"] == 0 and s["lost"] == 0 and list((workspace.data_dir / "wal").glob("*.seg"))
-    w.close()
+    assert not w.close()
 
 
 def test_making_a_writer_never_waits_for_a_store_another_process_is_writing_to(workspace):

@@ -287,7 +287,8 @@ class CaptureWriter:
         self._leftovers_kept: set[Path] = set()  # recovered into memory but not stored (disk full)
         self._lock = threading.Lock()
         self._counts = {"captured": 0, "written": 0, "spooled": 0, "reloaded": 0, "recovered": 0, "errors": 0,
-                        "lost": 0, "overflowed": 0, "repaired": 0, "dropped": 0, "wal_skipped": 0}
+                        "lost": 0, "overflowed": 0, "repaired": 0, "dropped": 0, "wal_skipped": 0,
+                        "waiting_in_wal": 0}
         self._lost_by: dict[str, int] = {}
         self._logged: set[str] = set()
         self._last_loss_log: dict[str, float] = {}
@@ -358,14 +359,17 @@ class CaptureWriter:
             self._log_once("flush-timeout", logging.WARNING, "aad capture: flush() timed out with %d trace(s) queued",
                            self._used())
             return False
-        return not self._held
+        if self._counts["waiting_in_wal"]:
+            self._log_once("waiting-in-wal", logging.WARNING, "aad capture: %d trace(s) wait in the write-ahead log for "
+                           "a writer that can redact and store them", self._counts["waiting_in_wal"])
+        return not self._held and not self._counts["waiting_in_wal"]
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, stop the background thread and close the store this writer opened. Returns
         True when every trace submitted was stored or spooled; otherwise (and whenever traces
         were lost or are left in the spool) a warning says how many and why."""
         if self._closed:
-            return not self._held and self._used() == 0
+            return not self._held and self._used() == 0 and not self._counts["waiting_in_wal"]
         self.flush(timeout)
         self._closed = True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -407,11 +411,13 @@ class CaptureWriter:
                 self._error("close", err)
         atexit.unregister(self._atexit)
         s = self.stats()
-        if s["lost"] or s["spool_files"] or queued:
-            log.warning("aad capture closed: %d captured, %d written, %d lost %s, %d spool file(s) left in %s%s",
+        if s["lost"] or s["spool_files"] or queued or s["waiting_in_wal"]:
+            log.warning("aad capture closed: %d captured, %d written, %d lost %s, %d spool file(s) left in %s%s%s",
                         s["captured"], s["written"] + s["reloaded"], s["lost"], s["lost_by"] or "", s["spool_files"],
-                        self.spool_dir, f", {queued} still queued (timeout)" if queued else "")
-        return not queued and not s["held"]
+                        self.spool_dir, f", {queued} still queued (timeout)" if queued else "",
+                        f", {s['waiting_in_wal']} waiting in the write-ahead log for a writer that can redact them"
+                        if s["waiting_in_wal"] else "")
+        return not queued and not s["held"] and not s["waiting_in_wal"]
 
     def stats(self) -> dict[str, Any]:
         """Counters: captured, written, spooled, reloaded (from the spool), recovered (from the
@@ -421,7 +427,8 @@ class CaptureWriter:
         repaired: lost), wal_skipped (cut or damaged records and lines in recovered WAL
         segments), queued (submitted, not yet redacted), held (redacted, in memory, waiting for
         a writable disk), spool_files (waiting in the spool folder), wal_segments (segment files
-        in the WAL folder, of every writer of the workspace)."""
+        in the WAL folder, of every writer of the workspace), waiting_in_wal (traces this writer could not
+        process, e.g. without a redactor: the next writer recovers them from the WAL)."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
             lost_by = dict(self._lost_by)
@@ -521,10 +528,12 @@ class CaptureWriter:
             if batch:
                 ok = self._guard("write", lambda: self._process(batch))
                 self._release(len(batch))
-                if ok:  # else the WAL keeps them: a later writer (or this one, later) recovers them
+                if ok:
                     self._settle(acks)
-                else:
-                    self._lose_unlogged(len(batch) - sum(n for _, n in acks))
+                else:  # the WAL keeps them (never acknowledged): the next writer of the workspace recovers them
+                    logged = sum(n for _, n in acks)
+                    self._count("waiting_in_wal", logged)
+                    self._lose_unlogged(len(batch) - logged)
                 if self._leftovers is not None:  # recovery goes on under load too
                     self._guard("recover", lambda: self._recover(batch_size))
             for m in markers:
