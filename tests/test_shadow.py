@@ -216,6 +216,17 @@ def test_a_second_demotion_keeps_the_first_until_the_registry_promotes_it_again(
     eng.close()
 
 
+def test_a_demoted_version_hands_its_task_to_the_earlier_promoted_version_at_once(workspace: Workspace) -> None:
+    register_cards(workspace, versions=2)
+    eng = shadowed(workspace, rate=0.0)
+    eng.shadow.demote("cards", 2, "demoted by shadow evaluation (test)")
+    assert "cards" not in eng.demoted and SpecialistRegistry(workspace).promoted()[0].version == 1
+    assert eng.answer(card(0)).decision.target == "specialist"  # v1 serves, not the teacher until a reload
+    eng.shadow.demote("cards", 1, "demoted by shadow evaluation (test)")
+    assert "cards" in eng.demoted and eng.answer(card(1)).decision.target == "teacher"
+    eng.close()
+
+
 def test_agreeing_pairs_keep_the_specialist(workspace: Workspace) -> None:
     register_cards(workspace)
     eng = shadowed(workspace, score=lambda *_: 1.0)

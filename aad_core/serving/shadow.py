@@ -434,7 +434,12 @@ class ShadowEvaluator:
         except Exception:
             log.exception("shadow evaluation: could not refresh router.json after demoting %s v%s", name, version)
         self.engine.reload()
-        self.engine.demoted[name] = reason
+        try:
+            still = any(spec.name == name for spec in SpecialistRegistry(self.engine.ws).promoted().values())
+        except Exception:
+            still = False
+        if not still:  # else an earlier promoted version of it serves now, with its own threshold
+            self.engine.demoted[name] = reason
 
     # -- lifecycle -------------------------------------------------------------------------------
     def wait(self, timeout_s: float | None = None) -> None:
