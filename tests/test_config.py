@@ -155,6 +155,14 @@ def test_bad_value_names_file_line_key_and_fix(tmp_path: Path) -> None:
     ("[route]\n", "[route]\nmin_confidence = 0.5\n",
      "The 'min_confidence' parameter of [route] must be less than or equal to 0. Got 0.5 instead."),
 ])
+def test_a_whole_sections_check_reads_as_its_own_sentence(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[cluster]\nk_min = 10\nk_max = 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:1: [cluster] k_min (10) must not exceed k_max (2)." in str(err.value)
+    assert "parameter of aad.toml" not in str(err.value)
+
+
 def test_values_pydantic_would_coerce_or_accept_silently_are_refused_by_line(tmp_path: Path, old: str, new: str,
                                                                              expected: str) -> None:
     text = default_config_toml()
