@@ -148,13 +148,6 @@ def test_bad_value_names_file_line_key_and_fix(tmp_path: Path) -> None:
     assert "AAD_SELECT__FRACTION" in msg
 
 
-@pytest.mark.parametrize(("old", "new", "expected"), [
-    ("seed = 0", "seed = -1", "The 'seed' parameter of aad.toml must be greater than or equal to 0. Got -1 instead."),
-    ("seed = 0", "seed = true", "The 'seed' parameter of aad.toml must be a number, not true. Got True instead."),
-    ("max_heldout = 200", "max_heldout = true", "The 'max_heldout' parameter of [eval] must be a number, not true."),
-    ("[route]\n", "[route]\nmin_confidence = 0.5\n",
-     "The 'min_confidence' parameter of [route] must be less than or equal to 0. Got 0.5 instead."),
-])
 def test_a_whole_sections_check_reads_as_its_own_sentence(tmp_path: Path) -> None:
     path = _write(tmp_path, "[cluster]\nk_min = 10\nk_max = 2\n")
     with pytest.raises(ConfigError) as err:
@@ -163,6 +156,13 @@ def test_a_whole_sections_check_reads_as_its_own_sentence(tmp_path: Path) -> Non
     assert "parameter of aad.toml" not in str(err.value)
 
 
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("seed = 0", "seed = -1", "The 'seed' parameter of aad.toml must be greater than or equal to 0. Got -1 instead."),
+    ("seed = 0", "seed = true", "The 'seed' parameter of aad.toml must be a number, not true. Got True instead."),
+    ("max_heldout = 200", "max_heldout = true", "The 'max_heldout' parameter of [eval] must be a number, not true."),
+    ("[route]\n", "[route]\nmin_confidence = 0.5\n",
+     "The 'min_confidence' parameter of [route] must be less than or equal to 0. Got 0.5 instead."),
+])
 def test_values_pydantic_would_coerce_or_accept_silently_are_refused_by_line(tmp_path: Path, old: str, new: str,
                                                                              expected: str) -> None:
     text = default_config_toml()
