@@ -98,6 +98,15 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(tiny_st
     second = _trainer(tiny_student, max_steps=4, eval_every=1, early_stopping_patience=0, precision="fp32").train(
         _traces(8), _traces(4), out, show_progress=False)
     assert second["resumed_from_step"] == 2 and second["precision"] == "bf16-autocast"
+    # a checkpoint of another kind of device (here: said to be CUDA) gives no precision to keep
+    other = tmp_path / "resume-elsewhere"
+    _trainer(tiny_student, max_steps=2, eval_every=1, keep_checkpoint=True, early_stopping_patience=0,
+             precision="bf16").train(_traces(8), _traces(4), other, show_progress=False)
+    state_file = other / ".checkpoint" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "device": "cuda"}))
+    third = _trainer(tiny_student, max_steps=4, eval_every=1, early_stopping_patience=0, precision="fp32").train(
+        _traces(8), _traces(4), other, show_progress=False)
+    assert third["resumed_from_step"] == 2 and third["precision"] == "fp32"
     fresh = _trainer(tiny_student, max_steps=1, precision="fp32").train(_traces(8), [], tmp_path / "fresh",
                                                                          show_progress=False)
     assert fresh["precision"] == "fp32"

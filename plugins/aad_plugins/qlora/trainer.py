@@ -329,13 +329,16 @@ class QLoRATrainer(Trainer):
             announce(f"Curriculum easy-to-hard: {curriculum.describe()}.", show_progress)
         ckpt = output_dir / CHECKPOINT_DIR
         saved = saved_state(ckpt) if resume else None
-        # "auto" resolves on this machine; a resumed run keeps the precision its checkpoint was trained in
-        bf16 = self._bf16(device, four_bit) if saved is None or "autocast_bf16" not in saved else saved["autocast_bf16"]
+        # "auto" resolves on this machine; a run resumed on the same kind of device and quantisation keeps the
+        # precision its checkpoint was trained in (elsewhere _bf16's own rules hold: no autocast under 4-bit)
+        same_kind = saved is not None and (saved.get("device"), saved.get("four_bit")) == (device, four_bit)
+        bf16 = bool(saved["autocast_bf16"]) if same_kind and "autocast_bf16" in saved else self._bf16(device, four_bit)
         loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum, autocast_bf16=bf16)
 
-        state, resumed_from = {**new_state(), "autocast_bf16": bf16}, None
+        state, resumed_from = {**new_state(), "autocast_bf16": bf16, "device": device, "four_bit": four_bit}, None
         if saved is not None:
             resumed_from = load_checkpoint(model, loop.optimizer, loop.scheduler, ckpt, state)
+            state.update(autocast_bf16=bf16, device=device, four_bit=four_bit)  # how this run trains
             announce(f"Resuming from checkpoint at step {resumed_from}"
                      f"{' (bf16 autocast, as it was trained)' if bf16 else ''}.", show_progress)
         stats = loop.run(state, output_dir, show_progress)
