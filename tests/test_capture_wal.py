@@ -165,7 +165,7 @@ def test_kill9_loses_only_the_last_batch_and_the_next_writer_recovers_the_rest(t
 
 def test_a_cut_or_damaged_record_is_skipped_and_recovery_goes_on(workspace, caplog):
     wal_dir = workspace.data_dir / "wal"
-    wal = WriteAheadLog(wal_dir)
+    wal = WriteAheadLog(wal_dir, plain=True)  # dead writers that did not redact, like this test's
     first = [trace(i) for i in range(3)]
     seg = wal.append([t.model_dump_json(exclude_none=True).encode() for t in first])
     wal.append([trace(i).model_dump_json(exclude_none=True).encode() for i in range(3, 5)])
@@ -173,7 +173,7 @@ def test_a_cut_or_damaged_record_is_skipped_and_recovery_goes_on(workspace, capl
     (path,) = segments(workspace)
     data = path.read_bytes()
     path.write_bytes(data[:-7])  # the kill came while the last record was written
-    other = WriteAheadLog(wal_dir)  # a second dead writer: a damaged record between two good ones
+    other = WriteAheadLog(wal_dir, plain=True)  # a second dead writer: a damaged record between two good ones
     other.append([trace(10).model_dump_json().encode()])
     other.append([trace(11).model_dump_json().encode()])
     other.append([trace(12).model_dump_json().encode()])
@@ -225,7 +225,7 @@ def test_two_live_writers_leave_each_others_segments_alone(workspace, redactors)
 
 
 def test_wal_false_keeps_traces_in_memory_only_and_still_recovers_an_old_log(workspace):
-    old = WriteAheadLog(workspace.data_dir / "wal")  # left by an earlier run with the WAL on
+    old = WriteAheadLog(workspace.data_dir / "wal", plain=True)  # left by an earlier run with the WAL on
     old.append([trace(1).model_dump_json().encode()])
     old.close()
     w = CaptureWriter(workspace=workspace, config=settings(wal=False))
@@ -243,7 +243,7 @@ def test_recovery_skips_traces_the_dead_writer_had_stored_and_storing_twice_is_h
     store = SQLiteTraceStore(workspace.db_path)
     store.add([trace(1).model_copy(update={"redacted": True})])
     store.close()
-    dead = WriteAheadLog(workspace.data_dir / "wal")
+    dead = WriteAheadLog(workspace.data_dir / "wal", plain=True)
     dead.append([trace(i).model_dump_json().encode() for i in (1, 2, 3)])
     dead.close()
     w = CaptureWriter(workspace=workspace, config=settings())
@@ -255,11 +255,15 @@ def test_recovery_skips_traces_the_dead_writer_had_stored_and_storing_twice_is_h
     assert not segments(workspace)
 
 
-def test_a_writer_told_not_to_redact_leaves_a_redacting_writers_log_to_one_that_redacts(workspace, redactors):
+@pytest.mark.parametrize("workspace_redacts", [True, False])
+def test_a_writer_that_does_not_redact_leaves_a_redacting_writers_log_to_one_that_redacts(workspace, redactors,
+                                                                                          workspace_redacts):
     dead = WriteAheadLog(workspace.data_dir / "wal")  # a redacting writer killed before it stored these
     dead.append([trace(i).model_dump_json().encode() for i in (1, 2)])
     dead.close()
-    plain = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"), redact=False)
+    # whatever the workspace's [capture] redact says: the segment says its writer redacted
+    plain = CaptureWriter(workspace=workspace, config=settings(redact=workspace_redacts, redactor="mail"),
+                          redact=False)
     assert plain.flush(10)
     assert plain.stats()["recovered"] == 0 and plain.store.count() == 0 and segments(workspace)
     plain.close()

@@ -14,7 +14,9 @@ the rest. Raw traces never touch the disk in plaintext:
 The key lives beside the segments: this protects against casual disclosure (a copied or backed
 up traces folder, ``grep``), not against someone who can read the workspace.
 
-Layout: a segment is ``<time_ns>-<pid>-<random>.seg``: a 16-byte header (magic and key id), then
+Layout: a segment is ``<time_ns>-<pid>-<random>.seg`` (``…-plain.seg`` when its writer does not redact:
+only such a segment may be stored unredacted by another writer that does not redact; any other waits
+for a writer that redacts): a 16-byte header (magic and key id), then
 records of ``length (4 bytes) | nonce (12) | ciphertext and tag (length)``. Its writer holds an
 exclusive ``flock`` on it for as long as it may append or still owes traces in it, so concurrent
 writers never recover each other's live segments; a segment whose lock is free belongs to a dead
@@ -56,6 +58,8 @@ NONCE_BYTES = 12
 LENGTH_BYTES = 4
 TAG_BYTES = 16
 SEGMENT_SUFFIX = ".seg"
+#: Before :data:`SEGMENT_SUFFIX`: the segment of a writer that does not redact (``[capture] redact = false``).
+PLAIN_TAG = "-plain"
 TMP_SUFFIX = ".tmp"
 #: A segment stops taking records past this size; it is deleted once all its traces are stored.
 SEGMENT_BYTES = 4 << 20
@@ -119,6 +123,11 @@ class Leftover:
     problem: str | None = None
     keep: bool = False
 
+    @property
+    def plain(self) -> bool:
+        """Written by a writer that does not redact: another such writer may store it as it is."""
+        return self.path.name.endswith(PLAIN_TAG + SEGMENT_SUFFIX)
+
     def remove(self) -> None:
         """Every trace is stored: delete the segment (then unlock it)."""
         try:
@@ -138,10 +147,12 @@ class WriteAheadLog:
     """One writer's segments in ``folder``: append encrypted batches, acknowledge stored traces,
     and find the segments that dead writers left behind."""
 
-    def __init__(self, folder: Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, folder: Path, *, segment_bytes: int = SEGMENT_BYTES, plain: bool = False) -> None:
+        """``plain``: this writer does not redact (its segments are tagged so)."""
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self.folder = folder
+        self.plain = plain
         folder.mkdir(parents=True, exist_ok=True)
         try:
             os.chmod(folder, 0o700)
@@ -236,7 +247,7 @@ class WriteAheadLog:
     def _open_segment(self) -> int:
         """Create, lock and register a new segment (under a temporary name until its header is
         durable, so that no other writer ever sees it unlocked)."""
-        name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PLAIN_TAG if self.plain else ''}"
         tmp = self.folder / (name + TMP_SUFFIX)
         path = self.folder / (name + SEGMENT_SUFFIX)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)

@@ -557,7 +557,7 @@ class CaptureWriter:
         try:
             from aad_core.capture.wal import WriteAheadLog
 
-            self._wal = WriteAheadLog(self.wal_dir)
+            self._wal = WriteAheadLog(self.wal_dir, plain=not self.redact)
         except Exception as err:
             self._error("wal", err, f"cannot open the write-ahead log in {self.wal_dir}; traces stay in memory "
                         "only until they are stored")
@@ -648,7 +648,7 @@ class CaptureWriter:
             try:
                 from aad_core.capture.wal import WriteAheadLog
 
-                self._wal = WriteAheadLog(self.wal_dir)
+                self._wal = WriteAheadLog(self.wal_dir, plain=not self.redact)
             except Exception as err:
                 self._error("wal", err, f"cannot open the write-ahead log in {self.wal_dir} to recover it")
         if self._wal is not None:
@@ -668,10 +668,6 @@ class CaptureWriter:
         if self.redact and not self._redactor_ready.is_set():
             self._leftovers = None  # no redactor (it failed to build): the segments wait for a later writer
             return
-        if not self.redact and self.config.capture.redact:
-            # A writer told not to redact must not store a redacting writer's raw traces: they wait.
-            self._leftovers = None
-            return
         done = 0
         while limit is None or done < limit:
             left = self._leftover
@@ -680,6 +676,11 @@ class CaptureWriter:
                 if left is None:
                     self._leftovers = None
                     return
+                if not self.redact and not left.plain:
+                    # a redacting writer's raw traces: never stored unredacted; they wait for one that redacts
+                    self._leftovers_kept.add(left.path)
+                    left.release()
+                    continue
                 self._leftover, self._leftover_pos = left, 0
                 self._report_leftover(left)
             chunk = left.traces[self._leftover_pos : self._leftover_pos + self.config.capture.batch_size]
