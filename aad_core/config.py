@@ -936,8 +936,11 @@ def _must_be(loc: tuple[str, ...], error: Any) -> str:
     owner = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "aad.toml"
     msg = str(error["msg"])
     own = msg.removeprefix("Value error, ")
-    if own.startswith("The '") or (len(loc) == 1 and loc[0] != "seed"):  # a whole section's own check
-        return f"[{'.'.join(loc)}] {own} (got {error.get('input')!r})"
+    if own.startswith("The '"):  # a validator's own message of that form: it says what it got
+        return f"[{'.'.join(loc)}] {own}"
+    if len(loc) == 1 and loc[0] != "seed":  # a whole section's own check
+        got = error.get("input")
+        return f"[{loc[0]}] {own}" + ("" if isinstance(got, dict) else f" (got {got!r})")
     for lead in ("Input should be ", "Value error, "):
         if msg.startswith(lead):
             msg = "must be " + msg[len(lead):]

@@ -152,8 +152,13 @@ def test_a_whole_sections_check_reads_as_its_own_sentence(tmp_path: Path) -> Non
     path = _write(tmp_path, "[cluster]\nk_min = 10\nk_max = 2\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert f"{path}:1: [cluster] k_min (10) must not exceed k_max (2)." in str(err.value)
-    assert "parameter of aad.toml" not in str(err.value)
+    assert f"{path}:1: [cluster] k_min (10) must not exceed k_max (2).\n" in str(err.value) + "\n"
+    assert "parameter of aad.toml" not in str(err.value) and "(got" not in str(err.value)
+    path = _write(tmp_path, '[teacher]\nbase_url = "127.0.0.1:8001"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    line = str(err.value).splitlines()[1]
+    assert line.endswith("Got '127.0.0.1:8001' instead.") and line.lower().count("got ") == 1
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [

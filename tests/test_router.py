@@ -301,6 +301,8 @@ def test_a_hung_specialist_never_starves_the_others_and_its_requests_stop_waitin
         time.sleep(0.01)
     assert engine.answer(card_request()).decision.target == "specialist"
     engine.close()
+    after = engine.answer(card_request())  # a closed engine starts no new workers: the teacher answers
+    assert after.decision.target == "teacher" and "the routing engine is closed" in after.decision.reason
 
 
 @pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", "max_new_tokens"])

@@ -352,7 +352,7 @@ class CaptureWriter:
         (seconds) ran out first or when traces are still held in memory because neither the
         store nor the spool could be written."""
         if not self._thread.is_alive() or (self._wal_thread is not None and not self._wal_thread.is_alive()):
-            return self._used() == 0 and not self._held
+            return self._used() == 0 and not self._held and not self._counts["waiting_in_wal"]
         marker = _Flush()
         self._inbox.put_marker(marker)
         if not marker.done.wait(timeout):

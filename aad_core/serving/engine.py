@@ -88,6 +88,7 @@ class RoutingEngine:
         #: Per specialist, its calls that timed out and still hold a worker (a call cannot be stopped).
         self._stuck: dict[str, int] = {}
         self._stuck_lock = threading.Lock()
+        self._closed = False
         self._writer: Any = None
         self._lock = threading.Lock()
         self._cluster_info: dict[int, dict[str, Any]] | None = None
@@ -229,14 +230,20 @@ class RoutingEngine:
             return SpecialistOutcome(False, too_long, latency_ms=(time.perf_counter() - start) * 1000)
         with self._stuck_lock:
             stuck = self._stuck.get(name, 0)
-            executor = self._executors.get(name)
-            if executor is None:
+            executor = None if self._closed else self._executors.get(name)
+            if executor is None and not self._closed:
                 executor = self._executors[name] = concurrent.futures.ThreadPoolExecutor(
                     max_workers=SPECIALIST_WORKERS, thread_name_prefix=f"aad-specialist-{name[:24]}")
+        if executor is None:
+            return SpecialistOutcome(False, "the routing engine is closed",
+                                     latency_ms=(time.perf_counter() - start) * 1000)
         if stuck >= MAX_STUCK_CALLS:  # hung: each new call would wait out its timeout, then hold a thread too
             return SpecialistOutcome(False, f"specialist busy: {stuck} of its calls timed out and are still running",
                                      latency_ms=(time.perf_counter() - start) * 1000)
-        future = executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
+        try:
+            future = executor.submit(self.specialists.generate, name, [request], max_new_tokens=max_new)
+        except RuntimeError as err:  # shut down by close() meanwhile
+            return SpecialistOutcome(False, f"exception: {err}", latency_ms=(time.perf_counter() - start) * 1000)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             gen = future.result(timeout=timeout)[0]
@@ -468,6 +475,7 @@ class RoutingEngine:
             self._writer.close()
             self._writer = None
         with self._stuck_lock:
+            self._closed = True
             executors, self._executors = list(self._executors.values()), {}
         for executor in executors:
             executor.shutdown(wait=False, cancel_futures=True)

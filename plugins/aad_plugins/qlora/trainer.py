@@ -340,7 +340,7 @@ class QLoRATrainer(Trainer):
             resumed_from = load_checkpoint(model, loop.optimizer, loop.scheduler, ckpt, state)
             state.update(autocast_bf16=bf16, device=device, four_bit=four_bit)  # how this run trains
             announce(f"Resuming from checkpoint at step {resumed_from}"
-                     f"{' (bf16 autocast, as it was trained)' if bf16 else ''}.", show_progress)
+                     f"{' (bf16 autocast, as it was trained)' if bf16 and same_kind else ''}.", show_progress)
         stats = loop.run(state, output_dir, show_progress)
 
         finish_adapter(model, output_dir, source, best_saved=bool(data.eval))
