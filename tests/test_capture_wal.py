@@ -257,7 +257,7 @@ def test_recovery_skips_traces_the_dead_writer_had_stored_and_storing_twice_is_h
 
 @pytest.mark.parametrize("workspace_redacts", [True, False])
 def test_a_writer_that_does_not_redact_leaves_a_redacting_writers_log_to_one_that_redacts(workspace, redactors,
-                                                                                          workspace_redacts):
+                                                                                          workspace_redacts, caplog):
     dead = WriteAheadLog(workspace.data_dir / "wal")  # a redacting writer killed before it stored these
     dead.append([trace(i).model_dump_json().encode() for i in (1, 2)])
     dead.close()
@@ -266,6 +266,7 @@ def test_a_writer_that_does_not_redact_leaves_a_redacting_writers_log_to_one_tha
                           redact=False)
     assert plain.flush(10)
     assert plain.stats()["recovered"] == 0 and plain.store.count() == 0 and segments(workspace)
+    assert "2 trace(s)" in caplog.text and "wait for one that does" in caplog.text
     plain.close()
     w = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"))
     assert w.flush(10)

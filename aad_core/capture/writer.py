@@ -678,6 +678,10 @@ class CaptureWriter:
                     return
                 if not self.redact and not left.plain:
                     # a redacting writer's raw traces: never stored unredacted; they wait for one that redacts
+                    self._log_once(f"wal-redact:{left.path.name}", logging.WARNING,
+                                   "aad capture: %d trace(s) in %s were written by a writer that redacts; this one does "
+                                   "not, so they wait for one that does (CaptureWriter(redact=True), the default where "
+                                   "[capture] redact = true)", len(left.traces), left.path)
                     self._leftovers_kept.add(left.path)
                     left.release()
                     continue
