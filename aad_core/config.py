@@ -941,10 +941,10 @@ def _must_be(loc: tuple[str, ...], error: Any) -> str:
     if len(loc) == 1 and loc[0] != "seed":  # a whole section's own check
         got = error.get("input")
         return f"[{loc[0]}] {own}" + ("" if isinstance(got, dict) else f" (got {got!r})")
-    for lead in ("Input should be ", "Value error, "):
-        if msg.startswith(lead):
-            msg = "must be " + msg[len(lead):]
-            break
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg.removeprefix("Input should be ")
+    elif own != msg:  # a field validator's "Value error, <what it must be>"
+        msg = "must be " + own
     else:
         msg = f"is invalid: {msg}"
     return f"The '{loc[-1]}' parameter of {owner} {msg}. Got {error.get('input')!r} instead."

@@ -244,7 +244,7 @@ def _confidence_thresholds(ws: Workspace, specialists: dict[int, Specialist], cl
     verdict its manifest keeps: eval.json holds only the newest version of each task). A version no
     gate has judged (promoted by hand before any 'aad eval') serves without a threshold, and says so."""
     from aad_core.artifacts import EvalReport
-    from aad_core.pipeline.evaluate.risk_coverage import SIGNAL_LABELS
+    from aad_core.pipeline.evaluate.risk_coverage import CALIBRATION_FIGURES, SIGNAL_LABELS
     from aad_core.specialists import SpecialistRegistry
 
     evaluation = EvalReport.load_optional(ws)
@@ -270,7 +270,7 @@ def _confidence_thresholds(ws: Workspace, specialists: dict[int, Specialist], cl
             confidence_threshold=float(gate["threshold"]),
             confidence_signal=signal,
             confidence_label=SIGNAL_LABELS.get(signal, signal),
-            confidence_calibration={k: calibration.get(k) for k in ("coverage", "agreement", "lower_bound", "n_served", "n")},
+            confidence_calibration={k: calibration.get(k) for k in CALIBRATION_FIGURES},
         )
 
 

@@ -433,13 +433,10 @@ class ShadowEvaluator:
             refresh_served_gates(self.engine.ws)
         except Exception:
             log.exception("shadow evaluation: could not refresh router.json after demoting %s v%s", name, version)
+        # The reload keeps this demotion unless an earlier version of the specialist is still promoted (it
+        # serves now, with its own threshold).
+        self.engine.demoted[name] = reason
         self.engine.reload()
-        try:
-            still = any(spec.name == name for spec in SpecialistRegistry(self.engine.ws).promoted().values())
-        except Exception:
-            still = False
-        if not still:  # else an earlier promoted version of it serves now, with its own threshold
-            self.engine.demoted[name] = reason
 
     # -- lifecycle -------------------------------------------------------------------------------
     def wait(self, timeout_s: float | None = None) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 from aad_core.errors import param_error
 
+#: The calibration figures of a gate verdict that serving shows (router.json, the escalation reasons).
+CALIBRATION_FIGURES = ("coverage", "agreement", "lower_bound", "n_served", "n")
 #: How each confidence signal reads in reasons and the report.
 SIGNAL_LABELS: dict[str, str] = {"mean_logprob": "mean token log-prob", "confidence": "confidence"}
 

@@ -21,7 +21,7 @@ from aad_core.formats.answers import answer_string, teacher_quality
 from aad_core.pipeline.evaluate.choose import evaluator_name_for
 from aad_core.pipeline.evaluate.costs import latency_summary, recorded_price_per_mtok, specialist_price_per_mtok
 from aad_core.pipeline.evaluate.gate import CoverageGate, coverage_gate, parity_gate
-from aad_core.pipeline.evaluate.risk_coverage import calibration_test_split, risk_coverage_curve
+from aad_core.pipeline.evaluate.risk_coverage import CALIBRATION_FIGURES, calibration_test_split, risk_coverage_curve
 
 if TYPE_CHECKING:
     from aad_core.schema import Cluster, Trace
@@ -349,7 +349,7 @@ def served_gate(gate: dict[str, Any] | None) -> dict[str, Any]:
     gate = gate or {}
     calibration = gate.get("calibration") or {}
     return {"mode": gate.get("mode"), "signal": gate.get("signal"), "threshold": gate.get("threshold"),
-            "calibration": {k: calibration.get(k) for k in ("coverage", "agreement", "lower_bound", "n_served", "n")}}
+            "calibration": {k: calibration.get(k) for k in CALIBRATION_FIGURES}}
 
 
 def run_evaluate(ws: Workspace, *, show_progress: bool = True) -> dict[str, Any]:

@@ -335,10 +335,11 @@ class QLoRATrainer(Trainer):
         bf16 = bool(saved["autocast_bf16"]) if same_kind and "autocast_bf16" in saved else self._bf16(device, four_bit)
         loop = self._loop(model, tokenizer, data, plan, teacher, device, four_bit, curriculum, autocast_bf16=bf16)
 
-        state, resumed_from = {**new_state(), "autocast_bf16": bf16, "device": device, "four_bit": four_bit}, None
+        how = {"autocast_bf16": bf16, "device": device, "four_bit": four_bit}  # how this run trains
+        state, resumed_from = {**new_state(), **how}, None
         if saved is not None:
             resumed_from = load_checkpoint(model, loop.optimizer, loop.scheduler, ckpt, state)
-            state.update(autocast_bf16=bf16, device=device, four_bit=four_bit)  # how this run trains
+            state.update(how)
             announce(f"Resuming from checkpoint at step {resumed_from}"
                      f"{' (bf16 autocast, as it was trained)' if bf16 and same_kind else ''}.", show_progress)
         stats = loop.run(state, output_dir, show_progress)
