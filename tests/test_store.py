@@ -36,6 +36,20 @@ def test_wal_mode_and_stats(tmp_path: Path) -> None:
     assert stats["tokens"]["completion"] == 2
 
 
+def test_opening_waits_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    """Workers that start together: switching a fresh file to WAL must wait, not fail at once."""
+    db = tmp_path / "t.db"
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE x (y)")
+    other.execute("BEGIN IMMEDIATE")  # what a process creating the schema holds
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    store = SQLiteTraceStore(db, timeout_s=10)
+    release.join()
+    assert store.add([make_trace("q", "a")]) == 1
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_many_threads_write_without_loss(tmp_path: Path) -> None:
     store = SQLiteTraceStore(tmp_path / "t.db")
     traces = [make_trace(f"q{i}", f"a{i}") for i in range(400)]

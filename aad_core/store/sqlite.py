@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,29 @@ class SQLiteTraceStore:
             return conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._set_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
         self._local.conn, self._local.pid = conn, os.getpid()
         with self._lock:
             self._connections.append(conn)
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching to WAL needs an exclusive lock, and SQLite answers "database is locked" at
+        # once, without waiting on the busy handler, while another process is creating the same
+        # file (several workers starting together); so wait here, up to the store's timeout.
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
     # -- writing -----------------------------------------------------------------------------
     def add(self, traces: Sequence[Trace]) -> int:
