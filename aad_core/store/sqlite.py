@@ -77,7 +77,11 @@ class SQLiteTraceStore:
             return conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
-        self._set_wal(conn)
+        try:
+            self._set_wal(conn)
+        except sqlite3.Error:
+            conn.close()
+            raise
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
         self._local.conn, self._local.pid = conn, os.getpid()
