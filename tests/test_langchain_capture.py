@@ -155,6 +155,18 @@ def test_streamed_output_is_assembled_from_chunks(handler):
     assert t.usage.total_tokens == 26 and t.teacher_logprobs[0].token == "Done"
 
 
+def test_a_role_openai_does_not_have_is_captured_as_the_user_s(handler):
+    from langchain_core.messages import ChatMessage
+
+    model = ToolFakeChatModel(messages=iter([AIMessage(content="ok")]))
+    model.invoke([ChatMessage(role="critic", content="be terse"), ChatMessage(role="chatbot", content="earlier"),
+                  HumanMessage("hi")], config={"callbacks": [handler]})
+    assert handler.flush(10) and handler.stats()["handler_errors"] == 0
+    (t,) = list(handler.writer.store.iter_traces())
+    assert [(m.role, m.content) for m in t.request.messages] == [
+        ("user", "be terse"), ("assistant", "earlier"), ("user", "hi")]
+
+
 def test_task_from_handler_and_llm_error_is_recorded(workspace):
     class Broken(ToolFakeChatModel):
         def _generate(self, *a: Any, **k: Any) -> Any:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
-from aad_core.schema import TokenLogprob, TopLogprob, Usage, check_identity
+from aad_core.schema import Message, Role, TokenLogprob, TopLogprob, Usage, check_identity
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 
@@ -67,6 +67,31 @@ def openai_logprobs(logprobs: Any) -> list[TokenLogprob] | None:
         ]
         out.append(TokenLogprob(token=str(tok["token"]), logprob=float(tok["logprob"]), top_logprobs=tops))
     return out
+
+
+#: Other names for OpenAI's roles: Cohere's "chatbot", Gemini's "model".
+ROLE_ALIASES = {"chatbot": "assistant", "model": "assistant"}
+
+
+def openai_role(role: Any) -> Role:
+    """The OpenAI chat role for a framework's ``role`` (a string or an enum): an alias reads as
+    "assistant", and a role OpenAI does not have (``ChatMessage(role="critic")``) as "user"."""
+    name = str(getattr(role, "value", role))
+    name = ROLE_ALIASES.get(name, name)
+    return name if name in get_args(Role) else "user"  # type: ignore[return-value]
+
+
+def message_from_openai(raw: Mapping[str, Any]) -> Message:
+    """One message in the OpenAI chat form (LangChain's ``convert_to_openai_messages``) in aad's
+    schema: its role as :func:`openai_role` reads it, and a message the schema refuses keeps its
+    text, for the call must be captured and answered either way."""
+    fields = {k: v for k, v in raw.items() if v is not None}
+    fields["role"] = openai_role(fields.get("role"))
+    try:
+        return Message.model_validate(fields)
+    except ValueError:
+        content = fields.get("content")
+        return Message(role=fields["role"], content=content if isinstance(content, str) else json.dumps(content))
 
 
 def usage_from(data: Any) -> Usage | None:

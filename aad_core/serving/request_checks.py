@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, get_args
 
 from aad_core.errors import AADError
-from aad_core.schema import ChatRequest, Message
+from aad_core.schema import ChatRequest, Message, Role
 from aad_core.serving.openai_errors import OpenAIError
 
 try:
@@ -27,7 +27,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed extra
 # An oversized body is still read (and dropped) up to this many bytes, so that the client gets its 413
 # instead of a connection reset while it is sending; beyond it the connection is closed.
 _DRAIN_BYTES = 32 * 1024 * 1024
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_ROLES = frozenset(get_args(Role))
 
 
 def _bad(param: str | None, message: str, code: str = "invalid_value") -> OpenAIError:

@@ -36,7 +36,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, GenerationChunk, LLMResult
 
-from aad_core.capture.convert import identity_from, json_safe, openai_logprobs, openai_tool, openai_user, usage_from
+from aad_core.capture.convert import (identity_from, json_safe, message_from_openai, openai_logprobs, openai_tool,
+                                     openai_user, usage_from)
 from aad_core.capture.writer import CaptureWriter
 from aad_core.schema import TIER_METADATA_KEY, ChatRequest, Message, TokenLogprob, Trace, Usage
 
@@ -198,7 +199,7 @@ class AADCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         try:
-            msgs = [Message.model_validate(m) for m in convert_to_openai_messages(messages[0] if messages else [])]
+            msgs = [message_from_openai(m) for m in convert_to_openai_messages(messages[0] if messages else [])]
             self._start(run_id, parent_run_id, msgs, tags, metadata, kwargs)
         except Exception as err:
             self._fail(err)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import (AsyncCallbackManager, AsyncCallbackManagerForLLMRun, CallbackManager,
                                       CallbackManagerForLLMRun)
@@ -38,7 +38,8 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
-from aad_core.schema import ChatRequest, Message, Role, Usage
+from aad_core.capture.convert import message_from_openai
+from aad_core.schema import ChatRequest, Message, Usage
 from aad_langchain.callback import ESCALATION_METADATA_KEY, ROUTED_LLM_TYPE, AADCallbackHandler
 
 if TYPE_CHECKING:
@@ -75,20 +76,6 @@ def _child_config(run_manager: Any, call: RoutedCall | None = None) -> dict[str,
                   parent_run_id=run_manager.run_id, tags=run_manager.inheritable_tags,
                   inheritable_tags=run_manager.inheritable_tags, metadata=metadata, inheritable_metadata=metadata)
     return {"callbacks": manager}
-
-
-def _message(raw: dict[str, Any]) -> Message:
-    """One message of LangChain's OpenAI form in aad's schema. A role OpenAI does not have (a
-    ``ChatMessage(role="critic")``) reads as "user", as the LlamaIndex integration reads it, and
-    a message the schema refuses keeps its text: the teacher must get the call either way."""
-    fields = {k: v for k, v in raw.items() if v is not None}
-    if fields.get("role") not in get_args(Role):
-        fields["role"] = "user"
-    try:
-        return Message.model_validate(fields)
-    except ValueError:
-        content = fields.get("content")
-        return Message(role=fields["role"], content=content if isinstance(content, str) else json.dumps(content))
 
 
 def _estimate_tokens(text: str) -> int:
@@ -221,7 +208,7 @@ class RoutedChatModel(BaseChatModel):
         stops = stop or self.stop
         if stops:
             params["stop"] = list(stops)
-        msgs = [_message(m) for m in convert_to_openai_messages(messages)]
+        msgs = [message_from_openai(m) for m in convert_to_openai_messages(messages)]
         return ChatRequest(messages=msgs, tools=kwargs.get("tools") or None, params=params)
 
     def _teacher_runnable(self, kwargs: dict[str, Any]) -> Runnable[LanguageModelInput, BaseMessage]:

@@ -52,6 +52,7 @@ from aad_core.capture.convert import (
     identity_from,
     json_safe,
     openai_logprobs,
+    openai_role,
     openai_tool,
     openai_user,
     usage_from,
@@ -75,8 +76,6 @@ RUN_PATH_METADATA_KEY = "aad_run_path"
 #: A span id is "<Class.method or function>-<uuid4>".
 _SPAN_NAME = re.compile(r"^(.*)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ID_NAMESPACE = uuid.UUID("6f1c2a4e-7d0b-4c55-9a3e-0a4ad0000002")
-_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-_ROLE_ALIASES = {"chatbot": "assistant", "model": "assistant"}
 
 
 @dataclass
@@ -113,10 +112,9 @@ def _tool_calls(msg: ChatMessage) -> list[ToolCall] | None:
 
 def to_openai_message(msg: ChatMessage) -> Message:
     """A LlamaIndex ``ChatMessage`` in the OpenAI chat format."""
-    role = str(getattr(msg.role, "value", msg.role))
-    role = _ROLE_ALIASES.get(role, role if role in _ROLES else "user")
+    role = openai_role(msg.role)
     texts = [b.text for b in msg.blocks if getattr(b, "block_type", None) == "text"]
-    out = Message(role=role, content="\n".join(texts) if texts else None)  # type: ignore[arg-type]
+    out = Message(role=role, content="\n".join(texts) if texts else None)
     out.tool_calls = _tool_calls(msg)
     if role == "tool":
         out.tool_call_id = msg.additional_kwargs.get("tool_call_id")

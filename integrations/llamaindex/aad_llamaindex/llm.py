@@ -31,6 +31,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 from llama_index.core.tools import BaseTool
 
+from aad_core.capture.convert import openai_role
 from aad_core.schema import ChatRequest, FunctionCall, Message, ToolCall, Usage
 from aad_llamaindex.events import ROUTED_CLASS_NAME
 
@@ -39,12 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
-          "function": "function", "chatbot": "assistant", "model": "assistant"}
 
 
 def _to_message(m: ChatMessage) -> Message:
-    role = _ROLES.get(str(m.role.value if isinstance(m.role, MessageRole) else m.role), "user")
+    role = openai_role(m.role)
     calls = None
     raw_calls = m.additional_kwargs.get("tool_calls")
     if raw_calls:
