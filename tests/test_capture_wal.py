@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,12 @@ def test_a_redactor_that_cannot_be_built_loses_no_trace_they_wait_in_the_log(wor
     assert not w.close() and not w.flush(1)  # closed: still not stored
     assert (s["written"], s["dropped"], s["lost"], s["waiting_in_wal"]) == (0, 0, 0, 3)  # not poison: no redactor
     assert segments(workspace) and w._redactor_failure is not None
+    depths = []  # the kept exception is raised again for each trace: its traceback must not grow with them
+    for _ in range(5):
+        with pytest.raises(Exception, match="en_core_web_lg"):
+            w._ensure_redactor()
+        depths.append(len(traceback.extract_tb(w._redactor_failure[1].__traceback__)))
+    assert depths[-1] == depths[0], depths
     fixed = CaptureWriter(workspace=workspace, config=settings(redact=True, redactor="mail"))
     assert fixed.flush(10)
     assert fixed.stats()["recovered"] == 3 and fixed.store.count() == 3

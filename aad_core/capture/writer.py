@@ -779,7 +779,9 @@ class CaptureWriter:
         if self._redactor is None:
             failed = self._redactor_failure
             if failed is not None and time.monotonic() - failed[0] < REDACTOR_RETRY_S:
-                raise failed[1]
+                # without the last raise's traceback: each raise would add its frames (and the
+                # unredacted traces in their locals) to the one exception kept here
+                raise failed[1].with_traceback(None)
             from aad_core.capture.redaction import get_redactor
 
             try:
@@ -812,7 +814,6 @@ class CaptureWriter:
         try:
             out = self._redact_one(trace)
             out.model_dump_json(exclude_none=True)
-            pass
             return out
         except Exception as err:
             first = err
