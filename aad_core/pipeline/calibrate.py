@@ -12,6 +12,7 @@ confidence threshold is the one the risk-coverage gate chose for it in ``eval.js
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -216,6 +217,8 @@ def _request_shapes(ws: Workspace, by_cluster: dict[int, list[str]]) -> dict[int
 _SERVED_FIELDS = ("specialist", "confidence_threshold", "confidence_signal", "confidence_label",
                   "confidence_calibration", "confidence_note")
 
+_REFRESH_LOCK = threading.Lock()
+
 
 def refresh_served_gates(ws: Workspace) -> bool:
     """Make router.json follow the versions the tasks serve now, after a promotion, demotion or
@@ -223,19 +226,22 @@ def refresh_served_gates(ws: Workspace) -> bool:
     gate chose (the similarity thresholds stay; nothing is embedded). False when there is no router.json."""
     from aad_core.specialists import SpecialistRegistry
 
-    saved = RouterState.load_optional(ws)
-    if saved is None:
-        return False
-    served = SpecialistRegistry(ws).promoted()
-    clusters_out: dict[str, Any] = {}
-    for cid, entry in saved.clusters.items():
-        spec = served.get(cid)
-        clusters_out[str(cid)] = {**{k: v for k, v in entry.items() if k not in _SERVED_FIELDS},
-                                  "specialist": spec.name if spec else None, "confidence_threshold": None}
-    _confidence_thresholds(ws, {c: s for c, s in served.items() if str(c) in clusters_out}, clusters_out)
-    saved.clusters = {int(cid): entry for cid, entry in clusters_out.items()}
-    saved.save(ws)
-    return True
+    # Shadow demotions run on the server's worker threads: one at a time, each reading the registry
+    # afresh, so that the last to write router.json wrote what the registry says now.
+    with _REFRESH_LOCK:
+        saved = RouterState.load_optional(ws)
+        if saved is None:
+            return False
+        served = SpecialistRegistry(ws).promoted()
+        clusters_out: dict[str, Any] = {}
+        for cid, entry in saved.clusters.items():
+            spec = served.get(cid)
+            clusters_out[str(cid)] = {**{k: v for k, v in entry.items() if k not in _SERVED_FIELDS},
+                                      "specialist": spec.name if spec else None, "confidence_threshold": None}
+        _confidence_thresholds(ws, {c: s for c, s in served.items() if str(c) in clusters_out}, clusters_out)
+        saved.clusters = {int(cid): entry for cid, entry in clusters_out.items()}
+        saved.save(ws)
+        return True
 
 
 def _confidence_thresholds(ws: Workspace, specialists: dict[int, Specialist], clusters_out: dict[str, Any]) -> None:
