@@ -931,6 +931,13 @@ def _config_error(err: ValidationError, path: Path | None, text: str) -> ConfigE
     )
 
 
+def _is_table(key: str) -> bool:
+    """Whether top-level ``key`` of aad.toml is a table ([capture], [trainer.qlora]) rather than a value (seed)."""
+    field = AADSettings.model_fields.get(key)
+    annotation = field.annotation if field else None
+    return not (isinstance(annotation, type) and issubclass(annotation, (bool, int, float, str)))
+
+
 def _must_be(loc: tuple[str, ...], error: Any) -> str:
     """One pydantic error as "The 'x' parameter of [section] must be ... Got ... instead."."""
     owner = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "aad.toml"
@@ -938,7 +945,7 @@ def _must_be(loc: tuple[str, ...], error: Any) -> str:
     own = msg.removeprefix("Value error, ")
     if own.startswith("The '"):  # a validator's own message of that form: it says what it got
         return f"[{'.'.join(loc)}] {own}"
-    if len(loc) == 1 and loc[0] != "seed":  # a whole section's own check
+    if len(loc) == 1 and _is_table(loc[0]):  # a whole section's own check
         got = error.get("input")
         return f"[{loc[0]}] {own}" + ("" if isinstance(got, dict) else f" (got {got!r})")
     if msg.startswith("Input should be "):
